@@ -1,0 +1,5 @@
+"""`python -m remoterun`: the same program as the `remoterun` command."""
+
+from remoterun.cli import main
+
+raise SystemExit(main())

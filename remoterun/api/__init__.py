@@ -1,0 +1,30 @@
+"""The aiohttp face of RemoteRun; the typed keys under which the app keeps its services."""
+
+from __future__ import annotations
+
+import weakref
+
+from aiohttp import web
+
+from remoterun.auth import Authenticator, Identity
+from remoterun.catalogue import Catalogue
+from remoterun.config import Settings
+from remoterun.db import Database
+from remoterun.metrics import Metrics
+from remoterun.scheduler import Scheduler
+
+SETTINGS = web.AppKey("settings", Settings)
+DB = web.AppKey("db", Database)
+CATALOGUE = web.AppKey("catalogue", Catalogue)
+SCHEDULER = web.AppKey("scheduler", Scheduler)
+METRICS = web.AppKey("metrics", Metrics)
+AUTH = web.AppKey("auth", Authenticator)
+SOCKETS = web.AppKey("sockets", weakref.WeakSet[web.StreamResponse])
+
+IDENTITY = "remoterun.identity"  # request key set by the auth middleware
+
+
+def identity(request: web.Request) -> Identity:
+    """The caller, as the auth middleware established it."""
+    found: Identity = request[IDENTITY]
+    return found

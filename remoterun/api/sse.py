@@ -1,0 +1,81 @@
+"""Server-Sent Events: `GET /tasks/{id}/logs`, resumable with Last-Event-ID or `?since=`."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+
+from aiohttp import web
+
+from remoterun.api import METRICS, SCHEDULER, SETTINGS, identity
+from remoterun.api.http import task_id_of
+from remoterun.api.ws import parse_since
+from remoterun.hub import Item, SlowConsumer, sse_text
+
+routes = web.RouteTableDef()
+HEARTBEAT = ": keep-alive\n\n".encode()
+
+
+@routes.get("/tasks/{id}/logs")
+async def logs(request: web.Request) -> web.StreamResponse:
+    """The task, its output after `since`, live output and status, then `exit`."""
+    identity(request).require("viewer")
+    task_id = task_id_of(request)
+    since = parse_since(request.headers.get("Last-Event-ID") or request.query.get("since"))
+    scheduler = request.app[SCHEDULER]
+    await scheduler.require_task(task_id)
+    sub = await scheduler.subscribe(task_id, since)
+    current = asyncio.current_task()
+    sub.on_overflow = current.cancel if current is not None else None
+    response = web.StreamResponse(headers={
+        "Content-Type": "text/event-stream; charset=utf-8",
+        "Cache-Control": "no-cache",
+        "X-Accel-Buffering": "no",
+    })
+    gauge = request.app[METRICS].clients.labels("sse")
+    gauge.inc()
+    try:
+        await response.prepare(request)
+        await response.write(f"event: task\ndata: {json.dumps(sub.task)}\n\n".encode())
+        await _pump(response, sub.batches(), request.app[SETTINGS].heartbeat_s)
+        await response.write_eof()
+    except (SlowConsumer, asyncio.CancelledError):
+        if not sub.overflowed.is_set():
+            raise
+        if current is not None:
+            current.uncancel()
+        request.app[METRICS].slow_clients.inc()
+        if request.transport is not None:
+            request.transport.abort()  # the client resumes with Last-Event-ID
+    except ConnectionResetError:
+        pass
+    finally:
+        sub.close()
+        gauge.dec()
+    return response
+
+
+async def _pump(response: web.StreamResponse, batches: object, heartbeat_s: float) -> None:
+    """Write batches as they come; a comment line when idle so proxies keep the stream."""
+    iterator = batches.__aiter__()  # type: ignore[attr-defined]
+    following: asyncio.Future[list[Item]] | None = None
+    try:
+        while True:
+            if following is None:
+                following = asyncio.ensure_future(iterator.__anext__())
+            done, _ = await asyncio.wait({following}, timeout=heartbeat_s)
+            if not done:
+                await response.write(HEARTBEAT)
+                continue
+            try:
+                batch = following.result()
+            except StopAsyncIteration:
+                return
+            following = None
+            await response.write("".join(sse_text(item) for item in batch).encode())
+    finally:
+        if following is not None and not following.done():
+            following.cancel()
+            with contextlib.suppress(asyncio.CancelledError, StopAsyncIteration):
+                await following

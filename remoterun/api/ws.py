@@ -1,0 +1,210 @@
+"""WebSocket endpoints: `/ws` (submit, then follow) and `/tasks/{id}/ws?since=` (attach)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+from typing import Any
+
+import structlog
+from aiohttp import WSCloseCode, WSMsgType, web
+
+from remoterun.api import METRICS, SCHEDULER, SETTINGS, SOCKETS, identity
+from remoterun.api.http import submit, task_id_of
+from remoterun.errors import BadRequest, RemoteRunError
+from remoterun.hub import SlowConsumer, Subscription, ws_text
+from remoterun.runner import SIGNALS
+
+log = structlog.get_logger(__name__)
+routes = web.RouteTableDef()
+TRY_AGAIN_LATER = 1013
+CLOSE_TIMEOUT_S = 2.0
+
+
+def parse_since(raw: str | None) -> int:
+    """A `since` seq: a non-negative integer, 0 when absent."""
+    if raw in (None, ""):
+        return 0
+    try:
+        since = int(raw)  # type: ignore[arg-type]
+    except ValueError:
+        since = -1
+    if since < 0:
+        raise BadRequest("since must be a non-negative integer", code="invalid_request",
+                         details=[{"field": "since", "message": "a non-negative integer"}])
+    return since
+
+
+class Session:
+    """One WebSocket client: reads its messages, pumps its task's stream to it."""
+
+    def __init__(self, request: web.Request, ws: web.WebSocketResponse):
+        self.request = request
+        self.ws = ws
+        self.scheduler = request.app[SCHEDULER]
+        self.task_id: str | None = None
+        self.pump: asyncio.Task[None] | None = None
+
+    async def attach(self, task_id: str, since: int) -> None:
+        """Bind to a task and start streaming it."""
+        sub = await self.scheduler.subscribe(task_id, since)
+        self.task_id = task_id
+        self.pump = asyncio.create_task(self._pump(sub))
+        sub.on_overflow = self.pump.cancel
+
+    async def _pump(self, sub: Subscription) -> None:
+        code, reason = WSCloseCode.OK, b"task ended"
+        try:
+            await self.ws.send_str(json.dumps({"type": "task", "task": sub.task}))
+            async for batch in sub.batches():
+                for item in batch:
+                    await self.ws.send_str(ws_text(item))
+        except (SlowConsumer, asyncio.CancelledError):
+            if not sub.overflowed.is_set():
+                raise
+            current = asyncio.current_task()
+            if current is not None:
+                current.uncancel()
+            self.request.app[METRICS].slow_clients.inc()
+            code, reason = TRY_AGAIN_LATER, b"client too slow: reconnect with ?since="
+        except ConnectionResetError:
+            return
+        finally:
+            sub.close()
+        await close_socket(self.request, self.ws, code, reason)
+
+    async def handle(self, raw: str) -> None:
+        """Act on one client message; errors go back as error frames."""
+        try:
+            message = json.loads(raw)
+        except json.JSONDecodeError as exc:
+            raise BadRequest(f"not valid JSON: {exc}", code="invalid_json") from exc
+        if not isinstance(message, dict) or not isinstance(message.get("type"), str):
+            raise BadRequest("each message is a JSON object with a string `type`",
+                             code="invalid_message")
+        kind = message.pop("type")
+        handler = getattr(self, f"on_{kind}", None)
+        if handler is None:
+            raise BadRequest(f"unknown message type {kind!r}", code="unknown_type")
+        await handler(message)
+
+    async def on_ping(self, message: dict[str, Any]) -> None:
+        await self.ws.send_str('{"type": "pong"}')
+
+    async def on_submit(self, message: dict[str, Any]) -> None:
+        if self.task_id is not None:
+            raise BadRequest("this socket is already bound to a task", code="already_bound")
+        if self.request.match_info.get("id"):
+            raise BadRequest("submit is only accepted on /ws", code="already_bound")
+        task = await submit(self.request, message)
+        await self.attach(task["id"], 0)
+
+    def _active(self, role: str = "operator") -> Any:
+        identity(self.request).require(role)
+        if self.task_id is None:
+            raise BadRequest("submit a task first", code="not_attached")
+        active = self.scheduler.active(self.task_id)
+        if active is None or active.run is None:
+            raise BadRequest("the task is not running", code="not_running")
+        return active
+
+    async def on_stdin(self, message: dict[str, Any]) -> None:
+        data = message.get("data")
+        if not isinstance(data, str):
+            raise BadRequest("stdin needs a string `data`", code="invalid_message")
+        active = self._active()
+        if not (active.row["interactive"] or active.row["pty"]):
+            raise BadRequest("the task is neither interactive nor PTY", code="not_interactive")
+        active.run.write(data.encode())
+
+    async def on_eof(self, message: dict[str, Any]) -> None:
+        active = self._active()
+        if not (active.row["interactive"] or active.row["pty"]):
+            raise BadRequest("the task is neither interactive nor PTY", code="not_interactive")
+        active.run.close_stdin()
+
+    async def on_resize(self, message: dict[str, Any]) -> None:
+        cols, rows = message.get("cols"), message.get("rows")
+        if not all(isinstance(v, int) and not isinstance(v, bool) and 0 < v <= 10000
+                   for v in (cols, rows)):
+            raise BadRequest("resize needs integer `cols` and `rows`", code="invalid_message")
+        self._active().run.resize(cols, rows)
+
+    async def on_signal(self, message: dict[str, Any]) -> None:
+        name = message.get("signal")
+        name = name.upper().removeprefix("SIG") if isinstance(name, str) else ""
+        if name not in SIGNALS:
+            raise BadRequest(f"signal must be one of {sorted(SIGNALS)}", code="bad_signal")
+        self._active().run.signal(SIGNALS[name])
+
+    async def on_cancel(self, message: dict[str, Any]) -> None:
+        identity(self.request).require("operator")
+        if self.task_id is None:
+            raise BadRequest("submit a task first", code="not_attached")
+        await self.scheduler.cancel(self.task_id)
+
+    async def stop(self) -> None:
+        """Stop pumping (the client went away)."""
+        if self.pump is not None and not self.pump.done():
+            self.pump.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self.pump
+
+
+async def close_socket(request: web.Request, ws: web.WebSocketResponse, code: int,
+                       reason: bytes) -> None:
+    """Close with a code; abort the connection if the client does not take the close frame."""
+    with contextlib.suppress(Exception):
+        async with asyncio.timeout(CLOSE_TIMEOUT_S):
+            await ws.close(code=code, message=reason)
+    if not ws.closed and request.transport is not None:
+        request.transport.abort()
+
+
+async def _serve(request: web.Request, task_id: str | None, since: int) -> web.WebSocketResponse:
+    settings = request.app[SETTINGS]
+    ws = web.WebSocketResponse(compress=False, max_msg_size=settings.max_ws_message_bytes,
+                               heartbeat=settings.heartbeat_s)
+    await ws.prepare(request)
+    request.app[SOCKETS].add(ws)
+    gauge = request.app[METRICS].clients.labels("websocket")
+    gauge.inc()
+    session = Session(request, ws)
+    try:
+        if task_id is not None:
+            await session.attach(task_id, since)
+        async for msg in ws:
+            if msg.type == WSMsgType.TEXT:
+                try:
+                    await session.handle(msg.data)
+                except RemoteRunError as exc:
+                    await ws.send_str(json.dumps({"type": "error", **exc.to_json()}))
+            elif msg.type == WSMsgType.BINARY:
+                await ws.send_str(json.dumps({"type": "error", "error": "binary_frame",
+                                              "message": "send JSON text frames"}))
+        if ws.close_code == WSCloseCode.MESSAGE_TOO_BIG:
+            log.info("ws_message_too_big")
+    except ConnectionResetError:
+        pass
+    finally:
+        gauge.dec()
+        await session.stop()
+    return ws
+
+
+@routes.get("/ws")
+async def ws_submit(request: web.Request) -> web.WebSocketResponse:
+    """A socket not yet bound to a task: its first useful message is `submit`."""
+    identity(request).require("viewer")
+    return await _serve(request, None, 0)
+
+
+@routes.get("/tasks/{id}/ws")
+async def ws_attach(request: web.Request) -> web.WebSocketResponse:
+    """Attach to a task: replay after `since`, then live."""
+    identity(request).require("viewer")
+    task_id = task_id_of(request)
+    since = parse_since(request.query.get("since"))
+    await request.app[SCHEDULER].require_task(task_id)  # 404 before the upgrade
+    return await _serve(request, task_id, since)

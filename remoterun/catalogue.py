@@ -1,0 +1,276 @@
+"""The scripts directory: which files may run, their metadata and parameter schemas."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+from remoterun.errors import BadRequest, InvalidParams, NotFound
+
+KEY_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+SIDECAR_SUFFIX = ".toml"
+PARAM_TYPES = {"string": str, "integer": int, "number": float, "boolean": bool}
+_PARAM_KEYS = {"type", "required", "default", "enum", "pattern", "secret", "description",
+               "min", "max"}
+_META_KEYS = {"description", "timeout_s", "max_concurrency", "roles", "cwd", "params",
+              "max_retries", "retry_base_s"}
+
+Scalar = str | int | float | bool
+
+
+@dataclass(frozen=True)
+class Param:
+    """One declared parameter of a script."""
+
+    name: str
+    type: str = "string"
+    required: bool = False
+    default: Scalar | None = None
+    enum: tuple[Scalar, ...] | None = None
+    pattern: str | None = None
+    secret: bool = False
+    description: str = ""
+    min: float | None = None
+    max: float | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        """The schema entry as GET /scripts shows it."""
+        out: dict[str, Any] = {"name": self.name, "type": self.type, "required": self.required}
+        for key in ("default", "enum", "pattern", "description", "min", "max"):
+            value = getattr(self, key)
+            if value not in (None, ""):
+                out[key] = list(value) if key == "enum" else value
+        if self.secret:
+            out["secret"] = True
+            out.pop("default", None)
+        return out
+
+
+@dataclass(frozen=True)
+class Script:
+    """A runnable file under the scripts directory, with its metadata."""
+
+    name: str
+    path: Path
+    description: str = ""
+    params: tuple[Param, ...] | None = None  # None: free-form params
+    timeout_s: float | None = None
+    max_concurrency: int | None = None
+    roles: tuple[str, ...] | None = None
+    cwd: Path | None = None
+    extra: Mapping[str, Any] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        """The entry of GET /scripts."""
+        return {
+            "name": self.name,
+            "description": self.description,
+            "params": None if self.params is None else [p.to_json() for p in self.params],
+            "timeout": self.timeout_s,
+            "max_concurrency": self.max_concurrency,
+            "roles": None if self.roles is None else list(self.roles),
+        }
+
+    @property
+    def secret_keys(self) -> frozenset[str]:
+        """Names of params never shown back to clients."""
+        return frozenset(p.name for p in self.params or () if p.secret)
+
+    def validate(self, params: Any) -> dict[str, Scalar]:
+        """Check params against the schema; return them complete, in the order to pass them."""
+        if not isinstance(params, dict):
+            raise BadRequest("params must be a JSON object", details=[
+                {"field": "params", "message": "expected an object"}])
+        if self.params is None:
+            return _free_form(params)
+        problems: list[dict[str, str]] = []
+        known = {p.name: p for p in self.params}
+        for key in params:
+            if key not in known:
+                problems.append({"field": f"params.{key}", "message": "unknown parameter"})
+        out: dict[str, Scalar] = {}
+        for p in self.params:
+            if p.name in params:
+                message = _check(p, params[p.name])
+                if message:
+                    problems.append({"field": f"params.{p.name}", "message": message})
+                else:
+                    out[p.name] = params[p.name]
+            elif p.default is not None:
+                out[p.name] = p.default
+            elif p.required:
+                problems.append({"field": f"params.{p.name}", "message": "required"})
+        if problems:
+            raise InvalidParams("params do not match the script's schema", details=problems)
+        return out
+
+
+def _free_form(params: dict[str, Any]) -> dict[str, Scalar]:
+    problems = []
+    for key, value in params.items():
+        if not KEY_RE.match(key):
+            problems.append({"field": f"params.{key}", "message": "key must match "
+                             + KEY_RE.pattern})
+        elif value is None or not isinstance(value, str | int | float | bool):
+            problems.append({"field": f"params.{key}",
+                             "message": "value must be a string, number or boolean"})
+    if problems:
+        raise InvalidParams("params must be flat scalars with simple keys", details=problems)
+    return {key: params[key] for key in sorted(params)}
+
+
+def _check(p: Param, value: Any) -> str | None:
+    if p.type == "boolean":
+        ok = isinstance(value, bool)
+    elif p.type == "integer":
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif p.type == "number":
+        ok = isinstance(value, int | float) and not isinstance(value, bool)
+    else:
+        ok = isinstance(value, str)
+    if not ok:
+        return f"expected {p.type}, got {json.dumps(value)}"
+    if p.enum is not None and value not in p.enum:
+        return f"must be one of {list(p.enum)}"
+    if p.pattern is not None and not re.fullmatch(p.pattern, value):
+        return f"must match {p.pattern}"
+    if p.min is not None and value < p.min:
+        return f"must be >= {p.min}"
+    if p.max is not None and value > p.max:
+        return f"must be <= {p.max}"
+    return None
+
+
+def param_value(value: Scalar) -> str:
+    """A param as PROTOCOL.md passes it: strings as they are, other scalars as JSON writes them."""
+    return value if isinstance(value, str) else json.dumps(value)
+
+
+class MetadataError(Exception):
+    """A script's metadata (config.toml or sidecar) is malformed; names the script and key."""
+
+
+def _parse_param(where: str, name: str, raw: Any) -> Param:
+    if not isinstance(raw, dict):
+        raise MetadataError(f"{where}.params.{name}: expected a table")
+    unknown = set(raw) - _PARAM_KEYS
+    if unknown:
+        raise MetadataError(f"{where}.params.{name}.{sorted(unknown)[0]}: unknown key")
+    kind = raw.get("type", "string")
+    if kind not in PARAM_TYPES:
+        raise MetadataError(f"{where}.params.{name}.type: expected one of {list(PARAM_TYPES)}")
+    if not KEY_RE.match(name):
+        raise MetadataError(f"{where}.params.{name}: name must match {KEY_RE.pattern}")
+    param = Param(
+        name=name, type=kind, required=bool(raw.get("required", False)),
+        default=raw.get("default"), enum=tuple(raw["enum"]) if "enum" in raw else None,
+        pattern=raw.get("pattern"), secret=bool(raw.get("secret", False)),
+        description=str(raw.get("description", "")), min=raw.get("min"), max=raw.get("max"),
+    )
+    if param.default is not None and _check(param, param.default):
+        raise MetadataError(f"{where}.params.{name}.default: {_check(param, param.default)}")
+    return param
+
+
+def parse_metadata(where: str, raw: Mapping[str, Any]) -> dict[str, Any]:
+    """Validate a metadata table; return the keyword arguments of Script it describes."""
+    unknown = set(raw) - _META_KEYS
+    if unknown:
+        raise MetadataError(f"{where}.{sorted(unknown)[0]}: unknown key")
+    out: dict[str, Any] = {"description": str(raw.get("description", ""))}
+    if "params" in raw:
+        if not isinstance(raw["params"], dict):
+            raise MetadataError(f"{where}.params: expected a table of parameters")
+        out["params"] = tuple(_parse_param(where, k, v) for k, v in raw["params"].items())
+    for key, kind in (("timeout_s", (int, float)), ("max_concurrency", (int,))):
+        if key in raw:
+            if isinstance(raw[key], bool) or not isinstance(raw[key], kind) or raw[key] <= 0:
+                raise MetadataError(f"{where}.{key}: expected a positive number, got {raw[key]!r}")
+            out[key] = raw[key]
+    if "roles" in raw:
+        out["roles"] = tuple(raw["roles"])
+    if "cwd" in raw:
+        out["cwd"] = Path(raw["cwd"])
+    out["extra"] = {k: raw[k] for k in ("max_retries", "retry_base_s") if k in raw}
+    return out
+
+
+class Catalogue:
+    """The scripts directory, confined: nothing outside it ever resolves."""
+
+    def __init__(self, root: Path, config_meta: Mapping[str, Mapping[str, Any]] | None = None):
+        self.root = root.resolve()
+        self._config_meta = dict(config_meta or {})
+
+    def _confine(self, name: str) -> tuple[str, Path]:
+        if not isinstance(name, str) or not name or "\x00" in name or "\\" in name:
+            raise NotFound(f"no script named {name!r}", code="unknown_script")
+        pure = PurePosixPath(name)
+        if pure.is_absolute() or ".." in pure.parts:
+            raise NotFound(f"{name!r} is outside the scripts directory", code="unknown_script")
+        parts = [p for p in pure.parts if p != "."]
+        if not parts or any(p.startswith(".") for p in parts) or name.endswith(SIDECAR_SUFFIX):
+            raise NotFound(f"no script named {name!r}", code="unknown_script")
+        clean = "/".join(parts)
+        real = (self.root / clean).resolve()
+        if not real.is_relative_to(self.root):
+            raise NotFound(f"{name!r} leads outside the scripts directory", code="unknown_script")
+        if not real.is_file() or not os.access(real, os.X_OK):
+            raise NotFound(f"no executable script named {name!r}", code="unknown_script")
+        return clean, real
+
+    def resolve(self, name: str) -> Script:
+        """The script called `name`, with its metadata; NotFound for anything not runnable."""
+        clean, real = self._confine(name)
+        return Script(name=clean, path=real, **self._metadata(clean))
+
+    def _metadata(self, name: str) -> dict[str, Any]:
+        if name in self._config_meta:
+            return parse_metadata(f"scripts.{name!r}", self._config_meta[name])
+        sidecar = self.root / (name + SIDECAR_SUFFIX)
+        if sidecar.is_file():
+            try:
+                with sidecar.open("rb") as fh:
+                    raw = tomllib.load(fh)
+            except tomllib.TOMLDecodeError as exc:
+                raise MetadataError(f"{sidecar.name}: not valid TOML: {exc}") from exc
+            return parse_metadata(sidecar.name, raw)
+        return {}
+
+    def names(self) -> list[str]:
+        """Every runnable script name, sorted."""
+        found = []
+        for dirpath, dirnames, filenames in os.walk(self.root):
+            dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+            rel = Path(dirpath).relative_to(self.root)
+            for filename in filenames:
+                name = (rel / filename).as_posix()
+                try:
+                    self._confine(name)
+                except NotFound:
+                    continue
+                found.append(name)
+        return sorted(found)
+
+    def scripts(self) -> list[Script]:
+        """Every runnable script with its metadata (malformed metadata is skipped, not fatal)."""
+        out = []
+        for name in self.names():
+            try:
+                out.append(self.resolve(name))
+            except MetadataError:
+                continue
+        return out
+
+    def check(self) -> None:
+        """Raise MetadataError for the first script whose metadata is malformed."""
+        for name in self._config_meta:
+            parse_metadata(f"scripts.{name!r}", self._config_meta[name])
+        for name in self.names():
+            self.resolve(name)

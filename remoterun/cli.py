@@ -1,0 +1,217 @@
+"""The `remoterun` command: `serve` runs the server; the other verbs are its HTTP client."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import ipaddress
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import structlog
+
+from remoterun import config, logs
+from remoterun.catalogue import Catalogue, MetadataError
+
+log = structlog.get_logger("remoterun")
+DEFAULT_URL = "http://127.0.0.1:8080"
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def serve(args: argparse.Namespace) -> int:
+    """Run the server until SIGTERM/SIGINT."""
+    from aiohttp import web
+
+    from remoterun.api.app import create_app
+
+    logs.configure()
+    path = Path(args.config) if args.config else (Path("config.toml")
+                                                 if Path("config.toml").is_file() else None)
+    overrides = {"host": args.host, "port": args.port,
+                 "scripts_dir": Path(args.scripts).resolve() if args.scripts else None,
+                 "archive_dir": Path(args.archive).resolve() if args.archive else None,
+                 "db_path": Path(args.db).resolve() if args.db else None}
+    try:
+        settings = config.load(path, overrides)
+        if not settings.scripts_dir.is_dir():
+            raise config.ConfigError(f"paths.scripts: {settings.scripts_dir} is not a directory")
+        Catalogue(settings.scripts_dir, settings.scripts).check()
+    except (config.ConfigError, MetadataError) as exc:
+        print(f"remoterun: config error: {exc}", file=sys.stderr)
+        return 2
+    if not settings.auth_enabled and not _is_loopback(settings.host):
+        log.warning("auth_off_loopback_only", requested_host=settings.host, host="127.0.0.1")
+        settings = config.dataclasses.replace(settings, host="127.0.0.1")
+    elif not settings.auth_enabled:
+        log.info("auth_off_loopback_only", host=settings.host)
+    log.info("server_starting", host=settings.host, port=settings.port,
+             scripts=str(settings.scripts_dir), archive=str(settings.archive_dir),
+             db=str(settings.db_path), workers=settings.workers)
+    web.run_app(create_app(settings), host=settings.host, port=settings.port, print=None,
+                access_log=None, shutdown_timeout=settings.shutdown_grace_s + 5)
+    log.info("server_stopped")
+    return 0
+
+
+# Client --------------------------------------------------------------------------------------
+
+def _headers(args: argparse.Namespace) -> dict[str, str]:
+    return {"Authorization": f"Bearer {args.token}"} if args.token else {}
+
+
+def _params(pairs: list[str]) -> dict[str, Any]:
+    params: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep:
+            raise SystemExit(f"remoterun: -p expects key=value, got {pair!r}")
+        try:
+            params[key] = json.loads(value)
+        except json.JSONDecodeError:
+            params[key] = value
+        if not isinstance(params[key], str | int | float | bool):
+            params[key] = value
+    return params
+
+
+async def _request(args: argparse.Namespace, method: str, path: str, body: Any = None) -> Any:
+    async with aiohttp.ClientSession(headers=_headers(args)) as session, \
+            session.request(method, args.url + path, json=body) as response:
+        data = await response.json(content_type=None)
+        if response.status >= 400:
+            print(f"remoterun: {response.status} {data.get('error')}: {data.get('message')}",
+                  file=sys.stderr)
+            for detail in data.get("details") or []:
+                print(f"  {detail}", file=sys.stderr)
+            raise SystemExit(1)
+        return data
+
+
+async def _follow(args: argparse.Namespace, task_id: str, since: int = 0) -> int:
+    """Print a task's output as it comes; the exit code is the task's (1 if it did not run)."""
+    url = f"{args.url}/tasks/{task_id}/ws?since={since}"
+    exit_code = 1
+    out = {"stdout": sys.stdout, "pty": sys.stdout, "stderr": sys.stderr}
+    async with aiohttp.ClientSession(headers=_headers(args)) as session:
+        while True:
+            async with session.ws_connect(url, max_msg_size=0) as ws:
+                async for msg in ws:
+                    frame = json.loads(msg.data)
+                    if frame["type"] == "output":
+                        out[frame["stream"]].write(frame["data"])
+                        out[frame["stream"]].flush()
+                        since = frame["seq"]
+                    elif frame["type"] == "exit":
+                        code = frame.get("exit_code")
+                        exit_code = code if isinstance(code, int) and code >= 0 else 1
+                        if frame["status"] != "success":
+                            print(f"remoterun: task {frame['status']}", file=sys.stderr)
+                        return exit_code
+            if ws.close_code != 1013:  # closed for being slow: resume where we were
+                return exit_code
+            url = f"{args.url}/tasks/{task_id}/ws?since={since}"
+
+
+async def _client(args: argparse.Namespace) -> int:
+    if args.verb == "submit":
+        body = {"script": args.script, "params": _params(args.param),
+                "priority": args.priority, "max_retries": args.retries}
+        if args.timeout is not None:
+            body["timeout"] = args.timeout
+        if args.stdin:
+            body["stdin"] = sys.stdin.read()
+        task = await _request(args, "POST", "/tasks", body)
+        if not args.follow:
+            print(json.dumps(task, indent=2))
+            return 0
+        print(f"remoterun: task {task['id']}", file=sys.stderr)
+        return await _follow(args, task["id"])
+    if args.verb == "logs":
+        if args.follow:
+            return await _follow(args, args.id, args.since)
+        async with aiohttp.ClientSession(headers=_headers(args)) as session, \
+                session.get(f"{args.url}/tasks/{args.id}/output") as response:
+            if response.status >= 400:
+                print(f"remoterun: {response.status}: {await response.text()}", file=sys.stderr)
+                return 1
+            async for chunk in response.content.iter_any():
+                sys.stdout.buffer.write(chunk)
+        return 0
+    if args.verb == "tasks":
+        query = f"?limit={args.limit}" + (f"&status={args.status}" if args.status else "")
+        data = await _request(args, "GET", "/tasks" + query)
+        for t in data["tasks"]:
+            print(f"{t['id']}  {t['status']:<9}  {t['created_at']}  {t['script']}")
+        return 0
+    if args.verb == "show":
+        print(json.dumps(await _request(args, "GET", f"/tasks/{args.id}"), indent=2))
+        return 0
+    if args.verb == "cancel":
+        print(json.dumps(await _request(args, "POST", f"/tasks/{args.id}/cancel"), indent=2))
+        return 0
+    if args.verb == "scripts":
+        for s in (await _request(args, "GET", "/scripts"))["scripts"]:
+            print(f"{s['name']:<28} {s['description']}")
+        return 0
+    raise AssertionError(args.verb)
+
+
+def parser() -> argparse.ArgumentParser:
+    """The command line."""
+    p = argparse.ArgumentParser(prog="remoterun", description=__doc__)
+    sub = p.add_subparsers(dest="verb", required=True)
+    s = sub.add_parser("serve", help="run the server")
+    s.add_argument("--config", help="config.toml (default: ./config.toml if present)")
+    s.add_argument("--host")
+    s.add_argument("--port", type=int)
+    s.add_argument("--scripts", help="the scripts directory")
+    s.add_argument("--archive", help="the archive directory")
+    s.add_argument("--db", help="the SQLite database file")
+    for name, help_text in (("submit", "submit a task"), ("logs", "print a task's output"),
+                            ("tasks", "list tasks"), ("show", "show one task"),
+                            ("cancel", "cancel a task"), ("scripts", "list scripts")):
+        c = sub.add_parser(name, help=help_text)
+        c.add_argument("--url", default=os.environ.get("REMOTERUN_URL", DEFAULT_URL))
+        c.add_argument("--token", default=os.environ.get("REMOTERUN_TOKEN"))
+        if name == "submit":
+            c.add_argument("script")
+            c.add_argument("-p", "--param", action="append", default=[], metavar="KEY=VALUE")
+            c.add_argument("--priority", type=int, default=0)
+            c.add_argument("--timeout", type=float)
+            c.add_argument("--retries", type=int, default=0)
+            c.add_argument("--stdin", action="store_true", help="send this command's stdin")
+            c.add_argument("-f", "--follow", action="store_true", help="stream the output")
+        elif name in ("logs", "show", "cancel"):
+            c.add_argument("id")
+        if name == "logs":
+            c.add_argument("-f", "--follow", action="store_true")
+            c.add_argument("--since", type=int, default=0)
+        if name == "tasks":
+            c.add_argument("--status")
+            c.add_argument("--limit", type=int, default=20)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of `remoterun` and `python -m remoterun`."""
+    args = parser().parse_args(argv)
+    if args.verb == "serve":
+        return serve(args)
+    args.url = args.url.rstrip("/")
+    try:
+        return asyncio.run(_client(args))
+    except aiohttp.ClientError as exc:
+        print(f"remoterun: cannot reach {args.url}: {exc}", file=sys.stderr)
+        return 1

@@ -1,0 +1,184 @@
+"""Settings: frozen dataclasses read from config.toml; every error names the key at fault."""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+ROLES = ("viewer", "operator", "admin")
+
+
+class ConfigError(Exception):
+    """The configuration cannot be used; the message names the key and the bad value."""
+
+
+@dataclass(frozen=True)
+class Token:
+    """One API token: who it is, what it may do, and which scripts it may run."""
+
+    name: str
+    token: str
+    role: str
+    scripts: tuple[str, ...] | None = None  # None: every script the role allows
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything the server reads from config.toml and the command line."""
+
+    host: str = "127.0.0.1"
+    port: int = 8080
+    scripts_dir: Path = Path("scripts")
+    archive_dir: Path = Path("archive")
+    db_path: Path = Path("remoterun.db")
+    workers: int = 4
+    default_timeout_s: float | None = 3600.0
+    kill_grace_s: float = 5.0
+    shutdown_grace_s: float = 30.0
+    drain_grace_s: float = 0.5
+    max_retries_limit: int = 20
+    retry_base_s: float = 1.0
+    retry_cap_s: float = 300.0
+    max_body_bytes: int = 1024 * 1024
+    max_ws_message_bytes: int = 1024 * 1024
+    client_queue_bytes: int = 8 * 1024 * 1024
+    replay_memory_bytes: int = 1024 * 1024
+    read_chunk_bytes: int = 65536
+    segment_max_bytes: int = 64 * 1024 * 1024
+    flush_interval_s: float = 1.0
+    gzip_level: int = 1
+    heartbeat_s: float = 20.0
+    tokens: tuple[Token, ...] = ()
+    scripts: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+
+    @property
+    def auth_enabled(self) -> bool:
+        """Whether any token is configured."""
+        return bool(self.tokens)
+
+
+# config.toml section.key -> Settings field
+_KEYS: dict[tuple[str, str], str] = {
+    ("server", "host"): "host",
+    ("server", "port"): "port",
+    ("server", "max_body_bytes"): "max_body_bytes",
+    ("server", "max_ws_message_bytes"): "max_ws_message_bytes",
+    ("server", "shutdown_grace_s"): "shutdown_grace_s",
+    ("server", "heartbeat_s"): "heartbeat_s",
+    ("paths", "scripts"): "scripts_dir",
+    ("paths", "archive"): "archive_dir",
+    ("paths", "db"): "db_path",
+    ("engine", "workers"): "workers",
+    ("engine", "default_timeout_s"): "default_timeout_s",
+    ("engine", "kill_grace_s"): "kill_grace_s",
+    ("engine", "drain_grace_s"): "drain_grace_s",
+    ("engine", "max_retries_limit"): "max_retries_limit",
+    ("engine", "retry_base_s"): "retry_base_s",
+    ("engine", "retry_cap_s"): "retry_cap_s",
+    ("stream", "client_queue_bytes"): "client_queue_bytes",
+    ("stream", "replay_memory_bytes"): "replay_memory_bytes",
+    ("stream", "read_chunk_bytes"): "read_chunk_bytes",
+    ("archive", "segment_max_bytes"): "segment_max_bytes",
+    ("archive", "flush_interval_s"): "flush_interval_s",
+    ("archive", "gzip_level"): "gzip_level",
+}
+
+_FIELD_TYPES = {f.name: f.type for f in dataclasses.fields(Settings)}
+
+
+def _coerce(key: str, name: str, value: Any) -> Any:
+    kind = _FIELD_TYPES[name]
+    if name.endswith("_dir") or name == "db_path":
+        if not isinstance(value, str) or not value:
+            raise ConfigError(f"{key}: expected a path string, got {value!r}")
+        return Path(value)
+    if name == "host":
+        if not isinstance(value, str) or not value:
+            raise ConfigError(f"{key}: expected a host name or address, got {value!r}")
+        return value
+    if name == "default_timeout_s" and value in (0, False):
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ConfigError(f"{key}: expected a number, got {value!r}")
+    if kind == "int" and not isinstance(value, int):
+        raise ConfigError(f"{key}: expected an integer, got {value!r}")
+    if value < 0 or (value == 0 and name not in ("drain_grace_s", "kill_grace_s", "port")):
+        raise ConfigError(f"{key}: must be positive, got {value!r}")
+    if name == "gzip_level" and not 1 <= value <= 9:
+        raise ConfigError(f"{key}: must be 1..9, got {value!r}")
+    return float(value) if kind.startswith("float") else value
+
+
+def _tokens(raw: Any) -> tuple[Token, ...]:
+    if not isinstance(raw, list):
+        raise ConfigError(f"tokens: expected an array of tables ([[tokens]]), got {raw!r}")
+    tokens = []
+    for i, item in enumerate(raw):
+        where = f"tokens[{i}]"
+        if not isinstance(item, dict):
+            raise ConfigError(f"{where}: expected a table, got {item!r}")
+        unknown = set(item) - {"name", "token", "role", "scripts"}
+        if unknown:
+            raise ConfigError(f"{where}.{sorted(unknown)[0]}: unknown key")
+        for key in ("name", "token"):
+            if not isinstance(item.get(key), str) or not item[key]:
+                raise ConfigError(f"{where}.{key}: expected a non-empty string")
+        if item.get("role") not in ROLES:
+            raise ConfigError(f"{where}.role: expected one of {ROLES}, got {item.get('role')!r}")
+        scripts = item.get("scripts")
+        if scripts is not None and (
+            not isinstance(scripts, list) or not all(isinstance(s, str) for s in scripts)
+        ):
+            raise ConfigError(f"{where}.scripts: expected an array of script names")
+        tokens.append(
+            Token(item["name"], item["token"], item["role"], tuple(scripts) if scripts else None)
+        )
+    if len({t.token for t in tokens}) != len(tokens):
+        raise ConfigError("tokens: two entries share the same token")
+    return tuple(tokens)
+
+
+def parse(data: Mapping[str, Any], base: Path) -> Settings:
+    """Build Settings from parsed TOML; relative paths are taken from `base`."""
+    values: dict[str, Any] = {}
+    for section, body in data.items():
+        if section == "tokens":
+            values["tokens"] = _tokens(body)
+            continue
+        if section == "scripts":
+            if not isinstance(body, dict) or not all(isinstance(v, dict) for v in body.values()):
+                raise ConfigError("scripts: expected tables such as [scripts.\"name.sh\"]")
+            values["scripts"] = body
+            continue
+        if not isinstance(body, dict):
+            raise ConfigError(f"{section}: unknown top-level key")
+        for key, value in body.items():
+            name = _KEYS.get((section, key))
+            if name is None:
+                raise ConfigError(f"{section}.{key}: unknown key")
+            values[name] = _coerce(f"{section}.{key}", name, value)
+    for name in ("scripts_dir", "archive_dir", "db_path"):
+        if name in values and not values[name].is_absolute():
+            values[name] = base / values[name]
+    return Settings(**values)
+
+
+def load(path: Path | None, overrides: Mapping[str, Any] | None = None) -> Settings:
+    """Read config.toml (if given) and apply command-line overrides."""
+    if path is None:
+        settings = Settings()
+    else:
+        try:
+            with path.open("rb") as fh:
+                data = tomllib.load(fh)
+        except OSError as exc:
+            raise ConfigError(f"cannot read {path}: {exc.strerror}") from exc
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"{path}: not valid TOML: {exc}") from exc
+        settings = parse(data, path.resolve().parent)
+    changes = {k: v for k, v in (overrides or {}).items() if v is not None}
+    return dataclasses.replace(settings, **changes)

@@ -1,0 +1,341 @@
+"""Persistence: peewee models on SQLite (WAL), executed through aiosqlite.
+
+Peewee describes the schema and builds every statement (`Model.insert(...).sql()`); aiosqlite
+runs them on its own thread, so the event loop never blocks on the database. Peewee's own
+connection handling is synchronous and would block the loop, and an async ORM layered on top of
+it would add a dependency for what `.sql()` already gives us. Writes go through a group-commit
+queue: every write that arrives while a transaction is running joins the next one, so under load
+the server commits once per tick instead of once per statement.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import Iterable, Sequence
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import aiosqlite
+import peewee as pw
+import structlog
+
+from remoterun.state import TaskStatus
+
+SCHEMA_VERSION = 1
+log = structlog.get_logger(__name__)
+
+_db = pw.SqliteDatabase(None)
+Statement = tuple[str, Sequence[Any]]
+
+
+class _Base(pw.Model):
+    class Meta:
+        database = _db
+
+
+class Task(_Base):
+    """A submitted task: every field of PROTOCOL.md's task, plus what the engine needs."""
+
+    num = pw.AutoField()  # submission order: FIFO tie-break and list cursor
+    id = pw.CharField(unique=True)
+    script = pw.CharField()
+    params = pw.TextField(default="{}")  # JSON, secrets as "***"
+    secret_params = pw.TextField(default="{}")  # JSON, the real values of secret params
+    status = pw.CharField(index=True)
+    priority = pw.IntegerField(default=0)
+    timeout = pw.FloatField(null=True)
+    max_retries = pw.IntegerField(default=0)
+    attempt = pw.IntegerField(default=1)
+    pty = pw.BooleanField(default=False)
+    interactive = pw.BooleanField(default=False)
+    stdin = pw.TextField(default="")
+    exit_code = pw.IntegerField(null=True)
+    error = pw.TextField(null=True)
+    created_at = pw.FloatField()
+    updated_at = pw.FloatField()
+    started_at = pw.FloatField(null=True)
+    finished_at = pw.FloatField(null=True)
+    run_after = pw.FloatField(null=True)
+    submitted_by = pw.CharField(default="anonymous")
+    logs_path = pw.CharField()
+    output_bytes = pw.IntegerField(default=0)
+    last_seq = pw.IntegerField(default=0)
+    pid = pw.IntegerField(null=True)  # of the running attempt, to sweep its group after a crash
+
+    class Meta:
+        table_name = "tasks"
+        indexes = ((("script", "num"), False),)
+
+
+class TaskEvent(_Base):
+    """One state transition, written in the same transaction as the task row."""
+
+    task_id = pw.CharField(index=True)
+    ts = pw.FloatField()
+    old_status = pw.CharField(null=True)
+    new_status = pw.CharField()
+    attempt = pw.IntegerField()
+    detail = pw.TextField(null=True)
+
+    class Meta:
+        table_name = "task_events"
+
+
+class TaskLog(_Base):
+    """One archive segment of a task's output."""
+
+    task_id = pw.CharField(index=True)
+    created_at = pw.FloatField()
+    path = pw.CharField(unique=True)
+    first_seq = pw.IntegerField()
+    last_seq = pw.IntegerField(default=0)
+    raw_bytes = pw.IntegerField(default=0)
+    gz_bytes = pw.IntegerField(default=0)
+    closed_at = pw.FloatField(null=True)
+    pruned = pw.BooleanField(default=False)
+
+    class Meta:
+        table_name = "task_logs"
+
+
+class Meta(_Base):
+    """Key/value facts about the database itself, such as the schema version."""
+
+    key = pw.CharField(primary_key=True)
+    value = pw.TextField()
+
+    class Meta:
+        table_name = "meta"
+
+
+MODELS: tuple[type[_Base], ...] = (Task, TaskEvent, TaskLog, Meta)
+
+
+def _ddl() -> list[Statement]:
+    ctx = _db.get_sql_context
+    out = []
+    for model in MODELS:
+        out.append(ctx().sql(model._schema._create_table(safe=True)).query())
+        out.extend(ctx().sql(index).query() for index in model._schema._create_indexes(safe=True))
+    return out
+
+
+def rfc3339(ts: float | None) -> str | None:
+    """Unix seconds as PROTOCOL.md's time format."""
+    if ts is None:
+        return None
+    return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
+
+
+def task_json(row: dict[str, Any]) -> dict[str, Any]:
+    """A task row as REST and WebSocket show it."""
+    return {
+        "id": row["id"],
+        "script": row["script"],
+        "params": json.loads(row["params"]),
+        "status": row["status"],
+        "priority": row["priority"],
+        "timeout": row["timeout"],
+        "max_retries": row["max_retries"],
+        "attempt": row["attempt"],
+        "pty": bool(row["pty"]),
+        "interactive": bool(row["interactive"]),
+        "exit_code": row["exit_code"],
+        "error": row["error"],
+        "created_at": rfc3339(row["created_at"]),
+        "updated_at": rfc3339(row["updated_at"]),
+        "started_at": rfc3339(row["started_at"]),
+        "finished_at": rfc3339(row["finished_at"]),
+        "run_after": rfc3339(row["run_after"]),
+        "submitted_by": row["submitted_by"],
+        "logs_path": row["logs_path"],
+        "output_bytes": row["output_bytes"],
+        "last_seq": row["last_seq"],
+    }
+
+
+class Database:
+    """One aiosqlite connection, a group-commit writer, and the queries the server needs."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self._conn: aiosqlite.Connection | None = None
+        self._pending: list[tuple[list[Statement], asyncio.Future[None]]] = []
+        self._wake = asyncio.Event()
+        self._writer: asyncio.Task[None] | None = None
+
+    @property
+    def conn(self) -> aiosqlite.Connection:
+        """The open connection."""
+        assert self._conn is not None, "Database.open() was not awaited"
+        return self._conn
+
+    async def open(self) -> None:
+        """Open (creating or migrating) the database and start the writer."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._conn = await aiosqlite.connect(self.path, isolation_level=None)
+        for pragma in ("journal_mode=WAL", "synchronous=NORMAL", "foreign_keys=ON",
+                       "busy_timeout=5000"):
+            await self.conn.execute(f"PRAGMA {pragma}")
+        await self._migrate()
+        self._writer = asyncio.create_task(self._write_loop(), name="db-writer")
+
+    async def close(self) -> None:
+        """Finish pending writes, stop the writer and close the connection."""
+        if self._writer is not None:
+            while self._pending:
+                self._wake.set()
+                await asyncio.sleep(0)
+            self._writer.cancel()
+            await asyncio.gather(self._writer, return_exceptions=True)
+            self._writer = None
+        if self._conn is not None:
+            await self._conn.close()
+            self._conn = None
+
+    async def _migrate(self) -> None:
+        await self.conn.execute("BEGIN IMMEDIATE")
+        for sql, params in _ddl():
+            await self.conn.execute(sql, params)
+        row = await self.fetch_one(*Meta.select(Meta.value).where(Meta.key == "schema_version")
+                                   .sql())
+        version = int(row["value"]) if row else 0
+        if version > SCHEMA_VERSION:
+            await self.conn.execute("ROLLBACK")
+            raise RuntimeError(f"database schema {version} is newer than this server's "
+                               f"{SCHEMA_VERSION}")
+        # Later releases add their steps here, each guarded by `version < N`.
+        sql, params = Meta.replace(key="schema_version", value=str(SCHEMA_VERSION)).sql()
+        await self.conn.execute(sql, params)
+        await self.conn.execute("COMMIT")
+
+    async def write(self, statements: Iterable[Statement]) -> None:
+        """Run statements in one transaction (shared with concurrent writers); wait for commit."""
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._pending.append((list(statements), future))
+        self._wake.set()
+        await asyncio.shield(future)
+
+    async def _write_loop(self) -> None:
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            batch, self._pending = self._pending, []
+            if not batch:
+                continue
+            try:
+                await self._commit([s for stmts, _ in batch for s in stmts])
+            except Exception as exc:
+                log.exception("db_batch_failed", size=len(batch))
+                # One bad statement must not fail its neighbours: retry each alone.
+                for stmts, future in batch:
+                    try:
+                        await self._commit(stmts)
+                        future.set_result(None)
+                    except Exception as single:
+                        future.set_exception(single)
+                del exc
+                continue
+            for _, future in batch:
+                if not future.done():
+                    future.set_result(None)
+
+    async def _commit(self, statements: list[Statement]) -> None:
+        await self.conn.execute("BEGIN IMMEDIATE")
+        try:
+            for sql, params in statements:
+                await self.conn.execute(sql, params)
+        except BaseException:
+            await self.conn.execute("ROLLBACK")
+            raise
+        await self.conn.execute("COMMIT")
+
+    async def fetch_all(self, sql: str, params: Sequence[Any] = ()) -> list[dict[str, Any]]:
+        """Rows as dicts."""
+        async with self.conn.execute(sql, params) as cursor:
+            names = [d[0] for d in cursor.description]
+            return [dict(zip(names, row, strict=True)) for row in await cursor.fetchall()]
+
+    async def fetch_one(self, sql: str, params: Sequence[Any] = ()) -> dict[str, Any] | None:
+        """The first row as a dict, or None."""
+        rows = await self.fetch_all(sql, params)
+        return rows[0] if rows else None
+
+    # Queries -------------------------------------------------------------------------------
+
+    async def get_task(self, task_id: str) -> dict[str, Any] | None:
+        """The task row, or None."""
+        return await self.fetch_one(*Task.select().where(Task.id == task_id).sql())
+
+    async def list_tasks(self, *, status: str | None, script: str | None, limit: int,
+                         before: int | None) -> list[dict[str, Any]]:
+        """Newest first; `before` is the `num` cursor of the previous page."""
+        query = Task.select()
+        if status:
+            query = query.where(Task.status == status)
+        if script:
+            query = query.where(Task.script == script)
+        if before is not None:
+            query = query.where(Task.num < before)
+        return await self.fetch_all(*query.order_by(Task.num.desc()).limit(limit).sql())
+
+    async def tasks_in(self, *statuses: TaskStatus) -> list[dict[str, Any]]:
+        """Every task in one of the statuses, in submission order."""
+        query = Task.select().where(Task.status.in_([str(s) for s in statuses]))
+        return await self.fetch_all(*query.order_by(Task.num).sql())
+
+    async def events(self, task_id: str) -> list[dict[str, Any]]:
+        """A task's transitions, oldest first."""
+        query = TaskEvent.select().where(TaskEvent.task_id == task_id).order_by(TaskEvent.id)
+        return await self.fetch_all(*query.sql())
+
+    async def segments(self, task_id: str) -> list[dict[str, Any]]:
+        """A task's archive segment rows, in order."""
+        query = TaskLog.select().where(TaskLog.task_id == task_id).order_by(TaskLog.id)
+        return await self.fetch_all(*query.sql())
+
+    async def ping(self) -> None:
+        """Raise if the database is not usable."""
+        await self.fetch_one("SELECT 1 AS ok")
+
+
+def insert_task(row: dict[str, Any]) -> list[Statement]:
+    """Statements that create a task and its first event."""
+    return [
+        Task.insert(**row).sql(),
+        TaskEvent.insert(task_id=row["id"], ts=row["created_at"], old_status=None,
+                         new_status=row["status"], attempt=row["attempt"]).sql(),
+    ]
+
+
+def transition(task_id: str, old: TaskStatus, new: TaskStatus, attempt: int,
+               fields: dict[str, Any], detail: str | None = None) -> list[Statement]:
+    """Statements that move a task to a new status and record the event."""
+    now = fields.setdefault("updated_at", time.time())
+    return [
+        Task.update(status=str(new), **fields).where(Task.id == task_id).sql(),
+        TaskEvent.insert(task_id=task_id, ts=now, old_status=str(old), new_status=str(new),
+                         attempt=attempt, detail=detail).sql(),
+    ]
+
+
+def update_task(task_id: str, fields: dict[str, Any]) -> Statement:
+    """A statement that changes task fields without a transition (progress counters)."""
+    return Task.update(**fields).where(Task.id == task_id).sql()  # type: ignore[no-any-return]
+
+
+def upsert_segment(task_id: str, seg: Any) -> Statement:
+    """A statement that records an archive segment (an archive.Segment) by its path."""
+    values = dict(task_id=task_id, created_at=seg.opened_at, path=seg.path,
+                  first_seq=seg.first_seq, last_seq=seg.last_seq, raw_bytes=seg.raw_bytes,
+                  gz_bytes=seg.gz_bytes, closed_at=seg.closed_at)
+    query = TaskLog.insert(**values).on_conflict(
+        conflict_target=[TaskLog.path],
+        update={k: getattr(pw.EXCLUDED, k) for k in
+                ("last_seq", "raw_bytes", "gz_bytes", "closed_at")},
+    )
+    return query.sql()  # type: ignore[no-any-return]
+

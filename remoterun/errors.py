@@ -1,0 +1,78 @@
+"""RemoteRunError and its few subclasses; the API maps each class to one HTTP status."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class RemoteRunError(Exception):
+    """A request the server will not carry out; `code` is the machine-readable reason."""
+
+    code = "error"
+
+    def __init__(self, message: str, *, code: str | None = None, details: list[Any] | None = None):
+        super().__init__(message)
+        self.message = message
+        self.code = code or self.code
+        self.details = details
+
+    def to_json(self) -> dict[str, Any]:
+        """The error body of PROTOCOL.md."""
+        body: dict[str, Any] = {"error": self.code, "message": self.message}
+        if self.details is not None:
+            body["details"] = self.details
+        return body
+
+
+class BadRequest(RemoteRunError):
+    """The request is malformed: bad JSON, unknown fields, wrong types."""
+
+    code = "bad_request"
+
+
+class InvalidParams(RemoteRunError):
+    """The params do not satisfy the script's parameter schema."""
+
+    code = "invalid_params"
+
+
+class NotFound(RemoteRunError):
+    """No such task or script."""
+
+    code = "not_found"
+
+
+class Conflict(RemoteRunError):
+    """The task is in a state that does not allow the action."""
+
+    code = "conflict"
+
+
+class Unauthorized(RemoteRunError):
+    """No token, or one the server does not know."""
+
+    code = "unauthorized"
+
+
+class Forbidden(RemoteRunError):
+    """The token's role or script list does not allow the action."""
+
+    code = "forbidden"
+
+
+class Gone(RemoteRunError):
+    """The archived output was pruned by retention."""
+
+    code = "gone"
+
+
+class Unavailable(RemoteRunError):
+    """The server is shutting down and takes no new work."""
+
+    code = "shutting_down"
+
+
+class TooLarge(RemoteRunError):
+    """The request body or message is over the configured limit."""
+
+    code = "too_large"

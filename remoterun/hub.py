@@ -1,0 +1,214 @@
+"""Per-task fan-out: numbered frames to any number of subscribers, replay by seq, bounded queues.
+
+Publishing never awaits: each subscriber has its own queue, bounded in bytes; a subscriber that
+falls behind is marked overflowed (its client is closed and may resume with `since`), so one slow
+client never slows the process or the others. Replay for `since=K` takes frames older than the
+in-memory window from the archive, then the window, then live frames; the window and the live
+registration are taken in one synchronous step, so there is no gap and no repeat at the seam.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections import deque
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from remoterun.archive import Frame, aread_frames
+from remoterun.db import rfc3339
+
+
+@dataclass(slots=True)
+class Event:
+    """A non-output message: `task`, `status` or `exit`, with its body."""
+
+    kind: str
+    body: dict[str, Any]
+    encoded: dict[str, Any] | None = None
+
+    @property
+    def final(self) -> bool:
+        """Whether this event ends the stream."""
+        return self.kind == "exit"
+
+
+Item = Frame | Event
+
+
+def _frame_body(frame: Frame) -> str:
+    return json.dumps({"seq": frame.seq, "stream": frame.stream, "ts": rfc3339(frame.ts),
+                       "data": frame.data.decode("utf-8", "replace")}, ensure_ascii=False)
+
+
+def ws_text(item: Item) -> str:
+    """The item as a WebSocket text frame (encoded once, shared by every client)."""
+    cache = item.encoded
+    if cache is None:
+        cache = item.encoded = {}
+    text = cache.get("ws")
+    if text is None:
+        if isinstance(item, Frame):
+            text = '{"type": "output", ' + sse_data(item)[1:]
+        else:
+            text = json.dumps({"type": item.kind, **item.body}, ensure_ascii=False)
+        cache["ws"] = text
+    return text  # type: ignore[no-any-return]
+
+
+def sse_data(item: Item) -> str:
+    """The JSON body of the item as an SSE `data:` line carries it."""
+    cache = item.encoded
+    if cache is None:
+        cache = item.encoded = {}
+    body = cache.get("json")
+    if body is None:
+        body = cache["json"] = (_frame_body(item) if isinstance(item, Frame)
+                                else json.dumps(item.body, ensure_ascii=False))
+    return body  # type: ignore[no-any-return]
+
+
+def sse_text(item: Item) -> str:
+    """The item as one Server-Sent Event."""
+    if isinstance(item, Frame):
+        return f"id: {item.seq}\nevent: output\ndata: {sse_data(item)}\n\n"
+    return f"event: {item.kind}\ndata: {sse_data(item)}\n\n"
+
+
+def item_size(item: Item) -> int:
+    """What an item costs a subscriber's queue, in bytes."""
+    return len(item.data) + 64 if isinstance(item, Frame) else 256
+
+
+def exit_event(row: dict[str, Any]) -> Event:
+    """The `exit` event for a task row in a final state."""
+    started, finished = row.get("started_at"), row.get("finished_at")
+    duration = round(finished - started, 3) if started is not None and finished else None
+    return Event("exit", {"status": row["status"], "exit_code": row["exit_code"],
+                          "duration": duration})
+
+
+class SlowConsumer(Exception):
+    """The subscriber's queue overflowed; its client must be closed and may resume later."""
+
+
+@dataclass(eq=False)
+class Subscription:
+    """One client's view of a task: archive replay, then the memory window, then live items."""
+
+    task: dict[str, Any]
+    since: int
+    archive_root: Path
+    limit_bytes: int
+    archive_until: int | None = None  # replay (since, archive_until] from disk first; None: all
+    from_archive: bool = True
+    snapshot: list[Item] = field(default_factory=list)
+    queue: deque[Item] = field(default_factory=deque)
+    queued_bytes: int = 0
+    overflowed: asyncio.Event = field(default_factory=asyncio.Event)
+    wake: asyncio.Event = field(default_factory=asyncio.Event)
+    hub: TaskHub | None = None
+    on_overflow: Callable[[], None] | None = None
+
+    def push(self, item: Item) -> None:
+        """Queue a live item (called by the hub; never blocks)."""
+        if self.overflowed.is_set():
+            return
+        self.queue.append(item)
+        self.queued_bytes += item_size(item)
+        if self.queued_bytes > self.limit_bytes:
+            self.overflowed.set()
+            self.queue.clear()
+            if self.on_overflow is not None:
+                self.on_overflow()
+        self.wake.set()
+
+    async def batches(self) -> AsyncIterator[list[Item]]:
+        """Every item after `since`, in order, in batches; ends after the exit event."""
+        if self.from_archive and (self.archive_until is None or self.archive_until > self.since):
+            if self.hub is not None:
+                self.hub.flush_archive()
+            logs_path = self.task["logs_path"]
+            async for batch in aread_frames(self.archive_root, logs_path, self.since,
+                                            self.archive_until):
+                yield list(batch)
+        if self.snapshot:
+            batch, self.snapshot = self.snapshot, []
+            yield batch
+            if isinstance(batch[-1], Event) and batch[-1].final:
+                return
+        while True:
+            if self.overflowed.is_set():
+                raise SlowConsumer
+            if not self.queue:
+                self.wake.clear()
+                await self.wake.wait()
+                continue
+            batch = list(self.queue)
+            self.queue.clear()
+            self.queued_bytes = 0
+            yield batch
+            if isinstance(batch[-1], Event) and batch[-1].final:
+                return
+
+    def close(self) -> None:
+        """Stop receiving live items."""
+        if self.hub is not None:
+            self.hub.subscribers.discard(self)
+
+
+class TaskHub:
+    """Fan-out for one task that has not finished: numbering, memory window, subscribers."""
+
+    def __init__(self, task: dict[str, Any], *, memory_bytes: int, next_seq: int = 1,
+                 flush_archive: Callable[[], None] = lambda: None):
+        self.task = task
+        self.memory_bytes = memory_bytes
+        self.next_seq = next_seq
+        self.flush_archive = flush_archive
+        self.window: deque[Frame] = deque()
+        self.window_bytes = 0
+        self.subscribers: set[Subscription] = set()
+        self.finished = False
+
+    def frame(self, stream: str, data: bytes, ts: float) -> Frame:
+        """Number a chunk of output as the task's next frame."""
+        frame = Frame(self.next_seq, stream, ts, data)
+        self.next_seq += 1
+        return frame
+
+    def publish(self, item: Item) -> None:
+        """Keep a frame in the window and hand the item to every subscriber."""
+        if isinstance(item, Frame):
+            self.window.append(item)
+            self.window_bytes += len(item.data)
+            while self.window_bytes > self.memory_bytes and len(self.window) > 1:
+                self.window_bytes -= len(self.window.popleft().data)
+        elif item.kind == "exit":
+            self.finished = True
+        for sub in list(self.subscribers):
+            sub.push(item)
+        if self.finished:
+            self.subscribers.clear()
+
+    def subscribe(self, since: int, archive_root: Path, limit_bytes: int) -> Subscription:
+        """A subscription for every frame after `since`; taken atomically with the window."""
+        first_in_memory = self.window[0].seq if self.window else self.next_seq
+        sub = Subscription(task=dict(self.task), since=since, archive_root=archive_root,
+                           limit_bytes=limit_bytes, hub=self)
+        sub.from_archive = since + 1 < first_in_memory
+        sub.archive_until = first_in_memory - 1
+        sub.snapshot = [f for f in self.window if f.seq > since]
+        self.subscribers.add(sub)
+        return sub
+
+
+def replay_finished(row: dict[str, Any], task: dict[str, Any], since: int, archive_root: Path,
+                    limit_bytes: int) -> Subscription:
+    """A subscription to a task that has ended: its archive, then its exit event."""
+    sub = Subscription(task=task, since=since, archive_root=archive_root,
+                       limit_bytes=limit_bytes)
+    sub.snapshot = [exit_event(row)]
+    return sub

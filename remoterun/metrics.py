@@ -1,0 +1,41 @@
+"""Prometheus metrics, in a registry of the app's own so that several apps can live in one process."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+CONTENT_TYPE = CONTENT_TYPE_LATEST
+
+
+@dataclass
+class Metrics:
+    """The server's counters, gauges and histograms."""
+
+    registry: CollectorRegistry = field(default_factory=CollectorRegistry)
+
+    def __post_init__(self) -> None:
+        r = self.registry
+        self.submitted = Counter("remoterun_tasks_submitted", "Tasks accepted.", ["script"],
+                                 registry=r)
+        self.finished = Counter("remoterun_tasks_finished", "Tasks that reached a final state.",
+                                ["script", "status"], registry=r)
+        self.retries = Counter("remoterun_task_retries", "Retries scheduled.", ["script"],
+                               registry=r)
+        self.running = Gauge("remoterun_tasks_running", "Tasks running now.", registry=r)
+        self.pending = Gauge("remoterun_tasks_pending", "Tasks waiting to run.", registry=r)
+        self.output_bytes = Counter("remoterun_output_bytes", "Bytes of output read.",
+                                    ["stream"], registry=r)
+        self.duration = Histogram("remoterun_task_duration_seconds",
+                                  "Seconds from start to end of an attempt.", ["script"],
+                                  registry=r)
+        self.clients = Gauge("remoterun_stream_clients", "Attached WebSocket and SSE clients.",
+                             ["kind"], registry=r)
+        self.slow_clients = Counter("remoterun_slow_clients_closed",
+                                    "Clients closed because their queue overflowed.", registry=r)
+
+    def render(self) -> bytes:
+        """The text exposition."""
+        return generate_latest(self.registry)  # type: ignore[no-any-return]

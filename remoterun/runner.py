@@ -1,0 +1,316 @@
+"""One child process: spawned from argv in its own process group, over pipes or a PTY.
+
+Output is read with `loop.add_reader` straight from the file descriptors (no threads, no
+StreamReader copies) and handed to a callback in read-sized chunks cut at UTF-8 character
+boundaries, so each chunk decodes on its own. When the main process exits, whatever is left
+in its process group is killed and the pipes are drained for at most `drain_grace_s`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import fcntl
+import os
+import signal
+import struct
+import termios
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+SIGNALS = {name: getattr(signal, "SIG" + name)
+           for name in ("INT", "TERM", "HUP", "QUIT", "KILL", "USR1", "USR2")}
+OnOutput = Callable[[str, bytes], None]
+
+
+class SpawnError(Exception):
+    """The process could not be started; the message says why, for the task's `error`."""
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """What to start and how."""
+
+    argv: Sequence[str]
+    env: Mapping[str, str]
+    cwd: Path
+    pty: bool = False
+    interactive: bool = False
+    stdin: bytes = b""
+    cols: int = 80
+    rows: int = 24
+
+
+@dataclass(frozen=True)
+class RunResult:
+    """How a run ended: the exit code (negative: killed by that signal) and why it was stopped."""
+
+    exit_code: int
+    stopped: str | None = None  # None: exited by itself; "timeout" or "stopped"
+
+
+def split_utf8(data: bytes) -> tuple[bytes, bytes]:
+    """Split off a trailing incomplete UTF-8 sequence, to be prefixed to the next read."""
+    end = len(data)
+    for back in range(1, min(4, end) + 1):
+        byte = data[end - back]
+        if byte & 0xC0 != 0x80:  # a lead byte (or ASCII)
+            need = 2 if byte & 0xE0 == 0xC0 else 3 if byte & 0xF0 == 0xE0 else \
+                4 if byte & 0xF8 == 0xF0 else 1
+            if need > back:
+                return data[: end - back], data[end - back :]
+            break
+    return data, b""
+
+
+def set_winsize(fd: int, cols: int, rows: int) -> None:
+    """Set a terminal's size (the foreground process group gets SIGWINCH)."""
+    fcntl.ioctl(fd, termios.TIOCSWINSZ, struct.pack("HHHH", rows, cols, 0, 0))
+
+
+def _make_controlling_tty() -> None:  # runs in the child, after setsid()
+    fcntl.ioctl(0, termios.TIOCSCTTY, 0)
+
+
+class _Writer:
+    """Non-blocking writes to a file descriptor, buffered while the reader is slow."""
+
+    def __init__(self, fd: int, owns_fd: bool):
+        self.fd = fd
+        self.owns_fd = owns_fd
+        self.buffer = bytearray()
+        self.closing = False
+        self.closed = False
+        self.loop = asyncio.get_running_loop()
+
+    def write(self, data: bytes) -> None:
+        if self.closed or self.closing:
+            return
+        self.buffer += data
+        self._flush()
+
+    def _flush(self) -> None:
+        while self.buffer:
+            try:
+                n = os.write(self.fd, self.buffer)
+            except BlockingIOError:
+                self.loop.add_writer(self.fd, self._on_writable)
+                return
+            except OSError:  # the reader is gone (EPIPE, EIO): drop what is left
+                self.buffer.clear()
+                break
+            del self.buffer[:n]
+        self.loop.remove_writer(self.fd)
+        if self.closing:
+            self._close_now()
+
+    def _on_writable(self) -> None:
+        self._flush()
+
+    def close(self) -> None:
+        self.closing = True
+        if not self.buffer:
+            self._close_now()
+
+    def _close_now(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        self.loop.remove_writer(self.fd)
+        if self.owns_fd:
+            os.close(self.fd)
+
+
+@dataclass
+class _Reader:
+    fd: int
+    stream: str
+    tail: bytes = b""
+    eof: bool = False
+    done: asyncio.Event = field(default_factory=asyncio.Event)
+
+
+class Run:
+    """A started child process and its streams."""
+
+    def __init__(self, spec: RunSpec, on_output: OnOutput, *, read_chunk: int = 65536,
+                 kill_grace_s: float = 5.0, drain_grace_s: float = 0.5):
+        self.spec = spec
+        self.on_output = on_output
+        self.read_chunk = read_chunk
+        self.kill_grace_s = kill_grace_s
+        self.drain_grace_s = drain_grace_s
+        self.proc: asyncio.subprocess.Process | None = None
+        self.readers: list[_Reader] = []
+        self.stdin: _Writer | None = None
+        self.master_fd: int | None = None
+
+    @property
+    def pid(self) -> int:
+        """The main process's id, also its process group's id."""
+        assert self.proc is not None
+        return self.proc.pid
+
+    async def start(self) -> None:
+        """Spawn the process; SpawnError if it cannot start."""
+        loop = asyncio.get_running_loop()
+        spec = self.spec
+        child_fds: list[int] = []
+        try:
+            if spec.pty:
+                master, slave = os.openpty()
+                set_winsize(master, spec.cols, spec.rows)
+                child_fds = [slave]
+                self.master_fd = master
+                stdio = {"stdin": slave, "stdout": slave, "stderr": slave}
+                extra = {"preexec_fn": _make_controlling_tty}
+                self.readers = [_Reader(master, "pty")]
+            else:
+                in_r, in_w = os.pipe()
+                out_r, out_w = os.pipe()
+                err_r, err_w = os.pipe()
+                child_fds = [in_r, out_w, err_w]
+                stdio = {"stdin": in_r, "stdout": out_w, "stderr": err_w}
+                extra = {}
+                self.readers = [_Reader(out_r, "stdout"), _Reader(err_r, "stderr")]
+                self.stdin = _Writer(in_w, owns_fd=True)
+            try:
+                self.proc = await asyncio.create_subprocess_exec(
+                    *spec.argv, cwd=spec.cwd, env=dict(spec.env), start_new_session=True,
+                    **stdio, **extra,  # type: ignore[arg-type]
+                )
+            except OSError as exc:
+                self._close_fds()
+                raise SpawnError(_spawn_message(spec.argv[0], exc)) from exc
+        finally:
+            for fd in child_fds:
+                os.close(fd)
+        if spec.pty:
+            assert self.master_fd is not None
+            self.stdin = _Writer(self.master_fd, owns_fd=False)
+        for reader in self.readers:
+            os.set_blocking(reader.fd, False)
+            loop.add_reader(reader.fd, self._on_readable, reader)
+        assert self.stdin is not None
+        os.set_blocking(self.stdin.fd, False)
+        if spec.stdin:
+            self.stdin.write(spec.stdin)
+        if not spec.interactive and not spec.pty:
+            self.stdin.close()
+
+    def _on_readable(self, reader: _Reader) -> None:
+        try:
+            data = os.read(reader.fd, self.read_chunk)
+        except BlockingIOError:
+            return
+        except OSError:  # EIO: the PTY's last slave closed, i.e. end of file
+            data = b""
+        if not data:
+            self._finish(reader)
+            return
+        chunk, reader.tail = split_utf8(reader.tail + data)
+        if chunk:
+            self.on_output(reader.stream, chunk)
+
+    def _finish(self, reader: _Reader) -> None:
+        if reader.eof:
+            return
+        reader.eof = True
+        asyncio.get_running_loop().remove_reader(reader.fd)
+        if reader.tail:
+            self.on_output(reader.stream, reader.tail)
+            reader.tail = b""
+        reader.done.set()
+
+    # Control ---------------------------------------------------------------------------------
+
+    def write(self, data: bytes) -> None:
+        """Send bytes to stdin (or the PTY as typed keys)."""
+        if self.stdin is not None:
+            self.stdin.write(data)
+
+    def close_stdin(self) -> None:
+        """End of input: close the pipe, or send the terminal's EOF character on a PTY."""
+        if self.stdin is None:
+            return
+        if self.spec.pty:
+            self.stdin.write(b"\x04")
+        else:
+            self.stdin.close()
+
+    def resize(self, cols: int, rows: int) -> None:
+        """Set the PTY's size; ignored for pipe tasks."""
+        if self.master_fd is not None:
+            with contextlib.suppress(OSError):
+                set_winsize(self.master_fd, cols, rows)
+
+    def signal(self, signum: int) -> None:
+        """Send a signal to the whole process group."""
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(self.pid, signum)
+
+    # Lifetime --------------------------------------------------------------------------------
+
+    async def wait(self, timeout_s: float | None, stop: asyncio.Event) -> RunResult:
+        """Wait for the main process to exit, stopping it on timeout or when `stop` is set."""
+        assert self.proc is not None
+        waiter = asyncio.ensure_future(self.proc.wait())
+        stopper = asyncio.ensure_future(stop.wait())
+        stopped: str | None = None
+        try:
+            done, _ = await asyncio.wait({waiter, stopper}, timeout=timeout_s,
+                                         return_when=asyncio.FIRST_COMPLETED)
+            if waiter not in done:
+                stopped = "stopped" if stopper in done else "timeout"
+                await self._terminate(waiter)
+            code = await waiter
+        finally:
+            stopper.cancel()
+            if not waiter.done():  # we are being cancelled: leave nothing running
+                self.signal(signal.SIGKILL)
+                waiter.cancel()
+            self.signal(signal.SIGKILL)  # whatever is left of the group goes with the main process
+        await self._drain()
+        return RunResult(code, stopped)
+
+    async def _terminate(self, waiter: asyncio.Future[int]) -> None:
+        self.signal(signal.SIGTERM)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(asyncio.shield(waiter), self.kill_grace_s)
+            return
+        self.signal(signal.SIGKILL)
+
+    async def _drain(self) -> None:
+        pending = [r.done.wait() for r in self.readers if not r.eof]
+        if pending:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(self.drain_grace_s):
+                    await asyncio.gather(*pending)
+        for reader in self.readers:
+            if not reader.eof:
+                # Still open after the grace: a process outside the group holds the pipe.
+                self._on_readable(reader)
+                self._finish(reader)
+        self._close_fds()
+
+    def _close_fds(self) -> None:
+        if self.stdin is not None:
+            self.stdin.closing = True
+            self.stdin._close_now()
+        for reader in self.readers:
+            with contextlib.suppress(OSError):
+                asyncio.get_running_loop().remove_reader(reader.fd)
+                os.close(reader.fd)
+        self.readers = []
+
+
+def _spawn_message(path: str, exc: OSError) -> str:
+    if exc.errno == errno.ENOEXEC:
+        return f"cannot execute {path}: exec format error (missing #! line?)"
+    if isinstance(exc, PermissionError):
+        return f"cannot execute {path}: permission denied"
+    if isinstance(exc, FileNotFoundError):
+        return f"cannot execute {path}: file or interpreter not found"
+    return f"cannot execute {path}: {exc.strerror}"

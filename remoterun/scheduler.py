@@ -1,0 +1,505 @@
+"""The engine: queue, bounded worker pool, runs, retries, recovery; the only writer of status.
+
+Pending tasks wait in a heap ordered by (-priority, submission number): highest priority first,
+FIFO within a priority. A dispatcher loop starts the best eligible task whenever a worker slot
+is free; a task whose script is at its `max_concurrency`, or whose retry is not yet due, is
+passed over without blocking the others. Every transition goes through `_transition`, which
+checks the table, commits the row and the event together, and only then publishes it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import heapq
+import json
+import os
+import random
+import signal
+import time
+import uuid
+from collections import Counter
+from collections.abc import Coroutine
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import structlog
+
+from remoterun import db as dbm
+from remoterun.archive import Frame, TaskArchive, logs_path_for, read_frames
+from remoterun.catalogue import Catalogue, Script, param_value
+from remoterun.config import Settings
+from remoterun.errors import Conflict, NotFound, Unavailable
+from remoterun.hub import Event, Subscription, TaskHub, exit_event, replay_finished
+from remoterun.metrics import Metrics
+from remoterun.runner import Run, RunResult, RunSpec, SpawnError
+from remoterun.state import TaskStatus, check_transition
+
+log = structlog.get_logger(__name__)
+S = TaskStatus
+
+
+@dataclass
+class Active:
+    """A task between dispatch and its final write: its run, archive and stop request."""
+
+    row: dict[str, Any]
+    archive: TaskArchive
+    stop: asyncio.Event = field(default_factory=asyncio.Event)
+    stop_reason: str | None = None  # "cancel" or "shutdown"
+    run: Run | None = None
+
+
+class Scheduler:
+    """Owns every task that has not finished: its queue slot, its run and its hub."""
+
+    def __init__(self, settings: Settings, db: dbm.Database, catalogue: Catalogue,
+                 metrics: Metrics):
+        self.settings = settings
+        self.db = db
+        self.catalogue = catalogue
+        self.metrics = metrics
+        self.accepting = True
+        self.hubs: dict[str, TaskHub] = {}
+        self._heap: list[tuple[int, int, str]] = []
+        self._pending: dict[str, dict[str, Any]] = {}
+        self._active: dict[str, Active] = {}
+        self._per_script: Counter[str] = Counter()
+        self._limits: dict[str, int | None] = {}
+        self._wake = asyncio.Event()
+        self._runs: set[asyncio.Task[None]] = set()
+        self._loops: list[asyncio.Task[None]] = []
+        self._next_num = 1
+
+    # Life ------------------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Recover what a previous server left, then start dispatching."""
+        top = await self.db.fetch_one("SELECT MAX(num) AS n FROM tasks")
+        self._next_num = (top["n"] or 0) + 1 if top else 1
+        await self._recover()
+        self._loops = [asyncio.create_task(self._dispatch_loop(), name="dispatcher"),
+                       asyncio.create_task(self._flush_loop(), name="archive-flusher")]
+
+    async def drain(self, grace_s: float) -> None:
+        """Stop taking work, let running tasks finish for `grace_s`, then stop the rest."""
+        self.accepting = False
+        self._wake.set()
+        if self._runs:
+            log.info("shutdown_draining", running=len(self._runs), grace_s=grace_s)
+            await asyncio.wait(set(self._runs), timeout=grace_s)
+        for active in self._active.values():
+            self._request_stop(active, "shutdown")
+        if self._runs:
+            await asyncio.wait(set(self._runs))
+        for hub in list(self.hubs.values()):
+            hub.publish(Event("status", {"status": hub.task["status"],
+                                         "attempt": hub.task["attempt"],
+                                         "ts": dbm.rfc3339(time.time()),
+                                         "error": "server shutting down"}))
+
+    async def close(self) -> None:
+        """Cancel the background loops and any run left (after drain, there is none)."""
+        for task in [*self._loops, *self._runs]:
+            task.cancel()
+        await asyncio.gather(*self._loops, *self._runs, return_exceptions=True)
+        self._loops = []
+        await self._flush_tick()
+
+    # Submissions -----------------------------------------------------------------------------
+
+    async def submit(self, script: Script, request: dict[str, Any], submitted_by: str
+                     ) -> dict[str, Any]:
+        """Create a pending task from a validated request; returns its JSON."""
+        if not self.accepting:
+            raise Unavailable("the server is shutting down and takes no new tasks")
+        params = script.validate(request.get("params", {}))
+        secret = script.secret_keys
+        now = time.time()
+        task_id = str(uuid.uuid4())
+        row: dict[str, Any] = {
+            "num": self._next_num, "id": task_id, "script": script.name, "status": str(S.PENDING),
+            "params": json.dumps({k: "***" if k in secret else v for k, v in params.items()}),
+            "secret_params": json.dumps({k: v for k, v in params.items() if k in secret}),
+            "priority": request.get("priority", 0), "timeout": request.get("timeout"),
+            "max_retries": request.get("max_retries", 0), "attempt": 1,
+            "pty": request.get("pty", False),
+            "interactive": request.get("interactive", False) or request.get("pty", False),
+            "stdin": request.get("stdin", ""), "created_at": now, "updated_at": now,
+            "submitted_by": submitted_by, "logs_path": logs_path_for(task_id, now),
+        }
+        self._next_num += 1
+        await self.db.write(dbm.insert_task(row))
+        full = {**dict.fromkeys(("exit_code", "error", "started_at", "finished_at",
+                                 "run_after", "pid")), "output_bytes": 0, "last_seq": 0, **row}
+        self._limits[script.name] = script.max_concurrency
+        self._enqueue(full)
+        self.metrics.submitted.labels(script.name).inc()
+        log.info("task_submitted", task_id=task_id, script=script.name,
+                 submitted_by=submitted_by)
+        return dbm.task_json(full)
+
+    def _enqueue(self, row: dict[str, Any]) -> None:
+        self._pending[row["id"]] = row
+        heapq.heappush(self._heap, (-row["priority"], row["num"], row["id"]))
+        self.metrics.pending.set(len(self._pending))
+        self._wake.set()
+
+    async def cancel(self, task_id: str) -> dict[str, Any]:
+        """Cancel a pending or running task; Conflict if it already ended."""
+        active = self._active.get(task_id)
+        if active is not None:
+            self._request_stop(active, "cancel")
+            return dbm.task_json(active.row)
+        row = self._pending.pop(task_id, None)
+        if row is None:
+            stored = await self.db.get_task(task_id)
+            if stored is None:
+                raise NotFound(f"no task {task_id}")
+            raise Conflict(f"task {task_id} already ended ({stored['status']})",
+                           code="already_finished")
+        self.metrics.pending.set(len(self._pending))
+        await self._transition(row, S.CANCELLED, finished_at=time.time(), run_after=None)
+        self._finish(row)
+        return dbm.task_json(row)
+
+    def _request_stop(self, active: Active, reason: str) -> None:
+        if active.stop_reason is None:
+            active.stop_reason = reason
+        active.stop.set()
+
+    # Streams ---------------------------------------------------------------------------------
+
+    def active(self, task_id: str) -> Active | None:
+        """The running task's controls, if it is running."""
+        return self._active.get(task_id)
+
+    def _hub(self, task_id: str) -> TaskHub | None:
+        hub = self.hubs.get(task_id)
+        if hub is not None:
+            return hub
+        active = self._active.get(task_id)
+        row = active.row if active else self._pending.get(task_id)
+        if row is None:
+            return None
+        hub = TaskHub(dbm.task_json(row), memory_bytes=self.settings.replay_memory_bytes,
+                      next_seq=row["last_seq"] + 1,
+                      flush_archive=active.archive.flush if active else lambda: None)
+        self.hubs[task_id] = hub
+        return hub
+
+    async def require_task(self, task_id: str) -> None:
+        """NotFound unless the task exists."""
+        if task_id in self._pending or task_id in self._active:
+            return
+        if await self.db.get_task(task_id) is None:
+            raise NotFound(f"no task {task_id}")
+
+    async def subscribe(self, task_id: str, since: int) -> Subscription:
+        """Every frame after `since`, then live output and status, then the exit event."""
+        limit = self.settings.client_queue_bytes
+        hub = self._hub(task_id)
+        if hub is not None:
+            return hub.subscribe(since, self.settings.archive_dir, limit)
+        row = await self.db.get_task(task_id)
+        if row is None:
+            raise NotFound(f"no task {task_id}")
+        hub = self._hub(task_id)  # it may have been enqueued while we read
+        if hub is not None:
+            return hub.subscribe(since, self.settings.archive_dir, limit)
+        return replay_finished(row, dbm.task_json(row), since, self.settings.archive_dir, limit)
+
+    def flush_archive(self, task_id: str) -> None:
+        """Make what a running task wrote so far readable on disk."""
+        active = self._active.get(task_id)
+        if active is not None:
+            active.archive.flush()
+
+    # Dispatch --------------------------------------------------------------------------------
+
+    async def _dispatch_loop(self) -> None:
+        while True:
+            self._wake.clear()
+            delay = self._start_eligible()
+            if delay is None:
+                await self._wake.wait()
+            else:
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(delay):
+                        await self._wake.wait()
+
+    def _start_eligible(self) -> float | None:
+        """Start tasks while slots are free; the seconds until a deferred retry is due."""
+        skipped: list[tuple[int, int, str]] = []
+        next_due: float | None = None
+        now = time.time()
+        while self._heap and self.accepting and len(self._active) < self.settings.workers:
+            entry = heapq.heappop(self._heap)
+            row = self._pending.get(entry[2])
+            if row is None or row["status"] != S.PENDING:
+                continue  # cancelled, or a stale entry
+            limit = self._limits.get(row["script"])
+            if row["run_after"] and row["run_after"] > now:
+                due = row["run_after"] - now
+                next_due = due if next_due is None else min(next_due, due)
+                skipped.append(entry)
+            elif limit is not None and self._per_script[row["script"]] >= limit:
+                skipped.append(entry)
+            else:
+                del self._pending[entry[2]]
+                self._launch(row)
+        for entry in skipped:
+            heapq.heappush(self._heap, entry)
+        self.metrics.pending.set(len(self._pending))
+        return next_due
+
+    def _launch(self, row: dict[str, Any]) -> None:
+        archive = TaskArchive(self.settings.archive_dir, row["logs_path"],
+                              level=self.settings.gzip_level,
+                              segment_max_bytes=self.settings.segment_max_bytes)
+        active = self._active[row["id"]] = Active(row, archive)
+        self._per_script[row["script"]] += 1
+        hub = self.hubs.get(row["id"])
+        if hub is not None:
+            hub.flush_archive = archive.flush
+        self._own(self._run(active))
+
+    def _own(self, coro: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.create_task(coro)
+        self._runs.add(task)
+        task.add_done_callback(self._runs.discard)
+
+    # One attempt -----------------------------------------------------------------------------
+
+    async def _run(self, active: Active) -> None:
+        row = active.row
+        with structlog.contextvars.bound_contextvars(task_id=row["id"], attempt=row["attempt"]):
+            result: RunResult | None = None
+            error: str | None = None
+            started = time.time()
+            self.metrics.running.inc()
+            try:
+                await self._transition(row, S.RUNNING, started_at=row["started_at"] or started,
+                                       run_after=None, error=None, exit_code=None)
+                try:
+                    run = active.run = await self._start(active)
+                    await self.db.write([dbm.update_task(row["id"], {"pid": run.pid})])
+                    result = await run.wait(self._timeout(row), active.stop)
+                except SpawnError as exc:
+                    error = str(exc)
+                except Exception as exc:  # a bug of ours must not kill the worker
+                    log.exception("run_crashed")
+                    error = f"internal error: {exc}"
+            finally:
+                self.metrics.running.dec()
+                self.metrics.duration.labels(row["script"]).observe(time.time() - started)
+                await asyncio.shield(self._conclude(active, result, error))
+
+    async def _start(self, active: Active) -> Run:
+        row = active.row
+        if active.stop.is_set():
+            raise SpawnError("cancelled before it started")
+        try:
+            script = self.catalogue.resolve(row["script"])
+        except NotFound as exc:
+            raise SpawnError(f"script {row['script']!r} is no longer runnable: {exc.message}"
+                             ) from exc
+        hub = self._hub(row["id"])
+        assert hub is not None
+        archive = active.archive
+
+        def on_output(stream: str, data: bytes) -> None:
+            frame: Frame = hub.frame(stream, data, time.time())
+            archive.write(frame)
+            hub.publish(frame)
+            row["output_bytes"] += len(data)
+            row["last_seq"] = frame.seq
+            self.metrics.output_bytes.labels(stream).inc(len(data))
+
+        run = Run(self._spec(row, script), on_output, read_chunk=self.settings.read_chunk_bytes,
+                  kill_grace_s=self.settings.kill_grace_s,
+                  drain_grace_s=self.settings.drain_grace_s)
+        await run.start()
+        log.info("task_started", pid=run.pid, script=row["script"])
+        return run
+
+    def _spec(self, row: dict[str, Any], script: Script) -> RunSpec:
+        params: dict[str, Any] = json.loads(row["params"])
+        params.update(json.loads(row["secret_params"]))
+        env = {k: v for k, v in os.environ.items() if not k.startswith("RR_")}
+        env.update({f"RR_PARAM_{k.upper()}": param_value(v) for k, v in params.items()})
+        env.update(RR_TASK_ID=row["id"], RR_ATTEMPT=str(row["attempt"]))
+        if row["pty"]:
+            env["TERM"] = "xterm-256color"
+        cwd = self.catalogue.root
+        if script.cwd is not None:
+            cwd = script.cwd if script.cwd.is_absolute() else cwd / script.cwd
+        return RunSpec(
+            argv=[str(script.path), *(f"--{k}={param_value(v)}" for k, v in params.items())],
+            env=env, cwd=cwd, pty=bool(row["pty"]), interactive=bool(row["interactive"]),
+            stdin=row["stdin"].encode(),
+        )
+
+    def _timeout(self, row: dict[str, Any]) -> float | None:
+        if row["timeout"] is not None:
+            return float(row["timeout"])
+        with contextlib.suppress(NotFound):
+            script_timeout = self.catalogue.resolve(row["script"]).timeout_s
+            if script_timeout is not None:
+                return float(script_timeout)
+        return self.settings.default_timeout_s
+
+    async def _conclude(self, active: Active, result: RunResult | None, error: str | None
+                        ) -> None:
+        """Record how the attempt ended; schedule a retry or finish the task."""
+        row = active.row
+        now = time.time()
+        active.archive.close()
+        self._per_script[row["script"]] -= 1
+        status, exit_code = S.FAILED, None
+        if result is not None:
+            exit_code = result.exit_code
+            if result.stopped == "timeout":
+                status, error = S.TIMEOUT, f"killed after running past its timeout of " \
+                                           f"{self._timeout(row)} s"
+            elif active.stop_reason == "cancel":
+                status, error = S.CANCELLED, None
+            elif active.stop_reason == "shutdown":
+                error = "the server shut down during the run"
+            elif exit_code == 0:
+                status = S.SUCCESS
+        elif active.stop_reason == "cancel":
+            status = S.CANCELLED
+        extra = self._segment_statements(row, active.archive)
+        try:
+            if status in (S.FAILED, S.TIMEOUT) and row["attempt"] <= row["max_retries"]:
+                delay = self._backoff(row)
+                await self._transition(
+                    row, S.PENDING, extra=extra, attempt=row["attempt"] + 1, exit_code=exit_code,
+                    error=error, run_after=now + delay, pid=None,
+                    output_bytes=row["output_bytes"], last_seq=row["last_seq"])
+                self.metrics.retries.labels(row["script"]).inc()
+                del self._active[row["id"]]
+                self._enqueue(row)
+                return
+            await self._transition(row, status, extra=extra, exit_code=exit_code, error=error,
+                                   finished_at=now, pid=None, output_bytes=row["output_bytes"],
+                                   last_seq=row["last_seq"])
+        finally:
+            self._active.pop(row["id"], None)
+            self._wake.set()
+        self._finish(row)
+
+    def _backoff(self, row: dict[str, Any]) -> float:
+        base = self.settings.retry_base_s
+        with contextlib.suppress(NotFound):
+            base = float(self.catalogue.resolve(row["script"]).extra.get("retry_base_s", base))
+        delay = min(self.settings.retry_cap_s, base * 2 ** (row["attempt"] - 1))
+        return delay * random.uniform(0.5, 1.0)
+
+    def _finish(self, row: dict[str, Any]) -> None:
+        """Announce the end and forget the task: late clients replay it from the archive."""
+        self.metrics.finished.labels(row["script"], row["status"]).inc()
+        hub = self.hubs.pop(row["id"], None)
+        if hub is not None:
+            hub.publish(exit_event(row))
+        log.info("task_finished", task_id=row["id"], status=row["status"],
+                 exit_code=row["exit_code"], error=row["error"])
+
+    async def _transition(self, row: dict[str, Any], new: TaskStatus,
+                          extra: list[dbm.Statement] | None = None, **fields: Any) -> None:
+        """Check, persist, then announce a status change."""
+        old = S(row["status"])
+        check_transition(old, new)
+        fields["updated_at"] = time.time()
+        attempt = fields.get("attempt", row["attempt"])
+        statements = dbm.transition(row["id"], old, new, attempt, dict(fields),
+                                    detail=fields.get("error"))
+        await self.db.write([*(extra or []), *statements])
+        row.update(fields, status=str(new))
+        hub = self.hubs.get(row["id"])
+        if hub is not None:
+            hub.task = dbm.task_json(row)
+            body = {"status": str(new), "attempt": row["attempt"],
+                    "ts": dbm.rfc3339(fields["updated_at"])}
+            if new is not S.RUNNING:
+                body.update(exit_code=row["exit_code"], error=row["error"])
+            hub.publish(Event("status", body))
+
+    # Archive bookkeeping ---------------------------------------------------------------------
+
+    def _segment_statements(self, row: dict[str, Any], archive: TaskArchive
+                            ) -> list[dbm.Statement]:
+        return [dbm.upsert_segment(row["id"], seg) for seg in archive.take_dirty()]
+
+    async def _flush_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings.flush_interval_s)
+            try:
+                await self._flush_tick()
+            except Exception:
+                log.exception("flush_failed")
+
+    async def _flush_tick(self) -> None:
+        statements: list[dbm.Statement] = []
+        for active in self._active.values():
+            active.archive.flush()
+            row = active.row
+            statements += self._segment_statements(row, active.archive)
+            statements.append(dbm.update_task(row["id"], {"output_bytes": row["output_bytes"],
+                                                          "last_seq": row["last_seq"]}))
+            hub = self.hubs.get(row["id"])
+            if hub is not None:
+                hub.task.update(output_bytes=row["output_bytes"], last_seq=row["last_seq"])
+        if statements:
+            await self.db.write(statements)
+
+    # Recovery --------------------------------------------------------------------------------
+
+    async def _recover(self) -> None:
+        """Record runs a dead server left behind, and queue the pending tasks again."""
+        for row in await self.db.tasks_in(S.RUNNING):
+            await self._recover_running(row)
+        for row in await self.db.tasks_in(S.PENDING):
+            if row["id"] not in self._pending:
+                self._enqueue(row)
+        log.info("recovered", pending=len(self._pending))
+
+    async def _recover_running(self, row: dict[str, Any]) -> None:
+        _kill_orphans(row)
+        root = self.settings.archive_dir
+        last_seq, total = await asyncio.to_thread(_archive_totals, root, row["logs_path"])
+        row.update(last_seq=max(last_seq, row["last_seq"]), output_bytes=total)
+        error = f"the server stopped during attempt {row['attempt']}"
+        common = dict(pid=None, output_bytes=total, last_seq=row["last_seq"], error=error)
+        if row["attempt"] <= row["max_retries"]:
+            await self._transition(row, S.PENDING, attempt=row["attempt"] + 1,
+                                   run_after=time.time(), **common)
+            self._enqueue(row)
+        else:
+            await self._transition(row, S.FAILED, finished_at=time.time(), **common)
+            self.metrics.finished.labels(row["script"], row["status"]).inc()
+        log.warning("recovered_interrupted_run", task_id=row["id"], status=row["status"])
+
+
+def _archive_totals(root: Path, logs_path: str) -> tuple[int, int]:
+    last, total = 0, 0
+    for frame in read_frames(root, logs_path):
+        last, total = frame.seq, total + len(frame.data)
+    return last, total
+
+
+def _kill_orphans(row: dict[str, Any]) -> None:
+    """SIGKILL the process group a dead server's run left, if it is still that task's."""
+    pid = row.get("pid")
+    if not pid:
+        return
+    try:
+        with open(f"/proc/{pid}/environ", "rb") as fh:
+            environ = fh.read()
+    except OSError:
+        return
+    if f"RR_TASK_ID={row['id']}".encode() in environ.split(b"\0"):
+        with contextlib.suppress(OSError):
+            os.killpg(pid, signal.SIGKILL)
