@@ -21,10 +21,11 @@ METRICS = web.AppKey("metrics", Metrics)
 AUTH = web.AppKey("auth", Authenticator)
 SOCKETS = web.AppKey("sockets", weakref.WeakSet[web.StreamResponse])
 
-IDENTITY = "remoterun.identity"  # request key set by the auth middleware
+IDENTITY = web.RequestKey("identity", Identity | None)  # set by the auth middleware
 
 
 def identity(request: web.Request) -> Identity:
     """The caller, as the auth middleware established it."""
-    found: Identity = request[IDENTITY]
+    found = request[IDENTITY]
+    assert found is not None, "a public route asked for the caller"
     return found

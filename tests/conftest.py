@@ -1,0 +1,198 @@
+"""Shared fixtures: a real app on temporary paths, a real server process, and a poll helper."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+from aiohttp.test_utils import TestClient
+
+from remoterun.api.app import create_app
+from remoterun.config import Settings, Token
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+TEST_SCRIPTS = HERE / "scripts"
+
+TOKENS = (
+    Token("viewer-1", "viewer-token", "viewer"),
+    Token("ops", "operator-token", "operator"),
+    Token("hello-only", "hello-token", "operator", ("hello.sh",)),
+    Token("root", "admin-token", "admin"),
+)
+
+
+async def wait_for(condition: Callable[[], Any], timeout: float = 10.0,
+                   interval: float = 0.02, what: str = "condition") -> Any:
+    """Poll `condition` (sync or async) until it returns something truthy, or fail."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if asyncio.iscoroutine(value):
+            value = await value
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        await asyncio.sleep(interval)
+
+
+def make_settings(tmp_path: Path, **changes: Any) -> Settings:
+    """Settings on a private copy of tests/scripts, archive and database under tmp_path."""
+    scripts = tmp_path / "scripts"
+    if not scripts.exists():
+        shutil.copytree(TEST_SCRIPTS, scripts, symlinks=True)
+    base = Settings(
+        host="127.0.0.1", port=0, scripts_dir=scripts, archive_dir=tmp_path / "archive",
+        db_path=tmp_path / "rr.db", workers=4, kill_grace_s=1.0, shutdown_grace_s=2.0,
+        drain_grace_s=0.3, flush_interval_s=0.2, retry_base_s=0.05, retry_cap_s=0.2,
+        heartbeat_s=5.0,
+    )
+    return dataclasses.replace(base, **changes)
+
+
+@pytest.fixture
+def settings(tmp_path: Path) -> Settings:
+    """Default test settings (auth off)."""
+    return make_settings(tmp_path)
+
+
+ClientFactory = Callable[..., Awaitable[TestClient]]
+
+
+@pytest.fixture
+async def make_client(aiohttp_client: Any, tmp_path: Path) -> ClientFactory:
+    """Build a test client of the real app with settings changed as asked."""
+
+    async def factory(**changes: Any) -> TestClient:
+        return await aiohttp_client(create_app(make_settings(tmp_path, **changes)))  # type: ignore[no-any-return]
+
+    return factory
+
+
+@pytest.fixture
+async def client(make_client: ClientFactory) -> TestClient:
+    """A client of the real app with default test settings."""
+    return await make_client()
+
+
+async def submit(client: TestClient, script: str, **fields: Any) -> dict[str, Any]:
+    """POST /tasks and return the created task (asserts 201)."""
+    headers = fields.pop("headers", None)
+    response = await client.post("/tasks", json={"script": script, **fields}, headers=headers)
+    body = await response.json()
+    assert response.status == 201, body
+    return body  # type: ignore[no-any-return]
+
+
+async def wait_final(client: TestClient, task_id: str, timeout: float = 15.0,
+                     headers: dict[str, str] | None = None) -> dict[str, Any]:
+    """Poll GET /tasks/{id} until the task is in a final state."""
+
+    async def final() -> dict[str, Any] | None:
+        response = await client.get(f"/tasks/{task_id}", headers=headers)
+        task = await response.json()
+        done = task["status"] in ("success", "failed", "timeout", "cancelled")
+        return task if done else None
+
+    return await wait_for(final, timeout, what=f"task {task_id} to finish")  # type: ignore[no-any-return]
+
+
+async def ws_collect(ws: aiohttp.ClientWebSocketResponse, timeout: float = 15.0
+                     ) -> list[dict[str, Any]]:
+    """Every JSON frame until the server closes the socket."""
+    frames = []
+    async with asyncio.timeout(timeout):
+        async for msg in ws:
+            if msg.type == aiohttp.WSMsgType.TEXT:
+                frames.append(json.loads(msg.data))
+    return frames
+
+
+def output_of(frames: list[dict[str, Any]], stream: str | None = None) -> str:
+    """The concatenated data of output frames (of one stream, if given)."""
+    return "".join(f["data"] for f in frames
+                   if f["type"] == "output" and (stream is None or f["stream"] == stream))
+
+
+def free_port() -> int:
+    """A TCP port free on loopback right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class ServerProcess:
+    """`python -m remoterun serve` as a real child process, on a free port."""
+
+    def __init__(self, tmp_path: Path, config_text: str = ""):
+        self.tmp_path = tmp_path
+        make_settings(tmp_path)  # copies the test scripts
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.config = tmp_path / "config.toml"
+        self.config.write_text(
+            "[paths]\nscripts = \"scripts\"\narchive = \"archive\"\ndb = \"rr.db\"\n"
+            "[engine]\nkill_grace_s = 1.0\n[archive]\nflush_interval_s = 0.2\n"
+            "[server]\nshutdown_grace_s = 2.0\n" + config_text)
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.log = tmp_path / "server.log"
+
+    def start(self) -> None:
+        """Start the server and wait until /healthz answers."""
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        with self.log.open("ab") as log:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "remoterun", "serve", "--config", str(self.config),
+                 "--port", str(self.port)], cwd=self.tmp_path, env=env,
+                stdout=log, stderr=log)
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise AssertionError(f"server exited: {self.log.read_text()}")
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=0.2):
+                    return
+            except OSError:
+                time.sleep(0.05)
+        raise AssertionError("server did not start")
+
+    def kill(self, sig: int = signal.SIGKILL) -> int:
+        """Send a signal and wait for the process to end; its exit code."""
+        assert self.proc is not None
+        self.proc.send_signal(sig)
+        return self.proc.wait(timeout=30)
+
+    def stop(self) -> None:
+        """Make sure the process is gone."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+
+@pytest.fixture
+def server(tmp_path: Path) -> Iterator[ServerProcess]:
+    """A server process (not started: call .start())."""
+    proc = ServerProcess(tmp_path)
+    yield proc
+    proc.stop()
+
+
+@pytest.fixture
+async def http() -> AsyncIterator[aiohttp.ClientSession]:
+    """A plain aiohttp client session."""
+    async with aiohttp.ClientSession() as session:
+        yield session

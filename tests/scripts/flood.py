@@ -1,0 +1,12 @@
+#!/usr/bin/env python3
+"""Writes RR_PARAM_BYTES bytes of numbered text to stdout as fast as it can."""
+import os, sys
+total = int(os.environ.get("RR_PARAM_BYTES", "1000000"))
+out = sys.stdout.buffer
+written, i = 0, 0
+while written < total:
+    line = f"{i:09d} the quick brown fox jumps over the lazy dog\n".encode()[: total - written]
+    out.write(line)
+    written += len(line)
+    i += 1
+out.flush()
