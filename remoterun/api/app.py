@@ -63,9 +63,9 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
     except errors.RemoteRunError as exc:
         status = STATUS.get(type(exc), 400)
         return web.json_response(exc.to_json(), status=status)
-    except web.HTTPRequestEntityTooLarge as exc:
-        return error_response(413, "too_large", f"the body is over the limit of "
-                              f"{exc.max_size} bytes")
+    except web.HTTPRequestEntityTooLarge:
+        limit = request.app[SETTINGS].max_body_bytes
+        return error_response(413, "too_large", f"the body is over the limit of {limit} bytes")
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
