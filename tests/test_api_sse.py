@@ -1,0 +1,61 @@
+"""Server-Sent Events: the task, output with ids, status, exit; resume with Last-Event-ID."""
+
+from __future__ import annotations
+
+import json
+
+from conftest import submit, wait_final
+
+
+async def read_events(response):
+    """Parse an SSE body into (id, event, data) tuples until the stream ends."""
+    events, fields = [], {}
+    async for raw in response.content:
+        line = raw.decode().rstrip("\n")
+        if not line:
+            if "event" in fields:
+                events.append((fields.get("id"), fields["event"], json.loads(fields["data"])))
+            fields = {}
+        elif not line.startswith(":"):
+            key, _, value = line.partition(": ")
+            fields[key] = value
+    return events
+
+
+async def test_sse_live_stream(client):
+    """A live SSE client gets task, every output event with its id, status and exit."""
+    task = await submit(client, "lines.py", params={"n": 20, "delay": 0.01, "both": True})
+    response = await client.get(f"/tasks/{task['id']}/logs")
+    assert response.headers["Content-Type"].startswith("text/event-stream")
+    events = await read_events(response)
+    assert events[0][1] == "task" and events[0][2]["id"] == task["id"]
+    outputs = [e for e in events if e[1] == "output"]
+    assert [int(e[0]) for e in outputs] == [e[2]["seq"] for e in outputs]
+    assert [e[2]["seq"] for e in outputs] == list(range(1, len(outputs) + 1))
+    text = "".join(e[2]["data"] for e in outputs)
+    assert sorted(text.splitlines(), key=lambda s: int(s.split()[1])) == \
+        [f"line {i}" for i in range(1, 21)]
+    assert events[-1][1] == "exit" and events[-1][2]["status"] == "success"
+    assert "running" in [e[2]["status"] for e in events if e[1] == "status"]
+
+
+async def test_sse_resume_last_event_id_wins(client):
+    """Last-Event-ID resumes after that seq, and wins over ?since=."""
+    task = await submit(client, "lines.py", params={"n": 10, "delay": 0.02})
+    await wait_final(client, task["id"])
+    full = await read_events(await client.get(f"/tasks/{task['id']}/logs"))
+    seqs = [e[2]["seq"] for e in full if e[1] == "output"]
+    assert len(seqs) >= 5
+    resumed = await read_events(await client.get(
+        f"/tasks/{task['id']}/logs?since=1", headers={"Last-Event-ID": str(seqs[2])}))
+    assert [e[2]["seq"] for e in resumed if e[1] == "output"] == seqs[3:]
+    by_query = await read_events(await client.get(f"/tasks/{task['id']}/logs?since=1"))
+    assert [e[2]["seq"] for e in by_query if e[1] == "output"] == seqs[1:]
+    assert resumed[-1][1] == "exit"
+
+
+async def test_sse_bad_since(client):
+    """A malformed since is a 400 JSON error."""
+    task = await submit(client, "hello.sh")
+    response = await client.get(f"/tasks/{task['id']}/logs?since=abc")
+    assert response.status == 400 and (await response.json())["error"] == "invalid_request"
