@@ -1,0 +1,95 @@
+"""The engine: priority and FIFO, per-script limits, retries with backoff, seq across attempts."""
+
+from __future__ import annotations
+
+from conftest import output_of, submit, wait_final, wait_for, ws_collect
+
+
+async def _running(client, task_id):
+    return (await (await client.get(f"/tasks/{task_id}")).json())["status"] == "running"
+
+
+async def test_priority_then_fifo(make_client):
+    """With the pool full, the highest priority starts first, ties in submission order."""
+    client = await make_client(workers=1)
+    blocker = await submit(client, "sleep.sh")
+    await wait_for(lambda: _running(client, blocker["id"]), what="blocker running")
+    a = await submit(client, "hello.sh")
+    b = await submit(client, "hello.sh")
+    c = await submit(client, "hello.sh", priority=5)
+    d = await submit(client, "hello.sh", priority=1)
+    e = await submit(client, "hello.sh", priority=5)
+    await client.post(f"/tasks/{blocker['id']}/cancel")
+    done = [await wait_final(client, t["id"]) for t in (a, b, c, d, e)]
+    order = [t["id"] for t in sorted(done, key=lambda t: t["started_at"])]
+    assert order == [c["id"], e["id"], d["id"], a["id"], b["id"]]
+
+
+async def test_per_script_limit_does_not_block_others(make_client):
+    """A script at its max_concurrency waits; other scripts' tasks still run."""
+    client = await make_client(workers=4, scripts={"sleep.sh": {"max_concurrency": 1}})
+    first = await submit(client, "sleep.sh")
+    second = await submit(client, "sleep.sh")
+    other = await submit(client, "hello.sh")
+    assert (await wait_final(client, other["id"]))["status"] == "success"
+    await wait_for(lambda: _running(client, first["id"]), what="first running")
+    assert (await (await client.get(f"/tasks/{second['id']}")).json())["status"] == "pending"
+    await client.post(f"/tasks/{first['id']}/cancel")
+    await wait_for(lambda: _running(client, second["id"]), what="second running")
+    await client.post(f"/tasks/{second['id']}/cancel")
+    await wait_final(client, second["id"])
+
+
+async def test_retries_keep_seq_and_mark_attempts(client):
+    """A failing task is retried max_retries times; attempts show in status frames, seq goes on."""
+    ws = await client.ws_connect("/ws")
+    await ws.send_json({"type": "submit", "script": "exit.sh", "params": {"code": 2},
+                        "max_retries": 2})
+    frames = await ws_collect(ws)
+    statuses = [(f["status"], f["attempt"]) for f in frames if f["type"] == "status"]
+    assert statuses == [("running", 1), ("pending", 2), ("running", 2), ("pending", 3),
+                        ("running", 3), ("failed", 3)]
+    seqs = [f["seq"] for f in frames if f["type"] == "output"]
+    assert seqs == [1, 2, 3]
+    assert output_of(frames) == "exiting with 2\n" * 3
+    task = await (await client.get(f"/tasks/{frames[0]['task']['id']}")).json()
+    assert (task["status"], task["attempt"], task["exit_code"]) == ("failed", 3, 2)
+    replay = await ws_collect(await client.ws_connect(f"/tasks/{task['id']}/ws"))
+    assert [f["seq"] for f in replay if f["type"] == "output"] == [1, 2, 3]
+
+
+async def test_retry_backoff_waits_with_run_after(make_client):
+    """Between attempts the task is pending with a run_after in the future (base 0.3 s)."""
+    client = await make_client(retry_base_s=0.3, retry_cap_s=5.0)
+    task = await submit(client, "exit.sh", params={"code": 1}, max_retries=1)
+
+    async def retrying():
+        t = await (await client.get(f"/tasks/{task['id']}")).json()
+        return t if t["attempt"] == 2 else None
+
+    pending = await wait_for(retrying, what="retry scheduled")
+    if pending["status"] == "pending":
+        assert pending["run_after"] > pending["updated_at"]
+    done = await wait_final(client, task["id"])
+    assert done["attempt"] == 2 and done["status"] == "failed"
+    gap = _seconds(done["finished_at"]) - _seconds(done["started_at"])
+    assert gap >= 0.15  # at least half the base (jitter is 0.5..1.0 of it)
+
+
+def _seconds(stamp):
+    from datetime import datetime
+    return datetime.fromisoformat(stamp.replace("Z", "+00:00")).timestamp()
+
+
+async def test_timeout_is_retried_too(client):
+    """A timed-out attempt is retried while attempts remain, and ends `timeout`."""
+    task = await submit(client, "sleep.sh", timeout=0.3, max_retries=1)
+    done = await wait_final(client, task["id"])
+    assert (done["status"], done["attempt"]) == ("timeout", 2)
+
+
+async def test_script_timeout_from_metadata(make_client):
+    """A script's metadata timeout applies when the request sets none."""
+    client = await make_client(scripts={"sleep.sh": {"timeout_s": 0.3}})
+    task = await submit(client, "sleep.sh")
+    assert (await wait_final(client, task["id"]))["status"] == "timeout"
