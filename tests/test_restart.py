@@ -1,0 +1,117 @@
+"""A real server process killed with SIGKILL, or stopped with SIGTERM, then started again."""
+
+from __future__ import annotations
+
+import os
+import signal
+from pathlib import Path
+
+from conftest import ServerProcess, wait_for
+
+
+def tasks_with_env(task_id: str) -> list[int]:
+    """Pids of live (non-zombie) processes whose environment names this task."""
+    found = []
+    needle = f"RR_TASK_ID={task_id}".encode()
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            if needle in (entry / "environ").read_bytes().split(b"\0"):
+                state = (entry / "stat").read_text().rsplit(")", 1)[1].split()[0]
+                if state != "Z":
+                    found.append(int(entry.name))
+        except OSError:
+            continue
+    return found
+
+
+async def _get(http, server, path):
+    async with http.get(server.url + path) as response:
+        return await response.json()
+
+
+async def _post(http, server, path, body=None):
+    async with http.post(server.url + path, json=body) as response:
+        assert response.status in (200, 201), await response.text()
+        return await response.json()
+
+
+async def _text(http, server, path):
+    async with http.get(server.url + path) as response:
+        return await response.text()
+
+
+async def test_sigkill_then_restart_recovers_truthfully(tmp_path, http):
+    """After SIGKILL: cut-off runs are recorded honestly, retried where allowed, output kept,
+    orphans killed, and pending tasks run."""
+    server = ServerProcess(tmp_path)
+    server.config.write_text(server.config.read_text().replace(
+        "[engine]\n", "[engine]\nworkers = 2\n"))
+    server.start()
+    try:
+        a = await _post(http, server, "/tasks", {"script": "lines.py",
+                                                 "params": {"n": 5000, "delay": 0.005}})
+        b = await _post(http, server, "/tasks", {"script": "sleep.sh", "max_retries": 1})
+        c = await _post(http, server, "/tasks", {"script": "hello.sh"})
+
+        async def enough_output():
+            text = await _text(http, server, f"/tasks/{a['id']}/output")
+            return text if text.count("\n") >= 40 else None
+
+        before = await wait_for(enough_output, what="a's output")
+        await wait_for(lambda: tasks_with_env(b["id"]), what="b's processes")
+        assert (await _get(http, server, f"/tasks/{c['id']}"))["status"] == "pending"
+        server.kill(signal.SIGKILL)
+        orphans = tasks_with_env(a["id"]) + tasks_with_env(b["id"])
+        assert orphans, "the scripts outlive a SIGKILLed server until it restarts"
+
+        server.start()
+        await wait_for(lambda: not tasks_with_env(a["id"]), what="a's orphans killed")
+        task_a = await _get(http, server, f"/tasks/{a['id']}")
+        assert task_a["status"] == "failed" and "server stopped" in task_a["error"]
+        after = await _text(http, server, f"/tasks/{a['id']}/output")
+        assert after.startswith(before)
+        lines = after.splitlines()
+        assert lines == [f"line {i}" for i in range(1, len(lines) + 1)]
+        assert task_a["output_bytes"] == len(after.encode())
+
+        async def b_retried():
+            t = await _get(http, server, f"/tasks/{b['id']}")
+            return t if t["attempt"] == 2 and t["status"] == "running" else None
+
+        await wait_for(b_retried, what="b retried")
+        await wait_for(lambda: _final(http, server, c["id"]), what="c ran")
+        assert (await _get(http, server, f"/tasks/{c['id']}"))["status"] == "success"
+        await _post(http, server, f"/tasks/{b['id']}/cancel")
+        await wait_for(lambda: _final(http, server, b["id"]), what="b cancelled")
+        await wait_for(lambda: not tasks_with_env(b["id"]), what="b's processes gone")
+    finally:
+        server.stop()
+
+
+async def _final(http, server, task_id):
+    status = (await _get(http, server, f"/tasks/{task_id}"))["status"]
+    return status in ("success", "failed", "timeout", "cancelled")
+
+
+async def test_sigterm_drains_then_exits_zero(tmp_path, http):
+    """SIGTERM: running tasks get the grace period, the rest are stopped and recorded, exit 0."""
+    server = ServerProcess(tmp_path)
+    server.start()
+    try:
+        quick = await _post(http, server, "/tasks", {"script": "lines.py",
+                                                     "params": {"n": 10, "delay": 0.1}})
+        stuck = await _post(http, server, "/tasks", {"script": "sleep.sh"})
+        await wait_for(lambda: tasks_with_env(stuck["id"]), what="stuck running")
+        await wait_for(lambda: tasks_with_env(quick["id"]), what="quick running")
+        assert server.kill(signal.SIGTERM) == 0
+        assert not tasks_with_env(stuck["id"])
+        server.start()
+        done = await _get(http, server, f"/tasks/{quick['id']}")
+        assert done["status"] == "success"
+        stopped = await _get(http, server, f"/tasks/{stuck['id']}")
+        assert stopped["status"] == "failed" and "shut down" in stopped["error"]
+    finally:
+        server.stop()
+    assert os.path.exists(server.log)
