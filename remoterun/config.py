@@ -48,6 +48,7 @@ class Settings:
     client_queue_bytes: int = 8 * 1024 * 1024
     replay_memory_bytes: int = 1024 * 1024
     read_chunk_bytes: int = 65536
+    coalesce_ms: float = 4.0
     segment_max_bytes: int = 64 * 1024 * 1024
     flush_interval_s: float = 1.0
     gzip_level: int = 1
@@ -82,6 +83,7 @@ _KEYS: dict[tuple[str, str], str] = {
     ("stream", "client_queue_bytes"): "client_queue_bytes",
     ("stream", "replay_memory_bytes"): "replay_memory_bytes",
     ("stream", "read_chunk_bytes"): "read_chunk_bytes",
+    ("stream", "coalesce_ms"): "coalesce_ms",
     ("archive", "segment_max_bytes"): "segment_max_bytes",
     ("archive", "flush_interval_s"): "flush_interval_s",
     ("archive", "gzip_level"): "gzip_level",
@@ -106,7 +108,8 @@ def _coerce(key: str, name: str, value: Any) -> Any:
         raise ConfigError(f"{key}: expected a number, got {value!r}")
     if kind == "int" and not isinstance(value, int):
         raise ConfigError(f"{key}: expected an integer, got {value!r}")
-    if value < 0 or (value == 0 and name not in ("drain_grace_s", "kill_grace_s", "port")):
+    if value < 0 or (value == 0 and name not in ("drain_grace_s", "kill_grace_s", "port",
+                                                  "coalesce_ms")):
         raise ConfigError(f"{key}: must be positive, got {value!r}")
     if name == "gzip_level" and not 1 <= value <= 9:
         raise ConfigError(f"{key}: must be 1..9, got {value!r}")

@@ -1,9 +1,13 @@
 """One child process: spawned from argv in its own process group, over pipes or a PTY.
 
 Output is read with `loop.add_reader` straight from the file descriptors (no threads, no
-StreamReader copies) and handed to a callback in read-sized chunks cut at UTF-8 character
-boundaries, so each chunk decodes on its own. When the main process exits, whatever is left
-in its process group is killed and the pipes are drained for at most `drain_grace_s`.
+StreamReader copies), cut at UTF-8 character boundaries so each chunk decodes on its own, and
+coalesced: a read that arrives after a quiet spell of `coalesce_s` is handed on at once (a lone
+line costs no added latency), while reads that follow each other closely are gathered for up
+to `coalesce_s` or `frame_bytes`, so a script printing many short lines costs a few frames, not
+one per line. Both streams share one buffer in arrival order, so stdout/stderr interleaving is
+kept. When the main process exits, whatever is left in its process group is killed and the
+pipes are drained for at most `drain_grace_s`.
 """
 
 from __future__ import annotations
@@ -136,10 +140,16 @@ class Run:
     """A started child process and its streams."""
 
     def __init__(self, spec: RunSpec, on_output: OnOutput, *, read_chunk: int = 65536,
-                 kill_grace_s: float = 5.0, drain_grace_s: float = 0.5):
+                 kill_grace_s: float = 5.0, drain_grace_s: float = 0.5,
+                 coalesce_s: float = 0.004):
         self.spec = spec
         self.on_output = on_output
         self.read_chunk = read_chunk
+        self.coalesce_s = coalesce_s
+        self._held: list[tuple[str, bytearray]] = []  # output read but not yet handed on
+        self._held_bytes = 0
+        self._timer: asyncio.TimerHandle | None = None
+        self._last_flush = 0.0
         self.kill_grace_s = kill_grace_s
         self.drain_grace_s = drain_grace_s
         self.proc: asyncio.subprocess.Process | None = None
@@ -212,7 +222,31 @@ class Run:
             return
         chunk, reader.tail = split_utf8(reader.tail + data)
         if chunk:
-            self.on_output(reader.stream, chunk)
+            self._hold(reader.stream, chunk)
+
+    def _hold(self, stream: str, data: bytes) -> None:
+        if self._held and self._held[-1][0] == stream:
+            self._held[-1][1].extend(data)
+        else:
+            self._held.append((stream, bytearray(data)))
+        self._held_bytes += len(data)
+        if self._timer is not None and self._held_bytes < self.read_chunk:
+            return
+        loop = asyncio.get_running_loop()
+        quiet = loop.time() - self._last_flush >= self.coalesce_s
+        if quiet or self._held_bytes >= self.read_chunk:
+            self._flush_held()
+        else:
+            self._timer = loop.call_later(self.coalesce_s, self._flush_held)
+
+    def _flush_held(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        held, self._held, self._held_bytes = self._held, [], 0
+        self._last_flush = asyncio.get_running_loop().time()
+        for stream, data in held:
+            self.on_output(stream, bytes(data))
 
     def _finish(self, reader: _Reader) -> None:
         if reader.eof:
@@ -220,8 +254,9 @@ class Run:
         reader.eof = True
         asyncio.get_running_loop().remove_reader(reader.fd)
         if reader.tail:
-            self.on_output(reader.stream, reader.tail)
+            self._hold(reader.stream, reader.tail)
             reader.tail = b""
+        self._flush_held()
         reader.done.set()
 
     # Control ---------------------------------------------------------------------------------

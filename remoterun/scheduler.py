@@ -319,7 +319,8 @@ class Scheduler:
 
         run = Run(self._spec(row, script), on_output, read_chunk=self.settings.read_chunk_bytes,
                   kill_grace_s=self.settings.kill_grace_s,
-                  drain_grace_s=self.settings.drain_grace_s)
+                  drain_grace_s=self.settings.drain_grace_s,
+                  coalesce_s=self.settings.coalesce_ms / 1000)
         await run.start()
         log.info("task_started", pid=run.pid, script=row["script"])
         return run
