@@ -1,0 +1,161 @@
+"""One child process: UTF-8 cuts, coalescing, ordering, PTY size/keys/signals, tree kill."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+
+from hypothesis import given
+from hypothesis import strategies as st
+
+from conftest import TEST_SCRIPTS, wait_for
+from remoterun.runner import Run, RunSpec, SpawnError, split_utf8
+
+
+@given(st.text(), st.integers(min_value=0, max_value=400))
+def test_split_utf8_never_breaks_a_character(text, cut):
+    """Whatever the cut, the kept part decodes alone and kept + tail is the original."""
+    data = text.encode()
+    head, tail = split_utf8(data[:cut])
+    head.decode("utf-8")  # raises if a character was broken
+    assert head + tail == data[:cut] and len(tail) <= 3
+
+
+@given(st.binary(max_size=64))
+def test_split_utf8_on_arbitrary_bytes(data):
+    """Arbitrary bytes: nothing is lost, and the tail is a possible character start."""
+    head, tail = split_utf8(data)
+    assert head + tail == data and len(tail) <= 3
+
+
+class Collect:
+    """An on_output callback that records (stream, bytes) chunks."""
+
+    def __init__(self) -> None:
+        self.chunks: list[tuple[str, bytes]] = []
+
+    def __call__(self, stream: str, data: bytes) -> None:
+        self.chunks.append((stream, data))
+
+    def text(self, stream: str | None = None) -> str:
+        return b"".join(d for s, d in self.chunks if stream in (None, s)).decode()
+
+
+def spec(*argv: str, **kw) -> RunSpec:
+    env = {**os.environ, **kw.pop("env", {})}
+    return RunSpec(argv=list(argv), env=env, cwd=TEST_SCRIPTS, **kw)
+
+
+async def run_to_end(run: Run, timeout: float | None = 10) -> int:
+    await run.start()
+    result = await run.wait(timeout, asyncio.Event())
+    return result.exit_code
+
+
+async def test_many_short_lines_are_coalesced():
+    """Thousands of short lines printed fast arrive in far fewer chunks, in order, complete."""
+    out = Collect()
+    run = Run(spec(str(TEST_SCRIPTS / "lines.py"), env={"RR_PARAM_N": "5000"}), out)
+    assert await run_to_end(run) == 0
+    assert out.text() == "".join(f"line {i}\n" for i in range(1, 5001))
+    assert len(out.chunks) < 500
+
+
+async def test_interleaving_is_kept():
+    """Slowly alternating stdout/stderr lines keep their written order."""
+    out = Collect()
+    run = Run(spec(str(TEST_SCRIPTS / "lines.py"),
+                   env={"RR_PARAM_N": "20", "RR_PARAM_BOTH": "true", "RR_PARAM_DELAY": "0.01"}),
+              out)
+    assert await run_to_end(run) == 0
+    order = [(s, line) for s, d in out.chunks for line in d.decode().splitlines()]
+    assert [line for _, line in order] == [f"line {i}" for i in range(1, 21)]
+    assert [s for s, _ in order] == ["stdout", "stderr"] * 10
+
+
+async def test_lone_line_is_not_delayed():
+    """A line printed after a quiet spell is handed on at once, not after the coalescing window."""
+    seen: list[tuple[float, bytes]] = []
+    code = ("import sys, time; time.sleep(0.2); sys.stdout.write(f'{time.time()}\\n');"
+            " sys.stdout.flush(); time.sleep(0.1)")
+    run = Run(spec(sys.executable, "-c", code), lambda s, d: seen.append((time.time(), d)),
+              coalesce_s=0.1)
+    assert await run_to_end(run) == 0
+    assert len(seen) == 1, seen
+    arrived, data = seen[0]
+    assert arrived - float(data) < 0.05  # well under the 0.1 s window
+
+
+async def test_exit_kills_the_rest_of_the_group():
+    """When the main process exits, children left in its group are killed."""
+    out = Collect()
+    run = Run(spec("/bin/sh", "-c", "sleep 1000 & echo $!"), out)
+    assert await run_to_end(run) == 0
+    pid = int(out.text().strip())
+    await wait_for(lambda: not _alive(pid), 5, what="orphan killed")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except FileNotFoundError:
+        return False
+    return state != "Z"
+
+
+async def test_stop_sends_term_then_kill():
+    """A process that ignores SIGTERM is SIGKILLed after the grace period."""
+    out = Collect()
+    run = Run(spec("/bin/sh", "-c", "trap '' TERM; echo ready; sleep 1000"), out,
+              kill_grace_s=0.2)
+    await run.start()
+    stop = asyncio.Event()
+    waiting = asyncio.create_task(run.wait(None, stop))
+    await wait_for(lambda: "ready" in out.text(), what="ready")
+    stop.set()
+    result = await waiting
+    assert result.stopped == "stopped" and result.exit_code == -signal.SIGKILL
+
+
+async def test_spawn_errors_are_clear():
+    """A missing file or one without #! raises SpawnError with a readable reason."""
+    for argv, words in (([str(TEST_SCRIPTS / "missing.sh")], "not found"),
+                        ([str(TEST_SCRIPTS / "noshebang.sh")], "exec format error"),
+                        ([str(TEST_SCRIPTS / "notexec.sh")], "permission denied")):
+        run = Run(spec(*argv), Collect())
+        try:
+            await run.start()
+        except SpawnError as exc:
+            assert words in str(exc)
+        else:
+            raise AssertionError(f"{argv} started")
+
+
+async def test_pty_size_keys_and_ctrl_c():
+    """A PTY run: stty sees the size, resize sends SIGWINCH, typed keys arrive, ^C interrupts."""
+    out = Collect()
+    run = Run(spec(str(TEST_SCRIPTS / "stty.sh"), pty=True, interactive=True, cols=100,
+                   rows=30), out)
+    await run.start()
+    waiting = asyncio.create_task(run.wait(10, asyncio.Event()))
+    await wait_for(lambda: "size 30 100" in out.text(), what="initial size")
+    run.resize(120, 40)
+    run.write(b"hello\r")  # bash runs the WINCH trap once `read` returns
+    await wait_for(lambda: "typed: hello size 40 120" in out.text(), what="typed line")
+    await wait_for(lambda: "winch 40 120" in out.text(), what="SIGWINCH")
+    assert all(stream == "pty" for stream, _ in out.chunks)
+    run.write(b"\x03")
+    result = await waiting
+    assert result.exit_code == -signal.SIGINT or result.exit_code == 130
+
+
+async def test_pty_passes_colours_through():
+    """ANSI escape sequences come out of a PTY unchanged."""
+    out = Collect()
+    run = Run(spec("/bin/sh", "-c", r"printf '\033[31mred\033[0m\n'", pty=True), out)
+    assert await run_to_end(run) == 0
+    assert "\x1b[31mred\x1b[0m\r\n" in out.text()
