@@ -7,6 +7,7 @@ import asyncio
 import ipaddress
 import json
 import os
+import signal
 import sys
 from pathlib import Path
 from typing import Any
@@ -32,8 +33,6 @@ def _is_loopback(host: str) -> bool:
 
 def serve(args: argparse.Namespace) -> int:
     """Run the server until SIGTERM/SIGINT."""
-    from aiohttp import web
-
     from remoterun.api.app import create_app
 
     logs.configure()
@@ -59,10 +58,35 @@ def serve(args: argparse.Namespace) -> int:
     log.info("server_starting", host=settings.host, port=settings.port,
              scripts=str(settings.scripts_dir), archive=str(settings.archive_dir),
              db=str(settings.db_path), workers=settings.workers)
-    web.run_app(create_app(settings), host=settings.host, port=settings.port, print=None,
-                access_log=None, shutdown_timeout=settings.shutdown_grace_s + 5)
+    asyncio.run(_run_server(create_app(settings), settings))
     log.info("server_stopped")
     return 0
+
+
+async def _run_server(app: Any, settings: config.Settings) -> None:
+    """Serve until SIGTERM/SIGINT, drain with the port still open (new submissions get 503),
+    then close; a second signal during the drain kills the running tasks at once."""
+    from aiohttp import web
+
+    from remoterun.api import SCHEDULER
+
+    runner = web.AppRunner(app, access_log=None, shutdown_timeout=5.0)
+    await runner.setup()
+    await web.TCPSite(runner, settings.host, settings.port).start()
+    log.info("server_ready", url=f"http://{settings.host}:{settings.port}/")
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    await stop.wait()
+    log.info("shutdown_requested", grace_s=settings.shutdown_grace_s)
+    scheduler = app[SCHEDULER]
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, scheduler.force_stop)
+    try:
+        await scheduler.drain(settings.shutdown_grace_s)
+    finally:
+        await runner.cleanup()
 
 
 # Client --------------------------------------------------------------------------------------

@@ -43,6 +43,7 @@ class Settings:
     max_retries_limit: int = 20
     retry_base_s: float = 1.0
     retry_cap_s: float = 300.0
+    aging_s: float = 60.0
     max_body_bytes: int = 1024 * 1024
     max_ws_message_bytes: int = 1024 * 1024
     client_queue_bytes: int = 8 * 1024 * 1024
@@ -50,8 +51,13 @@ class Settings:
     read_chunk_bytes: int = 65536
     coalesce_ms: float = 4.0
     segment_max_bytes: int = 64 * 1024 * 1024
+    segment_max_age_s: float = 3600.0  # 0: rotate by size only
     flush_interval_s: float = 1.0
     gzip_level: int = 1
+    max_output_bytes: int = 0  # per task; 0: no cap
+    retention_max_age_days: float = 0.0  # 0: keep forever
+    retention_max_total_bytes: int = 0  # 0: no limit
+    retention_interval_s: float = 300.0
     heartbeat_s: float = 20.0
     tokens: tuple[Token, ...] = ()
     scripts: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
@@ -80,6 +86,7 @@ _KEYS: dict[tuple[str, str], str] = {
     ("engine", "max_retries_limit"): "max_retries_limit",
     ("engine", "retry_base_s"): "retry_base_s",
     ("engine", "retry_cap_s"): "retry_cap_s",
+    ("engine", "aging_s"): "aging_s",
     ("stream", "client_queue_bytes"): "client_queue_bytes",
     ("stream", "replay_memory_bytes"): "replay_memory_bytes",
     ("stream", "read_chunk_bytes"): "read_chunk_bytes",
@@ -87,9 +94,17 @@ _KEYS: dict[tuple[str, str], str] = {
     ("archive", "segment_max_bytes"): "segment_max_bytes",
     ("archive", "flush_interval_s"): "flush_interval_s",
     ("archive", "gzip_level"): "gzip_level",
+    ("archive", "segment_max_age_s"): "segment_max_age_s",
+    ("archive", "max_output_bytes"): "max_output_bytes",
+    ("retention", "max_age_days"): "retention_max_age_days",
+    ("retention", "max_total_bytes"): "retention_max_total_bytes",
+    ("retention", "interval_s"): "retention_interval_s",
 }
 
 _FIELD_TYPES = {f.name: f.type for f in dataclasses.fields(Settings)}
+# Limits that 0 turns off.
+_OFF_AT_ZERO = frozenset({"segment_max_age_s", "max_output_bytes", "retention_max_age_days",
+                          "retention_max_total_bytes"})
 
 
 def _coerce(key: str, name: str, value: Any) -> Any:
@@ -108,8 +123,10 @@ def _coerce(key: str, name: str, value: Any) -> Any:
         raise ConfigError(f"{key}: expected a number, got {value!r}")
     if kind == "int" and not isinstance(value, int):
         raise ConfigError(f"{key}: expected an integer, got {value!r}")
+    if value == 0 and name in _OFF_AT_ZERO:
+        return 0.0 if kind.startswith("float") else 0
     if value < 0 or (value == 0 and name not in ("drain_grace_s", "kill_grace_s", "port",
-                                                  "coalesce_ms")):
+                                                  "coalesce_ms", "aging_s")):
         raise ConfigError(f"{key}: must be positive, got {value!r}")
     if name == "gzip_level" and not 1 <= value <= 9:
         raise ConfigError(f"{key}: must be 1..9, got {value!r}")

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import errno
 import fcntl
 import os
@@ -76,6 +77,71 @@ def set_winsize(fd: int, cols: int, rows: int) -> None:
 
 def _make_controlling_tty() -> None:  # runs in the child, after setsid()
     fcntl.ioctl(0, termios.TIOCSCTTY, 0)
+
+
+PR_SET_CHILD_SUBREAPER = 36
+
+
+def become_subreaper() -> bool:
+    """Adopt orphaned descendants (double-forked daemons), so that they can be found and killed.
+
+    Without this, a process that escapes its task's process group with setsid() and a double
+    fork is reparented to init and outlives the task. Linux only; False where not allowed.
+    """
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        return bool(libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) == 0)
+    except (OSError, AttributeError):
+        return False
+
+
+def _children() -> list[tuple[int, str]]:
+    """(pid, state) of this process's direct children (one /proc file, not a scan of /proc)."""
+    me = os.getpid()  # the main thread: it spawns every child, and adopts orphans
+    try:
+        with open(f"/proc/{me}/task/{me}/children", "rb") as fh:
+            pids = [int(p) for p in fh.read().split()]
+    except OSError:
+        return []
+    found = []
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/stat", "rb") as fh:
+                found.append((pid, fh.read().rsplit(b")", 1)[1].split()[0].decode()))
+        except OSError:
+            continue
+    return found
+
+
+def sweep_orphans(task_id: str, exclude: frozenset[int] = frozenset()) -> list[int]:
+    """SIGKILL adopted orphans (and their groups) that carry this task's RR_TASK_ID."""
+    needle = f"RR_TASK_ID={task_id}".encode()
+    killed = []
+    for pid, state in _children():
+        if pid in exclude or state == "Z":
+            continue
+        try:
+            with open(f"/proc/{pid}/environ", "rb") as fh:
+                if needle not in fh.read().split(b"\0"):
+                    continue
+        except OSError:
+            continue
+        for kill in (os.killpg, os.kill):
+            with contextlib.suppress(OSError):
+                kill(pid, signal.SIGKILL)
+        killed.append(pid)
+    return killed
+
+
+def reap_orphans(exclude: frozenset[int]) -> int:
+    """Reap adopted orphans that have died (never a child asyncio is waiting for)."""
+    reaped = 0
+    for pid, state in _children():
+        if state == "Z" and pid not in exclude:
+            with contextlib.suppress(ChildProcessError):
+                if os.waitpid(pid, os.WNOHANG)[0]:
+                    reaped += 1
+    return reaped
 
 
 class _Writer:
@@ -307,6 +373,9 @@ class Run:
                 self.signal(signal.SIGKILL)
                 waiter.cancel()
             self.signal(signal.SIGKILL)  # whatever is left of the group goes with the main process
+            task_id = self.spec.env.get("RR_TASK_ID")
+            if task_id:
+                sweep_orphans(task_id)
         await self._drain()
         return RunResult(code, stopped)
 

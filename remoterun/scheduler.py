@@ -1,10 +1,17 @@
 """The engine: queue, bounded worker pool, runs, retries, recovery; the only writer of status.
 
-Pending tasks wait in a heap ordered by (-priority, submission number): highest priority first,
-FIFO within a priority. A dispatcher loop starts the best eligible task whenever a worker slot
-is free; a task whose script is at its `max_concurrency`, or whose retry is not yet due, is
-passed over without blocking the others. Every transition goes through `_transition`, which
-checks the table, commits the row and the event together, and only then publishes it.
+Pending tasks wait in a heap ordered by effective priority, then submission number. A task's
+effective priority is its priority plus one level per `aging_s` seconds it has waited since it
+was submitted, so a low-priority task behind a steady stream of higher-priority work starts
+within about (difference in priority) x `aging_s`. Because every waiting task ages at the same
+rate, the order between two tasks never changes while they wait: the heap key
+`created_at / aging_s - priority` is fixed at submission. Ties (same priority, same instant)
+run in submission order.
+
+A dispatcher loop starts the best eligible task whenever a worker slot is free; a task whose
+script is at its `max_concurrency`, or whose retry is not yet due, is passed over without
+blocking the others. Every transition goes through `_transition`, which checks the table,
+commits the row and the event together, and only then publishes it.
 """
 
 from __future__ import annotations
@@ -33,7 +40,14 @@ from remoterun.config import Settings
 from remoterun.errors import Conflict, NotFound, Unavailable
 from remoterun.hub import Event, Subscription, TaskHub, exit_event, replay_finished
 from remoterun.metrics import Metrics
-from remoterun.runner import Run, RunResult, RunSpec, SpawnError
+from remoterun.runner import (
+    Run,
+    RunResult,
+    RunSpec,
+    SpawnError,
+    become_subreaper,
+    reap_orphans,
+)
 from remoterun.state import TaskStatus, check_transition
 
 log = structlog.get_logger(__name__)
@@ -62,7 +76,7 @@ class Scheduler:
         self.metrics = metrics
         self.accepting = True
         self.hubs: dict[str, TaskHub] = {}
-        self._heap: list[tuple[int, int, str]] = []
+        self._heap: list[tuple[float, int, str]] = []
         self._pending: dict[str, dict[str, Any]] = {}
         self._active: dict[str, Active] = {}
         self._per_script: Counter[str] = Counter()
@@ -79,11 +93,23 @@ class Scheduler:
         top = await self.db.fetch_one("SELECT MAX(num) AS n FROM tasks")
         self._next_num = (top["n"] or 0) + 1 if top else 1
         await self._recover()
+        if not become_subreaper():
+            log.warning("no_subreaper", detail="double-forked daemons may outlive their task")
         self._loops = [asyncio.create_task(self._dispatch_loop(), name="dispatcher"),
                        asyncio.create_task(self._flush_loop(), name="archive-flusher")]
 
+    def force_stop(self) -> None:
+        """Kill every running task now (a second SIGTERM/SIGINT during the drain)."""
+        log.warning("shutdown_forced", running=len(self._active))
+        for active in self._active.values():
+            self._request_stop(active, "shutdown")
+            if active.run is not None:
+                active.run.signal(signal.SIGKILL)
+
     async def drain(self, grace_s: float) -> None:
         """Stop taking work, let running tasks finish for `grace_s`, then stop the rest."""
+        if not self.accepting:
+            return
         self.accepting = False
         self._wake.set()
         if self._runs:
@@ -142,7 +168,9 @@ class Scheduler:
 
     def _enqueue(self, row: dict[str, Any]) -> None:
         self._pending[row["id"]] = row
-        heapq.heappush(self._heap, (-row["priority"], row["num"], row["id"]))
+        aging_s = self.settings.aging_s
+        key = row["created_at"] / aging_s - row["priority"] if aging_s else -row["priority"]
+        heapq.heappush(self._heap, (key, row["num"], row["id"]))
         self.metrics.pending.set(len(self._pending))
         self._wake.set()
 
@@ -231,7 +259,7 @@ class Scheduler:
 
     def _start_eligible(self) -> float | None:
         """Start tasks while slots are free; the seconds until a deferred retry is due."""
-        skipped: list[tuple[int, int, str]] = []
+        skipped: list[tuple[float, int, str]] = []
         next_due: float | None = None
         now = time.time()
         while self._heap and self.accepting and len(self._active) < self.settings.workers:
@@ -443,6 +471,8 @@ class Scheduler:
                 log.exception("flush_failed")
 
     async def _flush_tick(self) -> None:
+        reap_orphans(exclude=frozenset(a.run.pid for a in self._active.values()
+                                       if a.run is not None and a.run.proc is not None))
         statements: list[dbm.Statement] = []
         for active in self._active.values():
             active.archive.flush()

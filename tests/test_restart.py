@@ -115,3 +115,30 @@ async def test_sigterm_drains_then_exits_zero(tmp_path, http):
     finally:
         server.stop()
     assert os.path.exists(server.log)
+
+
+async def test_drain_refuses_submissions_and_second_signal_forces(tmp_path, http):
+    """While draining, submissions get 503; a second SIGTERM kills running tasks; exit 0."""
+    server = ServerProcess(tmp_path)
+    server.config.write_text(server.config.read_text().replace(
+        "shutdown_grace_s = 2.0", "shutdown_grace_s = 60.0"))
+    server.start()
+    try:
+        stuck = await _post(http, server, "/tasks", {"script": "sleep.sh"})
+        await wait_for(lambda: tasks_with_env(stuck["id"]), what="stuck running")
+        assert server.proc is not None
+        server.proc.send_signal(signal.SIGTERM)
+
+        async def refused():
+            async with http.post(server.url + "/tasks", json={"script": "hello.sh"}) as r:
+                return r.status == 503 and (await r.json())["error"] == "shutting_down"
+
+        await wait_for(refused, what="503 while draining")
+        assert server.proc.poll() is None  # still draining: the grace is 60 s
+        assert server.kill(signal.SIGTERM) == 0
+        assert not tasks_with_env(stuck["id"])
+        server.start()
+        stopped = await _get(http, server, f"/tasks/{stuck['id']}")
+        assert stopped["status"] == "failed" and "shut down" in stopped["error"]
+    finally:
+        server.stop()

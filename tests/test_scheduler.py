@@ -93,3 +93,31 @@ async def test_script_timeout_from_metadata(make_client):
     client = await make_client(scripts={"sleep.sh": {"timeout_s": 0.3}})
     task = await submit(client, "sleep.sh")
     assert (await wait_final(client, task["id"]))["status"] == "timeout"
+
+
+async def test_aging_bounds_the_wait_of_low_priority(make_client):
+    """A low-priority task that has waited long enough overtakes fresher higher-priority work."""
+    import time
+
+    client = await make_client(workers=1, aging_s=0.1)
+    blocker = await submit(client, "sleep.sh")
+    await wait_for(lambda: _running(client, blocker["id"]), what="blocker running")
+    low = await submit(client, "hello.sh", priority=0)
+    since = time.time()
+    await wait_for(lambda: time.time() - since > 0.35, what="low to age past 3 levels")
+    high = await submit(client, "hello.sh", priority=2)
+    await client.post(f"/tasks/{blocker['id']}/cancel")
+    low_done, high_done = await wait_final(client, low["id"]), await wait_final(client, high["id"])
+    assert low_done["started_at"] < high_done["started_at"]
+
+
+async def test_double_forked_daemon_is_killed(client):
+    """A daemon that escaped the process group with setsid dies with its task."""
+    from test_runner import _alive
+
+    task = await submit(client, "daemon.sh")
+    done = await wait_final(client, task["id"])
+    assert done["status"] == "success"
+    out = await (await client.get(f"/tasks/{task['id']}/output")).text()
+    pid = int(out.split()[1])
+    await wait_for(lambda: not _alive(pid), 5, what=f"daemon {pid} killed")
