@@ -180,7 +180,8 @@ def create_app(settings: Settings) -> web.Application:
     app.router.add_post("/login", login)
     app.router.add_post("/logout", logout)
     app.router.add_get("/whoami", whoami)
-    app.router.add_static("/static", PAGE_DIR)
+    if PAGE_DIR.is_dir():
+        app.router.add_static("/static", PAGE_DIR)
     _vendor_routes(app)
     return app
 
