@@ -1,22 +1,26 @@
-"""The `remoterun` command: `serve` runs the server; the other verbs are its HTTP client."""
+"""The `remoterun` command: `serve`, `archive verify`, and the verbs that are its HTTP client."""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import ipaddress
 import json
 import os
 import signal
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import aiohttp
 import structlog
 
 from remoterun import config, logs
 from remoterun.catalogue import Catalogue, MetadataError
+
+if TYPE_CHECKING:
+    from remoterun.retention import Report
 
 log = structlog.get_logger("remoterun")
 DEFAULT_URL = "http://127.0.0.1:8080"
@@ -52,7 +56,7 @@ def serve(args: argparse.Namespace) -> int:
         return 2
     if not settings.auth_enabled and not _is_loopback(settings.host):
         log.warning("auth_off_loopback_only", requested_host=settings.host, host="127.0.0.1")
-        settings = config.dataclasses.replace(settings, host="127.0.0.1")
+        settings = dataclasses.replace(settings, host="127.0.0.1")
     elif not settings.auth_enabled:
         log.info("auth_off_loopback_only", host=settings.host)
     log.info("server_starting", host=settings.host, port=settings.port,
@@ -87,6 +91,46 @@ async def _run_server(app: Any, settings: config.Settings) -> None:
         await scheduler.drain(settings.shutdown_grace_s)
     finally:
         await runner.cleanup()
+
+
+# Archive -------------------------------------------------------------------------------------
+
+def archive_command(args: argparse.Namespace) -> int:
+    """`archive verify [--repair]`: the database against the archive directory; 1 if wrong."""
+    path = Path(args.config) if args.config else (Path("config.toml")
+                                                 if Path("config.toml").is_file() else None)
+    overrides = {"archive_dir": Path(args.archive).resolve() if args.archive else None,
+                 "db_path": Path(args.db).resolve() if args.db else None}
+    try:
+        settings = config.load(path, overrides)
+    except config.ConfigError as exc:
+        print(f"remoterun: config error: {exc}", file=sys.stderr)
+        return 2
+    if not settings.db_path.is_file():
+        print(f"remoterun: no database at {settings.db_path}", file=sys.stderr)
+        return 2
+    report = asyncio.run(_verify(settings, args.repair))
+    for finding in report.findings:
+        print(finding.line())
+    left = sum(not f.repaired for f in report.findings)
+    print(f"checked {report.segments} segment rows and {report.files} files under "
+          f"{settings.archive_dir}: {len(report.findings)} problems, "
+          f"{len(report.findings) - left} repaired, {left} left"
+          + (" (a server is running: segments it is writing were not judged)"
+             if report.live else ""))
+    return 0 if report.ok else 1
+
+
+async def _verify(settings: config.Settings, repair: bool) -> Report:
+    from remoterun.db import Database
+    from remoterun.retention import verify
+
+    db = Database(settings.db_path)
+    await db.open()
+    try:
+        return await verify(settings, db, repair=repair)
+    finally:
+        await db.close()
 
 
 # Client --------------------------------------------------------------------------------------
@@ -203,6 +247,15 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--scripts", help="the scripts directory")
     s.add_argument("--archive", help="the archive directory")
     s.add_argument("--db", help="the SQLite database file")
+    a = sub.add_parser("archive", help="check the output archive against the database")
+    verify = a.add_subparsers(dest="action", required=True).add_parser(
+        "verify", help="every row's files exist and decompress; no file without a row")
+    verify.add_argument("--repair", action="store_true",
+                        help="finalize what a crash left open; fix rows; adopt strays of "
+                             "known tasks; delete pruned leftovers")
+    verify.add_argument("--config", help="config.toml (default: ./config.toml if present)")
+    verify.add_argument("--archive", help="the archive directory")
+    verify.add_argument("--db", help="the SQLite database file")
     for name, help_text in (("submit", "submit a task"), ("logs", "print a task's output"),
                             ("tasks", "list tasks"), ("show", "show one task"),
                             ("cancel", "cancel a task"), ("scripts", "list scripts")):
@@ -233,6 +286,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     if args.verb == "serve":
         return serve(args)
+    if args.verb == "archive":
+        return archive_command(args)
     args.url = args.url.rstrip("/")
     try:
         return asyncio.run(_client(args))

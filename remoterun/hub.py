@@ -55,7 +55,7 @@ def ws_text(item: Item) -> str:
         else:
             text = json.dumps({"type": item.kind, **item.body}, ensure_ascii=False)
         cache["ws"] = text
-    return text  # type: ignore[no-any-return]
+    return str(text)
 
 
 def sse_data(item: Item) -> str:
@@ -67,7 +67,7 @@ def sse_data(item: Item) -> str:
     if body is None:
         body = cache["json"] = (_frame_body(item) if isinstance(item, Frame)
                                 else json.dumps(item.body, ensure_ascii=False))
-    return body  # type: ignore[no-any-return]
+    return str(body)
 
 
 def sse_text(item: Item) -> str:
@@ -110,7 +110,7 @@ class Subscription:
     overflowed: asyncio.Event = field(default_factory=asyncio.Event)
     wake: asyncio.Event = field(default_factory=asyncio.Event)
     hub: TaskHub | None = None
-    on_overflow: Callable[[], None] | None = None
+    on_overflow: Callable[[], object] | None = None
 
     def push(self, item: Item) -> None:
         """Queue a live item (called by the hub; never blocks)."""
@@ -131,9 +131,9 @@ class Subscription:
             if self.hub is not None:
                 self.hub.flush_archive()
             logs_path = self.task["logs_path"]
-            async for batch in aread_frames(self.archive_root, logs_path, self.since,
-                                            self.archive_until):
-                yield list(batch)
+            async for frames in aread_frames(self.archive_root, logs_path, self.since,
+                                             self.archive_until):
+                yield list[Item](frames)
         if self.snapshot:
             batch, self.snapshot = self.snapshot, []
             yield batch
@@ -146,7 +146,7 @@ class Subscription:
                 self.wake.clear()
                 await self.wake.wait()
                 continue
-            batch = list(self.queue)
+            batch = list[Item](self.queue)
             self.queue.clear()
             self.queued_bytes = 0
             yield batch
@@ -200,7 +200,8 @@ class TaskHub:
                            limit_bytes=limit_bytes, hub=self)
         sub.from_archive = since + 1 < first_in_memory
         sub.archive_until = first_in_memory - 1
-        sub.snapshot = [f for f in self.window if f.seq > since]
+        snapshot: list[Item] = [f for f in self.window if f.seq > since]
+        sub.snapshot = snapshot
         self.subscribers.add(sub)
         return sub
 

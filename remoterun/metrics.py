@@ -1,4 +1,4 @@
-"""Prometheus metrics, in a registry of the app's own so that several apps can live in one process."""
+"""Prometheus metrics, in a registry per app so that several apps can live in one process."""
 
 from __future__ import annotations
 
@@ -38,4 +38,4 @@ class Metrics:
 
     def render(self) -> bytes:
         """The text exposition."""
-        return generate_latest(self.registry)  # type: ignore[no-any-return]
+        return generate_latest(self.registry)

@@ -255,7 +255,7 @@ class Run:
             try:
                 self.proc = await asyncio.create_subprocess_exec(
                     *spec.argv, cwd=spec.cwd, env=dict(spec.env), start_new_session=True,
-                    **stdio, **extra,  # type: ignore[arg-type]
+                    **stdio, **extra,  # type: ignore[arg-type, misc]
                 )
             except OSError as exc:
                 self._close_fds()

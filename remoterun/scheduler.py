@@ -28,13 +28,12 @@ import uuid
 from collections import Counter
 from collections.abc import Coroutine
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import structlog
 
 from remoterun import db as dbm
-from remoterun.archive import Frame, TaskArchive, logs_path_for, read_frames
+from remoterun.archive import Frame, Segment, TaskArchive, logs_path_for, recover
 from remoterun.catalogue import Catalogue, Script, param_value
 from remoterun.config import Settings
 from remoterun.errors import Conflict, NotFound, Unavailable
@@ -285,7 +284,8 @@ class Scheduler:
     def _launch(self, row: dict[str, Any]) -> None:
         archive = TaskArchive(self.settings.archive_dir, row["logs_path"],
                               level=self.settings.gzip_level,
-                              segment_max_bytes=self.settings.segment_max_bytes)
+                              segment_max_bytes=self.settings.segment_max_bytes,
+                              segment_max_age_s=self.settings.segment_max_age_s or None)
         active = self._active[row["id"]] = Active(row, archive)
         self._per_script[row["script"]] += 1
         hub = self.hubs.get(row["id"])
@@ -336,8 +336,14 @@ class Scheduler:
         hub = self._hub(row["id"])
         assert hub is not None
         archive = active.archive
+        cap = script.extra.get("max_output_bytes") or self.settings.max_output_bytes or None
 
         def on_output(stream: str, data: bytes) -> None:
+            if cap is not None and row["output_bytes"] + len(data) > cap:
+                data = data[: cap - row["output_bytes"]]  # keep up to the cap, drop the rest
+                self._request_stop(active, "output_cap")
+                if not data:
+                    return
             frame: Frame = hub.frame(stream, data, time.time())
             archive.write(frame)
             hub.publish(frame)
@@ -396,6 +402,9 @@ class Scheduler:
                 status, error = S.CANCELLED, None
             elif active.stop_reason == "shutdown":
                 error = "the server shut down during the run"
+            elif active.stop_reason == "output_cap":
+                error = f"stopped when its output reached the cap of {row['output_bytes']} " \
+                        f"bytes (max_output_bytes); the output up to the cap is kept"
             elif exit_code == 0:
                 status = S.SUCCESS
         elif active.stop_reason == "cancel":
@@ -425,7 +434,7 @@ class Scheduler:
         with contextlib.suppress(NotFound):
             base = float(self.catalogue.resolve(row["script"]).extra.get("retry_base_s", base))
         delay = min(self.settings.retry_cap_s, base * 2 ** (row["attempt"] - 1))
-        return delay * random.uniform(0.5, 1.0)
+        return float(delay * random.uniform(0.5, 1.0))
 
     def _finish(self, row: dict[str, Any]) -> None:
         """Announce the end and forget the task: late clients replay it from the archive."""
@@ -499,26 +508,31 @@ class Scheduler:
 
     async def _recover_running(self, row: dict[str, Any]) -> None:
         _kill_orphans(row)
-        root = self.settings.archive_dir
-        last_seq, total = await asyncio.to_thread(_archive_totals, root, row["logs_path"])
+        found = await asyncio.to_thread(_finalize_archive, self.settings, row)
+        last_seq = max((segment.last_seq for segment in found), default=0)
+        total = sum(segment.raw_bytes for segment in found)
         row.update(last_seq=max(last_seq, row["last_seq"]), output_bytes=total)
         error = f"the server stopped during attempt {row['attempt']}"
         common = dict(pid=None, output_bytes=total, last_seq=row["last_seq"], error=error)
+        extra = [dbm.upsert_segment(row["id"], segment) for segment in found]
         if row["attempt"] <= row["max_retries"]:
-            await self._transition(row, S.PENDING, attempt=row["attempt"] + 1,
+            await self._transition(row, S.PENDING, extra=extra, attempt=row["attempt"] + 1,
                                    run_after=time.time(), **common)
             self._enqueue(row)
         else:
-            await self._transition(row, S.FAILED, finished_at=time.time(), **common)
+            await self._transition(row, S.FAILED, extra=extra, finished_at=time.time(), **common)
             self.metrics.finished.labels(row["script"], row["status"]).inc()
         log.warning("recovered_interrupted_run", task_id=row["id"], status=row["status"])
 
 
-def _archive_totals(root: Path, logs_path: str) -> tuple[int, int]:
-    last, total = 0, 0
-    for frame in read_frames(root, logs_path):
-        last, total = frame.seq, total + len(frame.data)
-    return last, total
+def _finalize_archive(settings: Settings, row: dict[str, Any]) -> list[Segment]:
+    """Make whole the segments a dead server left open, and describe them all for their rows."""
+    found, scans = recover(settings.archive_dir, row["logs_path"], settings.gzip_level)
+    for scan in scans:
+        if not scan.complete:
+            log.warning("archive_segment_finalized", task_id=row["id"], path=str(scan.path),
+                        frames=scan.frames, problems=scan.problems)
+    return found
 
 
 def _kill_orphans(row: dict[str, Any]) -> None:

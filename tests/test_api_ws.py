@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 
 import aiohttp
-
 from conftest import output_of, submit, wait_final, wait_for, ws_collect
 
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import aiohttp
 import pytest
-
 from conftest import TOKENS, submit, wait_final
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import signal
 from pathlib import Path
 
@@ -106,7 +105,7 @@ async def test_sigterm_drains_then_exits_zero(tmp_path, http):
         await wait_for(lambda: tasks_with_env(stuck["id"]), what="stuck running")
         await wait_for(lambda: tasks_with_env(quick["id"]), what="quick running")
         assert server.kill(signal.SIGTERM) == 0
-        assert not tasks_with_env(stuck["id"])
+        await wait_for(lambda: not tasks_with_env(stuck["id"]), 5, what="stuck killed")
         server.start()
         done = await _get(http, server, f"/tasks/{quick['id']}")
         assert done["status"] == "success"
@@ -114,7 +113,6 @@ async def test_sigterm_drains_then_exits_zero(tmp_path, http):
         assert stopped["status"] == "failed" and "shut down" in stopped["error"]
     finally:
         server.stop()
-    assert os.path.exists(server.log)
 
 
 async def test_drain_refuses_submissions_and_second_signal_forces(tmp_path, http):
@@ -136,7 +134,7 @@ async def test_drain_refuses_submissions_and_second_signal_forces(tmp_path, http
         await wait_for(refused, what="503 while draining")
         assert server.proc.poll() is None  # still draining: the grace is 60 s
         assert server.kill(signal.SIGTERM) == 0
-        assert not tasks_with_env(stuck["id"])
+        await wait_for(lambda: not tasks_with_env(stuck["id"]), 5, what="stuck killed")
         server.start()
         stopped = await _get(http, server, f"/tasks/{stuck['id']}")
         assert stopped["status"] == "failed" and "shut down" in stopped["error"]

@@ -9,10 +9,10 @@ import sys
 import time
 from pathlib import Path
 
+from conftest import TEST_SCRIPTS, wait_for
 from hypothesis import given
 from hypothesis import strategies as st
 
-from conftest import TEST_SCRIPTS, wait_for
 from remoterun.runner import Run, RunSpec, SpawnError, split_utf8
 
 

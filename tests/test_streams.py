@@ -7,8 +7,8 @@ import json
 import resource
 
 import aiohttp
-
 from conftest import output_of, submit, wait_final, wait_for, ws_collect
+
 from remoterun.api import SCHEDULER
 
 

@@ -19,9 +19,9 @@ CATALOGUE = web.AppKey("catalogue", Catalogue)
 SCHEDULER = web.AppKey("scheduler", Scheduler)
 METRICS = web.AppKey("metrics", Metrics)
 AUTH = web.AppKey("auth", Authenticator)
-SOCKETS = web.AppKey("sockets", weakref.WeakSet[web.StreamResponse])
+SOCKETS: web.AppKey[weakref.WeakSet[web.WebSocketResponse]] = web.AppKey("sockets")
 
-IDENTITY = web.RequestKey("identity", Identity | None)  # set by the auth middleware
+IDENTITY: web.RequestKey[Identity | None] = web.RequestKey("identity")  # by the auth middleware
 
 
 def identity(request: web.Request) -> Identity:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -29,6 +30,7 @@ from remoterun.catalogue import Catalogue
 from remoterun.config import Settings
 from remoterun.db import Database
 from remoterun.metrics import Metrics
+from remoterun.retention import Sweeper
 from remoterun.scheduler import Scheduler
 
 log = structlog.get_logger(__name__)
@@ -140,7 +142,7 @@ def _vendor_routes(app: web.Application) -> None:
 
 
 async def services(app: web.Application) -> AsyncIterator[None]:
-    """Open the database, recover and start the scheduler; close all in reverse."""
+    """Open the database, start the scheduler and the retention sweeper; close in reverse."""
     settings = app[SETTINGS]
     settings.archive_dir.mkdir(parents=True, exist_ok=True)
     db = app[DB] = Database(settings.db_path)
@@ -148,7 +150,12 @@ async def services(app: web.Application) -> AsyncIterator[None]:
     scheduler = app[SCHEDULER] = Scheduler(settings, db, app[CATALOGUE], app[METRICS])
     try:
         await scheduler.start()
-        yield
+        sweeper = asyncio.create_task(Sweeper(settings, db).run(), name="retention-sweeper")
+        try:
+            yield
+        finally:
+            sweeper.cancel()
+            await asyncio.gather(sweeper, return_exceptions=True)
     finally:
         await scheduler.close()
         await db.close()
@@ -157,8 +164,9 @@ async def services(app: web.Application) -> AsyncIterator[None]:
 async def on_shutdown(app: web.Application) -> None:
     """Drain running tasks, then close the sockets still open with 'going away'."""
     await app[SCHEDULER].drain(app[SETTINGS].shutdown_grace_s)
-    for sock in list(app[SOCKETS]):
-        if isinstance(sock, web.WebSocketResponse) and not sock.closed:
+    sockets: weakref.WeakSet[web.WebSocketResponse] = app[SOCKETS]
+    for sock in list(sockets):
+        if not sock.closed:
             await sock.close(code=WSCloseCode.GOING_AWAY, message=b"server shutting down")
 
 
@@ -170,7 +178,7 @@ def create_app(settings: Settings) -> web.Application:
     app[CATALOGUE] = Catalogue(settings.scripts_dir, settings.scripts)
     app[METRICS] = Metrics()
     app[AUTH] = Authenticator(settings.tokens)
-    app[SOCKETS] = weakref.WeakSet()
+    app[SOCKETS] = weakref.WeakSet[web.WebSocketResponse]()
     app.cleanup_ctx.append(services)
     app.on_shutdown.append(on_shutdown)
     app.router.add_routes(http.routes)

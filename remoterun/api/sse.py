@@ -14,7 +14,7 @@ from remoterun.api.ws import parse_since
 from remoterun.hub import Item, SlowConsumer, sse_text
 
 routes = web.RouteTableDef()
-HEARTBEAT = ": keep-alive\n\n".encode()
+HEARTBEAT = b": keep-alive\n\n"
 
 
 @routes.get("/tasks/{id}/logs")
@@ -27,7 +27,8 @@ async def logs(request: web.Request) -> web.StreamResponse:
     await scheduler.require_task(task_id)
     sub = await scheduler.subscribe(task_id, since)
     current = asyncio.current_task()
-    sub.on_overflow = current.cancel if current is not None else None
+    if current is not None:
+        sub.on_overflow = current.cancel
     response = web.StreamResponse(headers={
         "Content-Type": "text/event-stream; charset=utf-8",
         "Cache-Control": "no-cache",

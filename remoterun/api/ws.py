@@ -27,7 +27,7 @@ def parse_since(raw: str | None) -> int:
     if raw in (None, ""):
         return 0
     try:
-        since = int(raw)  # type: ignore[arg-type]
+        since = int(raw or "")
     except ValueError:
         since = -1
     if since < 0:
@@ -54,7 +54,7 @@ class Session:
         sub.on_overflow = self.pump.cancel
 
     async def _pump(self, sub: Subscription) -> None:
-        code, reason = WSCloseCode.OK, b"task ended"
+        code, reason = int(WSCloseCode.OK), b"task ended"
         try:
             await self.ws.send_str(json.dumps({"type": "task", "task": sub.task}))
             async for batch in sub.batches():
