@@ -44,6 +44,7 @@ class Settings:
     retry_base_s: float = 1.0
     retry_cap_s: float = 300.0
     aging_s: float = 60.0
+    reaper_interval_s: float = 30.0
     max_body_bytes: int = 1024 * 1024
     max_ws_message_bytes: int = 1024 * 1024
     client_queue_bytes: int = 8 * 1024 * 1024
@@ -87,6 +88,7 @@ _KEYS: dict[tuple[str, str], str] = {
     ("engine", "retry_base_s"): "retry_base_s",
     ("engine", "retry_cap_s"): "retry_cap_s",
     ("engine", "aging_s"): "aging_s",
+    ("engine", "reaper_interval_s"): "reaper_interval_s",
     ("stream", "client_queue_bytes"): "client_queue_bytes",
     ("stream", "replay_memory_bytes"): "replay_memory_bytes",
     ("stream", "read_chunk_bytes"): "read_chunk_bytes",

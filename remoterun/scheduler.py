@@ -472,12 +472,26 @@ class Scheduler:
         return [dbm.upsert_segment(row["id"], seg) for seg in archive.take_dirty()]
 
     async def _flush_loop(self) -> None:
+        last_reap = time.monotonic()
         while True:
             await asyncio.sleep(self.settings.flush_interval_s)
             try:
                 await self._flush_tick()
+                if time.monotonic() - last_reap >= self.settings.reaper_interval_s:
+                    last_reap = time.monotonic()
+                    await self._reap_lost_runs()
             except Exception:
                 log.exception("flush_failed")
+
+    async def _reap_lost_runs(self) -> None:
+        """Record tasks marked running that no run of this server owns (their process is gone)."""
+        for row in await self.db.tasks_in(S.RUNNING):
+            if row["id"] in self._active:
+                continue
+            fresh = await self.db.get_task(row["id"])  # it may have finished while we looked
+            if fresh and fresh["status"] == S.RUNNING and row["id"] not in self._active:
+                log.warning("reaped_lost_run", task_id=row["id"])
+                await self._recover_running(fresh)
 
     async def _flush_tick(self) -> None:
         reap_orphans(exclude=frozenset(a.run.pid for a in self._active.values()

@@ -121,3 +121,34 @@ async def test_double_forked_daemon_is_killed(client):
     out = await (await client.get(f"/tasks/{task['id']}/output")).text()
     pid = int(out.split()[1])
     await wait_for(lambda: not _alive(pid), 5, what=f"daemon {pid} killed")
+
+
+async def test_reaper_records_a_lost_running_task(make_client):
+    """A row marked running that no run owns is found by the reaper and recorded failed."""
+    import sqlite3
+    import time
+    import uuid
+
+    from remoterun.api import SETTINGS
+
+    client = await make_client(reaper_interval_s=0.2)
+    task = await submit(client, "hello.sh")
+    await wait_final(client, task["id"])
+    lost = str(uuid.uuid4())
+    db_path = client.server.app[SETTINGS].db_path
+    with sqlite3.connect(db_path) as conn:
+        row = conn.execute("SELECT * FROM tasks WHERE id = ?", (task["id"],)).fetchone()
+        names = [d[0] for d in conn.execute("SELECT * FROM tasks").description]
+        values = dict(zip(names, row, strict=True))
+        values.update(num=None, id=lost, status="running", logs_path=f"x/{lost}",
+                      created_at=time.time(), exit_code=None, finished_at=None, pid=None)
+        marks = ",".join("?" * len(values))
+        conn.execute(f"INSERT INTO tasks ({','.join(values)}) VALUES ({marks})",
+                     list(values.values()))
+
+    async def reaped():
+        t = await (await client.get(f"/tasks/{lost}")).json()
+        return t if t["status"] == "failed" else None
+
+    found = await wait_for(reaped, what="lost run reaped")
+    assert "server stopped" in found["error"]
