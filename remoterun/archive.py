@@ -1,57 +1,59 @@
-"""Output archive: gzip segments of binary frame records, rotated by size, read back by seq.
+"""Output archive: per-task gzip segments of raw output plus a frame index; rotation; read back.
 
-A task's archive is a folder `YYYY/MM/DD/<task id>/` under the archive root (its `logs_path`).
-It holds segments `<index>.<first seq>.rrlog.gz`: one gzip member each, written at level 1 with
-a sync flush at least every `flush_interval_s` and at every state change, so that whatever was
-flushed decompresses even if the server is killed mid-write.
+A task's archive is a folder `YYYY/MM/DD/<task id>/` under the archive root (its `logs_path`),
+dated by the task's creation. Its output goes to segments (see `segments.py` for the files),
+rotated past `segment_max_bytes` of output or `segment_max_age_s` after the open segment was
+opened. Each segment is a pair: `<n>.<seq>.log.gz`, the raw bytes as the process wrote them,
+and `<n>.<seq>.idx.gz`, a 21-byte record (seq, stream, time, length) per frame.
 
-Uncompressed, a segment is a run of records, each a 21-byte little-endian header
-`seq: u64, stream: u8, ts: f64 (Unix seconds), length: u32` followed by `length` raw bytes
-exactly as the process wrote them. This costs 21 bytes per frame (frames are read-sized chunks,
-not lines), keeps binary output intact, and lets replay, `?stream=` filters and jsonl come
-straight from the file. A truncated last record (a crash between flushes) is dropped, not fatal.
+Why a pair. Replay, `?stream=` filters and jsonl need each frame's seq, stream and time; the
+plain download wants only the bytes, best as the stored gzip. Interleaving records and bytes in
+one stream would mean inflating and deflating again for every gzip download (~130 MB/s of CPU at
+level 1, each time); a second, raw-text gzip beside it would double the compression work and
+the disk. Kept apart, the output is deflated once, the index costs ~21 bytes per frame (frames
+are read-sized chunks, not lines, and pack well), `zcat *.log.gz` is the log, and `/output`
+sends the stored members as they are: several segments are joined into one gzip member without
+recompressing (`gzjoin.py`). The price: two files per segment, whose ends may disagree after a
+crash; readers pair records with bytes and stop at whichever ends first, and `finalize` rewrites
+both. A running task's open segment has no gzip end yet, so its downloads are sent uncompressed.
+
+Durability. The open segment is sync-flushed at least every `flush_interval_s` and when the task
+changes state, so a SIGKILLed server loses at most what came after the last flush: the flushed
+prefix of a member decompresses on its own. A truncated member is tolerated by every reader and
+reported by `segments.scan`; the server finalizes the segments of the runs it recovers, and
+`remoterun archive verify --repair` the rest. No fsync: a killed process loses nothing the kernel
+has; a power cut may lose the last seconds, as SQLite with synchronous=NORMAL may.
 """
 
 from __future__ import annotations
 
 import asyncio
-import os
-import struct
+import contextlib
 import time
-import zlib
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any, TypeVar
 
-HEADER = struct.Struct("<QBdI")
-STREAMS = ("stdout", "stderr", "pty")
-STREAM_CODES = {name: i for i, name in enumerate(STREAMS)}
-SUFFIX = ".rrlog.gz"
-_READ_BYTES = 256 * 1024
+from remoterun import gzjoin, segments
+from remoterun.segments import LOG_SUFFIX, STREAMS, Frame, MemberWriter, list_segments
 
-
-@dataclass(slots=True)
-class Frame:
-    """One output frame: a read-sized chunk of one stream, numbered per task."""
-
-    seq: int
-    stream: str
-    ts: float
-    data: bytes
-    encoded: dict[str, Any] | None = None  # per-format encodings, made once for all clients
+__all__ = ["STREAMS", "Frame", "Segment", "TaskArchive", "aread_frames", "in_thread",
+           "read_frames", "read_raw", "joined_gzip", "last_seq_on_disk", "finalize", "recover",
+           "logs_path_for"]
+T = TypeVar("T")
 
 
 @dataclass
 class Segment:
-    """What the database records of one segment file."""
+    """What the database records of one segment: its log file and the sizes so far."""
 
-    path: str  # relative to the archive root
+    path: str  # of the .log.gz, relative to the archive root
     first_seq: int
     last_seq: int = 0
-    raw_bytes: int = 0
-    gz_bytes: int = 0
+    raw_bytes: int = 0  # output bytes in the segment
+    gz_bytes: int = 0  # bytes on disk, log and index together
     opened_at: float = field(default_factory=time.time)
     closed_at: float | None = None
 
@@ -62,103 +64,91 @@ def logs_path_for(task_id: str, created: float) -> str:
     return f"{day:%Y/%m/%d}/{task_id}"
 
 
-def _segment_files(folder: Path) -> list[tuple[int, int, Path]]:
-    """(index, first seq, path) of each segment in a task's folder, in order."""
-    found = []
-    try:
-        names = os.listdir(folder)
-    except FileNotFoundError:
-        return []
-    for name in names:
-        if not name.endswith(SUFFIX):
-            continue
-        index, _, first = name[: -len(SUFFIX)].partition(".")
-        if index.isdigit() and first.isdigit():
-            found.append((int(index), int(first), folder / name))
-    return sorted(found)
-
-
 class TaskArchive:
-    """Writes one task's frames to rotating gzip segments; not thread-safe, loop-only."""
+    """Writes one task's frames to rotating segments; not thread-safe, loop-only."""
 
     def __init__(self, root: Path, logs_path: str, *, level: int = 1,
-                 segment_max_bytes: int = 64 * 1024 * 1024):
+                 segment_max_bytes: int = 64 * 1024 * 1024,
+                 segment_max_age_s: float | None = None):
         self.root = root
         self.logs_path = logs_path
         self.folder = root / logs_path
         self.level = level
         self.segment_max_bytes = segment_max_bytes
+        self.segment_max_age_s = segment_max_age_s
         self.segments: list[Segment] = []
         self.dirty: list[Segment] = []  # segments whose row needs writing
-        self._file: BinaryIO | None = None
-        self._zip: Any = None
-        self._next_index = 1
+        self._log: MemberWriter | None = None
+        self._index: MemberWriter | None = None
+        self._next_number = 1
         self._unflushed = False
 
     @property
     def current(self) -> Segment | None:
         """The open segment, if any."""
-        return self.segments[-1] if self._file is not None else None
+        return self.segments[-1] if self._log is not None else None
 
-    def _open(self, first_seq: int) -> None:
+    def _open(self, first_seq: int) -> Segment:
         self.folder.mkdir(parents=True, exist_ok=True)
-        existing = _segment_files(self.folder)
-        index = max(self._next_index, existing[-1][0] + 1 if existing else 1)
-        name = f"{index:06d}.{first_seq}{SUFFIX}"
-        self._file = open(self.folder / name, "wb")  # noqa: SIM115 - closed in _close
-        self._zip = zlib.compressobj(self.level, zlib.DEFLATED, 31)
-        self._next_index = index + 1
+        existing = list_segments(self.folder)
+        number = max(self._next_number, existing[-1][0] + 1 if existing else 1)
+        name = f"{number:06d}.{first_seq}{LOG_SUFFIX}"
+        self._log = MemberWriter(self.folder / name, self.level)
+        self._index = MemberWriter(segments.index_path(self.folder / name), self.level)
+        self._next_number = number + 1
         segment = Segment(path=f"{self.logs_path}/{name}", first_seq=first_seq)
         self.segments.append(segment)
-        self.dirty.append(segment)
+        self._mark(segment)
+        return segment
+
+    def _mark(self, segment: Segment) -> None:
+        if segment not in self.dirty:
+            self.dirty.append(segment)
+
+    def _expired(self, segment: Segment) -> bool:
+        age = self.segment_max_age_s
+        return age is not None and time.time() - segment.opened_at >= age
 
     def write(self, frame: Frame) -> None:
-        """Append one frame, rotating first if the open segment is full."""
+        """Append one frame, rotating first if the open segment is full or old."""
         segment = self.current
-        if segment is not None and segment.raw_bytes >= self.segment_max_bytes:
+        if segment is not None and (segment.raw_bytes >= self.segment_max_bytes
+                                    or self._expired(segment)):
             self._close()
             segment = None
         if segment is None:
-            self._open(frame.seq)
-            segment = self.segments[-1]
-        assert self._file is not None
-        record = HEADER.pack(frame.seq, STREAM_CODES[frame.stream], frame.ts, len(frame.data))
-        out = self._zip.compress(record) + self._zip.compress(frame.data)
-        if out:
-            self._file.write(out)
-            segment.gz_bytes += len(out)
+            segment = self._open(frame.seq)
+        assert self._log is not None and self._index is not None
+        segment.gz_bytes += segments.write_frame(self._log, self._index, frame)
         segment.last_seq = frame.seq
-        segment.raw_bytes += len(record) + len(frame.data)
+        segment.raw_bytes += len(frame.data)
         self._unflushed = True
 
     def flush(self) -> None:
-        """Sync-flush the open segment so everything written so far is readable on disk."""
-        if self._file is None or not self._unflushed:
+        """Make everything written so far readable on disk; close the segment if it is old."""
+        segment = self.current
+        if segment is None:
             return
-        out = self._zip.flush(zlib.Z_SYNC_FLUSH)
-        self._file.write(out)
-        self._file.flush()
-        segment = self.segments[-1]
-        segment.gz_bytes += len(out)
-        if segment not in self.dirty:
-            self.dirty.append(segment)
-        self._unflushed = False
+        if self._expired(segment):
+            self._close()
+        elif self._unflushed:
+            assert self._log is not None and self._index is not None
+            segment.gz_bytes += self._log.sync() + self._index.sync()
+            self._unflushed = False
+            self._mark(segment)
 
     def _close(self) -> None:
-        assert self._file is not None
-        out = self._zip.flush(zlib.Z_FINISH)
-        self._file.write(out)
-        self._file.close()
-        self._file = None
+        assert self._log is not None and self._index is not None
         segment = self.segments[-1]
-        segment.gz_bytes += len(out)
+        segment.gz_bytes += self._log.finish() + self._index.finish()
+        self._log = self._index = None
+        self._unflushed = False
         segment.closed_at = time.time()
-        if segment not in self.dirty:
-            self.dirty.append(segment)
+        self._mark(segment)
 
     def close(self) -> None:
         """Finish the open segment, if any."""
-        if self._file is not None:
+        if self._log is not None:
             self._close()
 
     def take_dirty(self) -> list[Segment]:
@@ -167,46 +157,70 @@ class TaskArchive:
         return dirty
 
 
-def _records(path: Path) -> Iterator[Frame]:
-    """Every whole record in one segment file; stops quietly at a truncated end."""
-    inflater = zlib.decompressobj(31)
-    buf = bytearray()
-    with open(path, "rb") as fh:
-        while True:
-            chunk = fh.read(_READ_BYTES)
-            if chunk:
-                try:
-                    buf += inflater.decompress(chunk)
-                except zlib.error:
-                    chunk = b""  # corrupt tail: keep what decoded before it
-            pos = 0
-            while len(buf) - pos >= HEADER.size:
-                seq, code, ts, length = HEADER.unpack_from(buf, pos)
-                end = pos + HEADER.size + length
-                if end > len(buf):
-                    break
-                yield Frame(seq, STREAMS[code], ts, bytes(buf[pos + HEADER.size : end]))
-                pos = end
-            del buf[:pos]
-            if not chunk:
-                return
-
+# Reading ------------------------------------------------------------------------------------
 
 def read_frames(root: Path, logs_path: str, since: int = 0, until: int | None = None
                 ) -> Iterator[Frame]:
     """Frames with since < seq (<= until), in order, from a task's segments on disk."""
-    files = _segment_files(root / logs_path)
+    files = list_segments(root / logs_path)
     for i, (_, first, path) in enumerate(files):
         next_first = files[i + 1][1] if i + 1 < len(files) else None
         if next_first is not None and next_first <= since + 1:
             continue  # every frame of this segment is at or below `since`
         if until is not None and first > until:
             return
-        for frame in _records(path):
-            if until is not None and frame.seq > until:
-                return
-            if frame.seq > since:
-                yield frame
+        try:
+            reader = segments.SegmentReader(path)
+        except FileNotFoundError:
+            return  # pruned while we read: a prefix, never a gap
+        try:
+            for frame in reader.frames():
+                if until is not None and frame.seq > until:
+                    return
+                if frame.seq > since:
+                    yield frame
+        finally:
+            reader.close()
+
+
+def read_raw(root: Path, logs_path: str, start: int = 0, end: int | None = None,
+             known_sizes: Mapping[str, int] | None = None) -> Iterator[bytes]:
+    """The output bytes [start, end) as the process wrote them, from the log files alone.
+
+    `known_sizes` (log path -> output bytes, for closed segments) lets whole segments before
+    `start` be skipped without inflating them.
+    """
+    offset = 0
+    for _, _, path in list_segments(root / logs_path):
+        if end is not None and offset >= end:
+            return
+        size = (known_sizes or {}).get(path.relative_to(root).as_posix())
+        if size is not None and offset + size <= start:
+            offset += size
+            continue
+        try:
+            log = segments.open_log(path)
+        except FileNotFoundError:
+            return  # pruned while we read: a prefix, never a gap
+        with log:
+            while piece := log.read():
+                lo = max(start - offset, 0)
+                hi = len(piece) if end is None else min(len(piece), end - offset)
+                offset += len(piece)
+                if lo < hi:
+                    yield piece[lo:hi]
+                if end is not None and offset >= end:
+                    return
+
+
+def joined_gzip(root: Path, logs_path: str, rows: list[dict[str, Any]]) -> gzjoin.Joined | None:
+    """The output as one gzip member of the stored logs, if every segment's row says closed."""
+    if not rows or any(row["closed_at"] is None for row in rows):
+        return None
+    on_disk = [p.relative_to(root).as_posix() for _, _, p in list_segments(root / logs_path)]
+    if on_disk != [row["path"] for row in rows]:
+        return None
+    return gzjoin.join([root / row["path"] for row in rows], [row["raw_bytes"] for row in rows])
 
 
 def _batches(frames: Iterator[Frame], max_bytes: int) -> Iterator[list[Frame]]:
@@ -222,26 +236,63 @@ def _batches(frames: Iterator[Frame], max_bytes: int) -> Iterator[list[Frame]]:
         yield batch
 
 
+async def in_thread(items: Iterator[T]) -> AsyncIterator[T]:
+    """Iterate a blocking iterator with each step off the event loop."""
+    try:
+        while True:
+            item = await asyncio.to_thread(next, items, None)
+            if item is None:
+                return
+            yield item
+    finally:
+        close = getattr(items, "close", None)
+        if close is not None:
+            with contextlib.suppress(ValueError):  # still running in its thread: GC closes it
+                close()
+
+
 async def aread_frames(root: Path, logs_path: str, since: int = 0, until: int | None = None,
                        batch_bytes: int = 256 * 1024) -> AsyncIterator[list[Frame]]:
     """read_frames in batches, with the file reading and inflating done off the event loop."""
-    gen = _batches(read_frames(root, logs_path, since, until), batch_bytes)
-    while True:
-        batch = await asyncio.to_thread(next, gen, None)
-        if batch is None:
-            return
+    async for batch in in_thread(_batches(read_frames(root, logs_path, since, until),
+                                          batch_bytes)):
         yield batch
 
 
 def last_seq_on_disk(root: Path, logs_path: str) -> int:
-    """The highest seq in a task's archive (reads only its last segment)."""
-    files = _segment_files(root / logs_path)
-    for _, first, path in reversed(files):
-        last = 0
-        for frame in _records(path):
-            last = frame.seq
+    """The highest seq in a task's archive (reads only its last segments)."""
+    for _, first, path in reversed(list_segments(root / logs_path)):
+        last = segments.scan(path).last_seq
         if last:
             return last
         if first > 1:
             return first - 1
     return 0
+
+
+# Repair -------------------------------------------------------------------------------------
+
+def finalize(root: Path, rel_path: str, level: int = 1) -> tuple[Segment, segments.Scan]:
+    """Make a segment whole, keeping every frame that reads back; describe it for its row.
+
+    A segment missing a file is left as it is: a log without its index has no seq to replay by.
+    """
+    log_path = root / rel_path
+    found = segments.scan(log_path)
+    opened = log_path.stat().st_mtime if log_path.exists() else time.time()
+    if not found.complete and not found.missing:
+        segments.rewrite(log_path, level)
+    pair = (log_path, segments.index_path(log_path))
+    segment = Segment(path=rel_path, first_seq=found.first_seq, last_seq=found.last_seq,
+                      raw_bytes=found.raw_bytes,
+                      gz_bytes=sum(p.stat().st_size for p in pair if p.exists()),
+                      opened_at=opened, closed_at=None if found.missing else time.time())
+    return segment, found
+
+
+def recover(root: Path, logs_path: str, level: int = 1
+            ) -> tuple[list[Segment], list[segments.Scan]]:
+    """Finalize every segment of a run a dead server left; describe them all for their rows."""
+    results = [finalize(root, path.relative_to(root).as_posix(), level)
+               for _, _, path in list_segments(root / logs_path)]
+    return [segment for segment, _ in results], [found for _, found in results]

@@ -19,7 +19,7 @@ PARAM_TYPES = {"string": str, "integer": int, "number": float, "boolean": bool}
 _PARAM_KEYS = {"type", "required", "default", "enum", "pattern", "secret", "description",
                "min", "max"}
 _META_KEYS = {"description", "timeout_s", "max_concurrency", "roles", "cwd", "params",
-              "max_retries", "retry_base_s"}
+              "max_retries", "retry_base_s", "max_output_bytes"}
 
 Scalar = str | int | float | bool
 
@@ -188,7 +188,8 @@ def parse_metadata(where: str, raw: Mapping[str, Any]) -> dict[str, Any]:
         if not isinstance(raw["params"], dict):
             raise MetadataError(f"{where}.params: expected a table of parameters")
         out["params"] = tuple(_parse_param(where, k, v) for k, v in raw["params"].items())
-    for key, kind in (("timeout_s", (int, float)), ("max_concurrency", (int,))):
+    for key, kind in (("timeout_s", (int, float)), ("max_concurrency", (int,)),
+                      ("max_output_bytes", (int,))):
         if key in raw:
             if isinstance(raw[key], bool) or not isinstance(raw[key], kind) or raw[key] <= 0:
                 raise MetadataError(f"{where}.{key}: expected a positive number, got {raw[key]!r}")
@@ -198,6 +199,8 @@ def parse_metadata(where: str, raw: Mapping[str, Any]) -> dict[str, Any]:
     if "cwd" in raw:
         out["cwd"] = Path(raw["cwd"])
     out["extra"] = {k: raw[k] for k in ("max_retries", "retry_base_s") if k in raw}
+    if "max_output_bytes" in out:
+        out["extra"]["max_output_bytes"] = out.pop("max_output_bytes")
     return out
 
 

@@ -22,7 +22,7 @@ import aiosqlite
 import peewee as pw
 import structlog
 
-from remoterun.state import TaskStatus
+from remoterun.state import FINAL, TaskStatus
 
 SCHEMA_VERSION = 1
 log = structlog.get_logger(__name__)
@@ -297,6 +297,48 @@ class Database:
         query = TaskLog.select().where(TaskLog.task_id == task_id).order_by(TaskLog.id)
         return await self.fetch_all(*query.sql())
 
+    # Archive ---------------------------------------------------------------------------------
+
+    async def output_pruned(self, task_id: str) -> bool:
+        """Whether retention has pruned the task's archived output."""
+        query = TaskLog.select(TaskLog.path).where((TaskLog.task_id == task_id) & TaskLog.pruned)
+        return await self.fetch_one(*query.limit(1).sql()) is not None
+
+    async def archive_bytes(self) -> int:
+        """Bytes on disk of every segment not pruned (as their rows last said)."""
+        total = pw.fn.COALESCE(pw.fn.SUM(TaskLog.gz_bytes), 0).alias("total")
+        row = await self.fetch_one(*TaskLog.select(total).where(~TaskLog.pruned).sql())
+        return int(row["total"]) if row else 0
+
+    async def prunable(self, ended_before: float | None = None) -> list[dict[str, Any]]:
+        """Ended tasks whose output is still archived, the earliest ended first, with its size.
+
+        Rows: task_id, logs_path, ended (Unix seconds), gz_bytes. A task not yet final (running,
+        or pending a retry) is never listed: its archive may still grow.
+        """
+        ended = pw.fn.COALESCE(Task.finished_at, Task.updated_at)
+        query = (TaskLog.select(Task.id.alias("task_id"), Task.logs_path, ended.alias("ended"),
+                                pw.fn.SUM(TaskLog.gz_bytes).alias("gz_bytes"))
+                 .join(Task, on=(Task.id == TaskLog.task_id))
+                 .where(~TaskLog.pruned & Task.status.in_([str(s) for s in FINAL]))
+                 .group_by(Task.id).order_by(ended, Task.num))
+        if ended_before is not None:
+            query = query.where(ended < ended_before)
+        return await self.fetch_all(*query.sql())
+
+    async def all_segments(self) -> list[dict[str, Any]]:
+        """Every segment row, with its task's status and logs_path (None: no such task)."""
+        query = (TaskLog.select(TaskLog, Task.status.alias("task_status"),
+                                Task.logs_path.alias("logs_path"))
+                 .join(Task, pw.JOIN.LEFT_OUTER, on=(Task.id == TaskLog.task_id))
+                 .order_by(TaskLog.task_id, TaskLog.first_seq))
+        return await self.fetch_all(*query.sql())
+
+    async def task_folders(self) -> dict[str, tuple[str, str]]:
+        """logs_path -> (task id, status) of every task."""
+        rows = await self.fetch_all(*Task.select(Task.id, Task.logs_path, Task.status).sql())
+        return {row["logs_path"]: (row["id"], row["status"]) for row in rows}
+
     async def ping(self) -> None:
         """Raise if the database is not usable."""
         await self.fetch_one("SELECT 1 AS ok")
@@ -339,3 +381,8 @@ def upsert_segment(task_id: str, seg: Any) -> Statement:
     )
     return query.sql()  # type: ignore[no-any-return]
 
+
+
+def mark_pruned(task_id: str) -> Statement:
+    """A statement that records a task's archived output as deleted by retention."""
+    return TaskLog.update(pruned=True).where(TaskLog.task_id == task_id).sql()

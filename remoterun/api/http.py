@@ -213,7 +213,7 @@ async def get_output(request: web.Request) -> web.StreamResponse:
             return await _send(request, web.StreamResponse(headers=headers),
                                archive.in_thread(joined.chunks()), joined.length)
     return await _send(request, web.StreamResponse(headers=headers),
-                       archive.in_thread(archive.read_raw(root, logs_path, 0, total)))
+                       archive.in_thread(archive.read_raw(root, logs_path, 0, total)), total)
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,287 @@
+"""One archive segment on disk: its log and index gzip members, written and read back.
+
+Segment number `n` whose first frame is `seq` is two files, each a single gzip member:
+`<n>.<seq>.log.gz`, the output bytes exactly as the process wrote them (stdout and stderr
+interleaved in order), and `<n>.<seq>.idx.gz`, one 21-byte little-endian record per frame,
+`seq: u64, stream: u8, ts: f64 (Unix seconds), length: u32`, whose bytes are the next `length`
+bytes of the log. Readers inflate a bounded piece at a time (a well-packed member cannot blow up
+memory), pair records with bytes, and stop at whichever member ends first; how each ended (whole,
+truncated by a crash, corrupt) is kept for `scan`, never raised.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import struct
+import zlib
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import TracebackType
+from typing import Any, BinaryIO
+
+RECORD = struct.Struct("<QBdI")  # an index record: seq, stream code, ts, length
+STREAMS = ("stdout", "stderr", "pty")
+STREAM_CODES = {name: i for i, name in enumerate(STREAMS)}
+LOG_SUFFIX = ".log.gz"
+INDEX_SUFFIX = ".idx.gz"
+_READ_BYTES = 256 * 1024  # compressed bytes read at a time
+_PIECE_BYTES = 1024 * 1024  # inflated bytes returned at a time, at most
+_MAX_FRAME = 1 << 30  # a record claiming more is corrupt
+
+
+@dataclass(slots=True)
+class Frame:
+    """One output frame: a read-sized chunk of one stream, numbered per task."""
+
+    seq: int
+    stream: str
+    ts: float
+    data: bytes
+    encoded: dict[str, Any] | None = None  # per-format encodings, made once for all clients
+
+
+def index_path(log_path: Path) -> Path:
+    """The frame index that goes with a segment's log file."""
+    return log_path.with_name(log_path.name[: -len(LOG_SUFFIX)] + INDEX_SUFFIX)
+
+
+def parse_name(name: str) -> tuple[int, int] | None:
+    """(number, first seq) of a segment file name (log or index), or None if it is not one."""
+    for suffix in (LOG_SUFFIX, INDEX_SUFFIX):
+        if name.endswith(suffix):
+            number, _, first = name[: -len(suffix)].partition(".")
+            if number.isdigit() and first.isdigit():
+                return int(number), int(first)
+    return None
+
+
+def list_segments(folder: Path) -> list[tuple[int, int, Path]]:
+    """(number, first seq, log path) of each segment in a task's folder, in order."""
+    try:
+        names = os.listdir(folder)
+    except (FileNotFoundError, NotADirectoryError):
+        return []
+    found = []
+    for name in names:
+        parsed = parse_name(name) if name.endswith(LOG_SUFFIX) else None
+        if parsed is not None:
+            found.append((*parsed, folder / name))
+    return sorted(found)
+
+
+class MemberWriter:
+    """One gzip member being written to a file; methods return the compressed bytes added."""
+
+    def __init__(self, path: Path, level: int):
+        self.file: BinaryIO = open(path, "wb")  # noqa: SIM115 - closed in finish()
+        self.zip: Any = zlib.compressobj(level, zlib.DEFLATED, 31)
+
+    def _put(self, out: bytes) -> int:
+        if out:
+            self.file.write(out)
+        return len(out)
+
+    def write(self, data: bytes) -> int:
+        """Compress more bytes."""
+        return self._put(self.zip.compress(data))
+
+    def sync(self) -> int:
+        """Sync-flush: everything so far decompresses from the file, even if we die now."""
+        grown = self._put(self.zip.flush(zlib.Z_SYNC_FLUSH))
+        self.file.flush()
+        return grown
+
+    def finish(self) -> int:
+        """End the member and close the file."""
+        # The sync flush first gives every member the same end, which gzjoin relies on.
+        grown = self._put(self.zip.flush(zlib.Z_SYNC_FLUSH))
+        grown += self._put(self.zip.flush(zlib.Z_FINISH))
+        self.file.close()
+        return grown
+
+
+class _Inflater:
+    """Reads one gzip member file back a bounded piece at a time, and notes how it ended."""
+
+    def __init__(self, path: Path):
+        self._file: BinaryIO = open(path, "rb")  # noqa: SIM115 - closed in __exit__
+        self._zip: Any = zlib.decompressobj(31)
+        self._input = b""
+        self.done = False
+        self.problem: str | None = None  # once done: None (a whole member) or what was wrong
+
+    def __enter__(self) -> _Inflater:
+        return self
+
+    def __exit__(self, *exc: type[BaseException] | BaseException | TracebackType | None) -> None:
+        self._file.close()
+
+    def read(self) -> bytes:
+        """The next inflated bytes (at most _PIECE_BYTES), or b"" at the end."""
+        while not self.done:
+            ended = False
+            if not self._input:
+                self._input = self._file.read(_READ_BYTES)
+                ended = not self._input
+            try:
+                out = self._zip.decompress(self._input, _PIECE_BYTES)
+            except zlib.error as exc:
+                self._end(f"corrupt ({exc})")
+                return b""
+            self._input = self._zip.unconsumed_tail
+            if self._zip.eof:
+                trailing = self._zip.unused_data or self._file.read(1)
+                self._end("data after the end of the gzip member" if trailing else None)
+            elif ended and not out:
+                self._end("truncated (the gzip member has no end)")
+            if out:
+                return bytes(out)
+        return b""
+
+    def _end(self, problem: str | None) -> None:
+        self.done = True
+        self.problem = problem
+
+
+def open_log(log_path: Path) -> _Inflater:
+    """An inflater of a segment's log alone (the raw output), a context manager."""
+    return _Inflater(log_path)
+
+
+class SegmentReader:
+    """A segment's log and index read together, frame by frame; close() when done."""
+
+    def __init__(self, log_path: Path):
+        with contextlib.ExitStack() as stack:
+            self.log = stack.enter_context(_Inflater(log_path))
+            self.index = stack.enter_context(_Inflater(index_path(log_path)))
+            self._stack = stack.pop_all()
+        self._data = bytearray()
+        self._pos = 0
+        self.problem: str | None = None  # why pairing stopped early, if it did
+
+    def frames(self) -> Iterator[Frame]:
+        """Each whole frame, in order."""
+        records = bytearray()
+        at = 0
+        while True:
+            while len(records) - at < RECORD.size:
+                piece = self.index.read()
+                if not piece:
+                    if len(records) > at:
+                        self.problem = "the index ends inside a record"
+                    return
+                del records[:at]
+                records += piece
+                at = 0
+            seq, code, ts, length = RECORD.unpack_from(records, at)
+            at += RECORD.size
+            if code >= len(STREAMS) or length > _MAX_FRAME:
+                self.problem = f"corrupt index record at seq {seq}"
+                return
+            data = self._take(length)
+            if data is None:
+                self.problem = "the log ends before the index"
+                return
+            yield Frame(seq, STREAMS[code], ts, data)
+
+    def _take(self, length: int) -> bytes | None:
+        while len(self._data) - self._pos < length:
+            piece = self.log.read()
+            if not piece:
+                return None
+            del self._data[: self._pos]
+            self._pos = 0
+            self._data += piece
+        out = bytes(self._data[self._pos : self._pos + length])
+        self._pos += length
+        return out
+
+    def rest_of_log(self) -> int:
+        """How many log bytes follow the last frame read (reads to the end)."""
+        extra = len(self._data) - self._pos
+        while piece := self.log.read():
+            extra += len(piece)
+        return extra
+
+    def close(self) -> None:
+        """Close both files."""
+        self._stack.close()
+
+
+def write_frame(log: MemberWriter, index: MemberWriter, frame: Frame) -> int:
+    """Append a frame to a segment's two members; the compressed bytes added."""
+    record = RECORD.pack(frame.seq, STREAM_CODES[frame.stream], frame.ts, len(frame.data))
+    return log.write(frame.data) + index.write(record)
+
+
+@dataclass
+class Scan:
+    """What reading a whole segment found."""
+
+    path: Path
+    first_seq: int
+    frames: int = 0
+    last_seq: int = 0
+    raw_bytes: int = 0
+    log_extra: int = 0  # log bytes no index record covers (their record was never flushed)
+    problems: list[str] = field(default_factory=list)
+
+    @property
+    def complete(self) -> bool:
+        """Whether both members are whole and agree."""
+        return not self.problems
+
+    @property
+    def missing(self) -> bool:
+        """Whether a file of the pair is missing."""
+        return any(p.startswith("missing") for p in self.problems)
+
+
+def scan(log_path: Path) -> Scan:
+    """Read a whole segment: its frames, sizes, and anything wrong with either file."""
+    parsed = parse_name(log_path.name)
+    found = Scan(log_path, parsed[1] if parsed else 0)
+    for path in (log_path, index_path(log_path)):
+        if not path.is_file():
+            found.problems.append(f"missing {path.name}")
+    if found.problems:
+        return found
+    reader = SegmentReader(log_path)
+    try:
+        for frame in reader.frames():
+            found.frames += 1
+            found.last_seq = frame.seq
+            found.raw_bytes += len(frame.data)
+        found.log_extra = reader.rest_of_log()
+        while reader.index.read():
+            pass
+    finally:
+        reader.close()
+    for name, inflater in (("log", reader.log), ("index", reader.index)):
+        if inflater.problem:
+            found.problems.append(f"{name} {inflater.problem}")
+    if reader.problem:
+        found.problems.append(reader.problem)
+    if found.log_extra:
+        found.problems.append(f"{found.log_extra} log bytes have no index record")
+    return found
+
+
+def rewrite(log_path: Path, level: int) -> None:
+    """Rewrite a segment as two whole members holding every frame that reads back."""
+    tmp_log = log_path.with_name(log_path.name + ".tmp")
+    tmp_index = log_path.with_name(index_path(log_path).name + ".tmp")
+    log, index = MemberWriter(tmp_log, level), MemberWriter(tmp_index, level)
+    reader = SegmentReader(log_path)
+    try:
+        for frame in reader.frames():
+            write_frame(log, index, frame)
+    finally:
+        reader.close()
+        log.finish()
+        index.finish()
+    os.replace(tmp_log, log_path)
+    os.replace(tmp_index, index_path(log_path))
