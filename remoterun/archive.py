@@ -40,7 +40,7 @@ from remoterun import gzjoin, segments
 from remoterun.segments import LOG_SUFFIX, STREAMS, Frame, MemberWriter, list_segments
 
 __all__ = ["STREAMS", "Frame", "Segment", "TaskArchive", "aread_frames", "in_thread",
-           "read_frames", "read_raw", "joined_gzip", "last_seq_on_disk", "finalize", "recover",
+           "read_frames", "read_raw", "joined_gzip", "finalize", "recover",
            "logs_path_for"]
 T = TypeVar("T")
 
@@ -257,17 +257,6 @@ async def aread_frames(root: Path, logs_path: str, since: int = 0, until: int | 
     async for batch in in_thread(_batches(read_frames(root, logs_path, since, until),
                                           batch_bytes)):
         yield batch
-
-
-def last_seq_on_disk(root: Path, logs_path: str) -> int:
-    """The highest seq in a task's archive (reads only its last segments)."""
-    for _, first, path in reversed(list_segments(root / logs_path)):
-        last = segments.scan(path).last_seq
-        if last:
-            return last
-        if first > 1:
-            return first - 1
-    return 0
 
 
 # Repair -------------------------------------------------------------------------------------

@@ -29,6 +29,7 @@ INDEX_SUFFIX = ".idx.gz"
 _READ_BYTES = 256 * 1024  # compressed bytes read at a time
 _PIECE_BYTES = 1024 * 1024  # inflated bytes returned at a time, at most
 _MAX_FRAME = 1 << 30  # a record claiming more is corrupt
+_BATCH_BYTES = 64 * 1024
 
 
 @dataclass(slots=True)
@@ -72,31 +73,44 @@ def list_segments(folder: Path) -> list[tuple[int, int, Path]]:
 
 
 class MemberWriter:
-    """One gzip member being written to a file; methods return the compressed bytes added."""
+    """One gzip member being written to a file; methods return the compressed bytes added.
+
+    Small writes are gathered up to _BATCH_BYTES before they reach the compressor: a call to
+    zlib costs about as much as deflating a few hundred bytes, and index records are 21.
+    """
 
     def __init__(self, path: Path, level: int):
         self.file: BinaryIO = open(path, "wb")  # noqa: SIM115 - closed in finish()
         self.zip: Any = zlib.compressobj(level, zlib.DEFLATED, 31)
+        self._batch = bytearray()
 
     def _put(self, out: bytes) -> int:
         if out:
             self.file.write(out)
         return len(out)
 
+    def _drain(self) -> int:
+        grown = self._put(self.zip.compress(self._batch)) if self._batch else 0
+        self._batch.clear()
+        return grown
+
     def write(self, data: bytes) -> int:
         """Compress more bytes."""
-        return self._put(self.zip.compress(data))
+        if len(data) >= _BATCH_BYTES and not self._batch:
+            return self._put(self.zip.compress(data))
+        self._batch += data
+        return self._drain() if len(self._batch) >= _BATCH_BYTES else 0
 
     def sync(self) -> int:
         """Sync-flush: everything so far decompresses from the file, even if we die now."""
-        grown = self._put(self.zip.flush(zlib.Z_SYNC_FLUSH))
+        grown = self._drain() + self._put(self.zip.flush(zlib.Z_SYNC_FLUSH))
         self.file.flush()
         return grown
 
     def finish(self) -> int:
         """End the member and close the file."""
         # The sync flush first gives every member the same end, which gzjoin relies on.
-        grown = self._put(self.zip.flush(zlib.Z_SYNC_FLUSH))
+        grown = self._drain() + self._put(self.zip.flush(zlib.Z_SYNC_FLUSH))
         grown += self._put(self.zip.flush(zlib.Z_FINISH))
         self.file.close()
         return grown
