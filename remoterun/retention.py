@@ -41,8 +41,11 @@ _PRUNE_BATCH = 500
 @contextlib.contextmanager
 def archive_lock(root: Path) -> Iterator[bool]:
     """Hold the archive's advisory lock while inside; yields whether we got it."""
-    root.mkdir(parents=True, exist_ok=True)
-    fd = os.open(root / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fd = os.open(root / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
+    except FileNotFoundError:  # no archive directory: nobody can be writing in it
+        yield False
+        return
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -100,18 +103,26 @@ class Sweeper:
             cutoff = now - settings.retention_max_age_days * 86400
             doomed += await self.db.prunable(ended_before=cutoff)
         if settings.retention_max_total_bytes:
-            excess = await self.db.archive_bytes() - settings.retention_max_total_bytes
-            excess -= sum(row["gz_bytes"] for row in doomed)
-            chosen = {row["task_id"] for row in doomed}
-            for row in await self.db.prunable() if excess > 0 else []:
-                if excess <= 0:
-                    break
-                if row["task_id"] not in chosen:
-                    doomed.append(row)
-                    excess -= row["gz_bytes"]
+            doomed += await self._to_fit(doomed)
         for start in range(0, len(doomed), _PRUNE_BATCH):
             await self._prune(doomed[start : start + _PRUNE_BATCH])
         return [row["task_id"] for row in doomed]
+
+    async def _to_fit(self, doomed: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """The earliest ended tasks to prune besides `doomed` to get under max_total_bytes."""
+        excess = await self.db.archive_bytes() - self.settings.retention_max_total_bytes
+        excess -= sum(row["gz_bytes"] for row in doomed)
+        if excess <= 0:
+            return []
+        chosen = {row["task_id"] for row in doomed}
+        more = []
+        for row in await self.db.prunable():
+            if excess <= 0:
+                break
+            if row["task_id"] not in chosen:
+                more.append(row)
+                excess -= row["gz_bytes"]
+        return more
 
     async def _prune(self, rows: list[dict[str, Any]]) -> None:
         await self.db.write([dbm.mark_pruned(row["task_id"]) for row in rows])
@@ -244,7 +255,8 @@ def _archive_files(root: Path) -> list[Path]:
 async def verify(settings: Settings, db: dbm.Database, repair: bool = False) -> Report:
     """Check every segment row against its files and every file against the rows."""
     with archive_lock(settings.archive_dir) as locked:
-        checker = _Verifier(settings, db, repair, live=not locked)
+        live = not locked and settings.archive_dir.is_dir()
+        checker = _Verifier(settings, db, repair, live)
         rows = await db.all_segments()
         folders = await db.task_folders()
         for row in rows:
@@ -255,5 +267,5 @@ async def verify(settings: Settings, db: dbm.Database, repair: bool = False) -> 
             await asyncio.to_thread(checker.check_file, path, known, folders)
         if checker.statements:
             await db.write(checker.statements)
-    return Report(live=not locked, segments=len(rows), files=len(files),
+    return Report(live=live, segments=len(rows), files=len(files),
                   findings=checker.findings)
