@@ -11,6 +11,7 @@ the server commits once per tick instead of once per statement.
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import time
 from collections.abc import Iterable, Sequence
@@ -121,6 +122,19 @@ def _ddl() -> list[Statement]:
         out.append(ctx().sql(model._schema._create_table(safe=True)).query())
         out.extend(ctx().sql(index).query() for index in model._schema._create_indexes(safe=True))
     return out
+
+
+def _run_transaction(conn: aiosqlite.Connection, statements: list[Statement]) -> None:
+    """Execute statements in one transaction; runs on aiosqlite's thread."""
+    raw = conn._conn
+    raw.execute("BEGIN IMMEDIATE")
+    try:
+        for sql, params in statements:
+            raw.execute(sql, params)
+    except BaseException:
+        raw.execute("ROLLBACK")
+        raise
+    raw.execute("COMMIT")
 
 
 def rfc3339(ts: float | None) -> str | None:
@@ -244,14 +258,9 @@ class Database:
                     future.set_result(None)
 
     async def _commit(self, statements: list[Statement]) -> None:
-        await self.conn.execute("BEGIN IMMEDIATE")
-        try:
-            for sql, params in statements:
-                await self.conn.execute(sql, params)
-        except BaseException:
-            await self.conn.execute("ROLLBACK")
-            raise
-        await self.conn.execute("COMMIT")
+        # One hop to aiosqlite's thread for the whole transaction, not one per statement
+        # (~0.2 ms each): `_execute` is how aiosqlite itself runs calls there (pinned version).
+        await self.conn._execute(_run_transaction, self.conn, statements)
 
     async def fetch_all(self, sql: str, params: Sequence[Any] = ()) -> list[dict[str, Any]]:
         """Rows as dicts."""
@@ -344,12 +353,55 @@ class Database:
         await self.fetch_one("SELECT 1 AS ok")
 
 
+# The statements of the hot path (one task's life: submit, start, progress, end) are built
+# from the models' metadata and cached by column set: building them with peewee's query
+# builder cost ~0.18 ms each, as much as executing them.
+
+def _quoted(model: type[_Base], columns: tuple[str, ...]) -> list[str]:
+    known = model._meta.columns
+    for column in columns:
+        if column not in known:
+            raise KeyError(f"{model._meta.table_name} has no column {column!r}")
+    return [f'"{column}"' for column in columns]
+
+
+@functools.lru_cache(maxsize=512)
+def _insert_sql(model: type[_Base], columns: tuple[str, ...]) -> str:
+    names = ", ".join(_quoted(model, columns))
+    marks = ", ".join("?" * len(columns))
+    return f'INSERT INTO "{model._meta.table_name}" ({names}) VALUES ({marks})'
+
+
+@functools.lru_cache(maxsize=512)
+def _update_sql(model: type[_Base], columns: tuple[str, ...], key: str) -> str:
+    sets = ", ".join(f"{name} = ?" for name in _quoted(model, columns))
+    (where,) = _quoted(model, (key,))
+    return f'UPDATE "{model._meta.table_name}" SET {sets} WHERE {where} = ?'
+
+
+@functools.cache
+def _defaults(model: type[_Base]) -> dict[str, Any]:
+    return {f.column_name: f.default for f in model._meta.sorted_fields
+            if f.default is not None}
+
+
+def _insert(model: type[_Base], values: dict[str, Any]) -> Statement:
+    values = {**_defaults(model), **values}
+    columns = tuple(values)
+    return _insert_sql(model, columns), list(values.values())
+
+
+def _update(model: type[_Base], values: dict[str, Any], key: str, key_value: Any) -> Statement:
+    columns = tuple(values)
+    return _update_sql(model, columns, key), [*values.values(), key_value]
+
+
 def insert_task(row: dict[str, Any]) -> list[Statement]:
     """Statements that create a task and its first event."""
     return [
-        Task.insert(**row).sql(),
-        TaskEvent.insert(task_id=row["id"], ts=row["created_at"], old_status=None,
-                         new_status=row["status"], attempt=row["attempt"]).sql(),
+        _insert(Task, row),
+        _insert(TaskEvent, {"task_id": row["id"], "ts": row["created_at"], "old_status": None,
+                            "new_status": row["status"], "attempt": row["attempt"]}),
     ]
 
 
@@ -358,15 +410,15 @@ def transition(task_id: str, old: TaskStatus, new: TaskStatus, attempt: int,
     """Statements that move a task to a new status and record the event."""
     now = fields.setdefault("updated_at", time.time())
     return [
-        Task.update(status=str(new), **fields).where(Task.id == task_id).sql(),
-        TaskEvent.insert(task_id=task_id, ts=now, old_status=str(old), new_status=str(new),
-                         attempt=attempt, detail=detail).sql(),
+        _update(Task, {"status": str(new), **fields}, "id", task_id),
+        _insert(TaskEvent, {"task_id": task_id, "ts": now, "old_status": str(old),
+                            "new_status": str(new), "attempt": attempt, "detail": detail}),
     ]
 
 
 def update_task(task_id: str, fields: dict[str, Any]) -> Statement:
     """A statement that changes task fields without a transition (progress counters)."""
-    return Task.update(**fields).where(Task.id == task_id).sql()  # type: ignore[no-any-return]
+    return _update(Task, fields, "id", task_id)
 
 
 def upsert_segment(task_id: str, seg: Any) -> Statement:

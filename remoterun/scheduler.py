@@ -77,7 +77,8 @@ class Scheduler:
         self.hubs: dict[str, TaskHub] = {}
         self._heap: list[tuple[float, int, str]] = []
         self._pending: dict[str, dict[str, Any]] = {}
-        self._active: dict[str, Active] = {}
+        self._active: dict[str, Active] = {}  # holding a worker slot
+        self._finishing: dict[str, Active] = {}  # process ended, final state being written
         self._per_script: Counter[str] = Counter()
         self._limits: dict[str, int | None] = {}
         self._wake = asyncio.Event()
@@ -179,6 +180,8 @@ class Scheduler:
         if active is not None:
             self._request_stop(active, "cancel")
             return dbm.task_json(active.row)
+        if task_id in self._finishing:
+            raise Conflict(f"task {task_id} has already ended", code="already_finished")
         row = self._pending.pop(task_id, None)
         if row is None:
             stored = await self.db.get_task(task_id)
@@ -206,7 +209,7 @@ class Scheduler:
         hub = self.hubs.get(task_id)
         if hub is not None:
             return hub
-        active = self._active.get(task_id)
+        active = self._active.get(task_id) or self._finishing.get(task_id)
         row = active.row if active else self._pending.get(task_id)
         if row is None:
             return None
@@ -218,7 +221,7 @@ class Scheduler:
 
     async def require_task(self, task_id: str) -> None:
         """NotFound unless the task exists."""
-        if task_id in self._pending or task_id in self._active:
+        if task_id in self._pending or task_id in self._active or task_id in self._finishing:
             return
         if await self.db.get_task(task_id) is None:
             raise NotFound(f"no task {task_id}")
@@ -312,7 +315,7 @@ class Scheduler:
                                        run_after=None, error=None, exit_code=None)
                 try:
                     run = active.run = await self._start(active)
-                    await self.db.write([dbm.update_task(row["id"], {"pid": run.pid})])
+                    row["pid"] = run.pid  # persisted by the next flush tick
                     result = await run.wait(self._timeout(row), active.stop)
                 except SpawnError as exc:
                     error = str(exc)
@@ -391,7 +394,10 @@ class Scheduler:
         row = active.row
         now = time.time()
         active.archive.close()
+        # The process is gone: free its worker slot now, not after the final write commits.
+        self._finishing[row["id"]] = self._active.pop(row["id"])
         self._per_script[row["script"]] -= 1
+        self._wake.set()
         status, exit_code = S.FAILED, None
         if result is not None:
             exit_code = result.exit_code
@@ -418,15 +424,13 @@ class Scheduler:
                     error=error, run_after=now + delay, pid=None,
                     output_bytes=row["output_bytes"], last_seq=row["last_seq"])
                 self.metrics.retries.labels(row["script"]).inc()
-                del self._active[row["id"]]
                 self._enqueue(row)
                 return
             await self._transition(row, status, extra=extra, exit_code=exit_code, error=error,
                                    finished_at=now, pid=None, output_bytes=row["output_bytes"],
                                    last_seq=row["last_seq"])
         finally:
-            self._active.pop(row["id"], None)
-            self._wake.set()
+            self._finishing.pop(row["id"], None)
         self._finish(row)
 
     def _backoff(self, row: dict[str, Any]) -> float:
@@ -485,11 +489,14 @@ class Scheduler:
 
     async def _reap_lost_runs(self) -> None:
         """Record tasks marked running that no run of this server owns (their process is gone)."""
+        def owned(task_id: str) -> bool:
+            return task_id in self._active or task_id in self._finishing
+
         for row in await self.db.tasks_in(S.RUNNING):
-            if row["id"] in self._active:
+            if owned(row["id"]):
                 continue
             fresh = await self.db.get_task(row["id"])  # it may have finished while we looked
-            if fresh and fresh["status"] == S.RUNNING and row["id"] not in self._active:
+            if fresh and fresh["status"] == S.RUNNING and not owned(row["id"]):
                 log.warning("reaped_lost_run", task_id=row["id"])
                 await self._recover_running(fresh)
 
@@ -502,7 +509,8 @@ class Scheduler:
             row = active.row
             statements += self._segment_statements(row, active.archive)
             statements.append(dbm.update_task(row["id"], {"output_bytes": row["output_bytes"],
-                                                          "last_seq": row["last_seq"]}))
+                                                          "last_seq": row["last_seq"],
+                                                          "pid": row["pid"]}))
             hub = self.hubs.get(row["id"])
             if hub is not None:
                 hub.task.update(output_bytes=row["output_bytes"], last_seq=row["last_seq"])
@@ -550,15 +558,21 @@ def _finalize_archive(settings: Settings, row: dict[str, Any]) -> list[Segment]:
 
 
 def _kill_orphans(row: dict[str, Any]) -> None:
-    """SIGKILL the process group a dead server's run left, if it is still that task's."""
-    pid = row.get("pid")
-    if not pid:
-        return
-    try:
-        with open(f"/proc/{pid}/environ", "rb") as fh:
-            environ = fh.read()
-    except OSError:
-        return
-    if f"RR_TASK_ID={row['id']}".encode() in environ.split(b"\0"):
-        with contextlib.suppress(OSError):
-            os.killpg(pid, signal.SIGKILL)
+    """SIGKILL whatever a dead server's run of this task left behind, found by RR_TASK_ID.
+
+    Its processes run in sessions of their own, so they outlive the server; the environment
+    marks them even when their pid was never recorded (a crash within a flush interval).
+    """
+    needle = f"RR_TASK_ID={row['id']}".encode()
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry.name}/environ", "rb") as fh:
+                if needle not in fh.read().split(b"\0"):
+                    continue
+        except OSError:
+            continue
+        for kill in (os.killpg, os.kill):
+            with contextlib.suppress(OSError):
+                kill(int(entry.name), signal.SIGKILL)
