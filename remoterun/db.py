@@ -74,6 +74,7 @@ class Task(_Base):
 class TaskEvent(_Base):
     """One state transition, written in the same transaction as the task row."""
 
+    id = pw.AutoField()
     task_id = pw.CharField(index=True)
     ts = pw.FloatField()
     old_status = pw.CharField(null=True)
@@ -88,6 +89,7 @@ class TaskEvent(_Base):
 class TaskLog(_Base):
     """One archive segment of a task's output."""
 
+    id = pw.AutoField()
     task_id = pw.CharField(index=True)
     created_at = pw.FloatField()
     path = pw.CharField(unique=True)
@@ -119,8 +121,9 @@ def _ddl() -> list[Statement]:
     ctx = _db.get_sql_context
     out = []
     for model in MODELS:
-        out.append(ctx().sql(model._schema._create_table(safe=True)).query())
-        out.extend(ctx().sql(index).query() for index in model._schema._create_indexes(safe=True))
+        schema = model._schema  # type: ignore[attr-defined]  # peewee's schema manager
+        out.append(ctx().sql(schema._create_table(safe=True)).query())
+        out.extend(ctx().sql(index).query() for index in schema._create_indexes(safe=True))
     return out
 
 
@@ -431,7 +434,8 @@ def upsert_segment(task_id: str, seg: Any) -> Statement:
         update={k: getattr(pw.EXCLUDED, k) for k in
                 ("last_seq", "raw_bytes", "gz_bytes", "closed_at")},
     )
-    return query.sql()  # type: ignore[no-any-return]
+    sql, params = query.sql()
+    return sql, params
 
 
 
