@@ -1,6 +1,8 @@
 #!/usr/bin/env python3
 """Writes RR_PARAM_BYTES bytes of numbered text to stdout as fast as it can."""
-import os, sys
+import os
+import sys
+
 total = int(os.environ.get("RR_PARAM_BYTES", "1000000"))
 out = sys.stdout.buffer
 written, i = 0, 0

@@ -1,6 +1,9 @@
 #!/usr/bin/env python3
 """Writes n numbered lines alternating stdout/stderr (or only stdout), optionally slowly."""
-import os, sys, time
+import os
+import sys
+import time
+
 n = int(os.environ.get("RR_PARAM_N", "100"))
 delay = float(os.environ.get("RR_PARAM_DELAY", "0"))
 both = os.environ.get("RR_PARAM_BOTH", "false") == "true"
