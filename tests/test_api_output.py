@@ -53,6 +53,16 @@ async def test_closed_and_suffix_ranges(make_client):
     assert response.status == 200 and await response.read() == expected
 
 
+async def test_head_gives_the_length_without_a_body(make_client):
+    """HEAD answers the download's headers, Content-Length included, and no body."""
+    client, task = await flooded(make_client)
+    response = await client.head(f"/tasks/{task['id']}/output",
+                                 headers={"Accept-Encoding": "identity"})
+    assert response.status == 200 and response.headers["Content-Length"] == str(TOTAL)
+    assert response.headers["X-RemoteRun-Last-Seq"] == str(task["last_seq"])
+    assert await response.read() == b""
+
+
 async def test_range_past_the_end_is_416(make_client):
     """A range starting at or past the end answers 416 with a JSON error and the length."""
     client, task = await flooded(make_client)

@@ -312,10 +312,16 @@ async def _send(request: web.Request, response: web.StreamResponse,
     if length is not None:
         response.content_length = length
     await response.prepare(request)
+    if request.method == "HEAD":  # the headers say it all; do not read the archive for nothing
+        await response.write_eof()
+        return response
     sent = 0
-    async for chunk in chunks:
-        await response.write(chunk)
-        sent += len(chunk)
+    try:
+        async for chunk in chunks:
+            await response.write(chunk)
+            sent += len(chunk)
+    except ConnectionResetError:  # the client went away: nothing to finish
+        return response
     if length is not None and sent != length and request.transport is not None:
         # Pruned or damaged under us: a client must not wait for bytes that will not come.
         log.warning("output_short", path=request.path, promised=length, sent=sent)
