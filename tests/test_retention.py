@@ -153,3 +153,16 @@ async def _rows(tmp_path, task_id: str) -> list[dict]:
         return await db.segments(task_id)
     finally:
         await db.close()
+
+
+async def test_verify_repair_deletes_what_pruning_left_on_disk(make_client, tmp_path):
+    """Rows marked pruned whose files a crash left behind: reported, and --repair deletes."""
+    client = await make_client()
+    task = await wait_final(client, (await submit(client, "hello.sh"))["id"])
+    await client.app[DB].write([dbm.mark_pruned(task["id"])])  # as if killed before deleting
+    await client.close()
+    found = await verify(tmp_path)
+    assert found.returncode == 1 and "pruned_present" in found.stdout
+    assert (await verify(tmp_path, "--repair")).returncode == 0
+    assert segments.list_segments(tmp_path / "archive" / task["logs_path"]) == []
+    assert (await verify(tmp_path)).returncode == 0
