@@ -1,0 +1,1 @@
+"""RemoteRun benchmark suite: `python bench/run.py` (see README.md)."""

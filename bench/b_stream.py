@@ -1,0 +1,264 @@
+"""Streaming: one task's 1 GB to one WebSocket client, and print-to-client latency."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import time
+import zlib
+from pathlib import Path
+
+import aiohttp
+
+from bench import client
+from bench.lib import (
+    MB,
+    Context,
+    Row,
+    Server,
+    interleave,
+    median,
+    percentile,
+    progress,
+)
+from bench.peer import Webhook
+
+READ_BYTES = 65536
+
+
+# One task, one client --------------------------------------------------------------------------
+
+async def remoterun_stream(http: aiohttp.ClientSession, url: str, file: Path, times: int
+                           ) -> tuple[float, client.Followed]:
+    """MB/s at the client: submit, attach, decode every frame until the exit frame."""
+    expected = file.stat().st_size * times
+    began = time.perf_counter()
+    task_id = await client.submit(http, url, "stream.sh", {"FILE": str(file), "TIMES": times})
+    async with asyncio.timeout(600):
+        seen = await client.follow(http, url, task_id)
+    elapsed = time.perf_counter() - began
+    if seen.data_bytes != expected or seen.gaps or seen.exit is None \
+            or seen.exit["status"] != "success":
+        raise RuntimeError(f"stream got {seen.data_bytes} of {expected} bytes, "
+                           f"{seen.gaps} gaps, exit {seen.exit}")
+    return expected / elapsed / MB, seen
+
+
+async def pipe_stream(script: Path, file: Path, times: int, compress: bool) -> float:
+    """Floor: the same script's output read from a pipe (and gzip -1 compressed) in one process."""
+    env = {**os.environ, "RR_PARAM_FILE": str(file), "RR_PARAM_TIMES": str(times)}
+    z = zlib.compressobj(1, zlib.DEFLATED, 31)
+    total = 0
+    began = time.perf_counter()
+    proc = await asyncio.create_subprocess_exec(str(script), env=env,
+                                                stdout=asyncio.subprocess.PIPE,
+                                                stdin=asyncio.subprocess.DEVNULL)
+    assert proc.stdout is not None
+    while chunk := await proc.stdout.read(READ_BYTES):
+        total += len(chunk)
+        if compress:
+            z.compress(chunk)
+    if compress:
+        z.flush()
+    await proc.wait()
+    if total != file.stat().st_size * times:
+        raise RuntimeError(f"pipe read {total} bytes")
+    return total / (time.perf_counter() - began) / MB
+
+
+async def webhook_stream(ctx: Context, times: int) -> float | None:
+    """Peer: webhook runs the same script and returns its whole output (it cannot stream)."""
+    if not Webhook.available():
+        return None
+    wrapper = ctx.work / "webhook" / "stream_peer.sh"
+    wrapper.parent.mkdir(parents=True, exist_ok=True)
+    wrapper.write_text(f"#!/bin/sh\nRR_PARAM_FILE='{ctx.log_file}' RR_PARAM_TIMES={times} "
+                       f"exec '{ctx.scripts / 'stream.sh'}'\n")
+    wrapper.chmod(0o755)
+    expected = ctx.log_file.stat().st_size * times
+    async with Webhook(ctx, {"stream": wrapper}) as hook, client.session() as http:
+        began = time.perf_counter()
+        total = 0
+        async with http.post(hook.url("stream")) as resp:
+            async for chunk in resp.content.iter_any():
+                total += len(chunk)
+        elapsed = time.perf_counter() - began
+    if total < expected:
+        raise RuntimeError(f"webhook returned {total} of {expected} bytes")
+    return expected / elapsed / MB
+
+
+async def stream(ctx: Context) -> list[Row]:
+    """1 GB (quick: 96 MiB) of log text to one WebSocket client, archive on."""
+    times = ctx.size(32, 3)
+    size_mb = ctx.log_file.stat().st_size * times / MB
+    script = ctx.scripts / "stream.sh"
+    reconnects: list[int] = []
+
+    async with Server(ctx, "stream", workers=8) as server, client.session() as http:
+        idle_kb = server.rss_kb() or 0
+
+        async def rr() -> float:
+            rate, seen = await remoterun_stream(http, server.url, ctx.log_file, times)
+            reconnects.append(seen.reconnects)
+            return rate
+
+        got, floor, raw = await interleave(
+            ctx.runs, rr, lambda: pipe_stream(script, ctx.log_file, times, compress=True),
+            lambda: pipe_stream(script, ctx.log_file, times, compress=False))
+        peak_kb = server.peak_rss_kb() or 0
+    notes = f"{size_mb:.0f} MB per run; 1013 reconnects per run {reconnects}"
+    rows = [
+        Row("1 GB to one WS client, archive on", "MB/s", median(got), median(floor),
+            "pipe read + gzip -1", ">= 0.5 of floor", runs=got, baseline_runs=floor, notes=notes),
+        Row("  same, vs raw pipe read (info)", "MB/s", median(got), median(raw),
+            "pipe read only", "-", runs=got, baseline_runs=raw),
+        Row("  server peak RSS during it", "MB", peak_kb / 1024, idle_kb / 1024,
+            "RSS at start", "< 150 MB", higher_is_better=False),
+    ]
+    rows[0].met = rows[0].ratio is not None and rows[0].ratio >= 0.5
+    rows[2].met = peak_kb / 1024 < 150
+    peer = Row("  same bytes via webhook (info)", "MB/s", median(got), None, "webhook",
+               "-", notes="webhook buffers the whole output and answers at the end")
+    peer_rate = await webhook_stream(ctx, times)
+    if peer_rate is None:
+        peer.notes = "peer not available (apt-get install webhook)"
+    peer.baseline = peer_rate
+    rows.append(peer)
+    return rows
+
+
+# Latency ---------------------------------------------------------------------------------------
+
+async def remoterun_latency(http: aiohttp.ClientSession, url: str, lines: int) -> float:
+    """p99 ms from tick.py's print to the client's receipt of the line."""
+    task_id = await client.submit(http, url, "tick.py", {"LINES": lines, "PERIOD": 0.02,
+                                                         "DELAY": 0.5})
+    async with asyncio.timeout(60 + lines * 0.1):
+        seen = await client.follow(http, url, task_id, client.latency_frame)
+    if len(seen.latencies) != lines:
+        raise RuntimeError(f"latency: got {len(seen.latencies)} of {lines} lines")
+    return percentile(seen.latencies, 99) * 1000
+
+
+async def pipe_latency(script: Path, lines: int) -> float:
+    """Floor: p99 ms from tick.py's print to a line read from its pipe in this process."""
+    env = {**os.environ, "RR_PARAM_LINES": str(lines), "RR_PARAM_DELAY": "0.1"}
+    proc = await asyncio.create_subprocess_exec(str(script), env=env,
+                                                stdout=asyncio.subprocess.PIPE)
+    assert proc.stdout is not None
+    latencies = []
+    while line := await proc.stdout.readline():
+        latencies.append(time.time() - float(line.split()[0]))
+    await proc.wait()
+    return percentile(latencies, 99) * 1000
+
+
+async def _watch_ticks(http: aiohttp.ClientSession, url: str, task_id: str, lines: int,
+                       running: asyncio.Event) -> list[tuple[float, float]]:
+    """(print time, latency) of each of tick.py's lines, read live from the task's socket."""
+    got: list[tuple[float, float]] = []
+    async with http.ws_connect(f"{url}/tasks/{task_id}/ws", max_msg_size=0) as ws:
+        async for msg in ws:
+            now = time.time()
+            body = json.loads(msg.data)
+            if body["type"] == "status" and body["status"] == "running":
+                running.set()
+            elif body["type"] == "output":
+                for line in body["data"].splitlines():
+                    stamp = float(line.split(" tick ")[0])
+                    got.append((stamp, now - stamp))
+            if len(got) >= lines or body["type"] == "exit":
+                break
+    return got
+
+
+async def _flood(http: aiohttp.ClientSession, url: str, file: Path, count: int) -> list[str]:
+    """Submit `count` flooders; return their ids once the server lists them all as running."""
+    ids = await asyncio.gather(*(client.submit(http, url, "flood.sh", {"FILE": str(file)},
+                                               timeout=600) for _ in range(count)))
+    while True:  # bounded by the caller's timeout
+        async with http.get(url + "/tasks?status=running&script=flood.sh&limit=500") as resp:
+            if len((await resp.json())["tasks"]) >= count:
+                return list(ids)
+        await asyncio.sleep(0.2)
+
+
+async def _submit_probe(http: aiohttp.ClientSession, url: str, limit_s: float) -> float:
+    """Milliseconds one POST /tasks takes to answer (limit_s * 1000 if it does not in time)."""
+    began = time.perf_counter()
+    try:
+        async with asyncio.timeout(limit_s):
+            await client.submit(http, url, "trivial.sh")
+    except TimeoutError:
+        return limit_s * 1000
+    return (time.perf_counter() - began) * 1000
+
+
+async def flooded_latency(http: aiohttp.ClientSession, url: str, file: Path, runs: int,
+                          lines: int, flooders: int) -> tuple[list[float], float, int]:
+    """p99 ms of `runs` staggered tick tasks beside `flooders` tasks flooding output.
+
+    The tick tasks are submitted (and running) before the flood, each waiting its turn to
+    print, so that their own submission does not wait behind the flood; only lines printed once
+    every flooder runs count. Also returns one submission's latency under the flood.
+    """
+    span = lines * 0.02
+    lead = 6.0
+    running = [asyncio.Event() for _ in range(runs)]
+    ids = [await client.submit(http, url, "tick.py", {
+        "LINES": lines, "PERIOD": 0.02, "DELAY": lead + k * (span + 1.0)}) for k in range(runs)]
+    watchers = [asyncio.create_task(_watch_ticks(http, url, i, lines, ev))
+                for i, ev in zip(ids, running, strict=True)]
+    flood_ids: list[str] = []
+    try:
+        async with asyncio.timeout(10):
+            await asyncio.gather(*(ev.wait() for ev in running))
+        async with asyncio.timeout(lead + 30):
+            flood_ids = await _flood(http, url, file, flooders)
+        flood_up = time.time()
+        progress("flood running")
+        probe = await _submit_probe(http, url, limit_s=lead)
+        async with asyncio.timeout(lead + runs * (span + 1.0) + 60):
+            seen = await asyncio.gather(*watchers)
+        progress("tick tasks done")
+    finally:
+        for watcher in watchers:
+            watcher.cancel()
+        await asyncio.gather(*(client.cancel(http, url, i) for i in flood_ids + ids),
+                             return_exceptions=True)
+    p99s = []
+    for got in seen:
+        live = [lat for stamp, lat in got if stamp > flood_up]
+        if len(live) < lines // 2:
+            raise RuntimeError(f"only {len(live)} of {lines} lines printed under the flood")
+        p99s.append(percentile(live, 99) * 1000)
+    return p99s, probe, flooders
+
+
+async def latency(ctx: Context) -> list[Row]:
+    """Print-to-client latency at 50 lines/s, idle and beside 100 flooding tasks."""
+    lines = ctx.size(300, 100)
+    flooders = 100
+    script = ctx.scripts / "tick.py"
+    async with Server(ctx, "latency", workers=flooders + ctx.runs + 4) as server, \
+            client.session() as http:
+        idle, floor = await interleave(ctx.runs,
+                                       lambda: remoterun_latency(http, server.url, lines),
+                                       lambda: pipe_latency(script, lines))
+        flood, probe, _ = await flooded_latency(http, server.url, ctx.log_file, ctx.runs,
+                                                lines, flooders)
+    rows = [
+        Row("latency p99, idle", "ms", median(idle), median(floor), "pipe read p99",
+            "< 10 ms", higher_is_better=False, runs=idle, baseline_runs=floor,
+            notes=f"{lines} lines at 50/s"),
+        Row(f"latency p99, {flooders} tasks flooding", "ms", median(flood), median(floor),
+            "pipe read p99 (idle)", "< 50 ms", higher_is_better=False, runs=flood,
+            notes=f"{lines} lines at 50/s; {flooders} tasks cat log text, archive on"),
+        Row("  POST /tasks answered, under that flood (info)", "ms", probe, None, "", "-",
+            higher_is_better=False, notes="one submission, capped at 6000 ms"),
+    ]
+    rows[0].met = rows[0].value is not None and rows[0].value < 10
+    rows[1].met = rows[1].value is not None and rows[1].value < 50
+    return rows

@@ -1,0 +1,149 @@
+"""Task throughput: trivial tasks end to end, and REST submissions accepted per second."""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+import time
+from collections.abc import Awaitable, Callable
+
+import aiohttp
+
+from bench import client
+from bench.lib import (
+    BENCH,
+    Context,
+    Row,
+    Server,
+    free_port,
+    interleave,
+    median,
+    spawn_logged,
+    terminate,
+    wait_ready,
+)
+from bench.peer import Webhook
+
+CONCURRENCY = 8
+
+
+async def _spread(n: int, one: Callable[[], Awaitable[None]], limit_s: float) -> float:
+    """Do `one` n times from CONCURRENCY concurrent loops; completions per second."""
+    async def loop(count: int) -> None:
+        for _ in range(count):
+            await one()
+
+    counts = [n // CONCURRENCY + (i < n % CONCURRENCY) for i in range(CONCURRENCY)]
+    began = time.perf_counter()
+    async with asyncio.timeout(limit_s):
+        await asyncio.gather(*(loop(c) for c in counts))
+    return n / (time.perf_counter() - began)
+
+
+# Trivial tasks ---------------------------------------------------------------------------------
+
+async def remoterun_trivial(http: aiohttp.ClientSession, url: str, n: int) -> float:
+    """REST submit, attach over WebSocket, wait for the exit frame (sent after the commit)."""
+    async def one() -> None:
+        task_id = await client.submit(http, url, "trivial.sh")
+        seen = await client.follow(http, url, task_id)
+        if seen.exit is None or seen.exit["status"] != "success" or seen.data_bytes != 3:
+            raise RuntimeError(f"trivial task {task_id} ended as {seen}")
+
+    rate = await _spread(n, one, limit_s=120)
+    async with http.get(url + "/tasks?status=success&limit=1") as resp:
+        if not (await resp.json())["tasks"]:
+            raise RuntimeError("no task persisted as success")
+    return rate
+
+
+async def spawn_trivial(script: str, n: int) -> float:
+    """Baseline: create_subprocess_exec of the same script, stdout and stderr read to EOF."""
+    async def one() -> None:
+        proc = await asyncio.create_subprocess_exec(
+            script, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE)
+        assert proc.stdout is not None and proc.stderr is not None
+        out, _ = await asyncio.gather(proc.stdout.read(), proc.stderr.read())
+        if await proc.wait() != 0 or out != b"hi\n":
+            raise RuntimeError("baseline spawn failed")
+
+    return await _spread(n, one, limit_s=120)
+
+
+async def webhook_trivial(http: aiohttp.ClientSession, url: str, n: int) -> float:
+    """Peer: webhook runs the same script per request and returns its output."""
+    async def one() -> None:
+        async with http.post(url) as resp:
+            body = await resp.read()
+            if resp.status != 200 or b"hi" not in body:
+                raise RuntimeError(f"webhook answered {resp.status}: {body[:200]!r}")
+
+    return await _spread(n, one, limit_s=120)
+
+
+async def trivial(ctx: Context) -> list[Row]:
+    """Trivial tasks end to end vs raw spawn+read vs webhook."""
+    n = ctx.size(1000, 200)
+    script = str(ctx.scripts / "trivial.sh")
+    async with Server(ctx, "trivial", workers=8) as server, client.session() as http:
+        await remoterun_trivial(http, server.url, 50)  # warm-up
+        rr, raw = await interleave(ctx.runs, lambda: remoterun_trivial(http, server.url, n),
+                                   lambda: spawn_trivial(script, n))
+    rows = [Row("trivial tasks e2e vs raw spawn", "tasks/s", median(rr), median(raw),
+                "raw spawn+read", ">= 0.5 of raw", runs=rr, baseline_runs=raw,
+                notes=f"{n} tasks, {CONCURRENCY} concurrent clients; REST submit + WS exit frame")]
+    rows[0].met = rows[0].ratio is not None and rows[0].ratio >= 0.5
+    peer = Row("trivial tasks e2e vs webhook", "tasks/s", median(rr), None, "webhook",
+               "faster than webhook", runs=rr)
+    if not Webhook.available():
+        peer.notes = "peer not available (apt-get install webhook)"
+    else:
+        async with Webhook(ctx, {"trivial": ctx.scripts / "trivial.sh"}) as hook, \
+                client.session() as http:
+            await webhook_trivial(http, hook.url("trivial"), 50)
+            (wh,) = await interleave(ctx.runs, lambda: webhook_trivial(http, hook.url("trivial"),
+                                                                       n))
+        peer.baseline, peer.baseline_runs = median(wh), wh
+        peer.met = peer.ratio is not None and peer.ratio > 1.0
+        peer.notes = f"{n} requests, {CONCURRENCY} concurrent, include-command-output-in-response"
+    rows.append(peer)
+    return rows
+
+
+# Submissions -----------------------------------------------------------------------------------
+
+async def submissions_rate(http: aiohttp.ClientSession, url: str, n: int) -> float:
+    """POST /tasks of a sleeping script n times from CONCURRENCY clients; accepted per second."""
+    async def one() -> None:
+        async with http.post(url + "/tasks", json={"script": "sleep.sh"}) as resp:
+            await resp.read()
+            if resp.status != 201:
+                raise RuntimeError(f"submit answered {resp.status}")
+
+    return await _spread(n, one, limit_s=120)
+
+
+async def submissions(ctx: Context) -> list[Row]:
+    """Tasks queued per second (workers=1, so they stay pending) vs a bare aiohttp handler."""
+    n = ctx.size(3000, 1000)
+    port = free_port()
+    folder = ctx.work / "bare"
+    folder.mkdir(parents=True, exist_ok=True)
+    bare = spawn_logged([sys.executable, str(BENCH / "bare.py"), str(port)], folder / "bare.log")
+    bare_url = f"http://127.0.0.1:{port}"
+    try:
+        await wait_ready(bare_url + "/healthz", bare, 20, "bare aiohttp server")
+        async with Server(ctx, "submissions", workers=1) as server, client.session() as http:
+            await submissions_rate(http, server.url, 100)
+            await submissions_rate(http, bare_url, 100)
+            rr, floor = await interleave(ctx.runs,
+                                         lambda: submissions_rate(http, server.url, n),
+                                         lambda: submissions_rate(http, bare_url, n))
+    finally:
+        terminate(bare)
+    row = Row("REST submissions accepted", "tasks/s", median(rr), median(floor),
+              "bare aiohttp POST handler", ">= 2000/s", runs=rr, baseline_runs=floor,
+              notes=f"{n} POST /tasks, {CONCURRENCY} concurrent clients, workers=1")
+    row.met = row.value is not None and row.value >= 2000
+    return [row]

@@ -1,0 +1,133 @@
+"""Run every RemoteRun benchmark, print the table and write bench/results/latest.json."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+import traceback
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench import b_archive, b_fanout, b_pending, b_stream, b_tasks  # noqa: E402
+from bench.lib import (  # noqa: E402
+    RESULTS,
+    Context,
+    Row,
+    ensure_log_file,
+    machine,
+    raise_nofile,
+    write_scripts,
+)
+
+Group = Callable[[Context], Awaitable[list[Row]]]
+GROUPS: dict[str, Group] = {
+    "trivial": b_tasks.trivial,
+    "submissions": b_tasks.submissions,
+    "stream": b_stream.stream,
+    "latency": b_stream.latency,
+    "fanout": b_fanout.fanout,
+    "idle": b_fanout.idle,
+    "pending": b_pending.pending,
+    "archive": b_archive.archive,
+}
+
+
+def fmt(value: float | None) -> str:
+    """A figure for the table: 3 significant digits, thousands separated."""
+    if value is None:
+        return "-"
+    if abs(value) >= 100:
+        return f"{value:,.0f}"
+    return f"{value:.3g}"
+
+
+def table(rows: list[Row]) -> str:
+    """The results as a Markdown table."""
+    head = ["benchmark", "RemoteRun", "baseline", "ratio", "target", "met?"]
+    lines = [head]
+    for r in rows:
+        met = {True: "yes", False: "NO", None: "-"}[r.met]
+        base = f"{fmt(r.baseline)} ({r.baseline_name})" if r.baseline_name else fmt(r.baseline)
+        if r.baseline_name and r.baseline is None:
+            base = f"{r.baseline_name}: {r.notes}" if "not available" in r.notes else base
+        lines.append([r.name, f"{fmt(r.value)} {r.unit}", base,
+                      fmt(r.ratio) if r.ratio is not None else "-", r.target, met])
+    widths = [max(len(line[i]) for line in lines) for i in range(len(head))]
+    out = ["| " + " | ".join(c.ljust(w) for c, w in zip(line, widths, strict=True)) + " |"
+           for line in lines]
+    out.insert(1, "|" + "|".join("-" * (w + 2) for w in widths) + "|")
+    return "\n".join(out)
+
+
+async def run_group(name: str, ctx: Context, rows: list[Row], failures: list[str],
+                    load: dict[str, float]) -> None:
+    """Run one group, adding its rows (or a failure row) to `rows`."""
+    t0 = time.monotonic()
+    load[name] = round(os.getloadavg()[0], 2)
+    print(f"== {name} (load average {load[name]}) ...", file=sys.stderr, flush=True)
+    try:
+        got = await GROUPS[name](ctx)
+    except Exception as exc:  # one broken group must not hide the others' figures
+        traceback.print_exc()
+        failures.append(f"{name}: {exc!r}")
+        got = [Row(name, "", None, notes=f"FAILED: {exc!r}", met=False)]
+    rows += got
+    for row in got:
+        print(f"   {row.name}: {fmt(row.value)} {row.unit} vs {fmt(row.baseline)}  {row.notes}",
+              file=sys.stderr, flush=True)
+    print(f"   ({time.monotonic() - t0:.1f} s)", file=sys.stderr, flush=True)
+
+
+async def main() -> int:
+    """Parse arguments, run the groups in order, report."""
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--quick", action="store_true", help="short smoke run (< ~60 s)")
+    parser.add_argument("--only", nargs="*", choices=sorted(GROUPS), help="run these groups")
+    parser.add_argument("--runs", type=int, help="runs per figure (default 3, quick 1)")
+    parser.add_argument("--profile", action="store_true",
+                        help="record each server with py-spy into bench/results/profile-*.txt")
+    parser.add_argument("--keep", action="store_true",
+                        help="keep the scratch folder (server logs, databases, archives)")
+    args = parser.parse_args()
+    raise_nofile()
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    log_file = await asyncio.to_thread(ensure_log_file, RESULTS / "logtext.txt")
+    began = time.monotonic()
+    rows: list[Row] = []
+    failures: list[str] = []
+    load: dict[str, float] = {}
+    work = Path(tempfile.mkdtemp(prefix="rrbench-"))
+    ctx = Context(quick=args.quick, runs=args.runs or (1 if args.quick else 3), work=work,
+                  scripts=write_scripts(work / "scripts"), log_file=log_file,
+                  profile=args.profile)
+    try:
+        for name in args.only or list(GROUPS):
+            await run_group(name, ctx, rows, failures, load)
+    finally:
+        if not args.keep:
+            shutil.rmtree(work, ignore_errors=True)
+    elapsed = time.monotonic() - began
+    print(table(rows))
+    print(f"\n{'quick' if args.quick else 'full'} run, {ctx.runs} run(s) per figure, "
+          f"{elapsed:.0f} s; {machine()}; 1-min load average before each group: {load}")
+    if args.keep:
+        print(f"scratch folder kept: {work}")
+    report = {"mode": "quick" if args.quick else "full", "runs": ctx.runs,
+              "elapsed_s": round(elapsed, 1), "machine": machine(),
+              "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+              "load_average": load, "rows": [r.to_json() for r in rows],
+              "failures": failures}
+    (RESULTS / "latest.json").write_text(json.dumps(report, indent=2))
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(asyncio.run(main()))
