@@ -213,6 +213,8 @@ def test_terminal_size_follows_the_window(page: Page) -> None:
     page.locator("#terminal").click()
     page.keyboard.type("b\r")
     wait_text(page, f"typed: b size {smaller}")
+    page.keyboard.press("Control+D")  # in a PTY, ^D is end of input
+    wait_status(page, "success")
 
 
 def test_cancel_button_cancels(page: Page) -> None:
