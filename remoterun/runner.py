@@ -21,7 +21,7 @@ import os
 import signal
 import struct
 import termios
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -113,24 +113,27 @@ def _children() -> list[tuple[int, str]]:
     return found
 
 
-def sweep_orphans(task_id: str, exclude: frozenset[int] = frozenset()) -> list[int]:
-    """SIGKILL adopted orphans (and their groups) that carry this task's RR_TASK_ID."""
+def kill_task_processes(task_id: str, pids: Iterable[int]) -> list[int]:
+    """SIGKILL those of `pids` (and their groups) whose environment carries this RR_TASK_ID."""
     needle = f"RR_TASK_ID={task_id}".encode()
     killed = []
-    for pid, state in _children():
-        if pid in exclude or state == "Z":
-            continue
+    for pid in pids:
         try:
             with open(f"/proc/{pid}/environ", "rb") as fh:
                 if needle not in fh.read().split(b"\0"):
                     continue
-        except OSError:
+        except OSError:  # gone, or a zombie
             continue
         for kill in (os.killpg, os.kill):
             with contextlib.suppress(OSError):
                 kill(pid, signal.SIGKILL)
         killed.append(pid)
     return killed
+
+
+def sweep_orphans(task_id: str) -> list[int]:
+    """SIGKILL adopted orphans (double-forked daemons) that carry this task's RR_TASK_ID."""
+    return kill_task_processes(task_id, (pid for pid, state in _children() if state != "Z"))
 
 
 def reap_orphans(exclude: frozenset[int]) -> int:

@@ -45,6 +45,7 @@ from remoterun.runner import (
     RunSpec,
     SpawnError,
     become_subreaper,
+    kill_task_processes,
     reap_orphans,
 )
 from remoterun.state import TaskStatus, check_transition
@@ -563,16 +564,4 @@ def _kill_orphans(row: dict[str, Any]) -> None:
     Its processes run in sessions of their own, so they outlive the server; the environment
     marks them even when their pid was never recorded (a crash within a flush interval).
     """
-    needle = f"RR_TASK_ID={row['id']}".encode()
-    for entry in os.scandir("/proc"):
-        if not entry.name.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry.name}/environ", "rb") as fh:
-                if needle not in fh.read().split(b"\0"):
-                    continue
-        except OSError:
-            continue
-        for kill in (os.killpg, os.kill):
-            with contextlib.suppress(OSError):
-                kill(int(entry.name), signal.SIGKILL)
+    kill_task_processes(row["id"], (int(e.name) for e in os.scandir("/proc") if e.name.isdigit()))
