@@ -2,13 +2,17 @@
 PYTHON ?= python3
 APT_PACKAGES = chromium bubblewrap
 
-.PHONY: serve test install install-python install-node install-system
+.PHONY: serve test screenshot bench install install-python install-node install-system
 
 serve: install-python
 	$(PYTHON) -m remoterun serve --config config.toml
 
 test: install
 	$(PYTHON) -m pytest
+
+# Refresh docs/screenshot.png (the README's picture) from the page test.
+screenshot: install
+	REMOTERUN_SCREENSHOT=1 $(PYTHON) -m pytest tests/test_page.py -k screenshot
 
 install: install-system install-python install-node
 
