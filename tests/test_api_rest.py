@@ -261,3 +261,13 @@ async def test_spawn_failure_is_recorded(client):
     assert done["status"] == "failed" and "exec format error" in done["error"]
     after = await submit(client, "hello.sh")
     assert (await wait_final(client, after["id"]))["status"] == "success"
+
+
+async def test_page_and_its_files_are_served(client):
+    """/ serves the page; its own files are revalidated; unknown routes get a JSON 404."""
+    page = await client.get("/")
+    assert page.status == 200 and "xterm" in (await page.text()).lower()
+    script = await client.get("/static/app.js")
+    assert script.status == 200 and script.headers["Cache-Control"] == "no-cache"
+    missing = await client.get("/no/such/route")
+    assert missing.status == 404 and (await missing.json())["error"] == "not_found"

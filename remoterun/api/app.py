@@ -170,6 +170,13 @@ async def on_shutdown(app: web.Application) -> None:
             await sock.close(code=WSCloseCode.GOING_AWAY, message=b"server shutting down")
 
 
+async def revalidate_page(request: web.Request, response: web.StreamResponse) -> None:
+    """Browsers revalidate the page's own files (ETag/Last-Modified make that cheap), so an
+    upgraded server never runs with a stale app.js."""
+    if request.path.startswith("/static/"):
+        response.headers.setdefault("Cache-Control", "no-cache")
+
+
 def create_app(settings: Settings) -> web.Application:
     """The RemoteRun aiohttp application for these settings."""
     app = web.Application(client_max_size=settings.max_body_bytes,
@@ -181,6 +188,7 @@ def create_app(settings: Settings) -> web.Application:
     app[SOCKETS] = weakref.WeakSet[web.WebSocketResponse]()
     app.cleanup_ctx.append(services)
     app.on_shutdown.append(on_shutdown)
+    app.on_response_prepare.append(revalidate_page)
     app.router.add_routes(http.routes)
     app.router.add_routes(ws.routes)
     app.router.add_routes(sse.routes)
