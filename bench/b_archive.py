@@ -8,9 +8,8 @@ import time
 import zlib
 from pathlib import Path
 
-from remoterun.archive import Frame, TaskArchive, read_frames
-
 from bench.lib import MB, Context, Row, interleave, median
+from remoterun.archive import Frame, TaskArchive, read_frames
 
 FRAME_BYTES = 64 * 1024
 

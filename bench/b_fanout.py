@@ -33,10 +33,13 @@ async def _connect_all(http: aiohttp.ClientSession, url: str, task_id: str, n: i
     return list(await asyncio.gather(*(one() for _ in range(n))))
 
 
-async def fan_out_rate(http: aiohttp.ClientSession, url: str, file: Path, times: int,
-                       subscribers: int) -> tuple[float, int]:
-    """Aggregate MB/s delivered to `subscribers` clients of one gated task; reconnects seen."""
-    expected = file.stat().st_size * times
+async def fan_out_rate(http: aiohttp.ClientSession, url: str, file: Path, size: int,
+                       times: int, subscribers: int) -> tuple[float, int]:
+    """Aggregate MB/s delivered to `subscribers` clients of one gated task; reconnects seen.
+
+    The task cats `file` (`size` bytes) `times` times once every subscriber is attached.
+    """
+    expected = size * times
     gate = file.with_name(f"gate-{uuid.uuid4()}")
     task_id = await client.submit(http, url, "stream.sh", {"FILE": str(file), "TIMES": times,
                                                            "GATE": str(gate)})
@@ -71,19 +74,20 @@ async def fanout(ctx: Context) -> list[Row]:
     """Aggregate MB/s to N subscribers of one task vs one client's MB/s."""
     subscribers = ctx.size(1000, 100)
     piece = ctx.work / "piece.log"  # 2 MiB of the log text per fan-out run
-    piece.write_bytes(ctx.log_file.read_bytes()[: 2 * 1024 * 1024])
+    size = 2 * 1024 * 1024
+    piece.write_bytes(ctx.log_file.read_bytes()[:size])
     reconnects: list[int] = []
     async with Server(ctx, "fanout", workers=8) as server, client.session() as http:
         async def many() -> float:
-            rate, again = await fan_out_rate(http, server.url, piece, 1, subscribers)
+            rate, again = await fan_out_rate(http, server.url, piece, size, 1, subscribers)
             reconnects.append(again)
             return rate
 
         async def single() -> float:
-            rate, again = await fan_out_rate(http, server.url, piece, 32, 1)
+            rate, again = await fan_out_rate(http, server.url, piece, size, 32, 1)
             return rate
 
-        await fan_out_rate(http, server.url, piece, 1, 10)  # warm-up
+        await fan_out_rate(http, server.url, piece, size, 1, 10)  # warm-up
         got, one = await interleave(ctx.runs, many, single)
         peak_kb = server.peak_rss_kb() or 0
     row = Row(f"fan-out: 1 task to {subscribers} subscribers", "MB/s", median(got), median(one),

@@ -12,10 +12,9 @@ from typing import Any
 
 import aiohttp
 
-from remoterun.archive import logs_path_for
-
 from bench import client
 from bench.lib import Context, Row, Server, median, percentile, progress
+from remoterun.archive import logs_path_for
 
 QUERIES = 200
 

@@ -15,6 +15,7 @@ from bench import client
 from bench.lib import (
     MB,
     Context,
+    CpuMeter,
     Row,
     Server,
     interleave,
@@ -29,10 +30,9 @@ READ_BYTES = 65536
 
 # One task, one client --------------------------------------------------------------------------
 
-async def remoterun_stream(http: aiohttp.ClientSession, url: str, file: Path, times: int
-                           ) -> tuple[float, client.Followed]:
+async def remoterun_stream(http: aiohttp.ClientSession, url: str, file: Path, expected: int,
+                           times: int) -> tuple[float, client.Followed]:
     """MB/s at the client: submit, attach, decode every frame until the exit frame."""
-    expected = file.stat().st_size * times
     began = time.perf_counter()
     task_id = await client.submit(http, url, "stream.sh", {"FILE": str(file), "TIMES": times})
     async with asyncio.timeout(600):
@@ -45,7 +45,8 @@ async def remoterun_stream(http: aiohttp.ClientSession, url: str, file: Path, ti
     return expected / elapsed / MB, seen
 
 
-async def pipe_stream(script: Path, file: Path, times: int, compress: bool) -> float:
+async def pipe_stream(script: Path, file: Path, expected: int, times: int, compress: bool
+                      ) -> float:
     """Floor: the same script's output read from a pipe (and gzip -1 compressed) in one process."""
     env = {**os.environ, "RR_PARAM_FILE": str(file), "RR_PARAM_TIMES": str(times)}
     z = zlib.compressobj(1, zlib.DEFLATED, 31)
@@ -62,7 +63,7 @@ async def pipe_stream(script: Path, file: Path, times: int, compress: bool) -> f
     if compress:
         z.flush()
     await proc.wait()
-    if total != file.stat().st_size * times:
+    if total != expected:
         raise RuntimeError(f"pipe read {total} bytes")
     return total / (time.perf_counter() - began) / MB
 
@@ -76,7 +77,7 @@ async def webhook_stream(ctx: Context, times: int) -> float | None:
     wrapper.write_text(f"#!/bin/sh\nRR_PARAM_FILE='{ctx.log_file}' RR_PARAM_TIMES={times} "
                        f"exec '{ctx.scripts / 'stream.sh'}'\n")
     wrapper.chmod(0o755)
-    expected = ctx.log_file.stat().st_size * times
+    expected = ctx.log_bytes * times
     async with Webhook(ctx, {"stream": wrapper}) as hook, client.session() as http:
         began = time.perf_counter()
         total = 0
@@ -92,23 +93,28 @@ async def webhook_stream(ctx: Context, times: int) -> float | None:
 async def stream(ctx: Context) -> list[Row]:
     """1 GB (quick: 96 MiB) of log text to one WebSocket client, archive on."""
     times = ctx.size(32, 3)
-    size_mb = ctx.log_file.stat().st_size * times / MB
+    expected = ctx.log_bytes * times
     script = ctx.scripts / "stream.sh"
     reconnects: list[int] = []
 
     async with Server(ctx, "stream", workers=8) as server, client.session() as http:
         idle_kb = server.rss_kb() or 0
+        cpu = CpuMeter(server)
 
         async def rr() -> float:
-            rate, seen = await remoterun_stream(http, server.url, ctx.log_file, times)
+            with cpu:
+                rate, seen = await remoterun_stream(http, server.url, ctx.log_file, expected,
+                                                    times)
             reconnects.append(seen.reconnects)
             return rate
 
         got, floor, raw = await interleave(
-            ctx.runs, rr, lambda: pipe_stream(script, ctx.log_file, times, compress=True),
-            lambda: pipe_stream(script, ctx.log_file, times, compress=False))
+            ctx.runs, rr,
+            lambda: pipe_stream(script, ctx.log_file, expected, times, compress=True),
+            lambda: pipe_stream(script, ctx.log_file, expected, times, compress=False))
         peak_kb = server.peak_rss_kb() or 0
-    notes = f"{size_mb:.0f} MB per run; 1013 reconnects per run {reconnects}"
+    notes = (f"{expected / MB:.0f} MB per run; 1013 reconnects per run {reconnects}; "
+             f"{cpu.describe(expected * ctx.runs / MB, 'MB')}")
     rows = [
         Row("1 GB to one WS client, archive on", "MB/s", median(got), median(floor),
             "pipe read + gzip -1", ">= 0.5 of floor", runs=got, baseline_runs=floor, notes=notes),
@@ -163,7 +169,8 @@ async def _watch_ticks(http: aiohttp.ClientSession, url: str, task_id: str, line
         async for msg in ws:
             now = time.time()
             body = json.loads(msg.data)
-            if body["type"] == "status" and body["status"] == "running":
+            if (body["type"] == "status" and body["status"] == "running") or \
+                    (body["type"] == "task" and body["task"]["status"] == "running"):
                 running.set()
             elif body["type"] == "output":
                 for line in body["data"].splitlines():

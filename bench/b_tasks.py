@@ -13,6 +13,7 @@ from bench import client
 from bench.lib import (
     BENCH,
     Context,
+    CpuMeter,
     Row,
     Server,
     free_port,
@@ -42,13 +43,22 @@ async def _spread(n: int, one: Callable[[], Awaitable[None]], limit_s: float) ->
 
 # Trivial tasks ---------------------------------------------------------------------------------
 
-async def remoterun_trivial(http: aiohttp.ClientSession, url: str, n: int) -> float:
-    """REST submit, attach over WebSocket, wait for the exit frame (sent after the commit)."""
+async def remoterun_trivial(http: aiohttp.ClientSession, url: str, n: int,
+                            failed: list[str] | None = None) -> float:
+    """REST submit, attach over WebSocket, wait for the exit frame (sent after the commit).
+
+    A task that does not succeed is noted in `failed` (a correctness problem to report, not
+    a reason to lose the throughput figure); more than 5% failing aborts.
+    """
+    failed = [] if failed is None else failed
+
     async def one() -> None:
         task_id = await client.submit(http, url, "trivial.sh")
         seen = await client.follow(http, url, task_id)
         if seen.exit is None or seen.exit["status"] != "success" or seen.data_bytes != 3:
-            raise RuntimeError(f"trivial task {task_id} ended as {seen}")
+            failed.append(f"{task_id}: {seen.exit}")
+            if len(failed) > n // 20:
+                raise RuntimeError(f"{len(failed)} trivial tasks failed, e.g. {failed[0]}")
 
     rate = await _spread(n, one, limit_s=120)
     async with http.get(url + "/tasks?status=success&limit=1") as resp:
@@ -88,11 +98,20 @@ async def trivial(ctx: Context) -> list[Row]:
     script = str(ctx.scripts / "trivial.sh")
     async with Server(ctx, "trivial", workers=8) as server, client.session() as http:
         await remoterun_trivial(http, server.url, 50)  # warm-up
-        rr, raw = await interleave(ctx.runs, lambda: remoterun_trivial(http, server.url, n),
-                                   lambda: spawn_trivial(script, n))
+        failed: list[str] = []
+        cpu = CpuMeter(server)
+
+        async def rr_run() -> float:
+            with cpu:
+                return await remoterun_trivial(http, server.url, n, failed)
+
+        rr, raw = await interleave(ctx.runs, rr_run, lambda: spawn_trivial(script, n))
+    notes = (f"{n} tasks, {CONCURRENCY} concurrent clients; REST submit + WS exit frame; "
+             f"{cpu.describe(n * ctx.runs, 'task')}")
+    if failed:
+        notes += f"; {len(failed)} of {n * ctx.runs} did not succeed, e.g. {failed[0]}"
     rows = [Row("trivial tasks e2e vs raw spawn", "tasks/s", median(rr), median(raw),
-                "raw spawn+read", ">= 0.5 of raw", runs=rr, baseline_runs=raw,
-                notes=f"{n} tasks, {CONCURRENCY} concurrent clients; REST submit + WS exit frame")]
+                "raw spawn+read", ">= 0.5 of raw", runs=rr, baseline_runs=raw, notes=notes)]
     rows[0].met = rows[0].ratio is not None and rows[0].ratio >= 0.5
     peer = Row("trivial tasks e2e vs webhook", "tasks/s", median(rr), None, "webhook",
                "faster than webhook", runs=rr)
@@ -137,13 +156,19 @@ async def submissions(ctx: Context) -> list[Row]:
         async with Server(ctx, "submissions", workers=1) as server, client.session() as http:
             await submissions_rate(http, server.url, 100)
             await submissions_rate(http, bare_url, 100)
-            rr, floor = await interleave(ctx.runs,
-                                         lambda: submissions_rate(http, server.url, n),
+            cpu = CpuMeter(server)
+
+            async def rr_run() -> float:
+                with cpu:
+                    return await submissions_rate(http, server.url, n)
+
+            rr, floor = await interleave(ctx.runs, rr_run,
                                          lambda: submissions_rate(http, bare_url, n))
     finally:
         terminate(bare)
     row = Row("REST submissions accepted", "tasks/s", median(rr), median(floor),
               "bare aiohttp POST handler", ">= 2000/s", runs=rr, baseline_runs=floor,
-              notes=f"{n} POST /tasks, {CONCURRENCY} concurrent clients, workers=1")
+              notes=f"{n} POST /tasks, {CONCURRENCY} concurrent clients, workers=1; "
+                    f"{cpu.describe(n * ctx.runs, 'task')}")
     row.met = row.value is not None and row.value >= 2000
     return [row]

@@ -66,6 +66,11 @@ class Context:
     log_file: Path
     profile: bool = False
 
+    @property
+    def log_bytes(self) -> int:
+        """The size of the shared log-text file."""
+        return self.log_file.stat().st_size
+
     def size(self, full: Any, quick: Any) -> Any:
         """Pick the full-mode or the quick-mode figure."""
         return quick if self.quick else full
@@ -129,6 +134,43 @@ def proc_status_kb(pid: int, key: str) -> int | None:
     except OSError:
         return None
     return None
+
+
+def proc_cpu_s(pid: int) -> float:
+    """CPU seconds (user + system) a live process has used, from /proc/<pid>/stat."""
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            fields = fh.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+class CpuMeter:
+    """CPU seconds used by the server and by this (client) process over a block."""
+
+    def __init__(self, server: Server):
+        self.server = server
+        self.server_s = 0.0
+        self.client_s = 0.0
+        self.wall_s = 0.0
+
+    def __enter__(self) -> CpuMeter:
+        self._start = (self.server.cpu_s(), time.process_time(), time.perf_counter())
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        server, client, wall = self._start
+        self.server_s += self.server.cpu_s() - server
+        self.client_s += time.process_time() - client
+        self.wall_s += time.perf_counter() - wall
+
+    def describe(self, per: float, unit: str, scale: float = 1000, scale_unit: str = "ms"
+                 ) -> str:
+        """CPU per unit of work, and how busy the server was (1.0 = one core all the time)."""
+        return (f"server CPU {self.server_s * scale / per:.2f} {scale_unit}/{unit} "
+                f"(busy {self.server_s / max(self.wall_s, 1e-9):.2f} cores), client CPU "
+                f"{self.client_s * scale / per:.2f} {scale_unit}/{unit}")
 
 
 def children(pid: int) -> list[int]:
@@ -294,6 +336,10 @@ class Server:
             self.profiler = start_profiler(self.pid, RESULTS / f"profile-{self.name}.txt")
         return self.ready_s
 
+    def cpu_s(self) -> float:
+        """CPU seconds (user + system) the server has used so far."""
+        return proc_cpu_s(self.pid)
+
     def rss_kb(self) -> int | None:
         """The server's resident memory now."""
         return proc_status_kb(self.pid, "VmRSS")
@@ -312,9 +358,8 @@ class Server:
             stop_profiler(self.profiler)
             self.profiler = None
         self.proc.send_signal(signal.SIGTERM)
-        deadline = time.monotonic() + 20
-        while self.proc.poll() is None and time.monotonic() < deadline:
-            await asyncio.sleep(0.05)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            await asyncio.to_thread(self.proc.wait, 20)
         if self.proc.poll() is None:
             orphans = children(self.pid)
             self.proc.kill()
@@ -374,7 +419,8 @@ def start_profiler(pid: int, out: Path) -> subprocess.Popen[bytes] | None:
     out.parent.mkdir(parents=True, exist_ok=True)
     try:
         return subprocess.Popen(["py-spy", "record", "--pid", str(pid), "--rate", "250",
-                                 "--format", "raw", "--output", str(out), "--nonblocking"],
+                                 "--format", "raw", "--output", str(out), "--nonblocking",
+                                 "--threads"],
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     except FileNotFoundError:
         return None

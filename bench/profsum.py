@@ -44,7 +44,8 @@ def summarise(path: Path, top: int = 25, thread: str | None = None) -> str:
     out = [f"{path.name}: {samples} samples"]
     for title, counter in (("own", own), ("inclusive", total)):
         out.append(f"-- top by {title} time")
-        out += [f"{100 * c / max(samples, 1):5.1f}%  {name}" for name, c in counter.most_common(top)]
+        out += [f"{100 * c / max(samples, 1):5.1f}%  {name}"
+                for name, c in counter.most_common(top)]
     return "\n".join(out)
 
 
