@@ -191,8 +191,13 @@ def machine() -> dict[str, Any]:
             if line.startswith("model name"):
                 model = line.split(":", 1)[1].strip()
                 break
+    try:
+        commit = subprocess.run(["git", "-C", str(REPO), "describe", "--always", "--dirty"],
+                                capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.TimeoutExpired):
+        commit = "unknown"
     return {"nproc": os.cpu_count(), "cpu": model, "python": sys.version.split()[0],
-            "aiohttp": aiohttp.__version__}
+            "aiohttp": aiohttp.__version__, "commit": commit}
 
 
 # Log text and scripts --------------------------------------------------------------------------

@@ -116,6 +116,10 @@ async def main() -> int:
             shutil.rmtree(work, ignore_errors=True)
     elapsed = time.monotonic() - began
     print(table(rows))
+    print()
+    for row in rows:
+        if row.notes:
+            print(f"- {row.name.strip()}: {row.notes}")
     print(f"\n{'quick' if args.quick else 'full'} run, {ctx.runs} run(s) per figure, "
           f"{elapsed:.0f} s; {machine()}; 1-min load average before each group: {load}")
     if args.keep:
