@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import time
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -15,6 +16,7 @@ from remoterun.errors import BadRequest, InvalidParams, NotFound
 
 KEY_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 SIDECAR_SUFFIX = ".toml"
+RESOLVE_CACHE_S = 1.0
 PARAM_TYPES = {"string": str, "integer": int, "number": float, "boolean": bool}
 _PARAM_KEYS = {"type", "required", "default", "enum", "pattern", "secret", "description",
                "min", "max"}
@@ -210,6 +212,7 @@ class Catalogue:
     def __init__(self, root: Path, config_meta: Mapping[str, Mapping[str, Any]] | None = None):
         self.root = root.resolve()
         self._config_meta = dict(config_meta or {})
+        self._cache: dict[str, tuple[float, Script]] = {}
 
     def _confine(self, name: str) -> tuple[str, Path]:
         if not isinstance(name, str) or not name or "\x00" in name or "\\" in name:
@@ -229,9 +232,22 @@ class Catalogue:
         return clean, real
 
     def resolve(self, name: str) -> Script:
-        """The script called `name`, with its metadata; NotFound for anything not runnable."""
+        """The script called `name`, with its metadata; NotFound for anything not runnable.
+
+        A resolution is reused for RESOLVE_CACHE_S: it costs a realpath walk and a few stats,
+        and a task resolves its script several times (submit, start, timeout, retry). A script
+        changed or removed is seen within that time; one removed since fails at spawn.
+        """
+        now = time.monotonic()
+        hit = self._cache.get(name)
+        if hit is not None and hit[0] > now:
+            return hit[1]
         clean, real = self._confine(name)
-        return Script(name=clean, path=real, **self._metadata(clean))
+        script = Script(name=clean, path=real, **self._metadata(clean))
+        if len(self._cache) >= 1024:
+            self._cache.clear()
+        self._cache[name] = (now + RESOLVE_CACHE_S, script)
+        return script
 
     def _metadata(self, name: str) -> dict[str, Any]:
         if name in self._config_meta:

@@ -424,19 +424,23 @@ def update_task(task_id: str, fields: dict[str, Any]) -> Statement:
     return _update(Task, fields, "id", task_id)
 
 
+_SEGMENT_COLUMNS = ("task_id", "created_at", "path", "first_seq", "last_seq", "raw_bytes",
+                    "gz_bytes", "closed_at", "pruned")
+_SEGMENT_PROGRESS = ("last_seq", "raw_bytes", "gz_bytes", "closed_at")
+
+
+@functools.cache
+def _upsert_segment_sql() -> str:
+    updates = ", ".join(f"{c} = excluded.{c}" for c in _quoted(TaskLog, _SEGMENT_PROGRESS))
+    insert = _insert_sql(TaskLog, _SEGMENT_COLUMNS)
+    return f'{insert} ON CONFLICT ("path") DO UPDATE SET {updates}'
+
+
 def upsert_segment(task_id: str, seg: Any) -> Statement:
     """A statement that records an archive segment (an archive.Segment) by its path."""
-    values = dict(task_id=task_id, created_at=seg.opened_at, path=seg.path,
-                  first_seq=seg.first_seq, last_seq=seg.last_seq, raw_bytes=seg.raw_bytes,
-                  gz_bytes=seg.gz_bytes, closed_at=seg.closed_at)
-    query = TaskLog.insert(**values).on_conflict(
-        conflict_target=[TaskLog.path],
-        update={k: getattr(pw.EXCLUDED, k) for k in
-                ("last_seq", "raw_bytes", "gz_bytes", "closed_at")},
-    )
-    sql, params = query.sql()
-    return sql, params
-
+    return _upsert_segment_sql(), [task_id, seg.opened_at, seg.path, seg.first_seq,
+                                   seg.last_seq, seg.raw_bytes, seg.gz_bytes, seg.closed_at,
+                                   False]
 
 
 def mark_pruned(task_id: str) -> Statement:

@@ -136,11 +136,20 @@ def sweep_orphans(task_id: str) -> list[int]:
     return kill_task_processes(task_id, (pid for pid, state in _children() if state != "Z"))
 
 
-def reap_orphans(exclude: frozenset[int]) -> int:
+# Children asyncio waits for: a zombie among them is asyncio's to reap, never ours. A pid joins
+# the set only once create_subprocess_exec returns, so while a spawn is under way (`_spawning`)
+# no zombie is reaped at all: it might be the child just forked.
+_spawned: set[int] = set()
+_spawning = 0
+
+
+def reap_orphans() -> int:
     """Reap adopted orphans that have died (never a child asyncio is waiting for)."""
+    if _spawning:
+        return 0
     reaped = 0
     for pid, state in _children():
-        if state == "Z" and pid not in exclude:
+        if state == "Z" and pid not in _spawned:
             with contextlib.suppress(ChildProcessError):
                 if os.waitpid(pid, os.WNOHANG)[0]:
                     reaped += 1
@@ -255,14 +264,19 @@ class Run:
                 extra = {}
                 self.readers = [_Reader(out_r, "stdout"), _Reader(err_r, "stderr")]
                 self.stdin = _Writer(in_w, owns_fd=True)
+            global _spawning
+            _spawning += 1
             try:
                 self.proc = await asyncio.create_subprocess_exec(
                     *spec.argv, cwd=spec.cwd, env=dict(spec.env), start_new_session=True,
                     **stdio, **extra,  # type: ignore[arg-type, misc]
                 )
+                _spawned.add(self.proc.pid)
             except OSError as exc:
                 self._close_fds()
                 raise SpawnError(_spawn_message(spec.argv[0], exc)) from exc
+            finally:
+                _spawning -= 1
         finally:
             for fd in child_fds:
                 os.close(fd)
@@ -371,6 +385,8 @@ class Run:
                 await self._terminate(waiter)
             code = await waiter
         finally:
+            if waiter.done() and not waiter.cancelled():  # reaped by asyncio
+                _spawned.discard(self.pid)
             stopper.cancel()
             if not waiter.done():  # we are being cancelled: leave nothing running
                 self.signal(signal.SIGKILL)

@@ -86,6 +86,7 @@ class Scheduler:
         self._runs: set[asyncio.Task[None]] = set()
         self._loops: list[asyncio.Task[None]] = []
         self._next_num = 1
+        self._base_env = {k: v for k, v in os.environ.items() if not k.startswith("RR_")}
 
     # Life ------------------------------------------------------------------------------------
 
@@ -366,7 +367,7 @@ class Scheduler:
     def _spec(self, row: dict[str, Any], script: Script) -> RunSpec:
         params: dict[str, Any] = json.loads(row["params"])
         params.update(json.loads(row["secret_params"]))
-        env = {k: v for k, v in os.environ.items() if not k.startswith("RR_")}
+        env = dict(self._base_env)
         env.update({f"RR_PARAM_{k.upper()}": param_value(v) for k, v in params.items()})
         env.update(RR_TASK_ID=row["id"], RR_ATTEMPT=str(row["attempt"]))
         if row["pty"]:
@@ -502,8 +503,7 @@ class Scheduler:
                 await self._recover_running(fresh)
 
     async def _flush_tick(self) -> None:
-        reap_orphans(exclude=frozenset(a.run.pid for a in self._active.values()
-                                       if a.run is not None and a.run.proc is not None))
+        reap_orphans()
         statements: list[dbm.Statement] = []
         for active in self._active.values():
             active.archive.flush()
