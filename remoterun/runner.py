@@ -17,13 +17,16 @@ import contextlib
 import ctypes
 import errno
 import fcntl
+import functools
 import os
 import signal
 import struct
+import subprocess
 import termios
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 SIGNALS = {name: getattr(signal, "SIG" + name)
            for name in ("INT", "TERM", "HUP", "QUIT", "KILL", "USR1", "USR2")}
@@ -136,9 +139,9 @@ def sweep_orphans(task_id: str) -> list[int]:
     return kill_task_processes(task_id, (pid for pid, state in _children() if state != "Z"))
 
 
-# Children asyncio waits for: a zombie among them is asyncio's to reap, never ours. A pid joins
-# the set only once create_subprocess_exec returns, so while a spawn is under way (`_spawning`)
-# no zombie is reaped at all: it might be the child just forked.
+# Children a Run waits for: a zombie among them is that Run's to reap. A pid joins the set only
+# once Popen returns, so while a spawn is under way (`_spawning`) no zombie is reaped at all:
+# it might be the child just forked.
 _spawned: set[int] = set()
 _spawning = 0
 
@@ -230,7 +233,8 @@ class Run:
         self._last_flush = 0.0
         self.kill_grace_s = kill_grace_s
         self.drain_grace_s = drain_grace_s
-        self.proc: asyncio.subprocess.Process | None = None
+        self.popen: subprocess.Popen[Any] | None = None
+        self.exited: asyncio.Future[int] | None = None  # the exit code, once reaped
         self.readers: list[_Reader] = []
         self.stdin: _Writer | None = None
         self.master_fd: int | None = None
@@ -238,8 +242,8 @@ class Run:
     @property
     def pid(self) -> int:
         """The main process's id, also its process group's id."""
-        assert self.proc is not None
-        return self.proc.pid
+        assert self.popen is not None
+        return self.popen.pid
 
     async def start(self) -> None:
         """Spawn the process; SpawnError if it cannot start."""
@@ -267,11 +271,12 @@ class Run:
             global _spawning
             _spawning += 1
             try:
-                self.proc = await asyncio.create_subprocess_exec(
-                    *spec.argv, cwd=spec.cwd, env=dict(spec.env), start_new_session=True,
-                    **stdio, **extra,  # type: ignore[arg-type, misc]
-                )
-                _spawned.add(self.proc.pid)
+                # fork/exec in a worker thread: the parent waits there until the child has
+                # exec'd (~0.5 ms for /bin/sh), and the event loop serves others meanwhile.
+                self.popen = await loop.run_in_executor(None, functools.partial(
+                    subprocess.Popen, list(spec.argv), cwd=spec.cwd, env=dict(spec.env),
+                    start_new_session=True, **stdio, **extra))
+                _spawned.add(self.pid)
             except OSError as exc:
                 self._close_fds()
                 raise SpawnError(_spawn_message(spec.argv[0], exc)) from exc
@@ -280,6 +285,7 @@ class Run:
         finally:
             for fd in child_fds:
                 os.close(fd)
+        self._watch_exit(loop)
         if spec.pty:
             assert self.master_fd is not None
             self.stdin = _Writer(self.master_fd, owns_fd=False)
@@ -292,6 +298,31 @@ class Run:
             self.stdin.write(spec.stdin)
         if not spec.interactive and not spec.pty:
             self.stdin.close()
+
+    def _watch_exit(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Reap the child when its pidfd becomes readable (no thread, no SIGCHLD handler)."""
+        assert self.popen is not None
+        pid = self.popen.pid
+        self.exited = loop.create_future()
+        pidfd = os.pidfd_open(pid)
+
+        def on_exit() -> None:
+            try:
+                reaped, status = os.waitpid(pid, os.WNOHANG)
+            except ChildProcessError:  # reaped elsewhere: report as asyncio does
+                reaped, status = pid, 255 << 8
+            if not reaped:
+                return
+            loop.remove_reader(pidfd)
+            os.close(pidfd)
+            _spawned.discard(pid)
+            code = os.waitstatus_to_exitcode(status)
+            assert self.popen is not None and self.exited is not None
+            self.popen.returncode = code  # so that Popen never waits for it again
+            if not self.exited.done():
+                self.exited.set_result(code)
+
+        loop.add_reader(pidfd, on_exit)
 
     def _on_readable(self, reader: _Reader) -> None:
         try:
@@ -373,24 +404,21 @@ class Run:
 
     async def wait(self, timeout_s: float | None, stop: asyncio.Event) -> RunResult:
         """Wait for the main process to exit, stopping it on timeout or when `stop` is set."""
-        assert self.proc is not None
-        waiter = asyncio.ensure_future(self.proc.wait())
-        stopper = asyncio.ensure_future(stop.wait())
+        assert self.exited is not None
+        waiter = self.exited
+        stopper: asyncio.Future[Any] = asyncio.ensure_future(stop.wait())
         stopped: str | None = None
         try:
-            done, _ = await asyncio.wait({waiter, stopper}, timeout=timeout_s,
+            done, _ = await asyncio.wait([waiter, stopper], timeout=timeout_s,
                                          return_when=asyncio.FIRST_COMPLETED)
             if waiter not in done:
                 stopped = "stopped" if stopper in done else "timeout"
                 await self._terminate(waiter)
-            code = await waiter
+            code = await asyncio.shield(waiter)
         finally:
-            if waiter.done() and not waiter.cancelled():  # reaped by asyncio
-                _spawned.discard(self.pid)
             stopper.cancel()
             if not waiter.done():  # we are being cancelled: leave nothing running
                 self.signal(signal.SIGKILL)
-                waiter.cancel()
             self.signal(signal.SIGKILL)  # whatever is left of the group goes with the main process
             task_id = self.spec.env.get("RR_TASK_ID")
             if task_id:

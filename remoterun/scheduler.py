@@ -63,6 +63,15 @@ class Active:
     stop: asyncio.Event = field(default_factory=asyncio.Event)
     stop_reason: str | None = None  # "cancel" or "shutdown"
     run: Run | None = None
+    early: list[tuple[str, tuple[Any, ...]]] = field(default_factory=list)
+
+    def control(self, method: str, *args: Any) -> None:
+        """Call a Run control (write, close_stdin, resize, signal) now, or once it has started:
+        a client that saw `running` may type before the spawn has returned."""
+        if self.run is None:
+            self.early.append((method, args))
+        else:
+            getattr(self.run, method)(*args)
 
 
 class Scheduler:
@@ -318,6 +327,9 @@ class Scheduler:
                 try:
                     run = active.run = await self._start(active)
                     row["pid"] = run.pid  # persisted by the next flush tick
+                    for method, args in active.early:
+                        getattr(run, method)(*args)
+                    active.early.clear()
                     result = await run.wait(self._timeout(row), active.stop)
                 except SpawnError as exc:
                     error = str(exc)

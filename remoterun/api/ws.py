@@ -15,6 +15,7 @@ from remoterun.api.http import submit, task_id_of
 from remoterun.errors import BadRequest, RemoteRunError
 from remoterun.hub import SlowConsumer, Subscription, ws_text
 from remoterun.runner import SIGNALS
+from remoterun.scheduler import Active
 
 log = structlog.get_logger(__name__)
 routes = web.RouteTableDef()
@@ -100,43 +101,39 @@ class Session:
         task = await submit(self.request, message)
         await self.attach(task["id"], 0)
 
-    def _active(self, role: str = "operator") -> Any:
-        identity(self.request).require(role)
+    def _active(self, interactive: bool = False) -> Active:
+        identity(self.request).require("operator")
         if self.task_id is None:
             raise BadRequest("submit a task first", code="not_attached")
         active = self.scheduler.active(self.task_id)
-        if active is None or active.run is None:
+        if active is None:
             raise BadRequest("the task is not running", code="not_running")
+        if interactive and not (active.row["interactive"] or active.row["pty"]):
+            raise BadRequest("the task is neither interactive nor PTY", code="not_interactive")
         return active
 
     async def on_stdin(self, message: dict[str, Any]) -> None:
         data = message.get("data")
         if not isinstance(data, str):
             raise BadRequest("stdin needs a string `data`", code="invalid_message")
-        active = self._active()
-        if not (active.row["interactive"] or active.row["pty"]):
-            raise BadRequest("the task is neither interactive nor PTY", code="not_interactive")
-        active.run.write(data.encode())
+        self._active(interactive=True).control("write", data.encode())
 
     async def on_eof(self, message: dict[str, Any]) -> None:
-        active = self._active()
-        if not (active.row["interactive"] or active.row["pty"]):
-            raise BadRequest("the task is neither interactive nor PTY", code="not_interactive")
-        active.run.close_stdin()
+        self._active(interactive=True).control("close_stdin")
 
     async def on_resize(self, message: dict[str, Any]) -> None:
         cols, rows = message.get("cols"), message.get("rows")
         if not all(isinstance(v, int) and not isinstance(v, bool) and 0 < v <= 10000
                    for v in (cols, rows)):
             raise BadRequest("resize needs integer `cols` and `rows`", code="invalid_message")
-        self._active().run.resize(cols, rows)
+        self._active().control("resize", cols, rows)
 
     async def on_signal(self, message: dict[str, Any]) -> None:
         name = message.get("signal")
         name = name.upper().removeprefix("SIG") if isinstance(name, str) else ""
         if name not in SIGNALS:
             raise BadRequest(f"signal must be one of {sorted(SIGNALS)}", code="bad_signal")
-        self._active().run.signal(SIGNALS[name])
+        self._active().control("signal", SIGNALS[name])
 
     async def on_cancel(self, message: dict[str, Any]) -> None:
         identity(self.request).require("operator")
