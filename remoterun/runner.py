@@ -144,6 +144,9 @@ def sweep_orphans(task_id: str) -> list[int]:
 # it might be the child just forked.
 _spawned: set[int] = set()
 _spawning = 0
+_open_runs = 0  # runs whose output is being read, sharing READ_BUDGET
+READ_BUDGET = 256 * 1024
+MIN_READ = 4096
 
 
 def reap_orphans() -> int:
@@ -238,6 +241,7 @@ class Run:
         self.readers: list[_Reader] = []
         self.stdin: _Writer | None = None
         self.master_fd: int | None = None
+        self._counted = False  # in _open_runs
 
     @property
     def pid(self) -> int:
@@ -289,6 +293,9 @@ class Run:
         if spec.pty:
             assert self.master_fd is not None
             self.stdin = _Writer(self.master_fd, owns_fd=False)
+        global _open_runs
+        _open_runs += 1
+        self._counted = True
         for reader in self.readers:
             os.set_blocking(reader.fd, False)
             loop.add_reader(reader.fd, self._on_readable, reader)
@@ -324,9 +331,18 @@ class Run:
 
         loop.add_reader(pidfd, on_exit)
 
+    def _chunk(self) -> int:
+        """This read's size: the loop's per-iteration read budget shared by the open runs.
+
+        One loop iteration serves every ready pipe once, so its length (and with it every
+        client's latency) grows with the bytes read per callback. A lone task reads full
+        chunks; a hundred flooding tasks read ~10 KiB each, so a quiet task's line is not
+        stuck behind 100 x 64 KiB of reading and compressing."""
+        return max(MIN_READ, min(self.read_chunk, READ_BUDGET // max(1, _open_runs)))
+
     def _on_readable(self, reader: _Reader) -> None:
         try:
-            data = os.read(reader.fd, self.read_chunk)
+            data = os.read(reader.fd, self._chunk())
         except BlockingIOError:
             return
         except OSError:  # EIO: the PTY's last slave closed, i.e. end of file
@@ -447,6 +463,10 @@ class Run:
         self._close_fds()
 
     def _close_fds(self) -> None:
+        global _open_runs
+        if self._counted:
+            self._counted = False
+            _open_runs -= 1
         if self.stdin is not None:
             self.stdin.closing = True
             self.stdin._close_now()
