@@ -141,10 +141,18 @@ def _run_transaction(conn: aiosqlite.Connection, statements: list[Statement]) ->
 
 
 def rfc3339(ts: float | None) -> str | None:
-    """Unix seconds as PROTOCOL.md's time format."""
+    """Unix seconds as PROTOCOL.md's time format (every output frame has one: the formatted
+    second is reused, only the milliseconds are new)."""
     if ts is None:
         return None
-    return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
+    second = int(ts)
+    millis = int((ts - second) * 1000)
+    return f"{_second(second)}.{millis:03d}Z"
+
+
+@functools.lru_cache(maxsize=64)
+def _second(second: int) -> str:
+    return datetime.fromtimestamp(second, UTC).strftime("%Y-%m-%dT%H:%M:%S")
 
 
 def task_json(row: dict[str, Any]) -> dict[str, Any]:

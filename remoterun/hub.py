@@ -39,8 +39,11 @@ Item = Frame | Event
 
 
 def _frame_body(frame: Frame) -> str:
+    # ASCII output encodes the same either way, and the escaping encoder is ~1.8x faster;
+    # other text stays readable (not \uXXXX) for people reading frames in wscat.
     return json.dumps({"seq": frame.seq, "stream": frame.stream, "ts": rfc3339(frame.ts),
-                       "data": frame.data.decode("utf-8", "replace")}, ensure_ascii=False)
+                       "data": frame.data.decode("utf-8", "replace")},
+                      ensure_ascii=frame.data.isascii())
 
 
 def ws_text(item: Item) -> str:

@@ -93,7 +93,7 @@ async def submit(request: web.Request, body: Any) -> dict[str, Any]:
     """Validate, authorise and queue a submission; shared by REST and WebSocket."""
     app = request.app
     settings = app[SETTINGS]
-    fields = parse_submit(body, str(settings.scripts_dir.resolve()), settings.max_retries_limit)
+    fields = parse_submit(body, str(app[CATALOGUE].root), settings.max_retries_limit)
     script = app[CATALOGUE].resolve(fields["script"])
     who = identity(request)
     who.require_script(script)
