@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import importlib
 import json
 import os
 import shutil
+import subprocess
 import sys
 import tempfile
 import time
@@ -16,8 +18,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench import b_archive, b_fanout, b_pending, b_stream, b_tasks  # noqa: E402
-from bench.lib import (  # noqa: E402
+from bench.lib import (  # noqa: E402 - bench/ must be importable as a package first
+    REPO,
     RESULTS,
     Context,
     Row,
@@ -28,16 +30,45 @@ from bench.lib import (  # noqa: E402
 )
 
 Group = Callable[[Context], Awaitable[list[Row]]]
-GROUPS: dict[str, Group] = {
-    "trivial": b_tasks.trivial,
-    "submissions": b_tasks.submissions,
-    "stream": b_stream.stream,
-    "latency": b_stream.latency,
-    "fanout": b_fanout.fanout,
-    "idle": b_fanout.idle,
-    "pending": b_pending.pending,
-    "archive": b_archive.archive,
+# group -> (module, function); imported only once --ref has chosen which remoterun to load
+GROUPS: dict[str, tuple[str, str]] = {
+    "trivial": ("b_tasks", "trivial"),
+    "submissions": ("b_tasks", "submissions"),
+    "stream": ("b_stream", "stream"),
+    "latency": ("b_stream", "latency"),
+    "fanout": ("b_fanout", "fanout"),
+    "idle": ("b_fanout", "idle"),
+    "pending": ("b_pending", "pending"),
+    "archive": ("b_archive", "archive"),
 }
+
+
+def group(name: str) -> Group:
+    """The benchmark function of a group."""
+    module, function = GROUPS[name]
+    found: Group = getattr(importlib.import_module(f"bench.{module}"), function)
+    return found
+
+
+def pin_engine(ref: str, work: Path) -> str:
+    """Load remoterun from a snapshot of `ref` (here and in every server); its commit id.
+
+    Others edit remoterun/ in this working tree while benchmarks run: a pinned run measures
+    one commit, not whatever the files were when each server started.
+    """
+    commit = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--verify", f"{ref}^{{commit}}"],
+                            capture_output=True, text=True, check=True).stdout.strip()
+    src = work / "src"
+    src.mkdir()
+    archive = subprocess.run(["git", "-C", str(REPO), "archive", commit, "remoterun"],
+                             capture_output=True, check=True).stdout
+    subprocess.run(["tar", "-x", "-C", str(src)], input=archive, check=True)
+    if "remoterun" in sys.modules:
+        raise RuntimeError("remoterun was imported before it could be pinned")
+    sys.path.insert(0, str(src))
+    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(src),
+                                                             os.environ.get("PYTHONPATH")]))
+    return commit
 
 
 def fmt(value: float | None) -> str:
@@ -74,7 +105,7 @@ async def run_group(name: str, ctx: Context, rows: list[Row], failures: list[str
     load[name] = round(os.getloadavg()[0], 2)
     print(f"== {name} (load average {load[name]}) ...", file=sys.stderr, flush=True)
     try:
-        got = await GROUPS[name](ctx)
+        got = await group(name)(ctx)
     except Exception as exc:  # one broken group must not hide the others' figures
         traceback.print_exc()
         failures.append(f"{name}: {exc!r}")
@@ -90,10 +121,12 @@ async def main() -> int:
     """Parse arguments, run the groups in order, report."""
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--quick", action="store_true", help="short smoke run (< ~60 s)")
-    parser.add_argument("--only", nargs="*", choices=sorted(GROUPS), help="run these groups")
+    parser.add_argument("--only", nargs="*", choices=list(GROUPS), help="run these groups")
     parser.add_argument("--runs", type=int, help="runs per figure (default 3, quick 1)")
     parser.add_argument("--profile", action="store_true",
                         help="record each server with py-spy into bench/results/profile-*.txt")
+    parser.add_argument("--ref", help="benchmark remoterun/ as committed at this git ref "
+                        "(default: the working tree as it is)")
     parser.add_argument("--keep", action="store_true",
                         help="keep the scratch folder (server logs, databases, archives)")
     args = parser.parse_args()
@@ -105,6 +138,8 @@ async def main() -> int:
     failures: list[str] = []
     load: dict[str, float] = {}
     work = Path(tempfile.mkdtemp(prefix="rrbench-"))
+    engine = pin_engine(args.ref, work) if args.ref else "working tree"
+    at_start = machine()
     ctx = Context(quick=args.quick, runs=args.runs or (1 if args.quick else 3), work=work,
                   scripts=write_scripts(work / "scripts"), log_file=log_file,
                   profile=args.profile)
@@ -120,12 +155,17 @@ async def main() -> int:
     for row in rows:
         if row.notes:
             print(f"- {row.name.strip()}: {row.notes}")
+    at_end = machine()
     print(f"\n{'quick' if args.quick else 'full'} run, {ctx.runs} run(s) per figure, "
-          f"{elapsed:.0f} s; {machine()}; 1-min load average before each group: {load}")
+          f"{elapsed:.0f} s; engine: {engine}; {at_start}; repo at the end: "
+          f"{at_end['commit']}; 1-min load average before each group: {load}")
     if args.keep:
         print(f"scratch folder kept: {work}")
     report = {"mode": "quick" if args.quick else "full", "runs": ctx.runs,
-              "elapsed_s": round(elapsed, 1), "machine": machine(),
+              "elapsed_s": round(elapsed, 1), "engine": engine,
+              "engine_path": str(Path(importlib.import_module("remoterun").__file__ or "").parent),
+              "machine": at_start,
+              "repo_at_end": at_end["commit"],
               "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
               "load_average": load, "rows": [r.to_json() for r in rows],
               "failures": failures}
