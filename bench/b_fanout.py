@@ -11,7 +11,8 @@ from pathlib import Path
 import aiohttp
 
 from bench import client
-from bench.lib import MB, Context, Row, Server, interleave, median, progress
+from bench.lib import MB, Context, Row, interleave, median, progress
+from bench.server import Server
 
 CONNECT_CONCURRENCY = 100
 

@@ -13,7 +13,8 @@ from typing import Any
 import aiohttp
 
 from bench import client
-from bench.lib import Context, Row, Server, median, percentile, progress
+from bench.lib import Context, Row, median, percentile, progress
+from bench.server import Server
 from remoterun.archive import logs_path_for
 
 QUERIES = 200

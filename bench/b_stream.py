@@ -12,18 +12,9 @@ from pathlib import Path
 import aiohttp
 
 from bench import client
-from bench.lib import (
-    MB,
-    Context,
-    CpuMeter,
-    Row,
-    Server,
-    interleave,
-    median,
-    percentile,
-    progress,
-)
+from bench.lib import MB, Context, Row, interleave, median, percentile, progress
 from bench.peer import Webhook
+from bench.server import CpuMeter, Server
 
 READ_BYTES = 65536
 

@@ -10,20 +10,9 @@ from collections.abc import Awaitable, Callable
 import aiohttp
 
 from bench import client
-from bench.lib import (
-    BENCH,
-    Context,
-    CpuMeter,
-    Row,
-    Server,
-    free_port,
-    interleave,
-    median,
-    spawn_logged,
-    terminate,
-    wait_ready,
-)
+from bench.lib import BENCH, Context, Row, free_port, interleave, median
 from bench.peer import Webhook
+from bench.server import CpuMeter, Server, spawn_logged, terminate, wait_ready
 
 CONCURRENCY = 8
 

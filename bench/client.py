@@ -29,13 +29,6 @@ async def submit(http: aiohttp.ClientSession, url: str, script: str,
         return str((await resp.json())["id"])
 
 
-async def get_task(http: aiohttp.ClientSession, url: str, task_id: str) -> dict[str, Any]:
-    """GET /tasks/{id}."""
-    async with http.get(f"{url}/tasks/{task_id}") as resp:
-        resp.raise_for_status()
-        return dict(await resp.json())
-
-
 async def cancel(http: aiohttp.ClientSession, url: str, task_id: str) -> None:
     """POST /tasks/{id}/cancel (409, already ended, is fine)."""
     async with http.post(f"{url}/tasks/{task_id}/cancel") as resp:

@@ -7,7 +7,8 @@ import shutil
 import subprocess
 from pathlib import Path
 
-from bench.lib import Context, free_port, spawn_logged, terminate, wait_ready
+from bench.lib import Context, free_port
+from bench.server import spawn_logged, terminate, wait_ready
 
 
 class Webhook:
