@@ -5,15 +5,17 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import struct
 from typing import Any
 
 import structlog
 from aiohttp import WSCloseCode, WSMsgType, web
+from aiohttp.abc import AbstractStreamWriter
 
 from remoterun.api import METRICS, SCHEDULER, SETTINGS, SOCKETS, identity
 from remoterun.api.http import submit, task_id_of
 from remoterun.errors import BadRequest, RemoteRunError
-from remoterun.hub import SlowConsumer, Subscription, ws_text
+from remoterun.hub import Item, SlowConsumer, Subscription, ws_text
 from remoterun.runner import SIGNALS
 from remoterun.scheduler import Active
 
@@ -37,12 +39,43 @@ def parse_since(raw: str | None) -> int:
     return since
 
 
-class Session:
-    """One WebSocket client: reads its messages, pumps its task's stream to it."""
+WRITE_BYTES = 256 * 1024  # frames joined into one socket write, at most (about)
 
-    def __init__(self, request: web.Request, ws: web.WebSocketResponse):
+
+def text_frame(payload: bytes) -> bytes:
+    """A server-to-client WebSocket text frame (FIN, unmasked, no extension: compress=False)."""
+    size = len(payload)
+    if size < 126:
+        return bytes((0x81, size)) + payload
+    if size < 1 << 16:
+        return struct.pack("!BBH", 0x81, 126, size) + payload
+    return struct.pack("!BBQ", 0x81, 127, size) + payload
+
+
+def wire_frame(item: Item) -> bytes:
+    """The item framed for the wire, made once and shared by every client."""
+    cache = item.encoded if item.encoded is not None else {}
+    item.encoded = cache
+    framed = cache.get("frame")
+    if framed is None:
+        framed = cache["frame"] = text_frame(ws_text(item).encode())
+    return bytes(framed)
+
+
+class Session:
+    """One WebSocket client: reads its messages, pumps its task's stream to it.
+
+    The stream goes out as pre-framed bytes, the frames of a batch joined into one socket
+    write: on loopback each send costs the receiver's wake-up too, and a trivial task's
+    task/status/output/status/exit frames are usually ready at once (aiohttp's own send_str
+    would frame and send each, for each client).
+    """
+
+    def __init__(self, request: web.Request, ws: web.WebSocketResponse,
+                 writer: AbstractStreamWriter):
         self.request = request
         self.ws = ws
+        self.writer = writer
         self.scheduler = request.app[SCHEDULER]
         self.task_id: str | None = None
         self.pump: asyncio.Task[None] | None = None
@@ -57,10 +90,13 @@ class Session:
     async def _pump(self, sub: Subscription) -> None:
         code, reason = int(WSCloseCode.OK), b"task ended"
         try:
-            await self.ws.send_str(json.dumps({"type": "task", "task": sub.task}))
+            first = text_frame(json.dumps({"type": "task", "task": sub.task}).encode())
+            pending = [first]
             async for batch in sub.batches():
-                for item in batch:
-                    await self.ws.send_str(ws_text(item))
+                await self._send([*pending, *map(wire_frame, batch)])
+                pending = []
+            if pending:
+                await self._send(pending)
         except (SlowConsumer, asyncio.CancelledError):
             if not sub.overflowed.is_set():
                 raise
@@ -74,6 +110,23 @@ class Session:
         finally:
             sub.close()
         await close_socket(self.request, self.ws, code, reason)
+
+    async def _send(self, frames: list[bytes]) -> None:
+        transport = self.request.transport
+        if self.ws.closed or transport is None or transport.is_closing():
+            raise ConnectionResetError("the client went away")
+        chunk: list[bytes] = []
+        size = 0
+        for frame in frames:
+            chunk.append(frame)
+            size += len(frame)
+            if size >= WRITE_BYTES:
+                transport.write(b"".join(chunk))
+                chunk, size = [], 0
+                await self.writer.drain()
+        if chunk:
+            transport.write(b"".join(chunk))
+            await self.writer.drain()
 
     async def handle(self, raw: str) -> None:
         """Act on one client message; errors go back as error frames."""
@@ -167,11 +220,11 @@ async def _serve(request: web.Request, task_id: str | None, since: int) -> web.W
     settings = request.app[SETTINGS]
     ws = web.WebSocketResponse(compress=False, max_msg_size=settings.max_ws_message_bytes,
                                heartbeat=settings.heartbeat_s)
-    await ws.prepare(request)
+    writer = await ws.prepare(request)
     request.app[SOCKETS].add(ws)
     gauge = request.app[METRICS].clients.labels("websocket")
     gauge.inc()
-    session = Session(request, ws)
+    session = Session(request, ws, writer)
     try:
         if task_id is not None:
             await session.attach(task_id, since)
