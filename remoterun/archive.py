@@ -17,6 +17,16 @@ recompressing (`gzjoin.py`). The price: two files per segment, whose ends may di
 crash; readers pair records with bytes and stop at whichever ends first, and `finalize` rewrites
 both. A running task's open segment has no gzip end yet, so its downloads are sent uncompressed.
 
+Writing. Deflating costs the event loop ~0.5 ms per 64 KiB at level 1, time taken from every
+other task's output and client; zlib releases the GIL, so the deflating and the file writes run
+on one compressor thread (`segments.COMPRESSOR`), which takes the frames every task wrote in a
+loop iteration as one job. One thread running jobs in order keeps each file's bytes in order;
+past 16 MiB handed over and not yet written the loop waits for it (backpressure, no unbounded
+queue). So the files lag the loop by what the thread has not done yet: `flush()` and `close()`
+return a future done once everything written before them is on disk; readers of a running
+task's archive wait for it (the hub before replay, `/output` before reading), and the
+scheduler waits for `close()` before it records the end of a run.
+
 Durability. The open segment is sync-flushed at least every `flush_interval_s` and when the task
 changes state, so a SIGKILLed server loses at most what came after the last flush: the flushed
 prefix of a member decompresses on its own. A truncated member is tolerated by every reader and
@@ -30,14 +40,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import AsyncIterator, Iterator, Mapping
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TypeVar
 
 from remoterun import gzjoin, segments
-from remoterun.segments import LOG_SUFFIX, STREAMS, Frame, MemberWriter, list_segments
+from remoterun.segments import COMPRESSOR, LOG_SUFFIX, STREAMS, Frame, MemberWriter, list_segments
 
 __all__ = ["STREAMS", "Frame", "Segment", "TaskArchive", "aread_frames", "in_thread",
            "read_frames", "read_raw", "joined_gzip", "finalize", "recover",
@@ -64,8 +75,58 @@ def logs_path_for(task_id: str, created: float) -> str:
     return f"{day:%Y/%m/%d}/{task_id}"
 
 
+class _SegmentFiles:
+    """An open segment's two gzip members; every method runs on the compressor thread.
+
+    Only this thread adds to the segment's `gz_bytes`; the loop only reads it. A failure is kept
+    on the archive (the loop raises it from the next write) and the files are not written further.
+    """
+
+    def __init__(self, archive: TaskArchive, segment: Segment, path: Path):
+        self.archive = archive
+        self.segment = segment
+        self.path = path
+        self.log: MemberWriter | None = None
+        self.index: MemberWriter | None = None
+
+    def _step(self, work: Callable[[MemberWriter, MemberWriter], int]) -> None:
+        if self.archive.failure is not None:
+            return
+        try:
+            if self.log is None or self.index is None:
+                self.log = MemberWriter(self.path, self.archive.level)
+                self.index = MemberWriter(segments.index_path(self.path), self.archive.level)
+            self.segment.gz_bytes += work(self.log, self.index)
+        except Exception as exc:  # the thread's boundary: the loop raises it
+            self.archive.failure = exc
+
+    def write(self, frames: list[Frame]) -> None:
+        """Append frames."""
+        self._step(lambda log, index: segments.write_frames(log, index, frames))
+
+    def sync(self) -> None:
+        """Sync-flush both members."""
+        self._step(lambda log, index: log.sync() + index.sync())
+
+    def finish(self) -> None:
+        """End both members and close the files."""
+        self._step(lambda log, index: log.finish() + index.finish())
+        for writer in (self.log, self.index):
+            if writer is not None:
+                writer.file.close()  # already closed unless it failed
+
+
+def _done() -> Future[None]:
+    future: Future[None] = Future()
+    future.set_result(None)
+    return future
+
+
 class TaskArchive:
-    """Writes one task's frames to rotating segments; not thread-safe, loop-only."""
+    """Writes one task's frames to rotating segments; not thread-safe, loop-only.
+
+    The deflating and the file writes run on `segments.COMPRESSOR`'s thread, in order.
+    """
 
     def __init__(self, root: Path, logs_path: str, *, level: int = 1,
                  segment_max_bytes: int = 64 * 1024 * 1024,
@@ -78,25 +139,25 @@ class TaskArchive:
         self.segment_max_age_s = segment_max_age_s
         self.segments: list[Segment] = []
         self.dirty: list[Segment] = []  # segments whose row needs writing
-        self._log: MemberWriter | None = None
-        self._index: MemberWriter | None = None
+        self.failure: Exception | None = None  # set by the compressor thread
+        self._files: _SegmentFiles | None = None
+        self._last: Future[None] | None = None  # the latest flush or close handed over
         self._next_number = 1
         self._unflushed = False
 
     @property
     def current(self) -> Segment | None:
         """The open segment, if any."""
-        return self.segments[-1] if self._log is not None else None
+        return self.segments[-1] if self._files is not None else None
 
     def _open(self, first_seq: int) -> Segment:
         self.folder.mkdir(parents=True, exist_ok=True)
         existing = list_segments(self.folder)
         number = max(self._next_number, existing[-1][0] + 1 if existing else 1)
         name = f"{number:06d}.{first_seq}{LOG_SUFFIX}"
-        self._log = MemberWriter(self.folder / name, self.level)
-        self._index = MemberWriter(segments.index_path(self.folder / name), self.level)
         self._next_number = number + 1
         segment = Segment(path=f"{self.logs_path}/{name}", first_seq=first_seq)
+        self._files = _SegmentFiles(self, segment, self.folder / name)
         self.segments.append(segment)
         self._mark(segment)
         return segment
@@ -109,8 +170,13 @@ class TaskArchive:
         age = self.segment_max_age_s
         return age is not None and time.time() - segment.opened_at >= age
 
+    def _submit(self, job: Callable[[], None]) -> None:
+        self._last = COMPRESSOR.submit(job)
+
     def write(self, frame: Frame) -> None:
         """Append one frame, rotating first if the open segment is full or old."""
+        if self.failure is not None:
+            raise self.failure
         segment = self.current
         if segment is not None and (segment.raw_bytes >= self.segment_max_bytes
                                     or self._expired(segment)):
@@ -118,38 +184,43 @@ class TaskArchive:
             segment = None
         if segment is None:
             segment = self._open(frame.seq)
-        assert self._log is not None and self._index is not None
-        segment.gz_bytes += segments.write_frame(self._log, self._index, frame)
+        assert self._files is not None
+        COMPRESSOR.write(self._files.write, frame)
         segment.last_seq = frame.seq
         segment.raw_bytes += len(frame.data)
         self._unflushed = True
 
-    def flush(self) -> None:
-        """Make everything written so far readable on disk; close the segment if it is old."""
+    def flush(self) -> Future[None]:
+        """Make everything written so far readable on disk; close the segment if it is old.
+
+        Returns a future done once it is (`.result()` waits outside the loop).
+        """
         segment = self.current
-        if segment is None:
-            return
-        if self._expired(segment):
+        if segment is not None and self._expired(segment):
             self._close()
-        elif self._unflushed:
-            assert self._log is not None and self._index is not None
-            segment.gz_bytes += self._log.sync() + self._index.sync()
+        elif segment is not None and self._unflushed and self._files is not None:
+            self._submit(self._files.sync)
             self._unflushed = False
             self._mark(segment)
+        return self._last or _done()
 
     def _close(self) -> None:
-        assert self._log is not None and self._index is not None
-        segment = self.segments[-1]
-        segment.gz_bytes += self._log.finish() + self._index.finish()
-        self._log = self._index = None
+        assert self._files is not None
+        self._submit(self._files.finish)
+        self._files = None
         self._unflushed = False
+        segment = self.segments[-1]
         segment.closed_at = time.time()
         self._mark(segment)
 
-    def close(self) -> None:
-        """Finish the open segment, if any."""
-        if self._log is not None:
+    def close(self) -> Future[None]:
+        """Finish the open segment, if any; a future done once every file is whole and closed.
+
+        Until then the segments' `gz_bytes` may still grow: await it before recording them.
+        """
+        if self._files is not None:
             self._close()
+        return self._last or _done()
 
     def take_dirty(self) -> list[Segment]:
         """Segments changed since the last call, for the database."""

@@ -5,6 +5,7 @@ falls behind is marked overflowed (its client is closed and may resume with `sin
 client never slows the process or the others. Replay for `since=K` takes frames older than the
 in-memory window from the archive, then the window, then live frames; the window and the live
 registration are taken in one synchronous step, so there is no gap and no repeat at the seam.
+The archive is written on a thread, so replay first waits for the flush of what is on disk.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import asyncio
 import json
 from collections import deque
 from collections.abc import AsyncIterator, Callable
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -131,8 +133,9 @@ class Subscription:
     async def batches(self) -> AsyncIterator[list[Item]]:
         """Every item after `since`, in order, in batches; ends after the exit event."""
         if self.from_archive and (self.archive_until is None or self.archive_until > self.since):
-            if self.hub is not None:
-                self.hub.flush_archive()
+            flushed = self.hub.flush_archive() if self.hub is not None else None
+            if flushed is not None:
+                await asyncio.wrap_future(flushed)  # the frames up to archive_until are on disk
             logs_path = self.task["logs_path"]
             async for frames in aread_frames(self.archive_root, logs_path, self.since,
                                              self.archive_until):
@@ -166,11 +169,11 @@ class TaskHub:
     """Fan-out for one task that has not finished: numbering, memory window, subscribers."""
 
     def __init__(self, task: dict[str, Any], *, memory_bytes: int, next_seq: int = 1,
-                 flush_archive: Callable[[], None] = lambda: None):
+                 flush_archive: Callable[[], Future[None] | None] = lambda: None):
         self.task = task
         self.memory_bytes = memory_bytes
         self.next_seq = next_seq
-        self.flush_archive = flush_archive
+        self.flush_archive = flush_archive  # starts a flush; its future: done once on disk
         self.window: deque[Frame] = deque()
         self.window_bytes = 0
         self.subscribers: set[Subscription] = set()

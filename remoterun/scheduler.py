@@ -142,6 +142,9 @@ class Scheduler:
             task.cancel()
         await asyncio.gather(*self._loops, *self._runs, return_exceptions=True)
         self._loops = []
+        # The compressor thread must have written and closed every file before the process exits.
+        await asyncio.gather(*(asyncio.wrap_future(active.archive.close())
+                               for active in [*self._active.values(), *self._finishing.values()]))
         await self._flush_tick()
 
     # Submissions -----------------------------------------------------------------------------
@@ -251,11 +254,11 @@ class Scheduler:
             return hub.subscribe(since, self.settings.archive_dir, limit)
         return replay_finished(row, dbm.task_json(row), since, self.settings.archive_dir, limit)
 
-    def flush_archive(self, task_id: str) -> None:
-        """Make what a running task wrote so far readable on disk."""
-        active = self._active.get(task_id)
+    async def flush_archive(self, task_id: str) -> None:
+        """Make what a task wrote before the call readable on disk, then return."""
+        active = self._active.get(task_id) or self._finishing.get(task_id)
         if active is not None:
-            active.archive.flush()
+            await asyncio.wrap_future(active.archive.flush())
 
     # Dispatch --------------------------------------------------------------------------------
 
@@ -407,7 +410,7 @@ class Scheduler:
         """Record how the attempt ended; schedule a retry or finish the task."""
         row = active.row
         now = time.time()
-        active.archive.close()
+        closing = asyncio.wrap_future(active.archive.close())
         # The process is gone: free its worker slot now, not after the final write commits.
         self._finishing[row["id"]] = self._active.pop(row["id"])
         self._per_script[row["script"]] -= 1
@@ -429,6 +432,7 @@ class Scheduler:
                 status = S.SUCCESS
         elif active.stop_reason == "cancel":
             status = S.CANCELLED
+        await closing  # the files whole and closed, the rows' gz_bytes exact
         extra = self._segment_statements(row, active.archive)
         try:
             if status in (S.FAILED, S.TIMEOUT) and row["attempt"] <= row["max_retries"]:
@@ -516,17 +520,21 @@ class Scheduler:
 
     async def _flush_tick(self) -> None:
         reap_orphans()
+        # Record what is on disk: the counts as the flush is handed to the compressor thread.
+        flushed = [(active, asyncio.wrap_future(active.archive.flush()),
+                    {k: active.row[k] for k in ("output_bytes", "last_seq", "pid")})
+                   for active in self._active.values()]
+        await asyncio.gather(*(flush for _, flush, _ in flushed))
         statements: list[dbm.Statement] = []
-        for active in self._active.values():
-            active.archive.flush()
+        for active, _, counts in flushed:
             row = active.row
+            if self._active.get(row["id"]) is not active:
+                continue  # it ended meanwhile: its final write records all of this and more
             statements += self._segment_statements(row, active.archive)
-            statements.append(dbm.update_task(row["id"], {"output_bytes": row["output_bytes"],
-                                                          "last_seq": row["last_seq"],
-                                                          "pid": row["pid"]}))
+            statements.append(dbm.update_task(row["id"], counts))
             hub = self.hubs.get(row["id"])
             if hub is not None:
-                hub.task.update(output_bytes=row["output_bytes"], last_seq=row["last_seq"])
+                hub.task.update(output_bytes=counts["output_bytes"], last_seq=counts["last_seq"])
         if statements:
             await self.db.write(statements)
 

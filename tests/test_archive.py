@@ -87,7 +87,7 @@ def test_truncated_member_is_tolerated_reported_and_finalized(tmp_path):
               for seq in range(1, 201)]
     for frame in frames[:120]:
         writer.write(frame)
-    writer.flush()
+    writer.flush().result()  # on disk: the compressor thread has written it
     for frame in frames[120:]:
         writer.write(frame)  # not flushed: what a kill would lose
     path = root / writer.segments[0].path
@@ -95,7 +95,7 @@ def test_truncated_member_is_tolerated_reported_and_finalized(tmp_path):
     crashed.mkdir(parents=True)
     for source in (path, segments.index_path(path)):
         shutil.copy(source, crashed / source.name)
-    writer.close()
+    writer.close().result()
     seen = list(archive.read_frames(tmp_path / "crashed", "2026/01/01/task"))
     assert len(seen) >= 120 and [f.data for f in seen] == [f.data for f in frames[: len(seen)]]
     scan = segments.scan(crashed / path.name)

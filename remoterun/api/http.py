@@ -175,10 +175,10 @@ async def get_output(request: web.Request) -> web.StreamResponse:
     if await app[DB].output_pruned(task_id):
         raise Gone(f"the output of task {task_id} was deleted by the retention policy")
     scheduler = app[SCHEDULER]
-    scheduler.flush_archive(task_id)
     active = scheduler.active(task_id)
     now = active.row if active is not None else row
     total, last_seq = now["output_bytes"], now["last_seq"]
+    await scheduler.flush_archive(task_id)  # frames up to last_seq on disk (a compressor thread)
     span = _byte_range(request.headers.get("Range"), total)
     if span is not None and not ask.raw:
         return _unsatisfiable(total, "Range applies to the raw text only: resume a filtered or "
