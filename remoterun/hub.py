@@ -48,31 +48,38 @@ def _frame_body(frame: Frame) -> str:
                       ensure_ascii=frame.data.isascii())
 
 
-def ws_text(item: Item) -> str:
-    """The item as a WebSocket text frame (encoded once, shared by every client)."""
+def encoded(item: Item, form: str, make: Callable[[Item], Any]) -> Any:
+    """The item in one wire form, made on first use and kept on the item: shared by every
+    client, so a frame fanned out to a thousand sockets is encoded once."""
     cache = item.encoded
     if cache is None:
         cache = item.encoded = {}
-    text = cache.get("ws")
-    if text is None:
-        if isinstance(item, Frame):
-            text = '{"type": "output", ' + sse_data(item)[1:]
-        else:
-            text = json.dumps({"type": item.kind, **item.body}, ensure_ascii=False)
-        cache["ws"] = text
-    return str(text)
+    value = cache.get(form)
+    if value is None:
+        value = cache[form] = make(item)
+    return value
+
+
+def _ws_text(item: Item) -> str:
+    if isinstance(item, Frame):
+        return '{"type": "output", ' + sse_data(item)[1:]
+    return json.dumps({"type": item.kind, **item.body}, ensure_ascii=False)
+
+
+def _json_body(item: Item) -> str:
+    if isinstance(item, Frame):
+        return _frame_body(item)
+    return json.dumps(item.body, ensure_ascii=False)
+
+
+def ws_text(item: Item) -> str:
+    """The item as a WebSocket text frame's JSON."""
+    return str(encoded(item, "ws", _ws_text))
 
 
 def sse_data(item: Item) -> str:
-    """The JSON body of the item as an SSE `data:` line carries it."""
-    cache = item.encoded
-    if cache is None:
-        cache = item.encoded = {}
-    body = cache.get("json")
-    if body is None:
-        body = cache["json"] = (_frame_body(item) if isinstance(item, Frame)
-                                else json.dumps(item.body, ensure_ascii=False))
-    return str(body)
+    """The JSON body of the item as an SSE `data:` line (and a jsonl record) carries it."""
+    return str(encoded(item, "json", _json_body))
 
 
 def sse_text(item: Item) -> str:

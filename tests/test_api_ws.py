@@ -199,3 +199,15 @@ async def test_disconnecting_client_loses_nothing(client):
     assert done["status"] == "success"
     body = await (await client.get(f"/tasks/{task['id']}/output")).read()
     assert len(body) == 3_000_000 and done["output_bytes"] == 3_000_000
+
+
+async def test_task_frame_comes_at_once_for_a_silent_task(client):
+    """Attaching to a running task that prints nothing still gets the task frame at once."""
+    task = await submit(client, "sleep.sh")
+    await wait_for(lambda: _running(client, task["id"]), what="running")
+    ws = await client.ws_connect(f"/tasks/{task['id']}/ws")
+    first = await ws.receive_json(timeout=2)
+    assert first["type"] == "task" and first["task"]["status"] == "running"
+    await ws.close()
+    await client.post(f"/tasks/{task['id']}/cancel")
+    await wait_final(client, task["id"])

@@ -15,7 +15,7 @@ from aiohttp.abc import AbstractStreamWriter
 from remoterun.api import METRICS, SCHEDULER, SETTINGS, SOCKETS, identity
 from remoterun.api.http import submit, task_id_of
 from remoterun.errors import BadRequest, RemoteRunError
-from remoterun.hub import Item, SlowConsumer, Subscription, ws_text
+from remoterun.hub import Item, SlowConsumer, Subscription, encoded, ws_text
 from remoterun.runner import SIGNALS
 from remoterun.scheduler import Active
 
@@ -54,12 +54,7 @@ def text_frame(payload: bytes) -> bytes:
 
 def wire_frame(item: Item) -> bytes:
     """The item framed for the wire, made once and shared by every client."""
-    cache = item.encoded if item.encoded is not None else {}
-    item.encoded = cache
-    framed = cache.get("frame")
-    if framed is None:
-        framed = cache["frame"] = text_frame(ws_text(item).encode())
-    return bytes(framed)
+    return bytes(encoded(item, "frame", lambda i: text_frame(ws_text(i).encode())))
 
 
 class Session:
@@ -90,13 +85,10 @@ class Session:
     async def _pump(self, sub: Subscription) -> None:
         code, reason = int(WSCloseCode.OK), b"task ended"
         try:
-            first = text_frame(json.dumps({"type": "task", "task": sub.task}).encode())
-            pending = [first]
+            # The task frame goes at once: a client waits for it even if nothing else comes.
+            await self._send([text_frame(json.dumps({"type": "task", "task": sub.task}).encode())])
             async for batch in sub.batches():
-                await self._send([*pending, *map(wire_frame, batch)])
-                pending = []
-            if pending:
-                await self._send(pending)
+                await self._send(list(map(wire_frame, batch)))
         except (SlowConsumer, asyncio.CancelledError):
             if not sub.overflowed.is_set():
                 raise
