@@ -4,7 +4,7 @@ APT_PACKAGES = chromium bubblewrap
 
 .PHONY: serve test screenshot bench install install-python install-node install-system
 
-serve: install-python
+serve: install-python install-node
 	$(PYTHON) -m remoterun serve --config config.toml
 
 test: install
