@@ -184,7 +184,7 @@ class _Writer:
             try:
                 n = os.write(self.fd, self.buffer)
             except BlockingIOError:
-                self.loop.add_writer(self.fd, self._on_writable)
+                self.loop.add_writer(self.fd, self._flush)
                 return
             except OSError:  # the reader is gone (EPIPE, EIO): drop what is left
                 self.buffer.clear()
@@ -193,9 +193,6 @@ class _Writer:
         self.loop.remove_writer(self.fd)
         if self.closing:
             self._close_now()
-
-    def _on_writable(self) -> None:
-        self._flush()
 
     def close(self) -> None:
         self.closing = True

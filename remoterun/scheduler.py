@@ -27,6 +27,7 @@ import time
 import uuid
 from collections import Counter
 from collections.abc import Coroutine
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -229,7 +230,7 @@ class Scheduler:
             return None
         hub = TaskHub(dbm.task_json(row), memory_bytes=self.settings.replay_memory_bytes,
                       next_seq=row["last_seq"] + 1,
-                      flush_archive=active.archive.flush if active else lambda: None)
+                      flush_archive=lambda: self._start_flush(task_id))
         self.hubs[task_id] = hub
         return hub
 
@@ -254,11 +255,16 @@ class Scheduler:
             return hub.subscribe(since, self.settings.archive_dir, limit)
         return replay_finished(row, dbm.task_json(row), since, self.settings.archive_dir, limit)
 
+    def _start_flush(self, task_id: str) -> Future[None] | None:
+        """Start a flush of the task's current archive (whichever attempt is writing)."""
+        active = self._active.get(task_id) or self._finishing.get(task_id)
+        return active.archive.flush() if active is not None else None
+
     async def flush_archive(self, task_id: str) -> None:
         """Make what a task wrote before the call readable on disk, then return."""
-        active = self._active.get(task_id) or self._finishing.get(task_id)
-        if active is not None:
-            await asyncio.wrap_future(active.archive.flush())
+        flushed = self._start_flush(task_id)
+        if flushed is not None:
+            await asyncio.wrap_future(flushed)
 
     # Dispatch --------------------------------------------------------------------------------
 
@@ -305,9 +311,6 @@ class Scheduler:
                               segment_max_age_s=self.settings.segment_max_age_s or None)
         active = self._active[row["id"]] = Active(row, archive)
         self._per_script[row["script"]] += 1
-        hub = self.hubs.get(row["id"])
-        if hub is not None:
-            hub.flush_archive = archive.flush
         self._own(self._run(active))
 
     def _own(self, coro: Coroutine[Any, Any, None]) -> None:

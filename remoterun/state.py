@@ -15,11 +15,6 @@ class TaskStatus(StrEnum):
     TIMEOUT = "timeout"
     CANCELLED = "cancelled"
 
-    @property
-    def final(self) -> bool:
-        """Whether no transition leaves this state."""
-        return self in FINAL
-
 
 FINAL = frozenset(
     {TaskStatus.SUCCESS, TaskStatus.FAILED, TaskStatus.TIMEOUT, TaskStatus.CANCELLED}
