@@ -94,6 +94,7 @@ class _SegmentFiles:
             return
         try:
             if self.log is None or self.index is None:
+                self.path.parent.mkdir(parents=True, exist_ok=True)
                 self.log = MemberWriter(self.path, self.archive.level)
                 self.index = MemberWriter(segments.index_path(self.path), self.archive.level)
             self.segment.gz_bytes += work(self.log, self.index)
@@ -125,12 +126,14 @@ def _done() -> Future[None]:
 class TaskArchive:
     """Writes one task's frames to rotating segments; not thread-safe, loop-only.
 
-    The deflating and the file writes run on `segments.COMPRESSOR`'s thread, in order.
+    The deflating and the file writes, the task's folder included, run on
+    `segments.COMPRESSOR`'s thread, in order. `fresh` says the folder holds no segment yet (a
+    task's first attempt): numbering then starts at 1 without listing it on the loop.
     """
 
     def __init__(self, root: Path, logs_path: str, *, level: int = 1,
                  segment_max_bytes: int = 64 * 1024 * 1024,
-                 segment_max_age_s: float | None = None):
+                 segment_max_age_s: float | None = None, fresh: bool = False):
         self.root = root
         self.logs_path = logs_path
         self.folder = root / logs_path
@@ -143,6 +146,7 @@ class TaskArchive:
         self._files: _SegmentFiles | None = None
         self._last: Future[None] | None = None  # the latest flush or close handed over
         self._next_number = 1
+        self._listed = fresh
         self._unflushed = False
 
     @property
@@ -151,9 +155,11 @@ class TaskArchive:
         return self.segments[-1] if self._files is not None else None
 
     def _open(self, first_seq: int) -> Segment:
-        self.folder.mkdir(parents=True, exist_ok=True)
-        existing = list_segments(self.folder)
-        number = max(self._next_number, existing[-1][0] + 1 if existing else 1)
+        number = self._next_number
+        if not self._listed:  # an earlier attempt's segments: number after them
+            existing = list_segments(self.folder)
+            number = max(number, existing[-1][0] + 1 if existing else 1)
+            self._listed = True
         name = f"{number:06d}.{first_seq}{LOG_SUFFIX}"
         self._next_number = number + 1
         segment = Segment(path=f"{self.logs_path}/{name}", first_seq=first_seq)

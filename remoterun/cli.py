@@ -51,6 +51,7 @@ def serve(args: argparse.Namespace) -> int:
         if not settings.scripts_dir.is_dir():
             raise config.ConfigError(f"paths.scripts: {settings.scripts_dir} is not a directory")
         Catalogue(settings.scripts_dir, settings.scripts).check()
+        logs.configure(settings.log_level)
     except (config.ConfigError, MetadataError) as exc:
         print(f"remoterun: config error: {exc}", file=sys.stderr)
         return 2

@@ -60,6 +60,7 @@ class Settings:
     retention_max_total_bytes: int = 0  # 0: no limit
     retention_interval_s: float = 300.0
     heartbeat_s: float = 20.0
+    log_level: str = "info"
     tokens: tuple[Token, ...] = ()
     scripts: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
 
@@ -77,6 +78,7 @@ _KEYS: dict[tuple[str, str], str] = {
     ("server", "max_ws_message_bytes"): "max_ws_message_bytes",
     ("server", "shutdown_grace_s"): "shutdown_grace_s",
     ("server", "heartbeat_s"): "heartbeat_s",
+    ("server", "log_level"): "log_level",
     ("paths", "scripts"): "scripts_dir",
     ("paths", "archive"): "archive_dir",
     ("paths", "db"): "db_path",
@@ -103,6 +105,7 @@ _KEYS: dict[tuple[str, str], str] = {
     ("retention", "interval_s"): "retention_interval_s",
 }
 
+LOG_LEVELS = ("debug", "info", "warning", "error")
 _FIELD_TYPES = {f.name: f.type for f in dataclasses.fields(Settings)}
 # Limits that 0 turns off.
 _OFF_AT_ZERO = frozenset({"segment_max_age_s", "max_output_bytes", "retention_max_age_days",
@@ -118,6 +121,10 @@ def _coerce(key: str, name: str, value: Any) -> Any:
     if name == "host":
         if not isinstance(value, str) or not value:
             raise ConfigError(f"{key}: expected a host name or address, got {value!r}")
+        return value
+    if name == "log_level":
+        if value not in LOG_LEVELS:
+            raise ConfigError(f"{key}: one of {list(LOG_LEVELS)}, got {value!r}")
         return value
     if name == "default_timeout_s" and value in (0, False):
         return None

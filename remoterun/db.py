@@ -1,18 +1,28 @@
-"""Persistence: peewee models on SQLite (WAL), executed through aiosqlite.
+"""Persistence: peewee models on SQLite (WAL); reads through aiosqlite, writes on the loop.
 
-Peewee describes the schema and builds every statement (`Model.insert(...).sql()`); aiosqlite
-runs them on its own thread, so the event loop never blocks on the database. Peewee's own
-connection handling is synchronous and would block the loop, and an async ORM layered on top of
-it would add a dependency for what `.sql()` already gives us. Writes go through a group-commit
-queue: every write that arrives while a transaction is running joins the next one, so under load
-the server commits once per tick instead of once per statement.
+Peewee describes the schema and builds every statement (`Model.insert(...).sql()`); we execute
+them ourselves, since peewee's own connection handling is synchronous and an async ORM layered
+on top of it would add a dependency for what `.sql()` already gives us.
+
+Reads (lists, lookups, the scans of retention and recovery) may take milliseconds on a large
+table: aiosqlite runs them on its thread, so the event loop never waits for them.
+
+Writes are small (a task's row and an event row per state change, segment rows) and run on the
+event loop, each call one transaction on a plain `sqlite3` connection. A WAL commit with
+synchronous=NORMAL writes to the log without fsync, ~40 us for a state change here, and
+survives the server being killed (a power cut may lose the last commits, as the archive's
+unsynced tail). Sending it to a thread instead cost the loop more than the commit itself and, worse,
+put two thread hops in every commit's path: under load each waited ~3 ms for a busy loop
+to take the result back, three commits in every task's life (`bench/README.md`). The
+writer never checkpoints (`wal_autocheckpoint=0`: a checkpoint syncs files, which may stall);
+`checkpoint()` does, on aiosqlite's thread, and the scheduler calls it every flush tick.
 """
 
 from __future__ import annotations
 
-import asyncio
 import functools
 import json
+import sqlite3
 import time
 from collections.abc import Iterable, Sequence
 from datetime import UTC, datetime
@@ -127,19 +137,6 @@ def _ddl() -> list[Statement]:
     return out
 
 
-def _run_transaction(conn: aiosqlite.Connection, statements: list[Statement]) -> None:
-    """Execute statements in one transaction; runs on aiosqlite's thread."""
-    raw = conn._conn
-    raw.execute("BEGIN IMMEDIATE")
-    try:
-        for sql, params in statements:
-            raw.execute(sql, params)
-    except BaseException:
-        raw.execute("ROLLBACK")
-        raise
-    raw.execute("COMMIT")
-
-
 def rfc3339(ts: float | None) -> str | None:
     """Unix seconds as PROTOCOL.md's time format (every output frame has one: the formatted
     second is reused, only the milliseconds are new)."""
@@ -183,14 +180,12 @@ def task_json(row: dict[str, Any]) -> dict[str, Any]:
 
 
 class Database:
-    """One aiosqlite connection, a group-commit writer, and the queries the server needs."""
+    """An aiosqlite connection for reads, a loop-side connection for writes, and the queries."""
 
     def __init__(self, path: Path):
         self.path = path
         self._conn: aiosqlite.Connection | None = None
-        self._pending: list[tuple[list[Statement], asyncio.Future[None]]] = []
-        self._wake = asyncio.Event()
-        self._writer: asyncio.Task[None] | None = None
+        self._writer: sqlite3.Connection | None = None
 
     @property
     def conn(self) -> aiosqlite.Connection:
@@ -206,16 +201,15 @@ class Database:
                        "busy_timeout=5000"):
             await self.conn.execute(f"PRAGMA {pragma}")
         await self._migrate()
-        self._writer = asyncio.create_task(self._write_loop(), name="db-writer")
+        self._writer = sqlite3.connect(self.path, isolation_level=None)
+        for pragma in ("synchronous=NORMAL", "foreign_keys=ON", "busy_timeout=1000",
+                       "wal_autocheckpoint=0"):
+            self._writer.execute(f"PRAGMA {pragma}")
 
     async def close(self) -> None:
-        """Finish pending writes, stop the writer and close the connection."""
+        """Close both connections (the reader's close checkpoints the log)."""
         if self._writer is not None:
-            while self._pending:
-                self._wake.set()
-                await asyncio.sleep(0)
-            self._writer.cancel()
-            await asyncio.gather(self._writer, return_exceptions=True)
+            self._writer.close()
             self._writer = None
         if self._conn is not None:
             await self._conn.close()
@@ -238,40 +232,22 @@ class Database:
         await self.conn.execute("COMMIT")
 
     async def write(self, statements: Iterable[Statement]) -> None:
-        """Run statements in one transaction (shared with concurrent writers); wait for commit."""
-        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._pending.append((list(statements), future))
-        self._wake.set()
-        await asyncio.shield(future)
+        """Run statements in one transaction and commit, before returning (on the loop)."""
+        writer = self._writer
+        assert writer is not None, "Database.open() was not awaited"
+        writer.execute("BEGIN IMMEDIATE")
+        try:
+            for sql, params in statements:
+                writer.execute(sql, params)
+        except BaseException:
+            writer.execute("ROLLBACK")
+            raise
+        writer.execute("COMMIT")
 
-    async def _write_loop(self) -> None:
-        while True:
-            await self._wake.wait()
-            self._wake.clear()
-            batch, self._pending = self._pending, []
-            if not batch:
-                continue
-            try:
-                await self._commit([s for stmts, _ in batch for s in stmts])
-            except Exception as exc:
-                log.exception("db_batch_failed", size=len(batch))
-                # One bad statement must not fail its neighbours: retry each alone.
-                for stmts, future in batch:
-                    try:
-                        await self._commit(stmts)
-                        future.set_result(None)
-                    except Exception as single:
-                        future.set_exception(single)
-                del exc
-                continue
-            for _, future in batch:
-                if not future.done():
-                    future.set_result(None)
-
-    async def _commit(self, statements: list[Statement]) -> None:
-        # One hop to aiosqlite's thread for the whole transaction, not one per statement
-        # (~0.2 ms each): `_execute` is how aiosqlite itself runs calls there (pinned version).
-        await self.conn._execute(_run_transaction, self.conn, statements)
+    async def checkpoint(self) -> None:
+        """Copy the write-ahead log into the database file, on aiosqlite's thread."""
+        async with self.conn.execute("PRAGMA wal_checkpoint(PASSIVE)"):
+            pass
 
     async def fetch_all(self, sql: str, params: Sequence[Any] = ()) -> list[dict[str, Any]]:
         """Rows as dicts."""

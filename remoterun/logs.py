@@ -8,8 +8,9 @@ import sys
 import structlog
 
 
-def configure(level: int = logging.INFO) -> None:
-    """Send structlog events to stderr as JSON lines."""
+def configure(level: str = "info") -> None:
+    """Send structlog events at `level` (debug, info, warning, error) and above to stderr as
+    JSON lines."""
     structlog.configure(
         processors=[
             structlog.contextvars.merge_contextvars,
@@ -18,7 +19,7 @@ def configure(level: int = logging.INFO) -> None:
             structlog.processors.format_exc_info,
             structlog.processors.JSONRenderer(),
         ],
-        wrapper_class=structlog.make_filtering_bound_logger(level),
+        wrapper_class=structlog.make_filtering_bound_logger(logging.getLevelName(level.upper())),
         logger_factory=structlog.PrintLoggerFactory(sys.stderr),
         cache_logger_on_first_use=True,
     )

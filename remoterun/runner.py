@@ -99,7 +99,8 @@ def become_subreaper() -> bool:
 
 
 def _children() -> list[tuple[int, str]]:
-    """(pid, state) of this process's direct children (one /proc file, not a scan of /proc)."""
+    """(pid, state) of this process's adopted children: its direct children (one /proc file,
+    not a scan of /proc) but the tasks' main processes, which their runs reap."""
     me = os.getpid()  # the main thread: it spawns every child, and adopts orphans
     try:
         with open(f"/proc/{me}/task/{me}/children", "rb") as fh:
@@ -108,6 +109,8 @@ def _children() -> list[tuple[int, str]]:
         return []
     found = []
     for pid in pids:
+        if pid in _spawned:
+            continue
         try:
             with open(f"/proc/{pid}/stat", "rb") as fh:
                 found.append((pid, fh.read().rsplit(b")", 1)[1].split()[0].decode()))
@@ -155,7 +158,7 @@ def reap_orphans() -> int:
         return 0
     reaped = 0
     for pid, state in _children():
-        if state == "Z" and pid not in _spawned:
+        if state == "Z":
             with contextlib.suppress(ChildProcessError):
                 if os.waitpid(pid, os.WNOHANG)[0]:
                     reaped += 1
@@ -272,11 +275,14 @@ class Run:
             global _spawning
             _spawning += 1
             try:
-                # fork/exec in a worker thread: the parent waits there until the child has
-                # exec'd (~0.5 ms for /bin/sh), and the event loop serves others meanwhile.
-                self.popen = await loop.run_in_executor(None, functools.partial(
-                    subprocess.Popen, list(spec.argv), cwd=spec.cwd, env=dict(spec.env),
-                    start_new_session=True, **stdio, **extra))
+                popen = functools.partial(subprocess.Popen, list(spec.argv), cwd=spec.cwd,
+                                          env=dict(spec.env), start_new_session=True,
+                                          **stdio, **extra)
+                # Pipes: vfork+exec right here; the loop is held until the child has exec'd
+                # (~0.2 ms), less than a worker thread's hop costs it. A PTY needs a
+                # preexec_fn, so a full fork (page tables copied): that one goes to a thread.
+                self.popen = (await loop.run_in_executor(None, popen) if spec.pty
+                              else popen())
                 _spawned.add(self.pid)
             except OSError as exc:
                 self._close_fds()

@@ -308,7 +308,8 @@ class Scheduler:
         archive = TaskArchive(self.settings.archive_dir, row["logs_path"],
                               level=self.settings.gzip_level,
                               segment_max_bytes=self.settings.segment_max_bytes,
-                              segment_max_age_s=self.settings.segment_max_age_s or None)
+                              segment_max_age_s=self.settings.segment_max_age_s or None,
+                              fresh=row["attempt"] == 1)
         active = self._active[row["id"]] = Active(row, archive)
         self._per_script[row["script"]] += 1
         self._own(self._run(active))
@@ -379,7 +380,7 @@ class Scheduler:
                   drain_grace_s=self.settings.drain_grace_s,
                   coalesce_s=self.settings.coalesce_ms / 1000)
         await run.start()
-        log.info("task_started", pid=run.pid, script=row["script"])
+        log.debug("task_started", pid=run.pid, script=row["script"])
         return run
 
     def _spec(self, row: dict[str, Any], script: Script) -> RunSpec:
@@ -467,8 +468,9 @@ class Scheduler:
         hub = self.hubs.pop(row["id"], None)
         if hub is not None:
             hub.publish(exit_event(row))
-        log.info("task_finished", task_id=row["id"], status=row["status"],
-                 exit_code=row["exit_code"], error=row["error"])
+        log.info("task_finished", task_id=row["id"], script=row["script"], status=row["status"],
+                 exit_code=row["exit_code"], error=row["error"],
+                 output_bytes=row["output_bytes"])
 
     async def _transition(self, row: dict[str, Any], new: TaskStatus,
                           extra: list[dbm.Statement] | None = None, **fields: Any) -> None:
@@ -502,6 +504,7 @@ class Scheduler:
             await asyncio.sleep(self.settings.flush_interval_s)
             try:
                 await self._flush_tick()
+                await self.db.checkpoint()
                 if time.monotonic() - last_reap >= self.settings.reaper_interval_s:
                     last_reap = time.monotonic()
                     await self._reap_lost_runs()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import signal
 import subprocess
 import sys
 
@@ -53,3 +54,27 @@ def test_errors_are_one_clear_line(running_server):
     down = subprocess.run([sys.executable, "-m", "remoterun", "tasks", "--url",
                            "http://127.0.0.1:9"], capture_output=True, text=True, timeout=60)
     assert down.returncode == 1 and "cannot reach" in down.stderr
+
+
+@pytest.mark.parametrize(("level", "started", "finished"), [
+    ("debug", True, True), ("info", False, True), ("warning", False, False)])
+def test_log_level_picks_the_task_lines(tmp_path, level, started, finished):
+    """[server] log_level: debug adds a line per start with its pid, warning drops task lines."""
+    server = ServerProcess(tmp_path, f'log_level = "{level}"\n')
+    server.start()
+    try:
+        ran = cli(server, "submit", "lines.py", "-p", "n=2", "--follow")
+        assert ran.returncode == 0
+    finally:
+        server.kill(signal.SIGTERM)
+    events = [json.loads(line) for line in server.log.read_text().splitlines()
+              if line.startswith("{")]
+    by_name = {e["event"]: e for e in events}
+    assert ("task_started" in by_name) is started
+    assert ("task_finished" in by_name) is finished
+    if started:
+        assert by_name["task_started"]["pid"] > 0 and by_name["task_started"]["level"] == "debug"
+    if finished:
+        done = by_name["task_finished"]
+        assert (done["status"], done["script"], done["output_bytes"]) == \
+            ("success", "lines.py", len("line 1\nline 2\n"))

@@ -34,6 +34,7 @@ def test_shipped_config_loads_and_its_scripts_are_valid():
     ("[archive]\ngzip_level = 12\n", "archive.gzip_level: must be 1..9"),
     ("[[tokens]]\nname = \"a\"\ntoken = \"t\"\nrole = \"god\"\n", "tokens[0].role"),
     ("[server]\nport = -1\n", "server.port: must be positive"),
+    ("[server]\nlog_level = \"loud\"\n", "server.log_level: one of ['debug', 'info'"),
     ("this is = = not toml", "not valid TOML"),
 ])
 def test_bad_config_names_the_key(tmp_path, text, words):
