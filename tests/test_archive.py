@@ -204,3 +204,45 @@ def test_segment_files_sort_by_number(tmp_path):
     for name in ("000010.50.log.gz", "000002.9.log.gz", "000001.1.log.gz", "x.log.gz"):
         (folder / name).write_bytes(b"")
     assert [n for n, _, _ in segments.list_segments(Path(folder))] == [1, 2, 10]
+
+
+def test_small_output_is_held_then_written_whole_at_close(tmp_path):
+    """A few lines stay in memory and are written, complete, when the archive closes."""
+    root = tmp_path / "archive"
+    writer = TaskArchive(root, "2026/01/01/small", fresh=True)
+    frames = [Frame(seq, "stdout" if seq % 2 else "stderr", time.time(), b"line %d\n" % seq)
+              for seq in range(1, 6)]
+    for frame in frames:
+        writer.write(frame)
+    assert not (root / "2026/01/01/small").exists()  # nothing handed to the thread yet
+    closed = writer.close()
+    assert closed.done()  # written on the spot: no hand-over to wait for
+    segment = writer.segments[0]
+    assert segment.closed_at is not None and segment.raw_bytes == sum(len(f.data) for f in frames)
+    assert segment.gz_bytes == sum(p.stat().st_size for p in (root / segment.path,
+                                   segments.index_path(root / segment.path)))
+    assert list(archive.read_frames(root, "2026/01/01/small")) == frames
+    assert segments.scan(root / segment.path).complete
+
+
+def test_held_output_goes_to_the_thread_at_a_flush_or_past_the_bound(tmp_path):
+    """A flush (a reader, the flush tick) or output past HOLD_BYTES releases what is held."""
+    root = tmp_path / "archive"
+    flushed = TaskArchive(root, "2026/01/01/flushed", fresh=True)
+    flushed.write(Frame(1, "stdout", time.time(), b"hello\n"))
+    flushed.flush().result()
+    assert [f.data for f in archive.read_frames(root, "2026/01/01/flushed")] == [b"hello\n"]
+    flushed.write(Frame(2, "stdout", time.time(), b"more\n"))  # not held any more
+    flushed.close().result()
+    assert [f.seq for f in archive.read_frames(root, "2026/01/01/flushed")] == [1, 2]
+
+    big = TaskArchive(root, "2026/01/01/big", fresh=True)
+    chunk = os.urandom(archive.HOLD_BYTES // 3)
+    frames = [Frame(seq, "stdout", time.time(), chunk) for seq in range(1, 6)]
+    for frame in frames:
+        big.write(frame)
+    segments.COMPRESSOR.submit(lambda: None).result()  # what was handed over is written
+    assert (root / "2026/01/01/big").is_dir()  # released past the bound, before the close
+    big.close().result()
+    assert list(archive.read_frames(root, "2026/01/01/big")) == frames
+    assert sum(s.raw_bytes for s in big.segments) == 5 * len(chunk)
