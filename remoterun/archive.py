@@ -203,30 +203,23 @@ class TaskArchive:
         """Append one frame, rotating first if the open segment is full or old."""
         if self.failure is not None:
             raise self.failure
-        if self._held is not None:
-            bound = min(HOLD_BYTES, self.segment_max_bytes)  # a held segment never rotates
-            if self._held_bytes + len(frame.data) > bound or (
-                    self.current is not None and self._expired(self.current)):
-                self._release()
-            else:
-                if self.current is None:
-                    self._open(frame.seq)
-                segment = self.segments[-1]
-                self._held.append(frame)
-                self._held_bytes += len(frame.data)
-                segment.last_seq = frame.seq
-                segment.raw_bytes += len(frame.data)
-                self._unflushed = True
-                return
         segment = self.current
-        if segment is not None and (segment.raw_bytes >= self.segment_max_bytes
-                                    or self._expired(segment)):
+        if self._held is not None and (
+                self._held_bytes + len(frame.data) > min(HOLD_BYTES, self.segment_max_bytes)
+                or (segment is not None and self._expired(segment))):
+            self._release()  # so a held segment never needs rotating
+        if self._held is None and segment is not None and (
+                segment.raw_bytes >= self.segment_max_bytes or self._expired(segment)):
             self._close()
             segment = None
         if segment is None:
             segment = self._open(frame.seq)
-        assert self._files is not None
-        COMPRESSOR.write(self._files.write, frame)
+        if self._held is not None:
+            self._held.append(frame)
+            self._held_bytes += len(frame.data)
+        else:
+            assert self._files is not None
+            COMPRESSOR.write(self._files.write, frame)
         segment.last_seq = frame.seq
         segment.raw_bytes += len(frame.data)
         self._unflushed = True
