@@ -70,14 +70,15 @@ def cheap_frame(text: str, seen: Followed) -> None:
             seen.exit = msg
 
 
-_PREFIX = '{"type": "output", "seq": '
+_PREFIXES = ('{"type":"output","seq":', '{"type": "output", "seq": ')  # now, and before orjson
 
 
 def _seq_of(text: str) -> int | None:
     """The seq of an output frame (fast path for the server's own spacing), else None."""
-    if text.startswith(_PREFIX):
-        start = len(_PREFIX)
-        return int(text[start:text.index(",", start)])
+    for prefix in _PREFIXES:
+        if text.startswith(prefix):
+            start = len(prefix)
+            return int(text[start:text.index(",", start)])
     if '"output"' in text[:64]:
         msg = json.loads(text)
         if msg.get("type") == "output":

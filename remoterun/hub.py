@@ -19,6 +19,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import orjson
+
 from remoterun.archive import Frame, aread_frames
 from remoterun.db import rfc3339
 
@@ -40,12 +42,22 @@ class Event:
 Item = Frame | Event
 
 
+def dumps(obj: Any) -> str:
+    """Compact JSON text, non-ASCII kept readable (not \\uXXXX) for people using wscat.
+
+    orjson: ~10x the standard library's speed, which spent ~5% of the event loop on a trivial
+    task's dozen frames and bodies; the standard library for what orjson refuses (integers
+    past 64 bits, possible in a task's params).
+    """
+    try:
+        return orjson.dumps(obj).decode()
+    except TypeError:  # orjson.JSONEncodeError
+        return json.dumps(obj, ensure_ascii=False, separators=(",", ":"))
+
+
 def _frame_body(frame: Frame) -> str:
-    # ASCII output encodes the same either way, and the escaping encoder is ~1.8x faster;
-    # other text stays readable (not \uXXXX) for people reading frames in wscat.
-    return json.dumps({"seq": frame.seq, "stream": frame.stream, "ts": rfc3339(frame.ts),
-                       "data": frame.data.decode("utf-8", "replace")},
-                      ensure_ascii=frame.data.isascii())
+    return dumps({"seq": frame.seq, "stream": frame.stream, "ts": rfc3339(frame.ts),
+                  "data": frame.data.decode("utf-8", "replace")})
 
 
 def encoded(item: Item, form: str, make: Callable[[Item], Any]) -> Any:
@@ -62,14 +74,14 @@ def encoded(item: Item, form: str, make: Callable[[Item], Any]) -> Any:
 
 def _ws_text(item: Item) -> str:
     if isinstance(item, Frame):
-        return '{"type": "output", ' + sse_data(item)[1:]
-    return json.dumps({"type": item.kind, **item.body}, ensure_ascii=False)
+        return '{"type":"output",' + sse_data(item)[1:]
+    return dumps({"type": item.kind, **item.body})
 
 
 def _json_body(item: Item) -> str:
     if isinstance(item, Frame):
         return _frame_body(item)
-    return json.dumps(item.body, ensure_ascii=False)
+    return dumps(item.body)
 
 
 def ws_text(item: Item) -> str:

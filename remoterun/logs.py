@@ -2,10 +2,22 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import sys
+from typing import Any
 
+import orjson
 import structlog
+
+
+def _serialize(event: dict[str, Any], **kw: Any) -> str:
+    # orjson is ~10x the standard library's speed (a line per submission and per end, on
+    # the event loop); the standard library for what it refuses (integers past 64 bits).
+    try:
+        return orjson.dumps(event, default=kw.get("default")).decode()
+    except TypeError:  # orjson.JSONEncodeError
+        return json.dumps(event, **kw)
 
 
 def configure(level: str = "info") -> None:
@@ -17,7 +29,7 @@ def configure(level: str = "info") -> None:
             structlog.processors.add_log_level,
             structlog.processors.TimeStamper(fmt="iso", utc=True),
             structlog.processors.format_exc_info,
-            structlog.processors.JSONRenderer(),
+            structlog.processors.JSONRenderer(serializer=_serialize),
         ],
         wrapper_class=structlog.make_filtering_bound_logger(logging.getLevelName(level.upper())),
         logger_factory=structlog.PrintLoggerFactory(sys.stderr),

@@ -6,7 +6,7 @@ import json
 import os
 from pathlib import Path
 
-from conftest import submit, wait_final, wait_for
+from conftest import submit, wait_final, wait_for, ws_collect
 
 from remoterun.api import SETTINGS
 
@@ -101,6 +101,18 @@ async def test_params_as_env_and_args(client):
     assert seen["env"]["RR_PARAM_ZETA"] == "a b" and seen["env"]["RR_PARAM_MID"] == "true"
     assert seen["env"]["RR_TASK_ID"] == task["id"] and seen["env"]["RR_ATTEMPT"] == "1"
     assert seen["cwd"] == str(client.server.app[SETTINGS].scripts_dir.resolve())
+
+
+async def test_params_beyond_64_bits_and_unicode_round_trip(client):
+    """A huge integer and non-ASCII text survive the REST body, the WS task frame and argv."""
+    params = {"big": 2**70, "name": "naïve ✓"}
+    task = await submit(client, "args.py", params=params)
+    assert task["params"] == params
+    frames = await ws_collect(await client.ws_connect(f"/tasks/{task['id']}/ws"))
+    assert frames[0]["type"] == "task" and frames[0]["task"]["params"] == params
+    await wait_final(client, task["id"])
+    seen = json.loads(await (await client.get(f"/tasks/{task['id']}/output")).text())
+    assert seen["argv"] == [f"--big={2**70}", "--name=naïve ✓"]
 
 
 async def test_schema_defaults_order_and_secret(client):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import weakref
+from typing import Any
 
 from aiohttp import web
 
@@ -10,6 +11,7 @@ from remoterun.auth import Authenticator, Identity
 from remoterun.catalogue import Catalogue
 from remoterun.config import Settings
 from remoterun.db import Database
+from remoterun.hub import dumps
 from remoterun.metrics import Metrics
 from remoterun.scheduler import Scheduler
 
@@ -22,6 +24,12 @@ AUTH = web.AppKey("auth", Authenticator)
 SOCKETS: web.AppKey[weakref.WeakSet[web.WebSocketResponse]] = web.AppKey("sockets")
 
 IDENTITY: web.RequestKey[Identity | None] = web.RequestKey("identity")  # by the auth middleware
+
+
+def json_response(data: Any, *, status: int = 200,
+                  headers: dict[str, str] | None = None) -> web.Response:
+    """A JSON response, encoded as the WebSocket frames are (orjson, compact)."""
+    return web.json_response(data, status=status, headers=headers, dumps=dumps)
 
 
 def identity(request: web.Request) -> Identity:

@@ -22,6 +22,7 @@ from remoterun.api import (
     SETTINGS,
     SOCKETS,
     http,
+    json_response,
     sse,
     ws,
 )
@@ -54,7 +55,7 @@ PUBLIC_PREFIXES = ("/healthz", "/static/", "/vendor/", "/login")
 
 def error_response(status: int, code: str, message: str, **extra: object) -> web.Response:
     """PROTOCOL.md's error body."""
-    return web.json_response({"error": code, "message": message, **extra}, status=status)
+    return json_response({"error": code, "message": message, **extra}, status=status)
 
 
 @web.middleware
@@ -64,7 +65,7 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         return await handler(request)
     except errors.RemoteRunError as exc:
         status = STATUS.get(type(exc), 400)
-        return web.json_response(exc.to_json(), status=status)
+        return json_response(exc.to_json(), status=status)
     except web.HTTPRequestEntityTooLarge:
         limit = request.app[SETTINGS].max_body_bytes
         return error_response(413, "too_large", f"the body is over the limit of {limit} bytes")
@@ -102,7 +103,7 @@ async def login(request: web.Request) -> web.Response:
     body = await http.read_json(request)
     token = body.get("token") if isinstance(body, dict) else None
     who = request.app[AUTH].identify(token if isinstance(token, str) else None)
-    response = web.json_response({"name": who.name, "role": who.role})
+    response = json_response({"name": who.name, "role": who.role})
     if request.app[AUTH].enabled and isinstance(token, str):
         response.set_cookie(COOKIE, token, httponly=True, samesite="Strict", path="/")
     return response
@@ -113,13 +114,13 @@ async def whoami(request: web.Request) -> web.Response:
     who = request[IDENTITY]
     if who is None:
         raise errors.Unauthorized("log in with a token")
-    return web.json_response({"name": who.name, "role": who.role,
+    return json_response({"name": who.name, "role": who.role,
                               "auth": request.app[AUTH].enabled})
 
 
 async def logout(request: web.Request) -> web.Response:
     """Forget the session cookie."""
-    response = web.json_response({"ok": True})
+    response = json_response({"ok": True})
     response.del_cookie(COOKIE, path="/")
     return response
 

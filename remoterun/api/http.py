@@ -15,7 +15,7 @@ import structlog
 from aiohttp import web
 
 from remoterun import archive
-from remoterun.api import CATALOGUE, DB, METRICS, SCHEDULER, SETTINGS, identity
+from remoterun.api import CATALOGUE, DB, METRICS, SCHEDULER, SETTINGS, identity, json_response
 from remoterun.db import task_json
 from remoterun.errors import BadRequest, Gone, NotFound
 from remoterun.hub import sse_data
@@ -104,7 +104,7 @@ async def submit(request: web.Request, body: Any) -> dict[str, Any]:
 async def post_task(request: web.Request) -> web.Response:
     """Submit a task."""
     task = await submit(request, await read_json(request))
-    return web.json_response(task, status=201, headers={"Location": f"/tasks/{task['id']}"})
+    return json_response(task, status=201, headers={"Location": f"/tasks/{task['id']}"})
 
 
 @routes.get("/tasks/{id}")
@@ -114,7 +114,7 @@ async def get_task(request: web.Request) -> web.Response:
     row = await request.app[DB].get_task(task_id_of(request))
     if row is None:
         raise NotFound(f"no task {request.match_info['id']!r}")
-    return web.json_response(task_json(row))
+    return json_response(task_json(row))
 
 
 @routes.get("/tasks")
@@ -135,7 +135,7 @@ async def list_tasks(request: web.Request) -> web.Response:
                                             limit=limit + 1, before=cursor)
     more = len(rows) > limit
     rows = rows[:limit]
-    return web.json_response({"tasks": [task_json(r) for r in rows],
+    return json_response({"tasks": [task_json(r) for r in rows],
                               "next_cursor": str(rows[-1]["num"]) if more else None})
 
 
@@ -153,7 +153,7 @@ def _int_arg(raw: str, low: int, high: int, name: str, problems: list[dict[str, 
 async def cancel_task(request: web.Request) -> web.Response:
     """Cancel a pending or running task."""
     identity(request).require("operator")
-    return web.json_response(await request.app[SCHEDULER].cancel(task_id_of(request)))
+    return json_response(await request.app[SCHEDULER].cancel(task_id_of(request)))
 
 
 @routes.get("/tasks/{id}/output")
@@ -289,7 +289,7 @@ def _byte_range(header: str | None, total: int) -> tuple[int, int] | None:
 
 
 def _unsatisfiable(total: int, message: str) -> web.Response:
-    return web.json_response({"error": "range_not_satisfiable", "message": message},
+    return json_response({"error": "range_not_satisfiable", "message": message},
                              status=416, headers={"Content-Range": f"bytes */{total}"})
 
 
@@ -337,7 +337,7 @@ async def list_scripts(request: web.Request) -> web.Response:
     who = identity(request)
     who.require("viewer")
     scripts = request.app[CATALOGUE].scripts()
-    return web.json_response({"scripts": [
+    return json_response({"scripts": [
         {**s.to_json(), "runnable": who.may_run(s)} for s in scripts]})
 
 
@@ -355,7 +355,7 @@ async def healthz(request: web.Request) -> web.Response:
     scheduler = request.app[SCHEDULER]
     body = {"status": "ok" if not problems else "error", "problems": problems,
             "accepting": scheduler.accepting}
-    return web.json_response(body, status=200 if not problems else 503)
+    return json_response(body, status=200 if not problems else 503)
 
 
 @routes.get("/metrics")

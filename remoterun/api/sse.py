@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 
 from aiohttp import web
 
 from remoterun.api import METRICS, SCHEDULER, SETTINGS, identity
 from remoterun.api.http import task_id_of
 from remoterun.api.ws import parse_since
-from remoterun.hub import Item, SlowConsumer, sse_text
+from remoterun.hub import Item, SlowConsumer, dumps, sse_text
 
 routes = web.RouteTableDef()
 HEARTBEAT = b": keep-alive\n\n"
@@ -38,7 +37,7 @@ async def logs(request: web.Request) -> web.StreamResponse:
     gauge.inc()
     try:
         await response.prepare(request)
-        await response.write(f"event: task\ndata: {json.dumps(sub.task)}\n\n".encode())
+        await response.write(f"event: task\ndata: {dumps(sub.task)}\n\n".encode())
         await _pump(response, sub.batches(), request.app[SETTINGS].heartbeat_s)
         await response.write_eof()
     except (SlowConsumer, asyncio.CancelledError):

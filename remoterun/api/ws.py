@@ -15,7 +15,7 @@ from aiohttp.abc import AbstractStreamWriter
 from remoterun.api import METRICS, SCHEDULER, SETTINGS, SOCKETS, identity
 from remoterun.api.http import submit, task_id_of
 from remoterun.errors import BadRequest, RemoteRunError
-from remoterun.hub import Item, SlowConsumer, Subscription, encoded, ws_text
+from remoterun.hub import Item, SlowConsumer, Subscription, dumps, encoded, ws_text
 from remoterun.runner import SIGNALS
 from remoterun.scheduler import Active
 
@@ -86,7 +86,7 @@ class Session:
         code, reason = int(WSCloseCode.OK), b"task ended"
         try:
             # The task frame goes at once: a client waits for it even if nothing else comes.
-            await self._send([text_frame(json.dumps({"type": "task", "task": sub.task}).encode())])
+            await self._send([text_frame(dumps({"type": "task", "task": sub.task}).encode())])
             async for batch in sub.batches():
                 await self._send(list(map(wire_frame, batch)))
         except (SlowConsumer, asyncio.CancelledError):
@@ -225,9 +225,9 @@ async def _serve(request: web.Request, task_id: str | None, since: int) -> web.W
                 try:
                     await session.handle(msg.data)
                 except RemoteRunError as exc:
-                    await ws.send_str(json.dumps({"type": "error", **exc.to_json()}))
+                    await ws.send_str(dumps({"type": "error", **exc.to_json()}))
             elif msg.type == WSMsgType.BINARY:
-                await ws.send_str(json.dumps({"type": "error", "error": "binary_frame",
+                await ws.send_str(dumps({"type": "error", "error": "binary_frame",
                                               "message": "send JSON text frames"}))
         if ws.close_code == WSCloseCode.MESSAGE_TOO_BIG:
             log.info("ws_message_too_big")
