@@ -160,6 +160,7 @@ def test_stderr_is_red_for_pipe_tasks(page: Page) -> None:
     open_page(page)
     run(page, "lines.py", "n=4\nboth=true")
     wait_status(page, "success")
+    wait_text(page, "line 4")  # xterm.js parses writes asynchronously: the badge may lead
     colours = page.evaluate("""() => {
         const buffer = term.buffer.active, out = {};
         for (let i = 0; i < buffer.length; i++) {
