@@ -26,7 +26,7 @@ def archive_rate(root: Path, chunks: list[bytes]) -> float:
     began = time.perf_counter()
     for seq, chunk in enumerate(chunks, 1):
         archive.write(Frame(seq, "stdout", time.time(), chunk))
-    archive.close()
+    archive.close().result()  # the compressor thread has written and closed every file
     return total / (time.perf_counter() - began) / MB
 
 
