@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
@@ -17,6 +18,7 @@ class Metrics:
     registry: CollectorRegistry = field(default_factory=CollectorRegistry)
 
     def __post_init__(self) -> None:
+        self._children: dict[tuple[int, tuple[str, ...]], Any] = {}
         r = self.registry
         self.submitted = Counter("remoterun_tasks_submitted", "Tasks accepted.", ["script"],
                                  registry=r)
@@ -35,6 +37,15 @@ class Metrics:
                              ["kind"], registry=r)
         self.slow_clients = Counter("remoterun_slow_clients_closed",
                                     "Clients closed because their queue overflowed.", registry=r)
+
+    def child(self, metric: Any, *labels: str) -> Any:
+        """`metric.labels(*labels)`, looked up once: prometheus_client takes a lock and builds
+        a key on each call, and the scheduler asks several times per task and per output read."""
+        key = (id(metric), labels)
+        found = self._children.get(key)
+        if found is None:
+            found = self._children[key] = metric.labels(*labels)
+        return found
 
     def render(self) -> bytes:
         """The text exposition."""

@@ -61,7 +61,8 @@ class Active:
 
     row: dict[str, Any]
     archive: TaskArchive
-    stop: asyncio.Event = field(default_factory=asyncio.Event)
+    stop: asyncio.Future[None] = field(  # done: stop the run
+        default_factory=lambda: asyncio.get_running_loop().create_future())
     stop_reason: str | None = None  # "cancel" or "shutdown"
     run: Run | None = None
     early: list[tuple[str, tuple[Any, ...]]] = field(default_factory=list)
@@ -176,7 +177,7 @@ class Scheduler:
                                  "run_after", "pid")), "output_bytes": 0, "last_seq": 0, **row}
         self._limits[script.name] = script.max_concurrency
         self._enqueue(full)
-        self.metrics.submitted.labels(script.name).inc()
+        self.metrics.child(self.metrics.submitted, script.name).inc()
         log.info("task_submitted", task_id=task_id, script=script.name,
                  submitted_by=submitted_by)
         return dbm.task_json(full)
@@ -212,7 +213,8 @@ class Scheduler:
     def _request_stop(self, active: Active, reason: str) -> None:
         if active.stop_reason is None:
             active.stop_reason = reason
-        active.stop.set()
+        if not active.stop.done():
+            active.stop.set_result(None)
 
     # Streams ---------------------------------------------------------------------------------
 
@@ -345,12 +347,13 @@ class Scheduler:
                     error = f"internal error: {exc}"
             finally:
                 self.metrics.running.dec()
-                self.metrics.duration.labels(row["script"]).observe(time.time() - started)
+                duration = self.metrics.child(self.metrics.duration, row["script"])
+                duration.observe(time.time() - started)
                 await asyncio.shield(self._conclude(active, result, error))
 
     async def _start(self, active: Active) -> Run:
         row = active.row
-        if active.stop.is_set():
+        if active.stop.done():
             raise SpawnError("cancelled before it started")
         try:
             script = self.catalogue.resolve(row["script"])
@@ -373,7 +376,7 @@ class Scheduler:
             hub.publish(frame)
             row["output_bytes"] += len(data)
             row["last_seq"] = frame.seq
-            self.metrics.output_bytes.labels(stream).inc(len(data))
+            self.metrics.child(self.metrics.output_bytes, stream).inc(len(data))
 
         run = Run(self._spec(row, script), on_output, read_chunk=self.settings.read_chunk_bytes,
                   kill_grace_s=self.settings.kill_grace_s,
@@ -445,7 +448,7 @@ class Scheduler:
                     row, S.PENDING, extra=extra, attempt=row["attempt"] + 1, exit_code=exit_code,
                     error=error, run_after=now + delay, pid=None,
                     output_bytes=row["output_bytes"], last_seq=row["last_seq"])
-                self.metrics.retries.labels(row["script"]).inc()
+                self.metrics.child(self.metrics.retries, row["script"]).inc()
                 self._enqueue(row)
                 return
             await self._transition(row, status, extra=extra, exit_code=exit_code, error=error,
@@ -464,7 +467,7 @@ class Scheduler:
 
     def _finish(self, row: dict[str, Any]) -> None:
         """Announce the end and forget the task: late clients replay it from the archive."""
-        self.metrics.finished.labels(row["script"], row["status"]).inc()
+        self.metrics.child(self.metrics.finished, row["script"], row["status"]).inc()
         hub = self.hubs.pop(row["id"], None)
         if hub is not None:
             hub.publish(exit_event(row))
@@ -570,7 +573,7 @@ class Scheduler:
             self._enqueue(row)
         else:
             await self._transition(row, S.FAILED, extra=extra, finished_at=time.time(), **common)
-            self.metrics.finished.labels(row["script"], row["status"]).inc()
+            self.metrics.child(self.metrics.finished, row["script"], row["status"]).inc()
         log.warning("recovered_interrupted_run", task_id=row["id"], status=row["status"])
 
 

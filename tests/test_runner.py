@@ -52,7 +52,7 @@ def spec(*argv: str, **kw) -> RunSpec:
 
 async def run_to_end(run: Run, timeout: float | None = 10) -> int:
     await run.start()
-    result = await run.wait(timeout, asyncio.Event())
+    result = await run.wait(timeout, asyncio.get_running_loop().create_future())
     return result.exit_code
 
 
@@ -113,10 +113,10 @@ async def test_stop_sends_term_then_kill():
     run = Run(spec("/bin/sh", "-c", "trap '' TERM; echo ready; sleep 1000"), out,
               kill_grace_s=0.2)
     await run.start()
-    stop = asyncio.Event()
+    stop = asyncio.get_running_loop().create_future()
     waiting = asyncio.create_task(run.wait(None, stop))
     await wait_for(lambda: "ready" in out.text(), what="ready")
-    stop.set()
+    stop.set_result(None)
     result = await waiting
     assert result.stopped == "stopped" and result.exit_code == -signal.SIGKILL
 
@@ -141,7 +141,7 @@ async def test_pty_size_keys_and_ctrl_c():
     run = Run(spec(str(TEST_SCRIPTS / "stty.sh"), pty=True, interactive=True, cols=100,
                    rows=30), out)
     await run.start()
-    waiting = asyncio.create_task(run.wait(10, asyncio.Event()))
+    waiting = asyncio.create_task(run.wait(10, asyncio.get_running_loop().create_future()))
     await wait_for(lambda: "size 30 100" in out.text(), what="initial size")
     run.resize(120, 40)
     run.write(b"hello\r")  # bash runs the WINCH trap once `read` returns

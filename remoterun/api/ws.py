@@ -214,7 +214,8 @@ async def _serve(request: web.Request, task_id: str | None, since: int) -> web.W
                                heartbeat=settings.heartbeat_s)
     writer = await ws.prepare(request)
     request.app[SOCKETS].add(ws)
-    gauge = request.app[METRICS].clients.labels("websocket")
+    metrics = request.app[METRICS]
+    gauge = metrics.child(metrics.clients, "websocket")
     gauge.inc()
     session = Session(request, ws, writer)
     try:
