@@ -256,9 +256,11 @@ class TaskArchive:
         """
         held, self._held = self._held, None
         if held and self._files is not None:
-            files = self._files
-            files.write(held)
-            files.finish()
+            try:
+                self.segments[-1].gz_bytes += segments.write_whole(self._files.path, held,
+                                                                   self.level)
+            except OSError as exc:  # as the thread would: kept, raised by the next write
+                self.failure = exc
             self._files = None
             self._unflushed = False
             segment = self.segments[-1]

@@ -122,6 +122,21 @@ async def test_stored_gzip_passes_through_as_one_member(make_client):
     assert await decoded.read() == gzip.decompress(body)
 
 
+async def test_a_short_task_written_at_its_end_downloads_as_gzip_too(client):
+    """A short task's segment (held in memory, written whole at the end) passes through."""
+    task = await submit(client, "lines.py", params={"n": 5, "both": True})
+    await wait_final(client, task["id"])
+    response = await client.get(f"/tasks/{task['id']}/output", auto_decompress=False,
+                                headers={"Accept-Encoding": "gzip"})
+    assert response.headers["Content-Encoding"] == "gzip"
+    text = gzip.decompress(await response.read()).decode()
+    assert sorted(text.splitlines()) == sorted(f"line {i}" for i in range(1, 6))
+    jsonl = await client.get(f"/tasks/{task['id']}/output?format=jsonl")
+    records = [json.loads(line) for line in (await jsonl.text()).splitlines()]
+    assert "".join(r["data"] for r in records) == text
+    assert {r["stream"] for r in records} == {"stdout", "stderr"}
+
+
 async def test_no_gzip_when_not_accepted_or_filtered(make_client):
     """Without gzip in Accept-Encoding, or with a filter, the bytes go uncompressed."""
     client, task = await flooded(make_client)
