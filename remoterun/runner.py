@@ -17,7 +17,6 @@ import contextlib
 import ctypes
 import errno
 import fcntl
-import functools
 import os
 import signal
 import struct
@@ -26,7 +25,8 @@ import termios
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+
+from remoterun.spawn import encode_env, spawn
 
 SIGNALS = {name: getattr(signal, "SIG" + name)
            for name in ("INT", "TERM", "HUP", "QUIT", "KILL", "USR1", "USR2")}
@@ -42,13 +42,15 @@ class RunSpec:
     """What to start and how."""
 
     argv: Sequence[str]
-    env: Mapping[str, str]
+    env: Mapping[str, str]  # added to `inherited`
     cwd: Path
     pty: bool = False
     interactive: bool = False
     stdin: bytes = b""
     cols: int = 80
     rows: int = 24
+    inherited: Sequence[bytes] = ()  # an environment encoded once (spawn.encode_env): it
+    # must not name a variable `env` sets; the server passes its own, less RR_*
 
 
 @dataclass(frozen=True)
@@ -80,6 +82,16 @@ def set_winsize(fd: int, cols: int, rows: int) -> None:
 
 def _make_controlling_tty() -> None:  # runs in the child, after setsid()
     fcntl.ioctl(0, termios.TIOCSCTTY, 0)
+
+
+def _spawn_pty(spec: RunSpec, env: list[bytes], tty: int) -> int:
+    """Start a PTY task's process, the terminal its stdio and controlling terminal; its pid."""
+    child = subprocess.Popen(  # noqa: S603 - argv from the catalogue, no shell
+        list(spec.argv), cwd=spec.cwd, env=dict(item.split(b"=", 1) for item in env),
+        stdin=tty, stdout=tty, stderr=tty, start_new_session=True,
+        preexec_fn=_make_controlling_tty)
+    child.returncode = 0  # reaped through its pidfd: Popen must never wait for it
+    return child.pid
 
 
 PR_SET_CHILD_SUBREAPER = 36
@@ -236,7 +248,7 @@ class Run:
         self._last_flush = 0.0
         self.kill_grace_s = kill_grace_s
         self.drain_grace_s = drain_grace_s
-        self.popen: subprocess.Popen[Any] | None = None
+        self._pid: int | None = None
         self.exited: asyncio.Future[int] | None = None  # the exit code, once reaped
         self.readers: list[_Reader] = []
         self.stdin: _Writer | None = None
@@ -246,44 +258,41 @@ class Run:
     @property
     def pid(self) -> int:
         """The main process's id, also its process group's id."""
-        assert self.popen is not None
-        return self.popen.pid
+        assert self._pid is not None
+        return self._pid
 
     async def start(self) -> None:
         """Spawn the process; SpawnError if it cannot start."""
         loop = asyncio.get_running_loop()
         spec = self.spec
         child_fds: list[int] = []
+        env = [*spec.inherited, *encode_env(spec.env)]
         try:
             if spec.pty:
                 master, slave = os.openpty()
                 set_winsize(master, spec.cols, spec.rows)
                 child_fds = [slave]
                 self.master_fd = master
-                stdio = {"stdin": slave, "stdout": slave, "stderr": slave}
-                extra = {"preexec_fn": _make_controlling_tty}
                 self.readers = [_Reader(master, "pty")]
             else:
                 in_r, in_w = os.pipe()
                 out_r, out_w = os.pipe()
                 err_r, err_w = os.pipe()
                 child_fds = [in_r, out_w, err_w]
-                stdio = {"stdin": in_r, "stdout": out_w, "stderr": err_w}
-                extra = {}
                 self.readers = [_Reader(out_r, "stdout"), _Reader(err_r, "stderr")]
                 self.stdin = _Writer(in_w, owns_fd=True)
             global _spawning
             _spawning += 1
             try:
-                popen = functools.partial(subprocess.Popen, list(spec.argv), cwd=spec.cwd,
-                                          env=dict(spec.env), start_new_session=True,
-                                          **stdio, **extra)
-                # Pipes: vfork+exec right here; the loop is held until the child has exec'd
-                # (~0.2 ms), less than a worker thread's hop costs it. A PTY needs a
-                # preexec_fn, so a full fork (page tables copied): that one goes to a thread.
-                self.popen = (await loop.run_in_executor(None, popen) if spec.pty
-                              else popen())
-                _spawned.add(self.pid)
+                if spec.pty:
+                    # A controlling terminal needs a preexec_fn, so a full fork (page tables
+                    # copied, ~1 ms): on a thread, the loop serving others meanwhile.
+                    self._pid = await loop.run_in_executor(None, _spawn_pty, spec, env, slave)
+                else:
+                    # vfork+exec right here: the loop is held until the child has exec'd
+                    # (~0.1 ms), less than a hop to a worker thread and back costs it.
+                    self._pid = spawn(spec.argv, env, str(spec.cwd), in_r, out_w, err_w)
+                _spawned.add(self._pid)
             except OSError as exc:
                 self._close_fds()
                 raise SpawnError(_spawn_message(spec.argv[0], exc)) from exc
@@ -311,8 +320,7 @@ class Run:
 
     def _watch_exit(self, loop: asyncio.AbstractEventLoop) -> None:
         """Reap the child when its pidfd becomes readable (no thread, no SIGCHLD handler)."""
-        assert self.popen is not None
-        pid = self.popen.pid
+        pid = self.pid
         self.exited = loop.create_future()
         pidfd = os.pidfd_open(pid)
 
@@ -327,8 +335,7 @@ class Run:
             os.close(pidfd)
             _spawned.discard(pid)
             code = os.waitstatus_to_exitcode(status)
-            assert self.popen is not None and self.exited is not None
-            self.popen.returncode = code  # so that Popen never waits for it again
+            assert self.exited is not None
             if not self.exited.done():
                 self.exited.set_result(code)
 

@@ -49,6 +49,7 @@ from remoterun.runner import (
     kill_task_processes,
     reap_orphans,
 )
+from remoterun.spawn import encode_env
 from remoterun.state import TaskStatus, check_transition
 
 log = structlog.get_logger(__name__)
@@ -97,7 +98,12 @@ class Scheduler:
         self._runs: set[asyncio.Task[None]] = set()
         self._loops: list[asyncio.Task[None]] = []
         self._next_num = 1
-        self._base_env = {k: v for k, v in os.environ.items() if not k.startswith("RR_")}
+        # The server's environment, less RR_* (ours to set) and TERM (a PTY task's is ours),
+        # encoded once: every task's process starts from it.
+        self._inherited_pty = encode_env({k: v for k, v in os.environ.items()
+                                          if not k.startswith("RR_") and k != "TERM"})
+        self._inherited = encode_env({k: v for k, v in os.environ.items()
+                                      if not k.startswith("RR_")})
 
     # Life ------------------------------------------------------------------------------------
 
@@ -389,8 +395,7 @@ class Scheduler:
     def _spec(self, row: dict[str, Any], script: Script) -> RunSpec:
         params: dict[str, Any] = json.loads(row["params"])
         params.update(json.loads(row["secret_params"]))
-        env = dict(self._base_env)
-        env.update({f"RR_PARAM_{k.upper()}": param_value(v) for k, v in params.items()})
+        env = {f"RR_PARAM_{k.upper()}": param_value(v) for k, v in params.items()}
         env.update(RR_TASK_ID=row["id"], RR_ATTEMPT=str(row["attempt"]))
         if row["pty"]:
             env["TERM"] = "xterm-256color"
@@ -401,6 +406,7 @@ class Scheduler:
             argv=[str(script.path), *(f"--{k}={param_value(v)}" for k, v in params.items())],
             env=env, cwd=cwd, pty=bool(row["pty"]), interactive=bool(row["interactive"]),
             stdin=row["stdin"].encode(),
+            inherited=self._inherited_pty if row["pty"] else self._inherited,
         )
 
     def _timeout(self, row: dict[str, Any]) -> float | None:

@@ -1,0 +1,89 @@
+"""Start a child process with its stdio on given descriptors, in a new session: vfork + exec.
+
+`subprocess.Popen` does this, and then some: on the event loop, where every task is spawned,
+its Python-level preparation (arguments, the environment encoded variable by variable, the
+error pipe, bookkeeping for objects we never use) cost ~70 us per spawn here, as much as the
+vfork and exec themselves. On CPython 3.11, `spawn` calls the same C function Popen calls,
+`_posixsubprocess.fork_exec`, with the same arguments Popen would pass for
+`Popen(argv, cwd=cwd, env=env, stdin=.., stdout=.., stderr=.., start_new_session=True)`, and
+reads the child's exec error the same way. Its signature is private and changes between Python
+versions, so on any other version `spawn` is Popen. Either way: every other descriptor is closed
+in the child, signals are reset to their defaults, and a failed exec raises the OSError it met.
+"""
+
+from __future__ import annotations
+
+import _posixsubprocess
+import builtins
+import os
+import subprocess
+import sys
+from collections.abc import Mapping, Sequence
+
+FAST = sys.version_info[:2] == (3, 11)  # the fork_exec signature below is 3.11's
+
+
+def encode_env(env: Mapping[str, str]) -> list[bytes]:
+    """An environment as the `KEY=value` byte strings exec takes (computed once for the
+    server's own environment, then extended per task)."""
+    out = []
+    for key, value in env.items():
+        name = os.fsencode(key)
+        if b"=" in name or not name:
+            raise ValueError(f"illegal environment variable name {key!r}")
+        out.append(name + b"=" + os.fsencode(value))
+    return out
+
+
+def spawn(argv: Sequence[str], env: list[bytes], cwd: str, stdin: int, stdout: int,
+          stderr: int, *, fast: bool = FAST) -> int:
+    """Start argv[0] (a path) with these descriptors as 0, 1 and 2; its pid.
+
+    `env` is the whole environment, encoded (`encode_env`). The caller reaps the child.
+    """
+    if not fast:
+        environ = dict(item.split(b"=", 1) for item in env)
+        child = subprocess.Popen(list(argv), cwd=cwd, env=environ,
+                                 stdin=stdin, stdout=stdout, stderr=stderr,
+                                 start_new_session=True)
+        child.returncode = 0  # reaped by the caller: Popen must never wait for it
+        return child.pid
+    err_read, err_write = os.pipe()
+    try:
+        low = []
+        while err_write < 3:  # not on 0-2, which the child's stdio take
+            low.append(err_write)
+            err_write = os.dup(err_write)
+        for fd in low:
+            os.close(fd)
+        try:
+            pid: int = _posixsubprocess.fork_exec(
+                list(argv), (os.fsencode(argv[0]),), True, (err_write,), cwd, env,
+                stdin, -1, -1, stdout, -1, stderr, err_read, err_write,
+                True, True, -1, None, None, None, -1,
+                None,  # type: ignore[arg-type]  # no preexec_fn (the stub says one is needed)
+                subprocess._USE_VFORK)
+        finally:
+            os.close(err_write)
+        failure = os.read(err_read, 50_000)  # empty: exec closed it (close-on-exec)
+    finally:
+        os.close(err_read)
+    if failure:
+        os.waitpid(pid, 0)
+        raise _child_error(failure, argv[0], cwd)
+    return pid
+
+
+def _child_error(data: bytes, executable: str, cwd: str) -> Exception:
+    """The exception the child reported before exec, as Popen builds it."""
+    name, _, rest = data.partition(b":")
+    hex_errno, _, message = rest.partition(b":")
+    kind = getattr(builtins, name.decode("ascii", "replace"), subprocess.SubprocessError)
+    if isinstance(kind, type) and issubclass(kind, OSError) and hex_errno:
+        number = int(hex_errno, 16)
+        # "noexec": it failed before exec, at chdir: the path at fault is the cwd.
+        filename = cwd if message == b"noexec" else executable
+        return kind(number, os.strerror(number), filename)
+    if isinstance(kind, type) and issubclass(kind, Exception):
+        return kind(message.decode(errors="replace"))
+    return subprocess.SubprocessError(message.decode(errors="replace"))
