@@ -46,6 +46,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import time
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from concurrent.futures import Future
@@ -78,8 +79,12 @@ class Segment:
 
 def logs_path_for(task_id: str, created: float) -> str:
     """The folder, relative to the archive root, that holds a task's segments."""
-    day = datetime.fromtimestamp(created, UTC)
-    return f"{day:%Y/%m/%d}/{task_id}"
+    return f"{_day_folder(int(created // 86400))}/{task_id}"
+
+
+@functools.lru_cache(maxsize=4)
+def _day_folder(day: int) -> str:  # days since the epoch, in UTC
+    return f"{datetime.fromtimestamp(day * 86400, UTC):%Y/%m/%d}"
 
 
 HOLD_BYTES = 64 * 1024  # output kept in memory at a task's start, written at once if it ends

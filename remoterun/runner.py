@@ -22,7 +22,7 @@ import signal
 import struct
 import subprocess
 import termios
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Container, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -149,11 +149,6 @@ def kill_task_processes(task_id: str, pids: Iterable[int]) -> list[int]:
     return killed
 
 
-def sweep_orphans(task_id: str) -> list[int]:
-    """SIGKILL adopted orphans (double-forked daemons) that carry this task's RR_TASK_ID."""
-    return kill_task_processes(task_id, (pid for pid, state in _children() if state != "Z"))
-
-
 # Children a Run waits for: a zombie among them is that Run's to reap. A pid joins the set only
 # once Popen returns, so while a spawn is under way (`_spawning`) no zombie is reaped at all:
 # it might be the child just forked.
@@ -164,17 +159,35 @@ READ_BUDGET = 256 * 1024
 MIN_READ = 4096
 
 
-def reap_orphans() -> int:
-    """Reap adopted orphans that have died (never a child asyncio is waiting for)."""
-    if _spawning:
-        return 0
-    reaped = 0
+def tend_orphans(running: Container[str]) -> list[int]:
+    """Reap adopted orphans that died; SIGKILL the live ones of tasks no longer running.
+
+    An orphan is a process that outlived its parent and was reparented to us (we are a child
+    subreaper): a double-forked daemon that escaped its task's process group, whose SIGKILL
+    at the end of the run it missed. Its RR_TASK_ID says whose it is. Called every flush
+    tick, one /proc file when there are none, so such a daemon dies within a tick of its
+    task's end, not with every task's end paying for the look. Returns the pids killed.
+    """
+    killed = []
     for pid, state in _children():
         if state == "Z":
-            with contextlib.suppress(ChildProcessError):
-                if os.waitpid(pid, os.WNOHANG)[0]:
-                    reaped += 1
-    return reaped
+            if not _spawning:  # else it might be the child just forked, not yet in _spawned
+                with contextlib.suppress(ChildProcessError):
+                    os.waitpid(pid, os.WNOHANG)
+            continue
+        try:
+            with open(f"/proc/{pid}/environ", "rb") as fh:
+                env = fh.read().split(b"\0")
+        except OSError:  # gone meanwhile
+            continue
+        task = next((v[len(b"RR_TASK_ID="):].decode() for v in env
+                     if v.startswith(b"RR_TASK_ID=")), None)
+        if task is not None and task not in running:
+            for kill in (os.killpg, os.kill):
+                with contextlib.suppress(OSError):
+                    kill(pid, signal.SIGKILL)
+            killed.append(pid)
+    return killed
 
 
 class _Writer:
@@ -459,9 +472,6 @@ class Run:
             if not waiter.done():  # we are being cancelled: leave nothing running
                 self.signal(signal.SIGKILL)
             self.signal(signal.SIGKILL)  # whatever is left of the group goes with the main process
-            task_id = self.spec.env.get("RR_TASK_ID")
-            if task_id:
-                sweep_orphans(task_id)
         await self._drain()
         return RunResult(code, stopped)
 

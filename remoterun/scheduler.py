@@ -47,7 +47,7 @@ from remoterun.runner import (
     SpawnError,
     become_subreaper,
     kill_task_processes,
-    reap_orphans,
+    tend_orphans,
 )
 from remoterun.spawn import encode_env
 from remoterun.state import TaskStatus, check_transition
@@ -423,7 +423,7 @@ class Scheduler:
         """Record how the attempt ended; schedule a retry or finish the task."""
         row = active.row
         now = time.time()
-        closing = asyncio.wrap_future(active.archive.close())
+        closing = active.archive.close()  # a short run's: written at once, already done
         # The process is gone: free its worker slot now, not after the final write commits.
         self._finishing[row["id"]] = self._active.pop(row["id"])
         self._per_script[row["script"]] -= 1
@@ -445,7 +445,9 @@ class Scheduler:
                 status = S.SUCCESS
         elif active.stop_reason == "cancel":
             status = S.CANCELLED
-        await closing  # the files whole and closed, the rows' gz_bytes exact
+        if not closing.done():  # (wrapping a done future still costs a wake-up of the loop)
+            await asyncio.wrap_future(closing)
+        closing.result()  # the files whole and closed, the rows' gz_bytes exact
         extra = self._segment_statements(row, active.archive)
         try:
             if status in (S.FAILED, S.TIMEOUT) and row["attempt"] <= row["max_retries"]:
@@ -534,7 +536,8 @@ class Scheduler:
                 await self._recover_running(fresh)
 
     async def _flush_tick(self) -> None:
-        reap_orphans()
+        for pid in tend_orphans(self._active):
+            log.info("orphan_killed", pid=pid)
         # Record what is on disk: the counts as the flush is handed to the compressor thread.
         flushed = [(active, asyncio.wrap_future(active.archive.flush()),
                     {k: active.row[k] for k in ("output_bytes", "last_seq", "pid")})

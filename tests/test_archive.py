@@ -19,6 +19,8 @@ from pathlib import Path
 
 import aiohttp
 from conftest import output_of, submit, wait_final, wait_for, ws_collect
+from hypothesis import given
+from hypothesis import strategies as st
 
 from remoterun import archive, gzjoin, segments
 from remoterun.api import DB
@@ -246,3 +248,10 @@ def test_held_output_goes_to_the_thread_at_a_flush_or_past_the_bound(tmp_path):
     big.close().result()
     assert list(archive.read_frames(root, "2026/01/01/big")) == frames
     assert sum(s.raw_bytes for s in big.segments) == 5 * len(chunk)
+
+
+@given(st.floats(min_value=0, max_value=4_102_444_800, allow_nan=False))
+def test_logs_path_is_the_tasks_utc_creation_day(created):
+    """A task's folder is YYYY/MM/DD of its creation in UTC, even at the edges of a day."""
+    day = datetime.fromtimestamp(created, UTC)
+    assert archive.logs_path_for("t", created) == f"{day:%Y/%m/%d}/t"

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
+import time
+
 from conftest import output_of, submit, wait_final, wait_for, ws_collect
 
 
@@ -120,6 +123,27 @@ async def test_double_forked_daemon_is_killed(client):
     assert done["status"] == "success"
     out = await (await client.get(f"/tasks/{task['id']}/output")).text()
     pid = int(out.split()[1])
+    await wait_for(lambda: not _alive(pid), 5, what=f"daemon {pid} killed")
+
+
+async def test_a_running_tasks_daemon_is_left_alone_until_the_task_ends(make_client):
+    """Orphans are killed for tasks that ended, never for one still running."""
+    from test_runner import _alive
+
+    client = await make_client(flush_interval_s=0.1)
+    task = await submit(client, "daemon.sh", params={"stay": 1.5})
+    url = f"/tasks/{task['id']}/output"
+
+    async def daemon_pid() -> int | None:
+        words = (await (await client.get(url)).text()).split()
+        return int(words[1]) if len(words) > 1 else None
+
+    pid = await wait_for(daemon_pid, 5, what="the daemon's pid")
+    began = time.monotonic()
+    while time.monotonic() - began < 0.5:  # several flush ticks, each looking at orphans
+        assert _alive(pid), "killed while its task was still running"
+        await asyncio.sleep(0.05)
+    assert (await wait_final(client, task["id"]))["status"] == "success"
     await wait_for(lambda: not _alive(pid), 5, what=f"daemon {pid} killed")
 
 
