@@ -17,10 +17,10 @@ import contextlib
 import ctypes
 import errno
 import fcntl
+import functools
 import os
 import signal
 import struct
-import subprocess
 import termios
 from collections.abc import Callable, Container, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -39,7 +39,8 @@ class SpawnError(Exception):
 
 @dataclass(frozen=True)
 class RunSpec:
-    """What to start and how."""
+    """What to start and how. The child's environment is `inherited` (the server's own, less
+    RR_*, encoded once) plus `env` (the task's variables)."""
 
     argv: Sequence[str]
     env: Mapping[str, str]  # added to `inherited`
@@ -49,8 +50,7 @@ class RunSpec:
     stdin: bytes = b""
     cols: int = 80
     rows: int = 24
-    inherited: Sequence[bytes] = ()  # an environment encoded once (spawn.encode_env): it
-    # must not name a variable `env` sets; the server passes its own, less RR_*
+    inherited: Sequence[bytes] = ()  # encoded once (spawn.encode_env); names nothing `env` does
 
 
 @dataclass(frozen=True)
@@ -78,20 +78,6 @@ def split_utf8(data: bytes) -> tuple[bytes, bytes]:
 def set_winsize(fd: int, cols: int, rows: int) -> None:
     """Set a terminal's size (the foreground process group gets SIGWINCH)."""
     fcntl.ioctl(fd, termios.TIOCSWINSZ, struct.pack("HHHH", rows, cols, 0, 0))
-
-
-def _make_controlling_tty() -> None:  # runs in the child, after setsid()
-    fcntl.ioctl(0, termios.TIOCSCTTY, 0)
-
-
-def _spawn_pty(spec: RunSpec, env: list[bytes], tty: int) -> int:
-    """Start a PTY task's process, the terminal its stdio and controlling terminal; its pid."""
-    child = subprocess.Popen(  # noqa: S603 - argv from the catalogue, no shell
-        list(spec.argv), cwd=spec.cwd, env=dict(item.split(b"=", 1) for item in env),
-        stdin=tty, stdout=tty, stderr=tty, start_new_session=True,
-        preexec_fn=_make_controlling_tty)
-    child.returncode = 0  # reaped through its pidfd: Popen must never wait for it
-    return child.pid
 
 
 PR_SET_CHILD_SUBREAPER = 36
@@ -142,11 +128,16 @@ def kill_task_processes(task_id: str, pids: Iterable[int]) -> list[int]:
                     continue
         except OSError:  # gone, or a zombie
             continue
-        for kill in (os.killpg, os.kill):
-            with contextlib.suppress(OSError):
-                kill(pid, signal.SIGKILL)
+        _kill_tree(pid)
         killed.append(pid)
     return killed
+
+
+def _kill_tree(pid: int) -> None:
+    """SIGKILL a process and the group it leads, if it leads one (a setsid() daemon does)."""
+    for kill in (os.killpg, os.kill):
+        with contextlib.suppress(OSError):
+            kill(pid, signal.SIGKILL)
 
 
 # Children a Run waits for: a zombie among them is that Run's to reap. A pid joins the set only
@@ -183,9 +174,7 @@ def tend_orphans(running: Container[str]) -> list[int]:
         task = next((v[len(b"RR_TASK_ID="):].decode() for v in env
                      if v.startswith(b"RR_TASK_ID=")), None)
         if task is not None and task not in running:
-            for kill in (os.killpg, os.kill):
-                with contextlib.suppress(OSError):
-                    kill(pid, signal.SIGKILL)
+            _kill_tree(pid)
             killed.append(pid)
     return killed
 
@@ -297,10 +286,9 @@ class Run:
             global _spawning
             _spawning += 1
             try:
-                if spec.pty:
-                    # A controlling terminal needs a preexec_fn, so a full fork (page tables
-                    # copied, ~1 ms): on a thread, the loop serving others meanwhile.
-                    self._pid = await loop.run_in_executor(None, _spawn_pty, spec, env, slave)
+                if spec.pty:  # a full fork (see spawn): on a thread, the loop serving others
+                    self._pid = await loop.run_in_executor(None, functools.partial(
+                        spawn, spec.argv, env, str(spec.cwd), slave, slave, slave, tty=True))
                 else:
                     # vfork+exec right here: the loop is held until the child has exec'd
                     # (~0.1 ms), less than a hop to a worker thread and back costs it.
