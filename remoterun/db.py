@@ -9,12 +9,12 @@ table: aiosqlite runs them on its thread, so the event loop never waits for them
 
 Writes are small (a task's row and an event row per state change, segment rows) and run on the
 event loop, each call one transaction on a plain `sqlite3` connection. A WAL commit with
-synchronous=NORMAL writes to the log without fsync, ~40 us for a state change here, and
-survives the server being killed (a power cut may lose the last commits, as the archive's
-unsynced tail). Sending it to a thread instead cost the loop more than the commit itself and, worse,
-put two thread hops in every commit's path: under load each waited ~3 ms for a busy loop
-to take the result back, three commits in every task's life (`bench/README.md`). The
-writer never checkpoints (`wal_autocheckpoint=0`: a checkpoint syncs files, which may stall);
+synchronous=NORMAL appends to the log without fsync, ~40 us for a state change here, and
+survives the server being killed (a power cut may lose the last commits, as it may the
+archive's unsynced tail). On aiosqlite's thread a commit cost the loop more than the commit
+itself, and put two thread hops in its path: under load each waited ~3 ms for the busy loop
+to take the result back, three commits in every task's life (`bench/README.md`). The writer
+never checkpoints (`wal_autocheckpoint=0`: a checkpoint syncs files, which may stall);
 `checkpoint()` does, on aiosqlite's thread, and the scheduler calls it every flush tick.
 """
 

@@ -115,7 +115,7 @@ async def whoami(request: web.Request) -> web.Response:
     if who is None:
         raise errors.Unauthorized("log in with a token")
     return json_response({"name": who.name, "role": who.role,
-                              "auth": request.app[AUTH].enabled})
+                          "auth": request.app[AUTH].enabled})
 
 
 async def logout(request: web.Request) -> web.Response:

@@ -136,7 +136,7 @@ async def list_tasks(request: web.Request) -> web.Response:
     more = len(rows) > limit
     rows = rows[:limit]
     return json_response({"tasks": [task_json(r) for r in rows],
-                              "next_cursor": str(rows[-1]["num"]) if more else None})
+                          "next_cursor": str(rows[-1]["num"]) if more else None})
 
 
 def _int_arg(raw: str, low: int, high: int, name: str, problems: list[dict[str, str]]) -> int:
@@ -290,7 +290,7 @@ def _byte_range(header: str | None, total: int) -> tuple[int, int] | None:
 
 def _unsatisfiable(total: int, message: str) -> web.Response:
     return json_response({"error": "range_not_satisfiable", "message": message},
-                             status=416, headers={"Content-Range": f"bytes */{total}"})
+                         status=416, headers={"Content-Range": f"bytes */{total}"})
 
 
 def _accepts_gzip(header: str) -> bool:

@@ -229,7 +229,7 @@ async def _serve(request: web.Request, task_id: str | None, since: int) -> web.W
                     await ws.send_str(dumps({"type": "error", **exc.to_json()}))
             elif msg.type == WSMsgType.BINARY:
                 await ws.send_str(dumps({"type": "error", "error": "binary_frame",
-                                              "message": "send JSON text frames"}))
+                                         "message": "send JSON text frames"}))
         if ws.close_code == WSCloseCode.MESSAGE_TOO_BIG:
             log.info("ws_message_too_big")
     except ConnectionResetError:
