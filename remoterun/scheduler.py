@@ -67,6 +67,7 @@ class Active:
     stop_reason: str | None = None  # "cancel" or "shutdown"
     run: Run | None = None
     early: list[tuple[str, tuple[Any, ...]]] = field(default_factory=list)
+    recorded: dict[str, Any] = field(default_factory=dict)  # progress the last tick wrote
 
     def control(self, method: str, *args: Any) -> None:
         """Call a Run control (write, close_stdin, resize, signal) now, or once it has started:
@@ -539,16 +540,20 @@ class Scheduler:
         for pid in tend_orphans(self._active):
             log.info("orphan_killed", pid=pid)
         # Record what is on disk: the counts as the flush is handed to the compressor thread.
-        flushed = [(active, asyncio.wrap_future(active.archive.flush()),
+        flushed = [(active, active.archive.flush(),
                     {k: active.row[k] for k in ("output_bytes", "last_seq", "pid")})
                    for active in self._active.values()]
-        await asyncio.gather(*(flush for _, flush, _ in flushed))
+        await asyncio.gather(*(asyncio.wrap_future(flush) for _, flush, _ in flushed
+                               if not flush.done()))
         statements: list[dbm.Statement] = []
         for active, _, counts in flushed:
             row = active.row
             if self._active.get(row["id"]) is not active:
                 continue  # it ended meanwhile: its final write records all of this and more
             statements += self._segment_statements(row, active.archive)
+            if counts == active.recorded:
+                continue  # a quiet task: nothing new to write
+            active.recorded = counts
             statements.append(dbm.update_task(row["id"], counts))
             hub = self.hubs.get(row["id"])
             if hub is not None:
