@@ -78,9 +78,12 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
 @web.middleware
 async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Establish who is calling: Bearer header, `?token=`, or the page's session cookie."""
+    auth = request.app[AUTH]
+    if not auth.enabled:  # everyone is the loopback user: no query or cookie parsing
+        request[IDENTITY] = auth.identify(None)
+        return await handler(request)
     path = request.path
     public = path == "/" or path.startswith(PUBLIC_PREFIXES)
-    auth = request.app[AUTH]
     header = request.headers.get("Authorization", "")
     presented = header[7:].strip() if header[:7].lower() == "bearer " else None
     presented = presented or request.query.get("token") or request.cookies.get(COOKIE)
