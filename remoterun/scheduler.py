@@ -53,6 +53,7 @@ from remoterun.spawn import encode_env
 from remoterun.state import TaskStatus, check_transition
 
 log = structlog.get_logger(__name__)
+FLUSH_SLICES = 8  # flush ticks per flush_interval_s, each flushing the tasks then due
 S = TaskStatus
 
 
@@ -67,7 +68,8 @@ class Active:
     stop_reason: str | None = None  # "cancel" or "shutdown"
     run: Run | None = None
     early: list[tuple[str, tuple[Any, ...]]] = field(default_factory=list)
-    recorded: dict[str, Any] = field(default_factory=dict)  # progress the last tick wrote
+    recorded: dict[str, Any] = field(default_factory=dict)  # progress the last flush wrote
+    flush_due: float = 0.0  # time.monotonic() of its next flush
 
     def control(self, method: str, *args: Any) -> None:
         """Call a Run control (write, close_stdin, resize, signal) now, or once it has started:
@@ -154,7 +156,7 @@ class Scheduler:
         # The compressor thread must have written and closed every file before the process exits.
         await asyncio.gather(*(asyncio.wrap_future(active.archive.close())
                                for active in [*self._active.values(), *self._finishing.values()]))
-        await self._flush_tick()
+        await self._flush_tick(everything=True)
 
     # Submissions -----------------------------------------------------------------------------
 
@@ -320,6 +322,7 @@ class Scheduler:
                               segment_max_age_s=self.settings.segment_max_age_s or None,
                               fresh=row["attempt"] == 1)
         active = self._active[row["id"]] = Active(row, archive)
+        active.flush_due = time.monotonic() + self.settings.flush_interval_s * random.random()
         self._per_script[row["script"]] += 1
         self._own(self._run(active))
 
@@ -511,14 +514,26 @@ class Scheduler:
         return [dbm.upsert_segment(row["id"], seg) for seg in archive.take_dirty()]
 
     async def _flush_loop(self) -> None:
-        last_reap = time.monotonic()
+        """Flush each running task's archive every `flush_interval_s`, in slices.
+
+        Each task is due at its own time (its first flush a random part of the interval after
+        its start), and the loop wakes FLUSH_SLICES times per interval to flush those due: a
+        hundred tasks started together do not all sync their files (and deflate the batches
+        those hold) in the same moment, which held every writer behind the compressor thread
+        at once (bench latency: p99 beside 100 flooding tasks ~40 -> ~30 ms).
+        """
+        interval = self.settings.flush_interval_s
+        last_reap = last_checkpoint = time.monotonic()
         while True:
-            await asyncio.sleep(self.settings.flush_interval_s)
+            await asyncio.sleep(interval / FLUSH_SLICES)
             try:
                 await self._flush_tick()
-                await self.db.checkpoint()
-                if time.monotonic() - last_reap >= self.settings.reaper_interval_s:
-                    last_reap = time.monotonic()
+                now = time.monotonic()
+                if now - last_checkpoint >= interval:
+                    last_checkpoint = now
+                    await self.db.checkpoint()
+                if now - last_reap >= self.settings.reaper_interval_s:
+                    last_reap = now
                     await self._reap_lost_runs()
             except Exception:
                 log.exception("flush_failed")
@@ -536,13 +551,18 @@ class Scheduler:
                 log.warning("reaped_lost_run", task_id=row["id"])
                 await self._recover_running(fresh)
 
-    async def _flush_tick(self) -> None:
+    async def _flush_tick(self, everything: bool = False) -> None:
         for pid in tend_orphans(self._active):
             log.info("orphan_killed", pid=pid)
+        now = time.monotonic()
+        due = [active for active in self._active.values()
+               if everything or active.flush_due <= now]
+        for active in due:
+            active.flush_due = now + self.settings.flush_interval_s
         # Record what is on disk: the counts as the flush is handed to the compressor thread.
         flushed = [(active, active.archive.flush(),
                     {k: active.row[k] for k in ("output_bytes", "last_seq", "pid")})
-                   for active in self._active.values()]
+                   for active in due]
         await asyncio.gather(*(asyncio.wrap_future(flush) for _, flush, _ in flushed
                                if not flush.done()))
         statements: list[dbm.Statement] = []

@@ -252,6 +252,7 @@ def test_held_output_goes_to_the_thread_at_a_flush_or_past_the_bound(tmp_path):
 
 @given(st.floats(min_value=0, max_value=4_102_444_800, allow_nan=False))
 def test_logs_path_is_the_tasks_utc_creation_day(created):
-    """A task's folder is YYYY/MM/DD of its creation in UTC, even at the edges of a day."""
-    day = datetime.fromtimestamp(created, UTC)
+    """A task's folder is YYYY/MM/DD of its creation in UTC, even at the edges of a day (the
+    instant's day: not rounded into the next one, as datetime rounds to the microsecond)."""
+    day = datetime.fromtimestamp(int(created), UTC)
     assert archive.logs_path_for("t", created) == f"{day:%Y/%m/%d}/t"
