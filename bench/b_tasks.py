@@ -56,6 +56,16 @@ async def remoterun_trivial(http: aiohttp.ClientSession, url: str, n: int,
     return rate
 
 
+async def ws_submit_trivial(http: aiohttp.ClientSession, url: str, n: int) -> float:
+    """The protocol's one-socket flow: submit over `/ws`, read to the exit frame."""
+    async def one() -> None:
+        seen = await client.follow_submitted(http, url, "trivial.sh")
+        if seen.exit is None or seen.exit["status"] != "success" or seen.data_bytes != 3:
+            raise RuntimeError(f"a /ws submission ended {seen.exit}")
+
+    return await _spread(n, one, limit_s=120)
+
+
 async def spawn_trivial(script: str, n: int) -> float:
     """Baseline: create_subprocess_exec of the same script, stdout and stderr read to EOF."""
     async def one() -> None:
@@ -94,7 +104,8 @@ async def trivial(ctx: Context) -> list[Row]:
             with cpu:
                 return await remoterun_trivial(http, server.url, n, failed)
 
-        rr, raw = await interleave(ctx.runs, rr_run, lambda: spawn_trivial(script, n))
+        rr, raw, over_ws = await interleave(ctx.runs, rr_run, lambda: spawn_trivial(script, n),
+                                            lambda: ws_submit_trivial(http, server.url, n))
     notes = (f"{n} tasks, {CONCURRENCY} concurrent clients; REST submit + WS exit frame; "
              f"{cpu.describe(n * ctx.runs, 'task')}")
     if failed:
@@ -102,6 +113,9 @@ async def trivial(ctx: Context) -> list[Row]:
     rows = [Row("trivial tasks e2e vs raw spawn", "tasks/s", median(rr), median(raw),
                 "raw spawn+read", ">= 0.5 of raw", runs=rr, baseline_runs=raw, notes=notes)]
     rows[0].met = rows[0].ratio is not None and rows[0].ratio >= 0.5
+    rows.append(Row("  same, submitted over /ws (info)", "tasks/s", median(over_ws),
+                    median(raw), "raw spawn+read", "-", runs=over_ws, baseline_runs=raw,
+                    notes="one socket per task: submit message, frames to exit"))
     peer = Row("trivial tasks e2e vs webhook", "tasks/s", median(rr), None, "webhook",
                "faster than webhook", runs=rr)
     if not Webhook.available():

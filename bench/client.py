@@ -118,6 +118,20 @@ async def follow(http: aiohttp.ClientSession, url: str, task_id: str,
         seen.reconnects += 1
 
 
+async def follow_submitted(http: aiohttp.ClientSession, url: str, script: str) -> Followed:
+    """Open `/ws`, submit the script there, read its frames to the exit frame."""
+    seen = Followed()
+    async with http.ws_connect(f"{url}/ws", max_msg_size=0) as ws:
+        await ws.send_str(json.dumps({"type": "submit", "script": script}))
+        async for msg in ws:
+            if msg.type != aiohttp.WSMsgType.TEXT:
+                break
+            decode_frame(msg.data, seen)
+            if seen.exit is not None:
+                break
+    return seen
+
+
 def latency_frame(text: str, seen: Followed) -> None:
     """For tick.py's lines: receive time minus the time each line carries."""
     now = time.time()
