@@ -56,11 +56,19 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from remoterun import gzjoin, segments
-from remoterun.segments import COMPRESSOR, LOG_SUFFIX, STREAMS, Frame, MemberWriter, list_segments
+from remoterun.segments import (
+    COMPRESSOR,
+    LOG_SUFFIX,
+    STREAMS,
+    Backlog,
+    Frame,
+    MemberWriter,
+    list_segments,
+)
 
 __all__ = ["STREAMS", "Frame", "Segment", "TaskArchive", "aread_frames", "in_thread",
            "read_frames", "read_raw", "joined_gzip", "finalize", "recover",
-           "logs_path_for"]
+           "logs_path_for", "collect_written"]
 T = TypeVar("T")
 
 
@@ -165,6 +173,7 @@ class TaskArchive:
         self._listed = fresh
         self._unflushed = False
         self._held: list[Frame] | None = []  # None once frames go to the compressor thread
+        self.backlog = Backlog()  # handed to the compressor thread, not yet written
         self._held_bytes = 0
 
     @property
@@ -202,7 +211,7 @@ class TaskArchive:
         held, self._held = self._held, None
         if held and self._files is not None:
             for frame in held:
-                COMPRESSOR.write(self._files.write, frame)
+                COMPRESSOR.write(self._files.write, frame, self.backlog)
 
     def write(self, frame: Frame) -> None:
         """Append one frame, rotating first if the open segment is full or old."""
@@ -224,7 +233,7 @@ class TaskArchive:
             self._held_bytes += len(frame.data)
         else:
             assert self._files is not None
-            COMPRESSOR.write(self._files.write, frame)
+            COMPRESSOR.write(self._files.write, frame, self.backlog)
         segment.last_seq = frame.seq
         segment.raw_bytes += len(frame.data)
         self._unflushed = True
@@ -279,6 +288,11 @@ class TaskArchive:
         """Segments changed since the last call, for the database."""
         dirty, self.dirty = self.dirty, []
         return dirty
+
+
+def collect_written() -> None:
+    """Bring every archive's `backlog` up to date with what the compressor thread has written."""
+    COMPRESSOR.collect()
 
 
 # Reading ------------------------------------------------------------------------------------

@@ -35,6 +35,9 @@ class Metrics:
                                   registry=r)
         self.clients = Gauge("remoterun_stream_clients", "Attached WebSocket and SSE clients.",
                              ["kind"], registry=r)
+        self.output_paused = Counter("remoterun_output_paused",
+                                     "Times a task's output reading paused while its archive "
+                                     "caught up.", registry=r)
         self.slow_clients = Counter("remoterun_slow_clients_closed",
                                     "Clients closed because their queue overflowed.", registry=r)
 

@@ -256,6 +256,7 @@ class Run:
         self.stdin: _Writer | None = None
         self.master_fd: int | None = None
         self._counted = False  # in _open_runs
+        self.paused = False  # output not read for now (see pause)
 
     @property
     def pid(self) -> int:
@@ -400,6 +401,25 @@ class Run:
         self._flush_held()
         reader.done.set()
 
+    def pause(self) -> None:
+        """Stop reading the output until resume(): the pipes fill and the process blocks on
+        its writes, as under `docker run` with a blocking log driver."""
+        if not self.paused:
+            self.paused = True
+            loop = asyncio.get_running_loop()
+            for reader in self.readers:
+                if not reader.eof:
+                    loop.remove_reader(reader.fd)
+
+    def resume(self) -> None:
+        """Read the output again."""
+        if self.paused:
+            self.paused = False
+            loop = asyncio.get_running_loop()
+            for reader in self.readers:
+                if not reader.eof:
+                    loop.add_reader(reader.fd, self._on_readable, reader)
+
     # Control ---------------------------------------------------------------------------------
 
     def write(self, data: bytes) -> None:
@@ -471,6 +491,7 @@ class Run:
         self.signal(signal.SIGKILL)
 
     async def _drain(self) -> None:
+        self.resume()  # what is left is read now, whoever else is behind
         pending = [r.done.wait() for r in self.readers if not r.eof]
         if pending:
             with contextlib.suppress(TimeoutError):

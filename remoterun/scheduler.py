@@ -34,7 +34,14 @@ from typing import Any
 import structlog
 
 from remoterun import db as dbm
-from remoterun.archive import Frame, Segment, TaskArchive, logs_path_for, recover
+from remoterun.archive import (
+    Frame,
+    Segment,
+    TaskArchive,
+    collect_written,
+    logs_path_for,
+    recover,
+)
 from remoterun.catalogue import Catalogue, Script, param_value
 from remoterun.config import Settings
 from remoterun.errors import Conflict, NotFound, Unavailable
@@ -54,10 +61,16 @@ from remoterun.state import TaskStatus, check_transition
 
 log = structlog.get_logger(__name__)
 FLUSH_SLICES = 8  # flush ticks per flush_interval_s, each flushing the tasks then due
+# A task whose output the compressor thread is this far behind on stops being read until it
+# is under BACKLOG_LOW again (looked at every BACKLOG_POLL_S), so it alone waits for the
+# thread; the compressor's own bound, which holds the whole loop, is the last resort.
+BACKLOG_HIGH = 4 * 1024 * 1024
+BACKLOG_LOW = 1024 * 1024
+BACKLOG_POLL_S = 0.005
 S = TaskStatus
 
 
-@dataclass
+@dataclass(eq=False)
 class Active:
     """A task between dispatch and its final write: its run, archive and stop request."""
 
@@ -101,6 +114,8 @@ class Scheduler:
         self._runs: set[asyncio.Task[None]] = set()
         self._loops: list[asyncio.Task[None]] = []
         self._next_num = 1
+        self._throttled: set[Active] = set()  # tasks whose output waits for the compressor
+        self._backlog_timer: asyncio.TimerHandle | None = None
         # The server's environment, less RR_* (ours to set) and TERM (a PTY task's is ours),
         # encoded once: every task's process starts from it.
         self._inherited_pty = encode_env({k: v for k, v in os.environ.items()
@@ -149,6 +164,8 @@ class Scheduler:
 
     async def close(self) -> None:
         """Cancel the background loops and any run left (after drain, there is none)."""
+        if self._backlog_timer is not None:
+            self._backlog_timer.cancel()
         for task in [*self._loops, *self._runs]:
             task.cancel()
         await asyncio.gather(*self._loops, *self._runs, return_exceptions=True)
@@ -387,6 +404,8 @@ class Scheduler:
             row["output_bytes"] += len(data)
             row["last_seq"] = frame.seq
             self.metrics.child(self.metrics.output_bytes, stream).inc(len(data))
+            if archive.backlog.bytes > BACKLOG_HIGH:
+                self._throttle(active)
 
         run = Run(self._spec(row, script), on_output, read_chunk=self.settings.read_chunk_bytes,
                   kill_grace_s=self.settings.kill_grace_s,
@@ -395,6 +414,31 @@ class Scheduler:
         await run.start()
         log.debug("task_started", pid=run.pid, script=row["script"])
         return run
+
+    def _throttle(self, active: Active) -> None:
+        """Pause reading a task's output until the compressor thread has caught up with it."""
+        run = active.run
+        if run is None or run.paused:
+            return
+        run.pause()
+        self.metrics.output_paused.inc()
+        self._throttled.add(active)
+        if self._backlog_timer is None:
+            self._backlog_timer = asyncio.get_running_loop().call_later(
+                BACKLOG_POLL_S, self._unthrottle)
+
+    def _unthrottle(self) -> None:
+        collect_written()
+        for active in list(self._throttled):
+            if active.archive.backlog.bytes <= BACKLOG_LOW or self._active.get(
+                    active.row["id"]) is not active:
+                self._throttled.discard(active)
+                if active.run is not None:
+                    active.run.resume()
+        self._backlog_timer = None
+        if self._throttled:
+            self._backlog_timer = asyncio.get_running_loop().call_later(
+                BACKLOG_POLL_S, self._unthrottle)
 
     def _spec(self, row: dict[str, Any], script: Script) -> RunSpec:
         params: dict[str, Any] = json.loads(row["params"])

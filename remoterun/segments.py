@@ -125,6 +125,16 @@ class MemberWriter:
 Sink = Callable[[list[Frame]], None]  # writes frames to one segment, on the compressor thread
 
 
+class Backlog:
+    """Bytes one writer has handed to the compressor thread that it has not written yet
+    (brought up to date by the loop's next hand-over or `Compressor.collect()`)."""
+
+    __slots__ = ("bytes",)
+
+    def __init__(self) -> None:
+        self.bytes = 0
+
+
 class Compressor:
     """One thread that deflates and writes every task's archive, jobs in the order given.
 
@@ -137,8 +147,10 @@ class Compressor:
     than it saves, and a job per task per N bytes makes every task hand over at once after each
     flush. Bytes handed over but not yet done are bounded: past `limit_bytes`, handing a batch
     over waits for the oldest jobs until under it, so output that arrives faster than the thread
-    deflates slows to its pace instead of queueing without end, one iteration at a time. Call
-    from one thread (the event loop's, or one with no loop); a job must not raise.
+    deflates slows to its pace instead of queueing without end, one iteration at a time. That
+    bound holds the whole loop; each writer's own `Backlog` lets the scheduler slow just the
+    task that outruns the thread first (it stops reading its pipes). Call from one thread (the
+    event loop's, or one with no loop); a job must not raise.
     """
 
     def __init__(self, limit_bytes: int = 16 * 1024 * 1024, batch_bytes: int = 256 * 1024):
@@ -146,15 +158,21 @@ class Compressor:
         self.batch_bytes = batch_bytes
         self.pending_bytes = 0  # handed over, not yet done
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="rr-gzip")
-        self._pending: deque[tuple[Future[None], int]] = deque()
+        self._pending: deque[tuple[Future[None], int, dict[Backlog, int]]] = deque()
         self._batch: list[tuple[Sink, Frame]] = []
+        self._backlogs: dict[Backlog, int] = {}  # of the batch being gathered
         self._batch_bytes = 0
         self._scheduled: asyncio.AbstractEventLoop | None = None  # hands the batch over
 
-    def write(self, sink: Sink, frame: Frame) -> None:
-        """Have `sink` write the frame on the thread, after every job and frame given before."""
+    def write(self, sink: Sink, frame: Frame, backlog: Backlog | None = None) -> None:
+        """Have `sink` write the frame on the thread, after every job and frame given before;
+        its bytes count in `backlog` until written."""
         self._batch.append((sink, frame))
-        self._batch_bytes += len(frame.data)
+        size = len(frame.data)
+        self._batch_bytes += size
+        if backlog is not None:
+            backlog.bytes += size
+            self._backlogs[backlog] = self._backlogs.get(backlog, 0) + size
         if self._batch_bytes >= self.batch_bytes:
             self._hand_over(block=True)
             return
@@ -175,12 +193,11 @@ class Compressor:
         self._scheduled = None
         if not self._batch:
             return
-        batch, size = self._batch, self._batch_bytes
-        self._batch, self._batch_bytes = [], 0
-        self._pending.append((self._pool.submit(_write_batch, batch), size))
+        batch, size, backlogs = self._batch, self._batch_bytes, self._backlogs
+        self._batch, self._batch_bytes, self._backlogs = [], 0, {}
+        self._pending.append((self._pool.submit(_write_batch, batch), size, backlogs))
         self.pending_bytes += size
-        while self._pending and self._pending[0][0].done():
-            self._forget()
+        self.collect()
         # The backpressure. At most twice this batch: a burst handed over without blocking
         # (a flush) is absorbed by the next few iterations, not all by one.
         allowance = 2 * size if block else 0
@@ -188,9 +205,16 @@ class Compressor:
             wait([self._pending[0][0]])
             allowance -= self._forget()
 
+    def collect(self) -> None:
+        """Account for the jobs the thread has finished (their bytes leave the backlogs)."""
+        while self._pending and self._pending[0][0].done():
+            self._forget()
+
     def _forget(self) -> int:
-        size = self._pending.popleft()[1]
+        _, size, backlogs = self._pending.popleft()
         self.pending_bytes -= size
+        for backlog, written in backlogs.items():
+            backlog.bytes -= written
         return size
 
 

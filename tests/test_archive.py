@@ -256,3 +256,23 @@ def test_logs_path_is_the_tasks_utc_creation_day(created):
     instant's day: not rounded into the next one, as datetime rounds to the microsecond)."""
     day = datetime.fromtimestamp(int(created), UTC)
     assert archive.logs_path_for("t", created) == f"{day:%Y/%m/%d}/t"
+
+
+async def test_a_task_that_outruns_the_compressor_is_paused_not_the_server(make_client,
+                                                                           monkeypatch):
+    """Past its backlog bound a task's reads pause until the archive catches up; nothing is
+    lost."""
+    from remoterun import scheduler
+    from remoterun.api import METRICS
+
+    monkeypatch.setattr(scheduler, "BACKLOG_HIGH", 64 * 1024)
+    monkeypatch.setattr(scheduler, "BACKLOG_LOW", 16 * 1024)
+    client = await make_client(gzip_level=9)  # the slowest deflate: easy to outrun
+    total = 8_000_000
+    task = await submit(client, "flood.py", params={"bytes": total})
+    done = await wait_final(client, task["id"], timeout=60)
+    assert done["status"] == "success" and done["output_bytes"] == total
+    paused = client.app[METRICS].registry.get_sample_value("remoterun_output_paused_total")
+    assert paused is not None and paused > 0
+    body = await (await client.get(f"/tasks/{task['id']}/output")).read()
+    assert body == flood_bytes(total)

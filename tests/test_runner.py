@@ -159,3 +159,19 @@ async def test_pty_passes_colours_through():
     run = Run(spec("/bin/sh", "-c", r"printf '\033[31mred\033[0m\n'", pty=True), out)
     assert await run_to_end(run) == 0
     assert "\x1b[31mred\x1b[0m\r\n" in out.text()
+
+
+async def test_paused_output_blocks_the_process_until_resumed():
+    """While paused, nothing is read: the pipe fills and the writer waits; resumed, all arrives."""
+    out = Collect()
+    total = 2_000_000
+    code = f"import sys\nsys.stdout.buffer.write(b'x' * {total})\n"
+    run = Run(spec(sys.executable, "-c", code), out)
+    await run.start()
+    run.pause()
+    await asyncio.sleep(0.5)  # ample time to write 2 MB if anyone read it
+    stuck = sum(len(d) for _, d in out.chunks)
+    assert stuck < 200_000 and not run.exited.done()  # a pipe holds 64 KiB
+    run.resume()
+    result = await run.wait(10, asyncio.get_running_loop().create_future())
+    assert result.exit_code == 0 and sum(len(d) for _, d in out.chunks) == total
