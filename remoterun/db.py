@@ -186,6 +186,7 @@ class Database:
         self.path = path
         self._conn: aiosqlite.Connection | None = None
         self._writer: sqlite3.Connection | None = None
+        self._unchecked = False  # written since the last checkpoint
 
     @property
     def conn(self) -> aiosqlite.Connection:
@@ -243,9 +244,14 @@ class Database:
             writer.execute("ROLLBACK")
             raise
         writer.execute("COMMIT")
+        self._unchecked = True
 
     async def checkpoint(self) -> None:
-        """Copy the write-ahead log into the database file, on aiosqlite's thread."""
+        """Copy the write-ahead log into the database file, on aiosqlite's thread (if anything
+        was written since the last time)."""
+        if not self._unchecked:
+            return
+        self._unchecked = False
         async with self.conn.execute("PRAGMA wal_checkpoint(PASSIVE)"):
             pass
 
