@@ -140,3 +140,40 @@ async def test_drain_refuses_submissions_and_second_signal_forces(tmp_path, http
         assert stopped["status"] == "failed" and "shut down" in stopped["error"]
     finally:
         server.stop()
+
+
+async def test_sigkill_during_a_storm_of_short_tasks_loses_no_accepted_task(tmp_path, http):
+    """Every task answered 201 before a SIGKILL is there after the restart and ends, its output
+    whole where it succeeded: writes commit before they are answered, short outputs included."""
+    import asyncio
+
+    server = ServerProcess(tmp_path)
+    server.config.write_text(server.config.read_text().replace(
+        "[engine]\n", "[engine]\nworkers = 8\n"))
+    server.start()
+    accepted: list[str] = []
+
+    async def submitter() -> None:
+        while True:
+            task = await _post(http, server, "/tasks", {"script": "hello.sh"})
+            accepted.append(task["id"])
+
+    loops = [asyncio.create_task(submitter()) for _ in range(4)]
+    try:
+        await wait_for(lambda: len(accepted) >= 150, 30, what="150 accepted tasks")
+        server.kill(signal.SIGKILL)
+        await asyncio.gather(*loops, return_exceptions=True)  # they fail: the server is gone
+        server.start()
+        for task_id in accepted:
+            await wait_for(lambda tid=task_id: _final(http, server, tid), 30,
+                           what=f"{task_id} ended")
+            task = await _get(http, server, f"/tasks/{task_id}")
+            assert task["status"] in ("success", "failed"), task
+            if task["status"] == "success":
+                assert await _text(http, server, f"/tasks/{task_id}/output") == "hello world\n"
+            else:
+                assert "server stopped" in task["error"]
+    finally:
+        for loop in loops:
+            loop.cancel()
+        server.stop()
