@@ -141,7 +141,7 @@ def _kill_tree(pid: int) -> None:
 
 
 # Children a Run waits for: a zombie among them is that Run's to reap. A pid joins the set only
-# once Popen returns, so while a spawn is under way (`_spawning`) no zombie is reaped at all:
+# once spawn() returns, so while a spawn is under way (`_spawning`) no zombie is reaped at all:
 # it might be the child just forked.
 _spawned: set[int] = set()
 _spawning = 0
