@@ -99,10 +99,10 @@ HOLD_BYTES = 64 * 1024  # output kept in memory at a task's start, written at on
 
 
 class _SegmentFiles:
-    """An open segment's two gzip members; every method runs on the compressor thread (or on
-    the loop, for a segment whose frames were all held: no job of it was ever handed over).
+    """An open segment's two gzip members; every method runs on the compressor thread.
 
-    Only this thread adds to the segment's `gz_bytes`; the loop only reads it. A failure is kept
+    Only this thread adds to the segment's `gz_bytes`, and the loop only reads it, but for a
+    segment whose frames were all held: `close()` writes that one whole (`segments.write_whole`). A failure is kept
     on the archive (the loop raises it from the next write) and the files are not written further.
     """
 

@@ -338,10 +338,15 @@ class SegmentReader:
         self._stack.close()
 
 
+def _records(frames: list[Frame]) -> bytes:
+    """The index records of frames."""
+    return b"".join(RECORD.pack(f.seq, STREAM_CODES[f.stream], f.ts, len(f.data))
+                    for f in frames)
+
+
 def write_frame(log: MemberWriter, index: MemberWriter, frame: Frame) -> int:
     """Append a frame to a segment's two members; the compressed bytes added."""
-    record = RECORD.pack(frame.seq, STREAM_CODES[frame.stream], frame.ts, len(frame.data))
-    return log.write(frame.data) + index.write(record)
+    return log.write(frame.data) + index.write(_records([frame]))
 
 
 def write_frames(log: MemberWriter, index: MemberWriter, frames: list[Frame]) -> int:
@@ -350,9 +355,7 @@ def write_frames(log: MemberWriter, index: MemberWriter, frames: list[Frame]) ->
     On a thread, each call to zlib gives up the GIL and takes it back: fewer, larger calls
     mean fewer hand-offs with the event loop.
     """
-    records = b"".join(RECORD.pack(f.seq, STREAM_CODES[f.stream], f.ts, len(f.data))
-                       for f in frames)
-    return log.write(b"".join(f.data for f in frames)) + index.write(records)
+    return log.write(b"".join(f.data for f in frames)) + index.write(_records(frames))
 
 
 def _whole_member(data: bytes, level: int) -> bytes:
@@ -369,11 +372,9 @@ def write_whole(log_path: Path, frames: list[Frame], level: int) -> int:
     For a short task's output, held in memory until its end: one write per file, no buffered
     file objects, no compressor thread.
     """
-    records = b"".join(RECORD.pack(f.seq, STREAM_CODES[f.stream], f.ts, len(f.data))
-                       for f in frames)
     size = 0
     for path, data in ((log_path, b"".join(f.data for f in frames)),
-                       (index_path(log_path), records)):
+                       (index_path(log_path), _records(frames))):
         member = _whole_member(data, level)
         flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC
         try:
