@@ -102,8 +102,9 @@ class _SegmentFiles:
     """An open segment's two gzip members; every method runs on the compressor thread.
 
     Only this thread adds to the segment's `gz_bytes`, and the loop only reads it, but for a
-    segment whose frames were all held: `close()` writes that one whole (`segments.write_whole`). A failure is kept
-    on the archive (the loop raises it from the next write) and the files are not written further.
+    segment whose frames were all held: `close()` writes that one whole (`segments.write_whole`).
+    A failure is kept on the archive (the loop raises it from the next write) and the files are
+    not written further.
     """
 
     def __init__(self, archive: TaskArchive, segment: Segment, path: Path):
