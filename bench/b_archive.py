@@ -9,7 +9,9 @@ import zlib
 from pathlib import Path
 
 from bench.lib import MB, Context, Row, interleave, median
-from remoterun.archive import Frame, TaskArchive, read_frames
+from remoterun.archive import TaskArchive, read_frames
+from remoterun.compressor import Compressor
+from remoterun.wire import Frame
 
 FRAME_BYTES = 64 * 1024
 
@@ -21,13 +23,17 @@ def _chunks(data: bytes) -> list[bytes]:
 def archive_rate(root: Path, chunks: list[bytes]) -> float:
     """MB/s of TaskArchive.write for 64 KiB frames, closed at the end (as a task's end does)."""
     shutil.rmtree(root, ignore_errors=True)
-    archive = TaskArchive(root, "bench/task", level=1, segment_max_bytes=64 * 1024 * 1024)
+    compressor = Compressor()
+    archive = TaskArchive(root, "bench/task", compressor, level=1,
+                          segment_max_bytes=64 * 1024 * 1024)
     total = sum(map(len, chunks))
     began = time.perf_counter()
     for seq, chunk in enumerate(chunks, 1):
         archive.write(Frame(seq, "stdout", time.time(), chunk))
     archive.close().result()  # the compressor thread has written and closed every file
-    return total / (time.perf_counter() - began) / MB
+    elapsed = time.perf_counter() - began
+    compressor.close()
+    return total / elapsed / MB
 
 
 def gzip_rate(path: Path, chunks: list[bytes]) -> float:

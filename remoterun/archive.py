@@ -19,9 +19,9 @@ both. A running task's open segment has no gzip end yet, so its downloads are se
 
 Writing. Deflating costs the event loop ~0.5 ms per 64 KiB at level 1, time taken from every
 other task's output and client; zlib releases the GIL, so the deflating and the file writes run
-on one compressor thread (`segments.COMPRESSOR`), which takes the frames every task wrote in a
-loop iteration as one job. One thread running jobs in order keeps each file's bytes in order;
-past 16 MiB handed over and not yet written the loop waits for it (backpressure, no unbounded
+on one compressor thread (the app's `compressor.Compressor`), which takes the frames every task
+wrote in a loop iteration as one job. One thread running jobs in order keeps each file's bytes in
+order; past 16 MiB handed over and not yet written the loop waits for it (backpressure, no unbounded
 queue). So the files lag the loop by what the thread has not done yet: `flush()` and `close()`
 return a future done once everything written before them is on disk; readers of a running
 task's archive wait for it (the hub before replay, `/output` before reading), and the
@@ -53,23 +53,33 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 from remoterun import gzjoin, segments
 from remoterun.segments import (
-    COMPRESSOR,
     LOG_SUFFIX,
     STREAMS,
     Backlog,
-    Frame,
     MemberWriter,
+    Sink,
     list_segments,
 )
+from remoterun.wire import Frame
 
 __all__ = ["STREAMS", "Frame", "Segment", "TaskArchive", "aread_frames", "in_thread",
            "read_frames", "read_raw", "joined_gzip", "finalize", "recover",
-           "logs_path_for", "collect_written"]
+           "logs_path_for", "settle", "Writer"]
 T = TypeVar("T")
+
+
+class Writer(Protocol):
+    """The compressor thread as an archive uses it (`compressor.Compressor`)."""
+
+    def write(self, sink: Sink, frame: Frame, backlog: Backlog | None = None) -> None:
+        """Have `sink` write the frame on the thread, in order."""
+
+    def submit(self, job: Callable[[], None]) -> Future[None]:
+        """Run `job` on the thread after everything given before; its future."""
 
 
 @dataclass
@@ -135,11 +145,15 @@ class _SegmentFiles:
         self._step(lambda log, index: log.sync() + index.sync())
 
     def finish(self) -> None:
-        """End both members and close the files."""
+        """End both members and close the files (a job: it never raises)."""
         self._step(lambda log, index: log.finish() + index.finish())
         for writer in (self.log, self.index):
             if writer is not None:
-                writer.file.close()  # already closed unless it failed
+                try:
+                    writer.file.close()  # already closed unless it failed
+                except OSError as exc:  # the buffered tail met a full disk
+                    if self.archive.failure is None:
+                        self.archive.failure = exc
 
 
 def _done() -> Future[None]:
@@ -152,15 +166,16 @@ class TaskArchive:
     """Writes one task's frames to rotating segments; not thread-safe, loop-only.
 
     The deflating and the file writes, the task's folder included, run on
-    `segments.COMPRESSOR`'s thread, in order. `fresh` says the folder holds no segment yet (a
+    `compressor`'s thread, in order. `fresh` says the folder holds no segment yet (a
     task's first attempt): numbering then starts at 1 without listing it on the loop.
     """
 
-    def __init__(self, root: Path, logs_path: str, *, level: int = 1,
+    def __init__(self, root: Path, logs_path: str, compressor: Writer, *, level: int = 1,
                  segment_max_bytes: int = 64 * 1024 * 1024,
                  segment_max_age_s: float | None = None, fresh: bool = False):
         self.root = root
         self.logs_path = logs_path
+        self.compressor = compressor
         self.folder = root / logs_path
         self.level = level
         self.segment_max_bytes = segment_max_bytes
@@ -205,14 +220,14 @@ class TaskArchive:
         return age is not None and time.time() - segment.opened_at >= age
 
     def _submit(self, job: Callable[[], None]) -> None:
-        self._last = COMPRESSOR.submit(job)
+        self._last = self.compressor.submit(job)
 
     def _release(self) -> None:
         """Stop holding: the held frames, then every later one, go to the compressor thread."""
         held, self._held = self._held, None
         if held and self._files is not None:
             for frame in held:
-                COMPRESSOR.write(self._files.write, frame, self.backlog)
+                self.compressor.write(self._files.write, frame, self.backlog)
 
     def write(self, frame: Frame) -> None:
         """Append one frame, rotating first if the open segment is full or old."""
@@ -234,7 +249,7 @@ class TaskArchive:
             self._held_bytes += len(frame.data)
         else:
             assert self._files is not None
-            COMPRESSOR.write(self._files.write, frame, self.backlog)
+            self.compressor.write(self._files.write, frame, self.backlog)
         segment.last_seq = frame.seq
         segment.raw_bytes += len(frame.data)
         self._unflushed = True
@@ -289,11 +304,6 @@ class TaskArchive:
         """Segments changed since the last call, for the database."""
         dirty, self.dirty = self.dirty, []
         return dirty
-
-
-def collect_written() -> None:
-    """Bring every archive's `backlog` up to date with what the compressor thread has written."""
-    COMPRESSOR.collect()
 
 
 # Reading ------------------------------------------------------------------------------------
@@ -416,6 +426,27 @@ def finalize(root: Path, rel_path: str, level: int = 1) -> tuple[Segment, segmen
                       gz_bytes=sum(p.stat().st_size for p in pair if p.exists()),
                       opened_at=opened, closed_at=None if found.missing else time.time())
     return segment, found
+
+
+def settle(root: Path, rel_paths: list[str], level: int = 1) -> list[Segment]:
+    """Describe segments as the disk really has them after a failed write, made whole where
+    the disk allows (else left as they are, truncated, which every reader tolerates)."""
+    found = []
+    for rel_path in rel_paths:
+        try:
+            segment, _ = finalize(root, rel_path, level)
+        except OSError:
+            log_path = root / rel_path
+            for tmp in (log_path.with_name(log_path.name + ".tmp"),
+                        log_path.with_name(segments.index_path(log_path).name + ".tmp")):
+                tmp.unlink(missing_ok=True)
+            scan = segments.scan(log_path)
+            pair = (log_path, segments.index_path(log_path))
+            segment = Segment(path=rel_path, first_seq=scan.first_seq, last_seq=scan.last_seq,
+                              raw_bytes=scan.raw_bytes,
+                              gz_bytes=sum(p.stat().st_size for p in pair if p.exists()))
+        found.append(segment)
+    return found
 
 
 def recover(root: Path, logs_path: str, level: int = 1

@@ -134,8 +134,8 @@ def archive_command(args: argparse.Namespace) -> int:
 
 
 async def _verify(settings: config.Settings, repair: bool) -> Report:
-    from remoterun.db import Database
     from remoterun.retention import verify
+    from remoterun.store import Database
 
     db = Database(settings.db_path)
     await db.open()

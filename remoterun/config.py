@@ -45,6 +45,10 @@ class Settings:
     retry_cap_s: float = 300.0
     aging_s: float = 60.0
     reaper_interval_s: float = 30.0
+    db_retry_s: float = 30.0  # the engine's writes wait this long for a busy database per try
+    max_pending: int = 10_000  # waiting tasks; past it submissions get 503 queue_full
+    stdin_buffer_bytes: int = 1024 * 1024  # per task: stdin not yet read; more is refused
+    min_free_bytes: int = 100 * 1024 * 1024  # archive disk below this: /readyz says not ready
     max_body_bytes: int = 1024 * 1024
     max_ws_message_bytes: int = 1024 * 1024
     client_queue_bytes: int = 8 * 1024 * 1024
@@ -91,6 +95,10 @@ _KEYS: dict[tuple[str, str], str] = {
     ("engine", "retry_cap_s"): "retry_cap_s",
     ("engine", "aging_s"): "aging_s",
     ("engine", "reaper_interval_s"): "reaper_interval_s",
+    ("engine", "db_retry_s"): "db_retry_s",
+    ("engine", "max_pending"): "max_pending",
+    ("stream", "stdin_buffer_bytes"): "stdin_buffer_bytes",
+    ("server", "min_free_bytes"): "min_free_bytes",
     ("stream", "client_queue_bytes"): "client_queue_bytes",
     ("stream", "replay_memory_bytes"): "replay_memory_bytes",
     ("stream", "read_chunk_bytes"): "read_chunk_bytes",

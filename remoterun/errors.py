@@ -10,11 +10,13 @@ class RemoteRunError(Exception):
 
     code = "error"
 
-    def __init__(self, message: str, *, code: str | None = None, details: list[Any] | None = None):
+    def __init__(self, message: str, *, code: str | None = None, details: list[Any] | None = None,
+                 retry_after_s: float | None = None):
         super().__init__(message)
         self.message = message
         self.code = code or self.code
         self.details = details
+        self.retry_after_s = retry_after_s  # sent as Retry-After (503, 429)
 
     def to_json(self) -> dict[str, Any]:
         """The error body of PROTOCOL.md."""

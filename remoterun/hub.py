@@ -11,7 +11,6 @@ The archive is written on a thread, so replay first waits for the flush of what 
 from __future__ import annotations
 
 import asyncio
-import json
 from collections import deque
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import Future
@@ -19,99 +18,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import orjson
-
-from remoterun.archive import Frame, aread_frames
-from remoterun.db import rfc3339
-
-
-@dataclass(slots=True)
-class Event:
-    """A non-output message: `task`, `status` or `exit`, with its body."""
-
-    kind: str
-    body: dict[str, Any]
-    encoded: dict[str, Any] | None = None
-
-    @property
-    def final(self) -> bool:
-        """Whether this event ends the stream."""
-        return self.kind == "exit"
-
-
-Item = Frame | Event
-
-
-def dumps(obj: Any) -> str:
-    """Compact JSON text, non-ASCII kept readable (not \\uXXXX) for people using wscat.
-
-    orjson: ~10x the standard library's speed, which spent ~5% of the event loop on a trivial
-    task's dozen frames and bodies; the standard library for what orjson refuses (integers
-    past 64 bits, possible in a task's params).
-    """
-    try:
-        return orjson.dumps(obj).decode()
-    except TypeError:  # orjson.JSONEncodeError
-        return json.dumps(obj, ensure_ascii=False, separators=(",", ":"))
-
-
-def _frame_body(frame: Frame) -> str:
-    return dumps({"seq": frame.seq, "stream": frame.stream, "ts": rfc3339(frame.ts),
-                  "data": frame.data.decode("utf-8", "replace")})
-
-
-def encoded(item: Item, form: str, make: Callable[[Item], Any]) -> Any:
-    """The item in one wire form, made on first use and kept on the item: shared by every
-    client, so a frame fanned out to a thousand sockets is encoded once."""
-    cache = item.encoded
-    if cache is None:
-        cache = item.encoded = {}
-    value = cache.get(form)
-    if value is None:
-        value = cache[form] = make(item)
-    return value
-
-
-def _ws_text(item: Item) -> str:
-    if isinstance(item, Frame):
-        return '{"type":"output",' + sse_data(item)[1:]
-    return dumps({"type": item.kind, **item.body})
-
-
-def _json_body(item: Item) -> str:
-    if isinstance(item, Frame):
-        return _frame_body(item)
-    return dumps(item.body)
-
-
-def ws_text(item: Item) -> str:
-    """The item as a WebSocket text frame's JSON."""
-    return str(encoded(item, "ws", _ws_text))
-
-
-def sse_data(item: Item) -> str:
-    """The JSON body of the item as an SSE `data:` line (and a jsonl record) carries it."""
-    return str(encoded(item, "json", _json_body))
-
-
-def sse_text(item: Item) -> str:
-    """The item as one Server-Sent Event."""
-    if isinstance(item, Frame):
-        return f"id: {item.seq}\nevent: output\ndata: {sse_data(item)}\n\n"
-    return f"event: {item.kind}\ndata: {sse_data(item)}\n\n"
-
-
-def item_size(item: Item) -> int:
-    """What an item costs a subscriber's queue, in bytes."""
-    return len(item.data) + 64 if isinstance(item, Frame) else 256
-
-
-def exit_event(row: dict[str, Any]) -> Event:
-    """The `exit` event for a task row in a final state."""
-    started, finished = row.get("started_at"), row.get("finished_at")
-    duration = round(finished - started, 3) if started is not None and finished else None
-    return Event("exit", {"status": row["status"], "exit_code": row["exit_code"],
-                          "duration": duration})
+from remoterun.archive import aread_frames
+from remoterun.wire import Event, Frame, Item, exit_event, item_size
 
 
 class SlowConsumer(Exception):

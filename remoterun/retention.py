@@ -27,9 +27,10 @@ from typing import Any
 import structlog
 
 from remoterun import archive, segments
-from remoterun import db as dbm
+from remoterun import store as dbm
 from remoterun.config import Settings
 from remoterun.state import FINAL
+from remoterun.wire import rfc3339
 
 log = structlog.get_logger(__name__)
 LOCK_NAME = ".remoterun.lock"
@@ -125,12 +126,12 @@ class Sweeper:
         return more
 
     async def _prune(self, rows: list[dict[str, Any]]) -> None:
-        await self.db.write([dbm.mark_pruned(row["task_id"]) for row in rows])
+        await self.db.commit([dbm.mark_pruned(row["task_id"]) for row in rows], 30.0)
         root = self.settings.archive_dir
         for row in rows:
             await asyncio.to_thread(_remove_folder, root, row["logs_path"])
             log.info("archive_pruned", task_id=row["task_id"], gz_bytes=row["gz_bytes"],
-                     ended=dbm.rfc3339(row["ended"]))
+                     ended=rfc3339(row["ended"]))
 
 
 # Verify ----------------------------------------------------------------------------------------
@@ -266,6 +267,6 @@ async def verify(settings: Settings, db: dbm.Database, repair: bool = False) -> 
         for path in files:
             await asyncio.to_thread(checker.check_file, path, known, folders)
         if checker.statements:
-            await db.write(checker.statements)
+            await db.commit(checker.statements, 30.0)
     return Report(live=live, segments=len(rows), files=len(files),
                   findings=checker.findings)

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ctypes
 import errno
 import fcntl
 import functools
@@ -22,14 +21,12 @@ import os
 import signal
 import struct
 import termios
-from collections.abc import Callable, Container, Iterable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from remoterun.spawn import encode_env, spawn
+from remoterun.spawn import Children, encode_env, spawn
 
-SIGNALS = {name: getattr(signal, "SIG" + name)
-           for name in ("INT", "TERM", "HUP", "QUIT", "KILL", "USR1", "USR2")}
 OnOutput = Callable[[str, bytes], None]
 
 
@@ -80,103 +77,8 @@ def set_winsize(fd: int, cols: int, rows: int) -> None:
     fcntl.ioctl(fd, termios.TIOCSWINSZ, struct.pack("HHHH", rows, cols, 0, 0))
 
 
-PR_SET_CHILD_SUBREAPER = 36
-
-
-def become_subreaper() -> bool:
-    """Adopt orphaned descendants (double-forked daemons), so that they can be found and killed.
-
-    Without this, a process that escapes its task's process group with setsid() and a double
-    fork is reparented to init and outlives the task. Linux only; False where not allowed.
-    """
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        return bool(libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) == 0)
-    except (OSError, AttributeError):
-        return False
-
-
-def _children() -> list[tuple[int, str]]:
-    """(pid, state) of this process's adopted children: its direct children (one /proc file,
-    not a scan of /proc) but the tasks' main processes, which their runs reap."""
-    me = os.getpid()  # the main thread: it spawns every child, and adopts orphans
-    try:
-        with open(f"/proc/{me}/task/{me}/children", "rb") as fh:
-            pids = [int(p) for p in fh.read().split()]
-    except OSError:
-        return []
-    found = []
-    for pid in pids:
-        if pid in _spawned:
-            continue
-        try:
-            with open(f"/proc/{pid}/stat", "rb") as fh:
-                found.append((pid, fh.read().rsplit(b")", 1)[1].split()[0].decode()))
-        except OSError:
-            continue
-    return found
-
-
-def kill_task_processes(task_id: str, pids: Iterable[int]) -> list[int]:
-    """SIGKILL those of `pids` (and their groups) whose environment carries this RR_TASK_ID."""
-    needle = f"RR_TASK_ID={task_id}".encode()
-    killed = []
-    for pid in pids:
-        try:
-            with open(f"/proc/{pid}/environ", "rb") as fh:
-                if needle not in fh.read().split(b"\0"):
-                    continue
-        except OSError:  # gone, or a zombie
-            continue
-        _kill_tree(pid)
-        killed.append(pid)
-    return killed
-
-
-def _kill_tree(pid: int) -> None:
-    """SIGKILL a process and the group it leads, if it leads one (a setsid() daemon does)."""
-    for kill in (os.killpg, os.kill):
-        with contextlib.suppress(OSError):
-            kill(pid, signal.SIGKILL)
-
-
-# Children a Run waits for: a zombie among them is that Run's to reap. A pid joins the set only
-# once spawn() returns, so while a spawn is under way (`_spawning`) no zombie is reaped at all:
-# it might be the child just forked.
-_spawned: set[int] = set()
-_spawning = 0
-_open_runs = 0  # runs whose output is being read, sharing READ_BUDGET
 READ_BUDGET = 128 * 1024  # 256 KiB: flood p99 43-47 ms in bench/; 128 KiB: 36-38 ms
 MIN_READ = 2048
-
-
-def tend_orphans(running: Container[str]) -> list[int]:
-    """Reap adopted orphans that died; SIGKILL the live ones of tasks no longer running.
-
-    An orphan is a process that outlived its parent and was reparented to us (we are a child
-    subreaper): a double-forked daemon that escaped its task's process group, whose SIGKILL
-    at the end of the run it missed. Its RR_TASK_ID says whose it is. Called every flush
-    tick, one /proc file when there are none, so such a daemon dies within a tick of its
-    task's end, not with every task's end paying for the look. Returns the pids killed.
-    """
-    killed = []
-    for pid, state in _children():
-        if state == "Z":
-            if not _spawning:  # else it might be the child just forked, not yet in _spawned
-                with contextlib.suppress(ChildProcessError):
-                    os.waitpid(pid, os.WNOHANG)
-            continue
-        try:
-            with open(f"/proc/{pid}/environ", "rb") as fh:
-                env = fh.read().split(b"\0")
-        except OSError:  # gone meanwhile
-            continue
-        task = next((v[len(b"RR_TASK_ID="):].decode() for v in env
-                     if v.startswith(b"RR_TASK_ID=")), None)
-        if task is not None and task not in running:
-            _kill_tree(pid)
-            killed.append(pid)
-    return killed
 
 
 class _Writer:
@@ -239,8 +141,9 @@ class Run:
 
     def __init__(self, spec: RunSpec, on_output: OnOutput, *, read_chunk: int = 65536,
                  kill_grace_s: float = 5.0, drain_grace_s: float = 0.5,
-                 coalesce_s: float = 0.004):
+                 coalesce_s: float = 0.004, children: Children | None = None):
         self.spec = spec
+        self.children = children if children is not None else Children()
         self.on_output = on_output
         self.read_chunk = read_chunk
         self.coalesce_s = coalesce_s
@@ -257,6 +160,11 @@ class Run:
         self.master_fd: int | None = None
         self._counted = False  # in _open_runs
         self.paused = False  # output not read for now (see pause)
+
+    @property
+    def stdin_pending(self) -> int:
+        """Bytes written to stdin that the process has not read yet."""
+        return len(self.stdin.buffer) if self.stdin is not None else 0
 
     @property
     def pid(self) -> int:
@@ -284,8 +192,8 @@ class Run:
                 child_fds = [in_r, out_w, err_w]
                 self.readers = [_Reader(out_r, "stdout"), _Reader(err_r, "stderr")]
                 self.stdin = _Writer(in_w, owns_fd=True)
-            global _spawning
-            _spawning += 1
+            children = self.children
+            children.spawning += 1
             try:
                 if spec.pty:  # a full fork (see spawn): on a thread, the loop serving others
                     self._pid = await loop.run_in_executor(None, functools.partial(
@@ -294,12 +202,12 @@ class Run:
                     # vfork+exec right here: the loop is held until the child has exec'd
                     # (~0.1 ms), less than a hop to a worker thread and back costs it.
                     self._pid = spawn(spec.argv, env, str(spec.cwd), in_r, out_w, err_w)
-                _spawned.add(self._pid)
-            except OSError as exc:
+                children.spawned.add(self._pid)
+            except Exception as exc:  # any failure (OSError, a NUL in argv...) closes our ends
                 self._close_fds()
                 raise SpawnError(_spawn_message(spec.argv[0], exc)) from exc
             finally:
-                _spawning -= 1
+                children.spawning -= 1
         finally:
             for fd in child_fds:
                 os.close(fd)
@@ -307,8 +215,7 @@ class Run:
         if spec.pty:
             assert self.master_fd is not None
             self.stdin = _Writer(self.master_fd, owns_fd=False)
-        global _open_runs
-        _open_runs += 1
+        self.children.open_runs += 1
         self._counted = True
         for reader in self.readers:
             os.set_blocking(reader.fd, False)
@@ -335,7 +242,7 @@ class Run:
                 return
             loop.remove_reader(pidfd)
             os.close(pidfd)
-            _spawned.discard(pid)
+            self.children.spawned.discard(pid)
             code = os.waitstatus_to_exitcode(status)
             assert self.exited is not None
             if not self.exited.done():
@@ -350,7 +257,8 @@ class Run:
         client's latency) grows with the bytes read per callback. A lone task reads full
         chunks; a hundred flooding tasks read 2 KiB each, so a quiet task's line is not
         stuck behind 100 x 64 KiB of reading and compressing."""
-        return max(MIN_READ, min(self.read_chunk, READ_BUDGET // max(1, _open_runs)))
+        share = READ_BUDGET // max(1, self.children.open_runs)
+        return max(MIN_READ, min(self.read_chunk, share))
 
     def _on_readable(self, reader: _Reader) -> None:
         try:
@@ -505,10 +413,9 @@ class Run:
         self._close_fds()
 
     def _close_fds(self) -> None:
-        global _open_runs
         if self._counted:
             self._counted = False
-            _open_runs -= 1
+            self.children.open_runs -= 1
         if self.stdin is not None:
             self.stdin.closing = True
             self.stdin._close_now()
@@ -519,7 +426,9 @@ class Run:
         self.readers = []
 
 
-def _spawn_message(path: str, exc: OSError) -> str:
+def _spawn_message(path: str, exc: Exception) -> str:
+    if not isinstance(exc, OSError):
+        return f"cannot execute {path}: {exc}"
     if exc.errno == errno.ENOEXEC:
         return f"cannot execute {path}: exec format error (missing #! line?)"
     if isinstance(exc, PermissionError):

@@ -1,121 +1,105 @@
-"""The engine: queue, bounded worker pool, runs, retries, recovery; the only writer of status.
+"""The engine: one TaskState per live task, dispatch, recovery, drain; the only writer of status.
 
-Pending tasks wait in a heap ordered by effective priority, then submission number. A task's
-effective priority is its priority plus one level per `aging_s` seconds it has waited since it
-was submitted, so a low-priority task behind a steady stream of higher-priority work starts
-within about (difference in priority) x `aging_s`. Because every waiting task ages at the same
-rate, the order between two tasks never changes while they wait: the heap key
-`created_at / aging_s - priority` is fixed at submission. Ties (same priority, same instant)
-run in submission order.
+A live task (pending, running, or between the two) has exactly one `TaskState` in
+`Scheduler.tasks`: where it is (queued, starting, running, finishing), its row as last committed
+plus progress, its hub once anyone watches, and its current attempt. A task leaves the dict when
+its final state is committed, and never comes back; a task in the database that no state of
+this server holds is not ours, which is all the reaper needs to know.
 
-A dispatcher loop starts the best eligible task whenever a worker slot is free; a task whose
-script is at its `max_concurrency`, or whose retry is not yet due, is passed over without
-blocking the others. Every transition goes through `_transition`, which checks the table,
-commits the row and the event together, and only then publishes it.
+Every status change goes through `_transition`: it checks the table, commits the row and the
+event together (guarded by the old status, so a final state is never overwritten), and only
+then publishes. Commits queue in order behind one lock; while the database is locked by another
+connection or cannot be written they wait and retry without holding the event loop
+(`store.Database.commit`), up to `engine.db_retry_s` for a request, and for as long as it takes
+for the engine's own transitions (until shutdown).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import heapq
 import json
 import os
 import random
 import signal
 import time
 import uuid
-from collections import Counter
-from collections.abc import Coroutine
+from collections.abc import Coroutine, Iterable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
+from enum import StrEnum
 from typing import Any
 
 import structlog
 
-from remoterun import db as dbm
-from remoterun.archive import (
-    Frame,
-    Segment,
-    TaskArchive,
-    collect_written,
-    logs_path_for,
-    recover,
-)
-from remoterun.catalogue import Catalogue, Script, param_value
+from remoterun import store
+from remoterun.archive import Segment, TaskArchive, logs_path_for, recover, settle
+from remoterun.attempt import Attempt, Limits, build_spec, decide
+from remoterun.catalogue import Catalogue, Script
+from remoterun.compressor import Compressor
 from remoterun.config import Settings
 from remoterun.errors import Conflict, NotFound, Unavailable
-from remoterun.hub import Event, Subscription, TaskHub, exit_event, replay_finished
+from remoterun.hub import Subscription, TaskHub, replay_finished
 from remoterun.metrics import Metrics
-from remoterun.runner import (
-    Run,
-    RunResult,
-    RunSpec,
-    SpawnError,
-    become_subreaper,
-    kill_task_processes,
-    tend_orphans,
-)
-from remoterun.spawn import encode_env
-from remoterun.state import TaskStatus, check_transition
+from remoterun.pending import PendingQueue
+from remoterun.reaper import become_subreaper, kill_left_behind, tend_orphans
+from remoterun.runner import RunResult, SpawnError
+from remoterun.spawn import Children, encode_env
+from remoterun.state import FINAL, TaskStatus, check_transition
+from remoterun.wire import Event, exit_event, rfc3339, task_json
 
 log = structlog.get_logger(__name__)
-FLUSH_SLICES = 8  # flush ticks per flush_interval_s, each flushing the tasks then due
-# A task whose output the compressor thread is this far behind on stops being read until it
-# is under BACKLOG_LOW again (looked at every BACKLOG_POLL_S), so it alone waits for the
-# thread; the compressor's own bound, which holds the whole loop, is the last resort.
-BACKLOG_HIGH = 4 * 1024 * 1024
-BACKLOG_LOW = 1024 * 1024
-BACKLOG_POLL_S = 0.005
 S = TaskStatus
+FLUSH_SLICES = 8  # flush ticks per flush_interval_s, each flushing the tasks then due
+SEQ_BLOCK = 4096  # seqs reserved per database write (see attempt.SEQ_MARGIN)
+REQUEST_DB_WAIT_S = 2.0  # at most this long a request waits for a busy database, then 503
+
+
+class Where(StrEnum):
+    """Where a live task is."""
+
+    QUEUED = "queued"  # pending, in the queue
+    STARTING = "starting"  # taken from the queue, its running transition being committed
+    RUNNING = "running"  # its attempt holds a worker slot
+    FINISHING = "finishing"  # its process ended, its next state being committed
 
 
 @dataclass(eq=False)
-class Active:
-    """A task between dispatch and its final write: its run, archive and stop request."""
+class TaskState:
+    """Everything the engine knows of one live task."""
 
     row: dict[str, Any]
-    archive: TaskArchive
-    stop: asyncio.Future[None] = field(  # done: stop the run
-        default_factory=lambda: asyncio.get_running_loop().create_future())
-    stop_reason: str | None = None  # "cancel" or "shutdown"
-    run: Run | None = None
-    early: list[tuple[str, tuple[Any, ...]]] = field(default_factory=list)
+    where: Where = Where.QUEUED
+    hub: TaskHub | None = None
+    attempt: Attempt | None = None
+    flush_due: float = 0.0  # time.monotonic() of its archive's next flush
     recorded: dict[str, Any] = field(default_factory=dict)  # progress the last flush wrote
-    flush_due: float = 0.0  # time.monotonic() of its next flush
-
-    def control(self, method: str, *args: Any) -> None:
-        """Call a Run control (write, close_stdin, resize, signal) now, or once it has started:
-        a client that saw `running` may type before the spawn has returned."""
-        if self.run is None:
-            self.early.append((method, args))
-        else:
-            getattr(self.run, method)(*args)
+    reserving: bool = False  # a seq reservation is being committed
 
 
 class Scheduler:
-    """Owns every task that has not finished: its queue slot, its run and its hub."""
+    """Owns every live task: its queue slot, its attempt and its hub."""
 
-    def __init__(self, settings: Settings, db: dbm.Database, catalogue: Catalogue,
-                 metrics: Metrics):
+    def __init__(self, settings: Settings, db: store.Database, catalogue: Catalogue,
+                 metrics: Metrics, compressor: Compressor, children: Children):
         self.settings = settings
         self.db = db
         self.catalogue = catalogue
         self.metrics = metrics
+        self.compressor = compressor
+        self.children = children
         self.accepting = True
-        self.hubs: dict[str, TaskHub] = {}
-        self._heap: list[tuple[float, int, str]] = []
-        self._pending: dict[str, dict[str, Any]] = {}
-        self._active: dict[str, Active] = {}  # holding a worker slot
-        self._finishing: dict[str, Active] = {}  # process ended, final state being written
-        self._per_script: Counter[str] = Counter()
-        self._limits: dict[str, int | None] = {}
+        self.tasks: dict[str, TaskState] = {}
+        self.queue = PendingQueue(settings.aging_s, self._limit_of)
+        self.problems: dict[str, str] = {}  # what /readyz reports: kind -> latest failure
+        self._busy = 0  # worker slots held (starting, running)
         self._wake = asyncio.Event()
-        self._runs: set[asyncio.Task[None]] = set()
+        self._write_lock = asyncio.Lock()  # commits in order
+        self._closing = False
+        self._owned: set[asyncio.Task[None]] = set()  # runs and small writes
         self._loops: list[asyncio.Task[None]] = []
+        self._logged: set[tuple[str, str]] = set()  # (failure kind, task) already logged
         self._next_num = 1
-        self._throttled: set[Active] = set()  # tasks whose output waits for the compressor
-        self._backlog_timer: asyncio.TimerHandle | None = None
         # The server's environment, less RR_* (ours to set) and TERM (a PTY task's is ours),
         # encoded once: every task's process starts from it.
         self._inherited_pty = encode_env({k: v for k, v in os.environ.items()
@@ -135,13 +119,18 @@ class Scheduler:
         self._loops = [asyncio.create_task(self._dispatch_loop(), name="dispatcher"),
                        asyncio.create_task(self._flush_loop(), name="archive-flusher")]
 
+    @property
+    def alive(self) -> bool:
+        """Whether the dispatcher and the flusher are running."""
+        return bool(self._loops) and not any(loop.done() for loop in self._loops)
+
     def force_stop(self) -> None:
         """Kill every running task now (a second SIGTERM/SIGINT during the drain)."""
-        log.warning("shutdown_forced", running=len(self._active))
-        for active in self._active.values():
-            self._request_stop(active, "shutdown")
-            if active.run is not None:
-                active.run.signal(signal.SIGKILL)
+        log.warning("shutdown_forced", running=self._busy)
+        for attempt in self._attempts():
+            attempt.request_stop("shutdown")
+            if attempt.run is not None:
+                attempt.run.signal(signal.SIGKILL)
 
     async def drain(self, grace_s: float) -> None:
         """Stop taking work, let running tasks finish for `grace_s`, then stop the rest."""
@@ -149,31 +138,105 @@ class Scheduler:
             return
         self.accepting = False
         self._wake.set()
-        if self._runs:
-            log.info("shutdown_draining", running=len(self._runs), grace_s=grace_s)
-            await asyncio.wait(set(self._runs), timeout=grace_s)
-        for active in self._active.values():
-            self._request_stop(active, "shutdown")
-        if self._runs:
-            await asyncio.wait(set(self._runs))
-        for hub in list(self.hubs.values()):
-            hub.publish(Event("status", {"status": hub.task["status"],
-                                         "attempt": hub.task["attempt"],
-                                         "ts": dbm.rfc3339(time.time()),
-                                         "error": "server shutting down"}))
+        runs = {t for t in self._owned if t.get_name().startswith("run-")}
+        if runs:
+            log.info("shutdown_draining", running=len(runs), grace_s=grace_s)
+            await asyncio.wait(runs, timeout=grace_s)
+        for attempt in self._attempts():
+            attempt.request_stop("shutdown")
+        runs = {t for t in self._owned if t.get_name().startswith("run-")}
+        if runs:
+            await asyncio.wait(runs)
+        for state in list(self.tasks.values()):
+            if state.hub is not None:
+                row = state.row
+                state.hub.publish(Event("status", {
+                    "status": row["status"], "attempt": row["attempt"],
+                    "ts": rfc3339(time.time()), "error": "server shutting down"}))
 
     async def close(self) -> None:
-        """Cancel the background loops and any run left (after drain, there is none)."""
-        if self._backlog_timer is not None:
-            self._backlog_timer.cancel()
-        for task in [*self._loops, *self._runs]:
+        """Cancel the background loops and whatever is left, writing what can be written."""
+        self._closing = True
+        for task in [*self._loops, *self._owned]:
             task.cancel()
-        await asyncio.gather(*self._loops, *self._runs, return_exceptions=True)
+        await asyncio.gather(*self._loops, *self._owned, return_exceptions=True)
         self._loops = []
         # The compressor thread must have written and closed every file before the process exits.
-        await asyncio.gather(*(asyncio.wrap_future(active.archive.close())
-                               for active in [*self._active.values(), *self._finishing.values()]))
-        await self._flush_tick(everything=True)
+        await asyncio.gather(*(asyncio.wrap_future(a.archive.close()) for a in self._attempts()))
+        try:
+            await self._flush_tick(everything=True)
+        except Exception:
+            log.exception("final_flush_failed")
+
+    def _attempts(self) -> list[Attempt]:
+        return [s.attempt for s in self.tasks.values() if s.attempt is not None]
+
+    def _own(self, coro: Coroutine[Any, Any, None], name: str) -> None:
+        """Run a background coroutine that close() cancels and whose exception is logged."""
+        task = asyncio.create_task(coro, name=name)
+        self._owned.add(task)
+        task.add_done_callback(self._reap_owned)
+
+    def _reap_owned(self, task: asyncio.Task[None]) -> None:
+        self._owned.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("background_task_failed", task=task.get_name(),
+                      exc_info=task.exception())
+
+    # Commits ---------------------------------------------------------------------------------
+
+    async def _commit(self, statements: list[store.Statement], within_s: float | None = None
+                      ) -> None:
+        """Commit in order behind every earlier commit. A request (`within_s` given) gets
+        Unavailable past it; the engine's own commits wait until the database is back."""
+        if within_s is not None:
+            try:
+                async with asyncio.timeout(within_s):
+                    async with self._write_lock:
+                        await self.db.commit(statements, within_s)
+            except (TimeoutError, store.DatabaseUnavailable) as exc:
+                raise Unavailable("the database is busy or cannot be written; try again",
+                                  code="database_unavailable", retry_after_s=1.0) from exc
+            return
+        async with self._write_lock:
+            while True:
+                try:
+                    await self.db.commit(statements, self.settings.db_retry_s)
+                    self.problems.pop("database", None)
+                    return
+                except store.DatabaseUnavailable as exc:
+                    self.problems["database"] = str(exc)
+                    self._log_once("database_unavailable", "", error=str(exc))
+                    if self._closing:
+                        raise
+
+    def _log_once(self, kind: str, task_id: str, **data: Any) -> None:
+        if (kind, task_id) not in self._logged:
+            if len(self._logged) > 10_000:
+                self._logged.clear()
+            self._logged.add((kind, task_id))
+            log.warning(kind, task_id=task_id or None, **data)
+
+    async def _transition(self, state: TaskState, new: TaskStatus,
+                          extra: Iterable[store.Statement] = (), **fields: Any) -> None:
+        """Check, persist, then announce a status change."""
+        row = state.row
+        old = S(row["status"])
+        check_transition(old, new)
+        fields["updated_at"] = time.time()
+        attempt = fields.get("attempt", row["attempt"])
+        statements = store.transition(row["id"], old, new, attempt, dict(fields),
+                                      detail=fields.get("error"))
+        await self._commit([*extra, *statements])
+        row.update(fields, status=str(new))
+        hub = state.hub
+        if hub is not None:
+            hub.task = task_json(row)
+            body = {"status": str(new), "attempt": row["attempt"],
+                    "ts": rfc3339(fields["updated_at"])}
+            if new is not S.RUNNING:
+                body.update(exit_code=row["exit_code"], error=row["error"])
+            hub.publish(Event("status", body))
 
     # Submissions -----------------------------------------------------------------------------
 
@@ -182,6 +245,9 @@ class Scheduler:
         """Create a pending task from a validated request; returns its JSON."""
         if not self.accepting:
             raise Unavailable("the server is shutting down and takes no new tasks")
+        if len(self.queue) >= self.settings.max_pending:
+            raise Unavailable(f"{len(self.queue)} tasks are waiting already (engine.max_pending)",
+                              code="queue_full", retry_after_s=5.0)
         params = script.validate(request.get("params", {}))
         secret = script.secret_keys
         now = time.time()
@@ -198,95 +264,105 @@ class Scheduler:
             "submitted_by": submitted_by, "logs_path": logs_path_for(task_id, now),
         }
         self._next_num += 1
-        await self.db.write(dbm.insert_task(row))
+        await self._commit(store.insert_task(row), within_s=self._request_wait())
         full = {**dict.fromkeys(("exit_code", "error", "started_at", "finished_at",
-                                 "run_after", "pid")), "output_bytes": 0, "last_seq": 0, **row}
-        self._limits[script.name] = script.max_concurrency
-        self._enqueue(full)
+                                 "run_after", "pid")), "output_bytes": 0, "last_seq": 0,
+                "seq_reserved": 0, **row}
+        self._enqueue(TaskState(full))
         self.metrics.child(self.metrics.submitted, script.name).inc()
         log.info("task_submitted", task_id=task_id, script=script.name,
                  submitted_by=submitted_by)
-        return dbm.task_json(full)
+        return task_json(full)
 
-    def _enqueue(self, row: dict[str, Any]) -> None:
-        self._pending[row["id"]] = row
-        aging_s = self.settings.aging_s
-        key = row["created_at"] / aging_s - row["priority"] if aging_s else -row["priority"]
-        heapq.heappush(self._heap, (key, row["num"], row["id"]))
-        self.metrics.pending.set(len(self._pending))
+    def _request_wait(self) -> float:
+        return min(self.settings.db_retry_s, REQUEST_DB_WAIT_S)
+
+    def _limit_of(self, script: str) -> int | None:
+        try:
+            return self.catalogue.resolve(script).max_concurrency
+        except NotFound:
+            return None
+
+    def _enqueue(self, state: TaskState) -> None:
+        state.where = Where.QUEUED
+        state.attempt = None
+        self.tasks[state.row["id"]] = state
+        self.queue.push(state.row)
+        self.metrics.pending.set(len(self.queue))
         self._wake.set()
 
     async def cancel(self, task_id: str) -> dict[str, Any]:
         """Cancel a pending or running task; Conflict if it already ended."""
-        active = self._active.get(task_id)
-        if active is not None:
-            self._request_stop(active, "cancel")
-            return dbm.task_json(active.row)
-        if task_id in self._finishing:
-            raise Conflict(f"task {task_id} has already ended", code="already_finished")
-        row = self._pending.pop(task_id, None)
-        if row is None:
-            stored = await self.db.get_task(task_id)
+        state = self.tasks.get(task_id)
+        if state is None or state.where is Where.FINISHING:
+            stored = state.row if state is not None else await self.db.get_task(task_id)
             if stored is None:
                 raise NotFound(f"no task {task_id}")
-            raise Conflict(f"task {task_id} already ended ({stored['status']})",
+            raise Conflict(f"task {task_id} has already ended ({stored['status']})",
                            code="already_finished")
-        self.metrics.pending.set(len(self._pending))
-        await self._transition(row, S.CANCELLED, finished_at=time.time(), run_after=None)
-        self._finish(row)
-        return dbm.task_json(row)
+        if state.attempt is not None:  # starting or running: its run ends it
+            state.attempt.request_stop("cancel")
+            return task_json(state.row)
+        row = self.queue.remove(task_id)
+        assert row is not None
+        state.where = Where.FINISHING
+        self.metrics.pending.set(len(self.queue))
+        try:
+            await self._transition(state, S.CANCELLED, finished_at=time.time(), run_after=None)
+        except BaseException:
+            self._enqueue(state)  # nothing was recorded: it waits as before
+            raise
+        self._finish(state)
+        return task_json(state.row)
 
-    def _request_stop(self, active: Active, reason: str) -> None:
-        if active.stop_reason is None:
-            active.stop_reason = reason
-        if not active.stop.done():
-            active.stop.set_result(None)
+    def position(self, task_id: str) -> int | None:
+        """A pending task's 1-based place in the queue (None unless it waits there)."""
+        return self.queue.position(task_id)
 
     # Streams ---------------------------------------------------------------------------------
 
-    def active(self, task_id: str) -> Active | None:
-        """The running task's controls, if it is running."""
-        return self._active.get(task_id)
+    def attempt(self, task_id: str) -> Attempt | None:
+        """The running (or starting) attempt's controls, if the task has one."""
+        state = self.tasks.get(task_id)
+        return state.attempt if state is not None and state.where is not Where.FINISHING \
+            else None
 
-    def _hub(self, task_id: str) -> TaskHub | None:
-        hub = self.hubs.get(task_id)
-        if hub is not None:
-            return hub
-        active = self._active.get(task_id) or self._finishing.get(task_id)
-        row = active.row if active else self._pending.get(task_id)
-        if row is None:
-            return None
-        hub = TaskHub(dbm.task_json(row), memory_bytes=self.settings.replay_memory_bytes,
-                      next_seq=row["last_seq"] + 1,
-                      flush_archive=lambda: self._start_flush(task_id))
-        self.hubs[task_id] = hub
-        return hub
+    def _hub(self, state: TaskState) -> TaskHub:
+        if state.hub is None:
+            row = state.row
+            task_id = row["id"]
+            state.hub = TaskHub(task_json(row), memory_bytes=self.settings.replay_memory_bytes,
+                                next_seq=max(row["last_seq"], row["seq_reserved"]) + 1,
+                                flush_archive=lambda: self._start_flush(task_id))
+        return state.hub
 
     async def require_task(self, task_id: str) -> None:
         """NotFound unless the task exists."""
-        if task_id in self._pending or task_id in self._active or task_id in self._finishing:
-            return
-        if await self.db.get_task(task_id) is None:
+        if task_id not in self.tasks and await self.db.get_task(task_id) is None:
             raise NotFound(f"no task {task_id}")
 
     async def subscribe(self, task_id: str, since: int) -> Subscription:
         """Every frame after `since`, then live output and status, then the exit event."""
         limit = self.settings.client_queue_bytes
-        hub = self._hub(task_id)
-        if hub is not None:
-            return hub.subscribe(since, self.settings.archive_dir, limit)
-        row = await self.db.get_task(task_id)
-        if row is None:
-            raise NotFound(f"no task {task_id}")
-        hub = self._hub(task_id)  # it may have been enqueued while we read
-        if hub is not None:
-            return hub.subscribe(since, self.settings.archive_dir, limit)
-        return replay_finished(row, dbm.task_json(row), since, self.settings.archive_dir, limit)
+        root = self.settings.archive_dir
+        state = self.tasks.get(task_id)
+        if state is None:
+            row = await self.db.get_task(task_id)
+            if row is None:
+                raise NotFound(f"no task {task_id}")
+            state = self.tasks.get(task_id)  # it may have been recovered while we read
+            if state is None:
+                if row["status"] not in FINAL:  # not ours, and not final: a lost run
+                    row = await self._reap_one(row) or row
+                return replay_finished(row, task_json(row), since, root, limit)
+        return self._hub(state).subscribe(since, root, limit)
 
     def _start_flush(self, task_id: str) -> Future[None] | None:
         """Start a flush of the task's current archive (whichever attempt is writing)."""
-        active = self._active.get(task_id) or self._finishing.get(task_id)
-        return active.archive.flush() if active is not None else None
+        state = self.tasks.get(task_id)
+        if state is None or state.attempt is None:
+            return None
+        return state.attempt.archive.flush()
 
     async def flush_archive(self, task_id: str) -> None:
         """Make what a task wrote before the call readable on disk, then return."""
@@ -309,253 +385,198 @@ class Scheduler:
 
     def _start_eligible(self) -> float | None:
         """Start tasks while slots are free; the seconds until a deferred retry is due."""
-        skipped: list[tuple[float, int, str]] = []
-        next_due: float | None = None
-        now = time.time()
-        while self._heap and self.accepting and len(self._active) < self.settings.workers:
-            entry = heapq.heappop(self._heap)
-            row = self._pending.get(entry[2])
-            if row is None or row["status"] != S.PENDING:
-                continue  # cancelled, or a stale entry
-            limit = self._limits.get(row["script"])
-            if row["run_after"] and row["run_after"] > now:
-                due = row["run_after"] - now
-                next_due = due if next_due is None else min(next_due, due)
-                skipped.append(entry)
-            elif limit is not None and self._per_script[row["script"]] >= limit:
-                skipped.append(entry)
-            else:
-                del self._pending[entry[2]]
-                self._launch(row)
-        for entry in skipped:
-            heapq.heappush(self._heap, entry)
-        self.metrics.pending.set(len(self._pending))
+        slots = self.settings.workers - self._busy if self.accepting else 0
+        if slots <= 0:
+            return None
+        rows, next_due = self.queue.take(slots, time.time())
+        for row in rows:
+            self._launch(self.tasks[row["id"]])
+        self.metrics.pending.set(len(self.queue))
         return next_due
 
-    def _launch(self, row: dict[str, Any]) -> None:
-        archive = TaskArchive(self.settings.archive_dir, row["logs_path"],
-                              level=self.settings.gzip_level,
-                              segment_max_bytes=self.settings.segment_max_bytes,
-                              segment_max_age_s=self.settings.segment_max_age_s or None,
+    def _launch(self, state: TaskState) -> None:
+        row = state.row
+        settings = self.settings
+        archive = TaskArchive(settings.archive_dir, row["logs_path"], self.compressor,
+                              level=settings.gzip_level,
+                              segment_max_bytes=settings.segment_max_bytes,
+                              segment_max_age_s=settings.segment_max_age_s or None,
                               fresh=row["attempt"] == 1)
-        active = self._active[row["id"]] = Active(row, archive)
-        active.flush_due = time.monotonic() + self.settings.flush_interval_s * random.random()
-        self._per_script[row["script"]] += 1
-        self._own(self._run(active))
+        script = self._script(row["script"])
+        cap = (script.extra.get("max_output_bytes") if script else None) \
+            or settings.max_output_bytes or None
+        limits = Limits(timeout_s=self._timeout(row, script), output_cap=cap,
+                        stdin_buffer_bytes=settings.stdin_buffer_bytes,
+                        read_chunk=settings.read_chunk_bytes, kill_grace_s=settings.kill_grace_s,
+                        drain_grace_s=settings.drain_grace_s,
+                        coalesce_s=settings.coalesce_ms / 1000)
+        output_bytes = self.metrics.output_bytes
+        state.attempt = Attempt(
+            row, archive, self._hub(state), limits, self.children,
+            on_bytes=lambda stream, n: self.metrics.child(output_bytes, stream).inc(n),
+            on_paused=self.metrics.output_paused.inc, collect=self.compressor.collect)
+        state.attempt.reserve = lambda: self._reserve(state)
+        state.where = Where.STARTING
+        state.flush_due = time.monotonic() + settings.flush_interval_s * random.random()
+        self._busy += 1
+        self._own(self._run(state), name=f"run-{row['id']}")
 
-    def _own(self, coro: Coroutine[Any, Any, None]) -> None:
-        task = asyncio.create_task(coro)
-        self._runs.add(task)
-        task.add_done_callback(self._runs.discard)
+    def _script(self, name: str) -> Script | None:
+        try:
+            return self.catalogue.resolve(name)
+        except NotFound:
+            return None
+
+    def _timeout(self, row: dict[str, Any], script: Script | None) -> float | None:
+        if row["timeout"] is not None:
+            return float(row["timeout"])
+        if script is not None and script.timeout_s is not None:
+            return float(script.timeout_s)
+        return self.settings.default_timeout_s
+
+    def _reserve(self, state: TaskState) -> None:
+        """Commit the next block of seqs for a running task (once at a time)."""
+        if state.reserving or state.attempt is None:
+            return
+        state.reserving = True
+        attempt = state.attempt
+
+        async def reserve() -> None:
+            try:
+                upto = attempt.hub.next_seq - 1 + SEQ_BLOCK
+                await self._commit([store.update_task(state.row["id"], {"seq_reserved": upto})])
+                state.row["seq_reserved"] = upto
+                attempt.seqs_reserved(upto)
+            finally:
+                state.reserving = False
+
+        self._own(reserve(), name=f"reserve-{state.row['id']}")
 
     # One attempt -----------------------------------------------------------------------------
 
-    async def _run(self, active: Active) -> None:
-        row = active.row
+    async def _run(self, state: TaskState) -> None:
+        row = state.row
+        attempt = state.attempt
+        assert attempt is not None
         with structlog.contextvars.bound_contextvars(task_id=row["id"], attempt=row["attempt"]):
+            reserved = attempt.hub.next_seq - 1 + SEQ_BLOCK
+            try:
+                await self._transition(state, S.RUNNING, started_at=row["started_at"] or
+                                       time.time(), run_after=None, error=None, exit_code=None,
+                                       seq_reserved=reserved)
+            except BaseException:  # not recorded (shutting down): it stays pending
+                self._release(state)
+                raise
+            attempt.seq_reserved = reserved
+            state.where = Where.RUNNING
             result: RunResult | None = None
             error: str | None = None
             started = time.time()
             self.metrics.running.inc()
             try:
-                await self._transition(row, S.RUNNING, started_at=row["started_at"] or started,
-                                       run_after=None, error=None, exit_code=None)
-                try:
-                    run = active.run = await self._start(active)
-                    row["pid"] = run.pid  # persisted by the next flush tick
-                    for method, args in active.early:
-                        getattr(run, method)(*args)
-                    active.early.clear()
-                    result = await run.wait(self._timeout(row), active.stop)
-                except SpawnError as exc:
-                    error = str(exc)
-                except Exception as exc:  # a bug of ours must not kill the worker
-                    log.exception("run_crashed")
-                    error = f"internal error: {exc}"
+                result, error = await self._attempt(state, attempt)
             finally:
                 self.metrics.running.dec()
-                duration = self.metrics.child(self.metrics.duration, row["script"])
-                duration.observe(time.time() - started)
-                await asyncio.shield(self._conclude(active, result, error))
+                self.metrics.child(self.metrics.duration, row["script"]).observe(
+                    time.time() - started)
+                await asyncio.shield(self._conclude(state, result, error))
 
-    async def _start(self, active: Active) -> Run:
-        row = active.row
-        if active.stop.done():
-            raise SpawnError("cancelled before it started")
+    async def _attempt(self, state: TaskState, attempt: Attempt
+                       ) -> tuple[RunResult | None, str | None]:
+        """Start the process and wait for its end; (result, None) or (None, why not)."""
+        row = state.row
         try:
+            if attempt.stop.done():
+                raise SpawnError("cancelled before it started")
             script = self.catalogue.resolve(row["script"])
+            inherited = self._inherited_pty if row["pty"] else self._inherited
+            run = await attempt.start(build_spec(row, script, self.catalogue.root, inherited))
+            row["pid"] = run.pid  # persisted by the next flush tick
+            log.debug("task_started", pid=run.pid, script=row["script"])
+            return await attempt.wait(), None
         except NotFound as exc:
-            raise SpawnError(f"script {row['script']!r} is no longer runnable: {exc.message}"
-                             ) from exc
-        hub = self._hub(row["id"])
-        assert hub is not None
-        archive = active.archive
-        cap = script.extra.get("max_output_bytes") or self.settings.max_output_bytes or None
+            return None, f"script {row['script']!r} is no longer runnable: {exc.message}"
+        except SpawnError as exc:
+            return None, str(exc)
+        except Exception as exc:  # a bug of ours must not leave the task running
+            log.exception("run_crashed")
+            return None, f"internal error: {exc}"
 
-        def on_output(stream: str, data: bytes) -> None:
-            if cap is not None and row["output_bytes"] + len(data) > cap:
-                data = data[: cap - row["output_bytes"]]  # keep up to the cap, drop the rest
-                self._request_stop(active, "output_cap")
-                if not data:
-                    return
-            frame: Frame = hub.frame(stream, data, time.time())
-            archive.write(frame)
-            hub.publish(frame)
-            row["output_bytes"] += len(data)
-            row["last_seq"] = frame.seq
-            self.metrics.child(self.metrics.output_bytes, stream).inc(len(data))
-            if archive.backlog.bytes > BACKLOG_HIGH:
-                self._throttle(active)
+    def _release(self, state: TaskState) -> None:
+        """Give the worker slot back."""
+        self._busy -= 1
+        self.queue.ended(state.row["script"])
+        self._wake.set()
 
-        run = Run(self._spec(row, script), on_output, read_chunk=self.settings.read_chunk_bytes,
-                  kill_grace_s=self.settings.kill_grace_s,
-                  drain_grace_s=self.settings.drain_grace_s,
-                  coalesce_s=self.settings.coalesce_ms / 1000)
-        await run.start()
-        log.debug("task_started", pid=run.pid, script=row["script"])
-        return run
-
-    def _throttle(self, active: Active) -> None:
-        """Pause reading a task's output until the compressor thread has caught up with it."""
-        run = active.run
-        if run is None or run.paused:
-            return
-        run.pause()
-        self.metrics.output_paused.inc()
-        self._throttled.add(active)
-        if self._backlog_timer is None:
-            self._backlog_timer = asyncio.get_running_loop().call_later(
-                BACKLOG_POLL_S, self._unthrottle)
-
-    def _unthrottle(self) -> None:
-        collect_written()
-        for active in list(self._throttled):
-            if active.archive.backlog.bytes <= BACKLOG_LOW or self._active.get(
-                    active.row["id"]) is not active:
-                self._throttled.discard(active)
-                if active.run is not None:
-                    active.run.resume()
-        self._backlog_timer = None
-        if self._throttled:
-            self._backlog_timer = asyncio.get_running_loop().call_later(
-                BACKLOG_POLL_S, self._unthrottle)
-
-    def _spec(self, row: dict[str, Any], script: Script) -> RunSpec:
-        params: dict[str, Any] = json.loads(row["params"])
-        params.update(json.loads(row["secret_params"]))
-        env = {f"RR_PARAM_{k.upper()}": param_value(v) for k, v in params.items()}
-        env.update(RR_TASK_ID=row["id"], RR_ATTEMPT=str(row["attempt"]))
-        if row["pty"]:
-            env["TERM"] = "xterm-256color"
-        cwd = self.catalogue.root
-        if script.cwd is not None:
-            cwd = script.cwd if script.cwd.is_absolute() else cwd / script.cwd
-        return RunSpec(
-            argv=[str(script.path), *(f"--{k}={param_value(v)}" for k, v in params.items())],
-            env=env, cwd=cwd, pty=bool(row["pty"]), interactive=bool(row["interactive"]),
-            stdin=row["stdin"].encode(),
-            inherited=self._inherited_pty if row["pty"] else self._inherited,
-        )
-
-    def _timeout(self, row: dict[str, Any]) -> float | None:
-        if row["timeout"] is not None:
-            return float(row["timeout"])
-        with contextlib.suppress(NotFound):
-            script_timeout = self.catalogue.resolve(row["script"]).timeout_s
-            if script_timeout is not None:
-                return float(script_timeout)
-        return self.settings.default_timeout_s
-
-    async def _conclude(self, active: Active, result: RunResult | None, error: str | None
+    async def _conclude(self, state: TaskState, result: RunResult | None, error: str | None
                         ) -> None:
         """Record how the attempt ended; schedule a retry or finish the task."""
-        row = active.row
-        now = time.time()
-        closing = active.archive.close()  # a short run's: written at once, already done
-        # The process is gone: free its worker slot now, not after the final write commits.
-        self._finishing[row["id"]] = self._active.pop(row["id"])
-        self._per_script[row["script"]] -= 1
-        self._wake.set()
-        status, exit_code = S.FAILED, None
-        if result is not None:
-            exit_code = result.exit_code
-            if result.stopped == "timeout":
-                status, error = S.TIMEOUT, f"killed after running past its timeout of " \
-                                           f"{self._timeout(row)} s"
-            elif active.stop_reason == "cancel":
-                status, error = S.CANCELLED, None
-            elif active.stop_reason == "shutdown":
-                error = "the server shut down during the run"
-            elif active.stop_reason == "output_cap":
-                error = f"stopped when its output reached the cap of {row['output_bytes']} " \
-                        f"bytes (max_output_bytes); the output up to the cap is kept"
-            elif exit_code == 0:
-                status = S.SUCCESS
-        elif active.stop_reason == "cancel":
-            status = S.CANCELLED
+        row = state.row
+        attempt = state.attempt
+        assert attempt is not None
+        closing = attempt.archive.close()  # a short run's: written at once, already done
+        state.where = Where.FINISHING
+        self._release(state)  # the process is gone: free its slot before the write commits
         if not closing.done():  # (wrapping a done future still costs a wake-up of the loop)
             await asyncio.wrap_future(closing)
-        closing.result()  # the files whole and closed, the rows' gz_bytes exact
-        extra = self._segment_statements(row, active.archive)
-        try:
-            if status in (S.FAILED, S.TIMEOUT) and row["attempt"] <= row["max_retries"]:
-                delay = self._backoff(row)
-                await self._transition(
-                    row, S.PENDING, extra=extra, attempt=row["attempt"] + 1, exit_code=exit_code,
-                    error=error, run_after=now + delay, pid=None,
-                    output_bytes=row["output_bytes"], last_seq=row["last_seq"])
-                self.metrics.child(self.metrics.retries, row["script"]).inc()
-                self._enqueue(row)
-                return
-            await self._transition(row, status, extra=extra, exit_code=exit_code, error=error,
-                                   finished_at=now, pid=None, output_bytes=row["output_bytes"],
-                                   last_seq=row["last_seq"])
-        finally:
-            self._finishing.pop(row["id"], None)
-        self._finish(row)
+        extra = await self._segment_rows(state, attempt)
+        if attempt.archive_error is not None:
+            error = attempt.archive_error
+            self.problems["archive"] = error
+            self._log_once("archive_write_failed", row["id"], error=error)
+        outcome = decide(row, result, error, attempt.stop_reason, attempt.limits.timeout_s)
+        common = dict(exit_code=outcome.exit_code, error=outcome.error, pid=None,
+                      output_bytes=row["output_bytes"], last_seq=row["last_seq"],
+                      seq_reserved=attempt.hub.next_seq - 1)
+        if outcome.retry:
+            await self._transition(state, S.PENDING, extra=extra, attempt=row["attempt"] + 1,
+                                   run_after=time.time() + self._backoff(row), **common)
+            self.metrics.child(self.metrics.retries, row["script"]).inc()
+            self._enqueue(state)
+            return
+        await self._transition(state, outcome.status, extra=extra, finished_at=time.time(),
+                               **common)
+        self._finish(state)
+
+    async def _segment_rows(self, state: TaskState, attempt: Attempt) -> list[store.Statement]:
+        """The attempt's segment rows; after an archive failure, as the disk really has them
+        (the output up to the failure), and the task's counts set from that."""
+        archive = attempt.archive
+        if archive.failure is None:
+            return [store.upsert_segment(state.row["id"], s) for s in archive.take_dirty()]
+        if attempt.archive_error is None:
+            attempt.archive_error = f"the archive could not be written: {archive.failure}"
+            attempt.stop_reason = "archive"
+        segs = archive.segments
+        found: list[Segment] = await asyncio.to_thread(
+            settle, self.settings.archive_dir, [s.path for s in segs], self.settings.gzip_level)
+        row = state.row
+        row["output_bytes"] -= sum(s.raw_bytes for s in segs) - sum(s.raw_bytes for s in found)
+        if segs:
+            row["last_seq"] = max([segs[0].first_seq - 1,
+                                   *(s.last_seq for s in found if s.raw_bytes)])
+        return [store.upsert_segment(row["id"], s) for s in found]
 
     def _backoff(self, row: dict[str, Any]) -> float:
+        script = self._script(row["script"])
         base = self.settings.retry_base_s
-        with contextlib.suppress(NotFound):
-            base = float(self.catalogue.resolve(row["script"]).extra.get("retry_base_s", base))
+        if script is not None:
+            base = float(script.extra.get("retry_base_s", base))
         delay = min(self.settings.retry_cap_s, base * 2 ** (row["attempt"] - 1))
         return float(delay * random.uniform(0.5, 1.0))
 
-    def _finish(self, row: dict[str, Any]) -> None:
+    def _finish(self, state: TaskState) -> None:
         """Announce the end and forget the task: late clients replay it from the archive."""
+        row = state.row
+        self.tasks.pop(row["id"], None)
         self.metrics.child(self.metrics.finished, row["script"], row["status"]).inc()
-        hub = self.hubs.pop(row["id"], None)
-        if hub is not None:
-            hub.publish(exit_event(row))
+        if state.hub is not None:
+            state.hub.publish(exit_event(row))
         log.info("task_finished", task_id=row["id"], script=row["script"], status=row["status"],
                  exit_code=row["exit_code"], error=row["error"],
                  output_bytes=row["output_bytes"])
 
-    async def _transition(self, row: dict[str, Any], new: TaskStatus,
-                          extra: list[dbm.Statement] | None = None, **fields: Any) -> None:
-        """Check, persist, then announce a status change."""
-        old = S(row["status"])
-        check_transition(old, new)
-        fields["updated_at"] = time.time()
-        attempt = fields.get("attempt", row["attempt"])
-        statements = dbm.transition(row["id"], old, new, attempt, dict(fields),
-                                    detail=fields.get("error"))
-        await self.db.write([*(extra or []), *statements])
-        row.update(fields, status=str(new))
-        hub = self.hubs.get(row["id"])
-        if hub is not None:
-            hub.task = dbm.task_json(row)
-            body = {"status": str(new), "attempt": row["attempt"],
-                    "ts": dbm.rfc3339(fields["updated_at"])}
-            if new is not S.RUNNING:
-                body.update(exit_code=row["exit_code"], error=row["error"])
-            hub.publish(Event("status", body))
-
-    # Archive bookkeeping ---------------------------------------------------------------------
-
-    def _segment_statements(self, row: dict[str, Any], archive: TaskArchive
-                            ) -> list[dbm.Statement]:
-        return [dbm.upsert_segment(row["id"], seg) for seg in archive.take_dirty()]
+    # Archive flushing, orphans, lost runs ----------------------------------------------------
 
     async def _flush_loop(self) -> None:
         """Flush each running task's archive every `flush_interval_s`, in slices.
@@ -570,60 +591,76 @@ class Scheduler:
         last_reap = last_checkpoint = time.monotonic()
         while True:
             await asyncio.sleep(interval / FLUSH_SLICES)
-            try:
-                await self._flush_tick()
-                now = time.monotonic()
-                if now - last_checkpoint >= interval:
+            now = time.monotonic()
+            for kind, step in (("flush", self._flush_tick), ("checkpoint", self.db.checkpoint),
+                               ("reap", self._reap_lost_runs)):
+                if kind == "checkpoint" and now - last_checkpoint < interval:
+                    continue
+                if kind == "reap" and now - last_reap < self.settings.reaper_interval_s:
+                    continue
+                try:
+                    await step()
+                    self._logged.discard((f"{kind}_failed", ""))
+                except Exception as exc:
+                    if (f"{kind}_failed", "") not in self._logged:
+                        self._logged.add((f"{kind}_failed", ""))
+                        log.error(f"{kind}_failed", exc_info=exc)
+                if kind == "checkpoint":
                     last_checkpoint = now
-                    await self.db.checkpoint()
-                if now - last_reap >= self.settings.reaper_interval_s:
+                elif kind == "reap":
                     last_reap = now
-                    await self._reap_lost_runs()
-            except Exception:
-                log.exception("flush_failed")
-
-    async def _reap_lost_runs(self) -> None:
-        """Record tasks marked running that no run of this server owns (their process is gone)."""
-        def owned(task_id: str) -> bool:
-            return task_id in self._active or task_id in self._finishing
-
-        for row in await self.db.tasks_in(S.RUNNING):
-            if owned(row["id"]):
-                continue
-            fresh = await self.db.get_task(row["id"])  # it may have finished while we looked
-            if fresh and fresh["status"] == S.RUNNING and not owned(row["id"]):
-                log.warning("reaped_lost_run", task_id=row["id"])
-                await self._recover_running(fresh)
 
     async def _flush_tick(self, everything: bool = False) -> None:
-        for pid in tend_orphans(self._active):
+        running = {tid for tid, s in self.tasks.items() if s.where is not Where.QUEUED}
+        for pid in tend_orphans(self.children, running):
             log.info("orphan_killed", pid=pid)
         now = time.monotonic()
-        due = [active for active in self._active.values()
-               if everything or active.flush_due <= now]
-        for active in due:
-            active.flush_due = now + self.settings.flush_interval_s
+        due = [s for s in self.tasks.values() if s.where is Where.RUNNING
+               and s.attempt is not None and (everything or s.flush_due <= now)]
+        for state in due:
+            state.flush_due = now + self.settings.flush_interval_s
         # Record what is on disk: the counts as the flush is handed to the compressor thread.
-        flushed = [(active, active.archive.flush(),
-                    {k: active.row[k] for k in ("output_bytes", "last_seq", "pid")})
-                   for active in due]
-        await asyncio.gather(*(asyncio.wrap_future(flush) for _, flush, _ in flushed
-                               if not flush.done()))
-        statements: list[dbm.Statement] = []
-        for active, _, counts in flushed:
-            row = active.row
-            if self._active.get(row["id"]) is not active:
+        flushed = [(s, s.attempt, s.attempt.archive.flush(),
+                    {k: s.row[k] for k in ("output_bytes", "last_seq", "pid")})
+                   for s in due if s.attempt is not None]
+        await asyncio.gather(*(asyncio.wrap_future(f) for _, _, f, _ in flushed if not f.done()))
+        if self._write_lock.locked() and not everything:
+            return  # the database is busy: the next tick writes it all
+        statements: list[store.Statement] = []
+        for state, attempt, _, counts in flushed:
+            if state.attempt is not attempt or state.where is not Where.RUNNING:
                 continue  # it ended meanwhile: its final write records all of this and more
-            statements += self._segment_statements(row, active.archive)
-            if counts == active.recorded:
+            if attempt.archive.failure is not None:
+                attempt.note_archive_failure()
+                continue
+            statements += [store.upsert_segment(state.row["id"], seg)
+                           for seg in attempt.archive.take_dirty()]
+            if counts == state.recorded:
                 continue  # a quiet task: nothing new to write
-            active.recorded = counts
-            statements.append(dbm.update_task(row["id"], counts))
-            hub = self.hubs.get(row["id"])
-            if hub is not None:
-                hub.task.update(output_bytes=counts["output_bytes"], last_seq=counts["last_seq"])
+            state.recorded = counts
+            statements.append(store.update_task(state.row["id"], counts))
+            if state.hub is not None:
+                state.hub.task.update(output_bytes=counts["output_bytes"],
+                                      last_seq=counts["last_seq"])
         if statements:
-            await self.db.write(statements)
+            await self._commit(statements)
+
+    async def _reap_lost_runs(self) -> None:
+        """Record tasks marked running that no state of this server holds (a dead server's)."""
+        for row in await self.db.tasks_in(S.RUNNING):
+            if row["id"] not in self.tasks:
+                await self._reap_one(row)
+
+    async def _reap_one(self, row: dict[str, Any]) -> dict[str, Any] | None:
+        """Record one lost run as after a crash; its row as recorded, or None if it was not
+        lost after all (it ended, or is ours)."""
+        if row["id"] in self.tasks:
+            return None
+        log.warning("reaped_lost_run", task_id=row["id"])
+        try:
+            return await self._recover_running(row)
+        except store.StaleWrite:  # it reached another state meanwhile: that one stands
+            return await self.db.get_task(row["id"])
 
     # Recovery --------------------------------------------------------------------------------
 
@@ -632,27 +669,30 @@ class Scheduler:
         for row in await self.db.tasks_in(S.RUNNING):
             await self._recover_running(row)
         for row in await self.db.tasks_in(S.PENDING):
-            if row["id"] not in self._pending:
-                self._enqueue(row)
-        log.info("recovered", pending=len(self._pending))
+            if row["id"] not in self.tasks:
+                self._enqueue(TaskState(row))
+        log.info("recovered", pending=len(self.queue))
 
-    async def _recover_running(self, row: dict[str, Any]) -> None:
-        _kill_orphans(row)
+    async def _recover_running(self, row: dict[str, Any]) -> dict[str, Any]:
+        kill_left_behind(row["id"])
         found = await asyncio.to_thread(_finalize_archive, self.settings, row)
         last_seq = max((segment.last_seq for segment in found), default=0)
         total = sum(segment.raw_bytes for segment in found)
         row.update(last_seq=max(last_seq, row["last_seq"]), output_bytes=total)
         error = f"the server stopped during attempt {row['attempt']}"
         common = dict(pid=None, output_bytes=total, last_seq=row["last_seq"], error=error)
-        extra = [dbm.upsert_segment(row["id"], segment) for segment in found]
+        extra = [store.upsert_segment(row["id"], segment) for segment in found]
+        state = TaskState(row, where=Where.FINISHING)
         if row["attempt"] <= row["max_retries"]:
-            await self._transition(row, S.PENDING, extra=extra, attempt=row["attempt"] + 1,
+            await self._transition(state, S.PENDING, extra=extra, attempt=row["attempt"] + 1,
                                    run_after=time.time(), **common)
-            self._enqueue(row)
+            self._enqueue(state)
         else:
-            await self._transition(row, S.FAILED, extra=extra, finished_at=time.time(), **common)
+            await self._transition(state, S.FAILED, extra=extra, finished_at=time.time(),
+                                   **common)
             self.metrics.child(self.metrics.finished, row["script"], row["status"]).inc()
         log.warning("recovered_interrupted_run", task_id=row["id"], status=row["status"])
+        return row
 
 
 def _finalize_archive(settings: Settings, row: dict[str, Any]) -> list[Segment]:
@@ -663,12 +703,3 @@ def _finalize_archive(settings: Settings, row: dict[str, Any]) -> list[Segment]:
             log.warning("archive_segment_finalized", task_id=row["id"], path=str(scan.path),
                         frames=scan.frames, problems=scan.problems)
     return found
-
-
-def _kill_orphans(row: dict[str, Any]) -> None:
-    """SIGKILL whatever a dead server's run of this task left behind, found by RR_TASK_ID.
-
-    Its processes run in sessions of their own, so they outlive the server; the environment
-    marks them even when their pid was never recorded (a crash within a flush interval).
-    """
-    kill_task_processes(row["id"], (int(e.name) for e in os.scandir("/proc") if e.name.isdigit()))

@@ -8,24 +8,22 @@ bytes of the log. Readers inflate a bounded piece at a time (a well-packed membe
 memory), pair records with bytes, and stop at whichever member ends first; how each ended (whole,
 truncated by a crash, corrupt) is kept for `scan`, never raised.
 
-The server's writers hand their work to `COMPRESSOR`, one thread shared by every task: see
-`Compressor`.
+The server's writers hand their work to the app's compressor thread (`compressor.py`).
 """
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import os
 import struct
 import zlib
-from collections import deque
 from collections.abc import Callable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
 from typing import Any, BinaryIO
+
+from remoterun.wire import Frame
 
 RECORD = struct.Struct("<QBdI")  # an index record: seq, stream code, ts, length
 STREAMS = ("stdout", "stderr", "pty")
@@ -36,17 +34,6 @@ _READ_BYTES = 256 * 1024  # compressed bytes read at a time
 _PIECE_BYTES = 1024 * 1024  # inflated bytes returned at a time, at most
 _MAX_FRAME = 1 << 30  # a record claiming more is corrupt
 _BATCH_BYTES = 64 * 1024
-
-
-@dataclass(slots=True)
-class Frame:
-    """One output frame: a read-sized chunk of one stream, numbered per task."""
-
-    seq: int
-    stream: str
-    ts: float
-    data: bytes
-    encoded: dict[str, Any] | None = None  # per-format encodings, made once for all clients
 
 
 def index_path(log_path: Path) -> Path:
@@ -122,6 +109,8 @@ class MemberWriter:
         return grown
 
 
+
+
 Sink = Callable[[list[Frame]], None]  # writes frames to one segment, on the compressor thread
 
 
@@ -133,100 +122,6 @@ class Backlog:
 
     def __init__(self) -> None:
         self.bytes = 0
-
-
-class Compressor:
-    """One thread that deflates and writes every task's archive, jobs in the order given.
-
-    Deflating on the event loop takes it ~0.5 ms per 64 KiB at level 1: time taken from every
-    other task and client. zlib and file writes release the GIL, so on a thread they overlap the
-    loop. A single thread running jobs first in, first out keeps each file's writes in order.
-
-    Frames written during one loop iteration, by every task, go to the thread as one job at the
-    end of it (or once `batch_bytes` are gathered): a job per frame would cost more in hand-offs
-    than it saves, and a job per task per N bytes makes every task hand over at once after each
-    flush. Bytes handed over but not yet done are bounded: past `limit_bytes`, handing a batch
-    over waits for the oldest jobs until under it, so output that arrives faster than the thread
-    deflates slows to its pace instead of queueing without end, one iteration at a time. That
-    bound holds the whole loop; each writer's own `Backlog` lets the scheduler slow just the
-    task that outruns the thread first (it stops reading its pipes). Call from one thread (the
-    event loop's, or one with no loop); a job must not raise.
-    """
-
-    def __init__(self, limit_bytes: int = 16 * 1024 * 1024, batch_bytes: int = 256 * 1024):
-        self.limit_bytes = limit_bytes
-        self.batch_bytes = batch_bytes
-        self.pending_bytes = 0  # handed over, not yet done
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="rr-gzip")
-        self._pending: deque[tuple[Future[None], int, dict[Backlog, int]]] = deque()
-        self._batch: list[tuple[Sink, Frame]] = []
-        self._backlogs: dict[Backlog, int] = {}  # of the batch being gathered
-        self._batch_bytes = 0
-        self._scheduled: asyncio.AbstractEventLoop | None = None  # hands the batch over
-
-    def write(self, sink: Sink, frame: Frame, backlog: Backlog | None = None) -> None:
-        """Have `sink` write the frame on the thread, after every job and frame given before;
-        its bytes count in `backlog` until written."""
-        self._batch.append((sink, frame))
-        size = len(frame.data)
-        self._batch_bytes += size
-        if backlog is not None:
-            backlog.bytes += size
-            self._backlogs[backlog] = self._backlogs.get(backlog, 0) + size
-        if self._batch_bytes >= self.batch_bytes:
-            self._hand_over(block=True)
-            return
-        try:
-            loop = asyncio.get_running_loop()
-        except RuntimeError:  # no loop: the next submit, or a full batch, hands it over
-            return
-        if self._scheduled is not loop:
-            self._scheduled = loop
-            loop.call_soon(self._hand_over, True)
-
-    def submit(self, job: Callable[[], None]) -> Future[None]:
-        """Run `job` after every job and frame given before it; its future."""
-        self._hand_over(block=False)
-        return self._pool.submit(job)
-
-    def _hand_over(self, block: bool) -> None:
-        self._scheduled = None
-        if not self._batch:
-            return
-        batch, size, backlogs = self._batch, self._batch_bytes, self._backlogs
-        self._batch, self._batch_bytes, self._backlogs = [], 0, {}
-        self._pending.append((self._pool.submit(_write_batch, batch), size, backlogs))
-        self.pending_bytes += size
-        self.collect()
-        # The backpressure. At most twice this batch: a burst handed over without blocking
-        # (a flush) is absorbed by the next few iterations, not all by one.
-        allowance = 2 * size if block else 0
-        while self.pending_bytes > self.limit_bytes and allowance > 0:
-            wait([self._pending[0][0]])
-            allowance -= self._forget()
-
-    def collect(self) -> None:
-        """Account for the jobs the thread has finished (their bytes leave the backlogs)."""
-        while self._pending and self._pending[0][0].done():
-            self._forget()
-
-    def _forget(self) -> int:
-        _, size, backlogs = self._pending.popleft()
-        self.pending_bytes -= size
-        for backlog, written in backlogs.items():
-            backlog.bytes -= written
-        return size
-
-
-def _write_batch(batch: list[tuple[Sink, Frame]]) -> None:
-    frames: dict[Sink, list[Frame]] = {}
-    for sink, frame in batch:
-        frames.setdefault(sink, []).append(frame)
-    for sink, some in frames.items():  # one call per segment: fewer, larger calls to zlib
-        sink(some)
-
-
-COMPRESSOR = Compressor()
 
 
 class _Inflater:

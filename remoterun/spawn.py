@@ -96,3 +96,20 @@ def _child_error(data: bytes, executable: str, cwd: str) -> Exception:
     if isinstance(kind, type) and issubclass(kind, Exception):
         return kind(message.decode(errors="replace"))
     return subprocess.SubprocessError(message.decode(errors="replace"))
+
+
+class Children:
+    """The server's registry of the children its runs wait for; one per app, never global.
+
+    A pid joins `spawned` only once `spawn()` returns, so while a spawn is under way
+    (`spawning`) no zombie may be reaped by anyone else: it might be the child just forked.
+    `open_runs` counts the runs whose output is being read, which share the loop's read budget.
+    """
+
+    __slots__ = ("open_runs", "spawned", "spawning")
+
+    def __init__(self) -> None:
+        self.spawned: set[int] = set()
+        self.spawning = 0
+        self.open_runs = 0
+

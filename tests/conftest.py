@@ -21,6 +21,7 @@ import pytest
 from aiohttp.test_utils import TestClient
 
 from remoterun.api.app import create_app
+from remoterun.compressor import Compressor
 from remoterun.config import Settings, Token
 
 HERE = Path(__file__).resolve().parent
@@ -189,6 +190,14 @@ def server(tmp_path: Path) -> Iterator[ServerProcess]:
     proc = ServerProcess(tmp_path)
     yield proc
     proc.stop()
+
+
+@pytest.fixture
+def compressor() -> Iterator[Compressor]:
+    """A compressor thread of its own, stopped after the test."""
+    thread = Compressor()
+    yield thread
+    thread.close()
 
 
 @pytest.fixture

@@ -81,10 +81,10 @@ async def test_rotation_by_age(make_client):
     assert body == "".join(f"line {i}\n" for i in range(1, 16)) and done["status"] == "success"
 
 
-def test_truncated_member_is_tolerated_reported_and_finalized(tmp_path):
+def test_truncated_member_is_tolerated_reported_and_finalized(tmp_path, compressor):
     """A segment cut mid-member reads back to the last whole frame, is reported, and repairs."""
     root = tmp_path / "archive"
-    writer = TaskArchive(root, "2026/01/01/task", segment_max_bytes=1 << 20)
+    writer = TaskArchive(root, "2026/01/01/task", compressor, segment_max_bytes=1 << 20)
     frames = [Frame(seq, random.choice(("stdout", "stderr")), time.time(), os.urandom(50) * 40)
               for seq in range(1, 201)]
     for frame in frames[:120]:
@@ -208,10 +208,10 @@ def test_segment_files_sort_by_number(tmp_path):
     assert [n for n, _, _ in segments.list_segments(Path(folder))] == [1, 2, 10]
 
 
-def test_small_output_is_held_then_written_whole_at_close(tmp_path):
+def test_small_output_is_held_then_written_whole_at_close(tmp_path, compressor):
     """A few lines stay in memory and are written, complete, when the archive closes."""
     root = tmp_path / "archive"
-    writer = TaskArchive(root, "2026/01/01/small", fresh=True)
+    writer = TaskArchive(root, "2026/01/01/small", compressor, fresh=True)
     frames = [Frame(seq, "stdout" if seq % 2 else "stderr", time.time(), b"line %d\n" % seq)
               for seq in range(1, 6)]
     for frame in frames:
@@ -227,10 +227,10 @@ def test_small_output_is_held_then_written_whole_at_close(tmp_path):
     assert segments.scan(root / segment.path).complete
 
 
-def test_held_output_goes_to_the_thread_at_a_flush_or_past_the_bound(tmp_path):
+def test_held_output_goes_to_the_thread_at_a_flush_or_past_the_bound(tmp_path, compressor):
     """A flush (a reader, the flush tick) or output past HOLD_BYTES releases what is held."""
     root = tmp_path / "archive"
-    flushed = TaskArchive(root, "2026/01/01/flushed", fresh=True)
+    flushed = TaskArchive(root, "2026/01/01/flushed", compressor, fresh=True)
     flushed.write(Frame(1, "stdout", time.time(), b"hello\n"))
     flushed.flush().result()
     assert [f.data for f in archive.read_frames(root, "2026/01/01/flushed")] == [b"hello\n"]
@@ -238,12 +238,12 @@ def test_held_output_goes_to_the_thread_at_a_flush_or_past_the_bound(tmp_path):
     flushed.close().result()
     assert [f.seq for f in archive.read_frames(root, "2026/01/01/flushed")] == [1, 2]
 
-    big = TaskArchive(root, "2026/01/01/big", fresh=True)
+    big = TaskArchive(root, "2026/01/01/big", compressor, fresh=True)
     chunk = os.urandom(archive.HOLD_BYTES // 3)
     frames = [Frame(seq, "stdout", time.time(), chunk) for seq in range(1, 6)]
     for frame in frames:
         big.write(frame)
-    segments.COMPRESSOR.submit(lambda: None).result()  # what was handed over is written
+    compressor.submit(lambda: None).result()  # what was handed over is written
     assert (root / "2026/01/01/big").is_dir()  # released past the bound, before the close
     big.close().result()
     assert list(archive.read_frames(root, "2026/01/01/big")) == frames
@@ -262,11 +262,11 @@ async def test_a_task_that_outruns_the_compressor_is_paused_not_the_server(make_
                                                                            monkeypatch):
     """Past its backlog bound a task's reads pause until the archive catches up; nothing is
     lost."""
-    from remoterun import scheduler
+    from remoterun import attempt
     from remoterun.api import METRICS
 
-    monkeypatch.setattr(scheduler, "BACKLOG_HIGH", 64 * 1024)
-    monkeypatch.setattr(scheduler, "BACKLOG_LOW", 16 * 1024)
+    monkeypatch.setattr(attempt, "BACKLOG_HIGH", 64 * 1024)
+    monkeypatch.setattr(attempt, "BACKLOG_LOW", 16 * 1024)
     client = await make_client(gzip_level=9)  # the slowest deflate: easy to outrun
     total = 8_000_000
     task = await submit(client, "flood.py", params={"bytes": total})

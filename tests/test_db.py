@@ -7,8 +7,8 @@ import time
 
 import pytest
 
-from remoterun import db as dbm
 from remoterun.state import TaskStatus
+from remoterun.store import sqlite as dbm
 
 
 def _row(num: int, task_id: str) -> dict[str, object]:
@@ -31,8 +31,8 @@ async def database(tmp_path):
 
 async def test_a_write_is_committed_when_it_returns(database, tmp_path):
     """Another connection (another process, after a crash) sees a write once it returned."""
-    await database.write(dbm.insert_task(_row(1, "a")))
-    await database.write(dbm.transition("a", TaskStatus.PENDING, TaskStatus.RUNNING, 1,
+    database.write(dbm.insert_task(_row(1, "a")))
+    database.write(dbm.transition("a", TaskStatus.PENDING, TaskStatus.RUNNING, 1,
                                         {"started_at": time.time()}))
     other = sqlite3.connect(tmp_path / "rr.db")
     try:
@@ -47,13 +47,13 @@ async def test_a_write_is_committed_when_it_returns(database, tmp_path):
 
 async def test_a_failing_write_leaves_nothing_and_the_next_one_works(database):
     """A statement that fails rolls back the statements before it in the same write."""
-    await database.write(dbm.insert_task(_row(1, "a")))
+    database.write(dbm.insert_task(_row(1, "a")))
     moved = dbm.transition("a", TaskStatus.PENDING, TaskStatus.RUNNING, 1, {})
     with pytest.raises(sqlite3.IntegrityError):
-        await database.write([*moved, *dbm.insert_task(_row(2, "a"))])  # duplicate id
+        database.write([*moved, *dbm.insert_task(_row(2, "a"))])  # duplicate id
     assert (await database.get_task("a"))["status"] == "pending"
     assert [e["new_status"] for e in await database.events("a")] == ["pending"]
-    await database.write(moved)
+    database.write(moved)
     assert (await database.get_task("a"))["status"] == "running"
 
 
@@ -61,12 +61,12 @@ async def test_checkpoint_moves_the_log_into_the_database_file(database, tmp_pat
     """The writer never checkpoints; checkpoint() does, and the log is reused after it."""
     wal = tmp_path / "rr.db-wal"
     for i in range(1, 301):
-        await database.write(dbm.insert_task(_row(i, f"t{i}")))
+        database.write(dbm.insert_task(_row(i, f"t{i}")))
     grown = wal.stat().st_size
     assert grown > 0
     await database.checkpoint()
     for i in range(301, 311):
-        await database.write(dbm.insert_task(_row(i, f"t{i}")))
+        database.write(dbm.insert_task(_row(i, f"t{i}")))
     assert wal.stat().st_size <= grown  # written from its start again, not appended to
     other = sqlite3.connect(f"file:{tmp_path / 'rr.db'}?mode=ro", uri=True)
     try:

@@ -10,9 +10,9 @@ import time
 
 from conftest import output_of, submit, wait_final, wait_for, ws_collect
 
-from remoterun import db as dbm
 from remoterun import segments
 from remoterun.api import DB, SETTINGS
+from remoterun.store import sqlite as dbm
 
 
 async def output_status(client, task_id: str) -> int:
@@ -31,7 +31,7 @@ async def test_age_prunes_old_output_keeps_the_task_and_answers_410(make_client)
     await wait_final(client, young["id"])
     db = client.app[DB]
     two_days_ago = time.time() - 2 * 86400
-    await db.write([dbm.update_task(old["id"], {"finished_at": two_days_ago})])
+    db.write([dbm.update_task(old["id"], {"finished_at": two_days_ago})])
 
     async def gone() -> bool:
         return await output_status(client, old["id"]) == 410
@@ -159,7 +159,7 @@ async def test_verify_repair_deletes_what_pruning_left_on_disk(make_client, tmp_
     """Rows marked pruned whose files a crash left behind: reported, and --repair deletes."""
     client = await make_client()
     task = await wait_final(client, (await submit(client, "hello.sh"))["id"])
-    await client.app[DB].write([dbm.mark_pruned(task["id"])])  # as if killed before deleting
+    client.app[DB].write([dbm.mark_pruned(task["id"])])  # as if killed before deleting
     await client.close()
     found = await verify(tmp_path)
     assert found.returncode == 1 and "pruned_present" in found.stdout

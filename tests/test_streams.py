@@ -21,7 +21,7 @@ async def test_replay_from_every_boundary(make_client):
     client = await make_client(replay_memory_bytes=2000)
     task = await submit(client, "lines.py", params={"n": 400, "delay": 0.002})
     await wait_for(lambda: _hub_window(client, task["id"]), what="memory window to roll")
-    hub = client.server.app[SCHEDULER].hubs[task["id"]]
+    hub = client.server.app[SCHEDULER].tasks[task["id"]].hub
     seam = hub.window[0].seq
     points = [0, 1, seam - 2, seam - 1, seam, seam + 1]
     results = {k: await _collect_since(client, task["id"], k) for k in points}
@@ -38,7 +38,8 @@ async def test_replay_from_every_boundary(make_client):
 
 
 def _hub_window(client, task_id):
-    hub = client.server.app[SCHEDULER].hubs.get(task_id)
+    state = client.server.app[SCHEDULER].tasks.get(task_id)
+    hub = state.hub if state is not None else None
     return hub is not None and hub.window and hub.window[0].seq > 20
 
 

@@ -10,10 +10,10 @@ from aiohttp import web
 from remoterun.auth import Authenticator, Identity
 from remoterun.catalogue import Catalogue
 from remoterun.config import Settings
-from remoterun.db import Database
-from remoterun.hub import dumps
 from remoterun.metrics import Metrics
 from remoterun.scheduler import Scheduler
+from remoterun.store import Database
+from remoterun.wire import dumps
 
 SETTINGS = web.AppKey("settings", Settings)
 DB = web.AppKey("db", Database)

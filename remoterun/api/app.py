@@ -28,11 +28,13 @@ from remoterun.api import (
 )
 from remoterun.auth import COOKIE, Authenticator
 from remoterun.catalogue import Catalogue
+from remoterun.compressor import Compressor
 from remoterun.config import Settings
-from remoterun.db import Database
 from remoterun.metrics import Metrics
 from remoterun.retention import Sweeper
 from remoterun.scheduler import Scheduler
+from remoterun.spawn import Children
+from remoterun.store import Database
 
 log = structlog.get_logger(__name__)
 PAGE_DIR = Path(__file__).resolve().parent.parent / "page"
@@ -65,7 +67,10 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         return await handler(request)
     except errors.RemoteRunError as exc:
         status = STATUS.get(type(exc), 400)
-        return json_response(exc.to_json(), status=status)
+        headers = None
+        if exc.retry_after_s is not None:
+            headers = {"Retry-After": str(max(1, round(exc.retry_after_s)))}
+        return json_response(exc.to_json(), status=status, headers=headers)
     except web.HTTPRequestEntityTooLarge:
         limit = request.app[SETTINGS].max_body_bytes
         return error_response(413, "too_large", f"the body is over the limit of {limit} bytes")
@@ -146,12 +151,15 @@ def _vendor_routes(app: web.Application) -> None:
 
 
 async def services(app: web.Application) -> AsyncIterator[None]:
-    """Open the database, start the scheduler and the retention sweeper; close in reverse."""
+    """Open the database, the compressor thread, the scheduler and the retention sweeper;
+    close them in reverse."""
     settings = app[SETTINGS]
     settings.archive_dir.mkdir(parents=True, exist_ok=True)
     db = app[DB] = Database(settings.db_path)
     await db.open()
-    scheduler = app[SCHEDULER] = Scheduler(settings, db, app[CATALOGUE], app[METRICS])
+    compressor = Compressor()
+    scheduler = app[SCHEDULER] = Scheduler(settings, db, app[CATALOGUE], app[METRICS],
+                                           compressor, Children())
     try:
         await scheduler.start()
         sweeper = asyncio.create_task(Sweeper(settings, db).run(), name="retention-sweeper")
@@ -162,6 +170,7 @@ async def services(app: web.Application) -> AsyncIterator[None]:
             await asyncio.gather(sweeper, return_exceptions=True)
     finally:
         await scheduler.close()
+        await asyncio.to_thread(compressor.close)
         await db.close()
 
 

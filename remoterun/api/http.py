@@ -16,11 +16,10 @@ from aiohttp import web
 
 from remoterun import archive
 from remoterun.api import CATALOGUE, DB, METRICS, SCHEDULER, SETTINGS, identity, json_response
-from remoterun.db import task_json
 from remoterun.errors import BadRequest, Gone, NotFound
-from remoterun.hub import sse_data
 from remoterun.metrics import CONTENT_TYPE
 from remoterun.state import TaskStatus
+from remoterun.wire import sse_data, task_json
 
 log = structlog.get_logger(__name__)
 routes = web.RouteTableDef()
@@ -175,7 +174,7 @@ async def get_output(request: web.Request) -> web.StreamResponse:
     if await app[DB].output_pruned(task_id):
         raise Gone(f"the output of task {task_id} was deleted by the retention policy")
     scheduler = app[SCHEDULER]
-    active = scheduler.active(task_id)
+    active = scheduler.attempt(task_id)
     now = active.row if active is not None else row
     total, last_seq = now["output_bytes"], now["last_seq"]
     await scheduler.flush_archive(task_id)  # frames up to last_seq on disk (a compressor thread)

@@ -10,7 +10,8 @@ from aiohttp import web
 from remoterun.api import METRICS, SCHEDULER, SETTINGS, identity
 from remoterun.api.http import task_id_of
 from remoterun.api.ws import parse_since
-from remoterun.hub import Item, SlowConsumer, dumps, sse_text
+from remoterun.hub import SlowConsumer
+from remoterun.wire import Item, dumps, sse_text
 
 routes = web.RouteTableDef()
 HEARTBEAT = b": keep-alive\n\n"

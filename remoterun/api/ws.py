@@ -14,10 +14,10 @@ from aiohttp.abc import AbstractStreamWriter
 
 from remoterun.api import METRICS, SCHEDULER, SETTINGS, SOCKETS, identity
 from remoterun.api.http import submit, task_id_of
+from remoterun.attempt import Attempt
 from remoterun.errors import BadRequest, RemoteRunError
-from remoterun.hub import Item, SlowConsumer, Subscription, dumps, encoded, ws_text
-from remoterun.runner import SIGNALS
-from remoterun.scheduler import Active
+from remoterun.hub import SlowConsumer, Subscription
+from remoterun.wire import SIGNALS, Item, dumps, encoded, ws_text
 
 log = structlog.get_logger(__name__)
 routes = web.RouteTableDef()
@@ -146,11 +146,11 @@ class Session:
         task = await submit(self.request, message)
         await self.attach(task["id"], 0)
 
-    def _active(self, interactive: bool = False) -> Active:
+    def _active(self, interactive: bool = False) -> Attempt:
         identity(self.request).require("operator")
         if self.task_id is None:
             raise BadRequest("submit a task first", code="not_attached")
-        active = self.scheduler.active(self.task_id)
+        active = self.scheduler.attempt(self.task_id)
         if active is None:
             raise BadRequest("the task is not running", code="not_running")
         if interactive and not (active.row["interactive"] or active.row["pty"]):

@@ -1,4 +1,4 @@
-"""Persistence: peewee models on SQLite (WAL); reads through aiosqlite, writes on the loop.
+"""The embedded store: peewee models on SQLite (WAL); reads through aiosqlite, writes on the loop.
 
 Peewee describes the schema and builds every statement (`Model.insert(...).sql()`); we execute
 them ourselves, since peewee's own connection handling is synchronous and an async ORM layered
@@ -16,16 +16,25 @@ itself, and put two thread hops in its path: under load each waited ~3 ms for th
 to take the result back, three commits in every task's life (`bench/README.md`). The writer
 never checkpoints (`wal_autocheckpoint=0`: a checkpoint syncs files, which may stall);
 `checkpoint()` does, on aiosqlite's thread, and the scheduler calls it every flush tick.
+
+Read-your-writes. Every read is one call on aiosqlite's thread that steps its statement to the
+end (`execute_fetchall`): a cursor left open between two hops keeps the connection's read
+transaction, and with it a snapshot older than the writes that followed, for as long as some
+cursor is open; four clients listing tasks kept one open nearly always, so a task answered 201
+was not found by the next read (tests/test_faults_reads.py).
+
+A locked or read-only database. The writer never waits for a lock (`busy_timeout=0`: a wait
+would stall the event loop): a write that meets one raises `DatabaseBusy` at once, having
+changed nothing, and the caller retries it later (`scheduler.Scheduler._commit`).
 """
 
 from __future__ import annotations
 
+import asyncio
 import functools
-import json
 import sqlite3
 import time
 from collections.abc import Iterable, Sequence
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -35,11 +44,21 @@ import structlog
 
 from remoterun.state import FINAL, TaskStatus
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 log = structlog.get_logger(__name__)
 
 _db = pw.SqliteDatabase(None)
 Statement = tuple[str, Sequence[Any]]
+
+
+class Guarded(tuple[str, Sequence[Any]]):
+    """A statement that must change exactly one row, or its whole transaction is undone."""
+
+    __slots__ = ()
+
+
+class StaleWrite(Exception):
+    """A guarded statement changed no row: the state it was written against is gone."""
 
 
 class _Base(pw.Model):
@@ -75,6 +94,9 @@ class Task(_Base):
     output_bytes = pw.IntegerField(default=0)
     last_seq = pw.IntegerField(default=0)
     pid = pw.IntegerField(null=True)  # of the running attempt, to sweep its group after a crash
+    # Seqs up to this may have been sent to a client: after a crash the task numbers from above
+    # it, so a seq never names two frames (reserved in blocks, written ahead of their use).
+    seq_reserved = pw.IntegerField(default=0)
 
     class Meta:
         table_name = "tasks"
@@ -137,46 +159,20 @@ def _ddl() -> list[Statement]:
     return out
 
 
-def rfc3339(ts: float | None) -> str | None:
-    """Unix seconds as PROTOCOL.md's time format (every output frame has one: the formatted
-    second is reused, only the milliseconds are new)."""
-    if ts is None:
-        return None
-    second = int(ts)
-    millis = int((ts - second) * 1000)
-    return f"{_second(second)}.{millis:03d}Z"
+class DatabaseBusy(Exception):
+    """A write met a lock held by another connection (or a read-only file): nothing changed."""
 
 
-@functools.lru_cache(maxsize=64)
-def _second(second: int) -> str:
-    return datetime.fromtimestamp(second, UTC).strftime("%Y-%m-%dT%H:%M:%S")
+class DatabaseUnavailable(Exception):
+    """The database stayed unwritable for longer than the caller could wait."""
 
 
-def task_json(row: dict[str, Any]) -> dict[str, Any]:
-    """A task row as REST and WebSocket show it."""
-    return {
-        "id": row["id"],
-        "script": row["script"],
-        "params": json.loads(row["params"]),
-        "status": row["status"],
-        "priority": row["priority"],
-        "timeout": row["timeout"],
-        "max_retries": row["max_retries"],
-        "attempt": row["attempt"],
-        "pty": bool(row["pty"]),
-        "interactive": bool(row["interactive"]),
-        "exit_code": row["exit_code"],
-        "error": row["error"],
-        "created_at": rfc3339(row["created_at"]),
-        "updated_at": rfc3339(row["updated_at"]),
-        "started_at": rfc3339(row["started_at"]),
-        "finished_at": rfc3339(row["finished_at"]),
-        "run_after": rfc3339(row["run_after"]),
-        "submitted_by": row["submitted_by"],
-        "logs_path": row["logs_path"],
-        "output_bytes": row["output_bytes"],
-        "last_seq": row["last_seq"],
-    }
+_BUSY_MESSAGES = ("locked", "readonly", "read-only", "busy", "disk I/O error")
+
+
+def _is_busy(exc: sqlite3.Error) -> bool:
+    text = str(exc)
+    return isinstance(exc, sqlite3.OperationalError) and any(m in text for m in _BUSY_MESSAGES)
 
 
 class Database:
@@ -198,12 +194,13 @@ class Database:
         """Open (creating or migrating) the database and start the writer."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._conn = await aiosqlite.connect(self.path, isolation_level=None)
+        self._conn.row_factory = sqlite3.Row
         for pragma in ("journal_mode=WAL", "synchronous=NORMAL", "foreign_keys=ON",
                        "busy_timeout=5000"):
             await self.conn.execute(f"PRAGMA {pragma}")
         await self._migrate()
         self._writer = sqlite3.connect(self.path, isolation_level=None)
-        for pragma in ("synchronous=NORMAL", "foreign_keys=ON", "busy_timeout=1000",
+        for pragma in ("synchronous=NORMAL", "foreign_keys=ON", "busy_timeout=0",
                        "wal_autocheckpoint=0"):
             self._writer.execute(f"PRAGMA {pragma}")
 
@@ -222,29 +219,75 @@ class Database:
             await self.conn.execute(sql, params)
         row = await self.fetch_one(*Meta.select(Meta.value).where(Meta.key == "schema_version")
                                    .sql())
-        version = int(row["value"]) if row else 0
+        version = int(row["value"]) if row else SCHEMA_VERSION
         if version > SCHEMA_VERSION:
             await self.conn.execute("ROLLBACK")
             raise RuntimeError(f"database schema {version} is newer than this server's "
                                f"{SCHEMA_VERSION}")
+        if version < 2:
+            await self.conn.execute(
+                'ALTER TABLE "tasks" ADD COLUMN "seq_reserved" INTEGER NOT NULL DEFAULT 0')
         # Later releases add their steps here, each guarded by `version < N`.
         sql, params = Meta.replace(key="schema_version", value=str(SCHEMA_VERSION)).sql()
         await self.conn.execute(sql, params)
         await self.conn.execute("COMMIT")
 
-    async def write(self, statements: Iterable[Statement]) -> None:
-        """Run statements in one transaction and commit, before returning (on the loop)."""
+    def write(self, statements: Iterable[Statement]) -> None:
+        """Run statements in one transaction and commit, on the loop, never waiting for a lock.
+
+        DatabaseBusy when another connection holds the lock or the file cannot be written:
+        the transaction is rolled back, nothing changed, the caller may try again.
+        """
         writer = self._writer
         assert writer is not None, "Database.open() was not awaited"
-        writer.execute("BEGIN IMMEDIATE")
         try:
-            for sql, params in statements:
-                writer.execute(sql, params)
-        except BaseException:
-            writer.execute("ROLLBACK")
+            writer.execute("BEGIN IMMEDIATE")
+        except sqlite3.OperationalError as exc:
+            raise DatabaseBusy(str(exc)) from exc
+        try:
+            for statement in statements:
+                cursor = writer.execute(*statement)
+                if isinstance(statement, Guarded) and cursor.rowcount != 1:
+                    raise StaleWrite(statement[0])
+            writer.execute("COMMIT")
+        except sqlite3.Error as exc:
+            if writer.in_transaction:
+                writer.execute("ROLLBACK")
+            if _is_busy(exc):
+                raise DatabaseBusy(str(exc)) from exc
             raise
-        writer.execute("COMMIT")
+        except BaseException:
+            if writer.in_transaction:
+                writer.execute("ROLLBACK")
+            raise
         self._unchecked = True
+
+    async def commit(self, statements: Sequence[Statement], within_s: float) -> None:
+        """`write`, tried again with a growing pause while the database is busy, for up to
+        `within_s` seconds; DatabaseUnavailable after that (nothing written)."""
+        deadline = time.monotonic() + within_s
+        pause = 0.005
+        while True:
+            try:
+                self.write(statements)
+                return
+            except DatabaseBusy as exc:
+                if time.monotonic() + pause > deadline:
+                    raise DatabaseUnavailable(str(exc)) from exc
+            await asyncio.sleep(pause)
+            pause = min(pause * 2, 0.25)
+
+    def probe_write(self) -> str | None:
+        """Whether a write could start now: None, or why not (for /readyz)."""
+        writer = self._writer
+        if writer is None:
+            return "closed"
+        try:
+            writer.execute("BEGIN IMMEDIATE")
+            writer.execute("ROLLBACK")
+        except sqlite3.Error as exc:
+            return str(exc)
+        return None
 
     async def checkpoint(self) -> None:
         """Copy the write-ahead log into the database file, on aiosqlite's thread (if anything
@@ -252,14 +295,13 @@ class Database:
         if not self._unchecked:
             return
         self._unchecked = False
-        async with self.conn.execute("PRAGMA wal_checkpoint(PASSIVE)"):
-            pass
+        await self.conn.execute_fetchall("PRAGMA wal_checkpoint(PASSIVE)")
 
     async def fetch_all(self, sql: str, params: Sequence[Any] = ()) -> list[dict[str, Any]]:
-        """Rows as dicts."""
-        async with self.conn.execute(sql, params) as cursor:
-            names = [d[0] for d in cursor.description]
-            return [dict(zip(names, row, strict=True)) for row in await cursor.fetchall()]
+        """Rows as dicts, the statement stepped to its end in one hop (see the module's
+        docstring: read-your-writes)."""
+        rows = await self.conn.execute_fetchall(sql, params)
+        return [dict(row) for row in rows]
 
     async def fetch_one(self, sql: str, params: Sequence[Any] = ()) -> dict[str, Any] | None:
         """The first row as a dict, or None."""
@@ -398,12 +440,19 @@ def insert_task(row: dict[str, Any]) -> list[Statement]:
     ]
 
 
+@functools.lru_cache(maxsize=512)
+def _transition_sql(columns: tuple[str, ...]) -> str:
+    return _update_sql(Task, columns, "id") + ' AND "status" = ?'
+
+
 def transition(task_id: str, old: TaskStatus, new: TaskStatus, attempt: int,
                fields: dict[str, Any], detail: str | None = None) -> list[Statement]:
-    """Statements that move a task to a new status and record the event."""
+    """Statements that move a task to a new status and record the event; the update is
+    guarded by the old status, so a final state is never overwritten."""
     now = fields.setdefault("updated_at", time.time())
+    values = {"status": str(new), **fields}
     return [
-        _update(Task, {"status": str(new), **fields}, "id", task_id),
+        Guarded((_transition_sql(tuple(values)), [*values.values(), task_id, str(old)])),
         _insert(TaskEvent, {"task_id": task_id, "ts": now, "old_status": str(old),
                             "new_status": str(new), "attempt": attempt, "detail": detail}),
     ]
