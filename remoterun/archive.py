@@ -437,9 +437,6 @@ def settle(root: Path, rel_paths: list[str], level: int = 1) -> list[Segment]:
             segment, _ = finalize(root, rel_path, level)
         except OSError:
             log_path = root / rel_path
-            for tmp in (log_path.with_name(log_path.name + ".tmp"),
-                        log_path.with_name(segments.index_path(log_path).name + ".tmp")):
-                tmp.unlink(missing_ok=True)
             scan = segments.scan(log_path)
             pair = (log_path, segments.index_path(log_path))
             segment = Segment(path=rel_path, first_seq=scan.first_seq, last_seq=scan.last_seq,

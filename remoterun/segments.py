@@ -347,11 +347,18 @@ def rewrite(log_path: Path, level: int) -> None:
     log, index = MemberWriter(tmp_log, level), MemberWriter(tmp_index, level)
     reader = SegmentReader(log_path)
     try:
-        for frame in reader.frames():
-            write_frame(log, index, frame)
-    finally:
-        reader.close()
+        try:
+            for frame in reader.frames():
+                write_frame(log, index, frame)
+        finally:
+            reader.close()
         log.finish()
         index.finish()
+    except BaseException:  # a full disk: leave the segment as it was, and no temporary file
+        for writer, tmp in ((log, tmp_log), (index, tmp_index)):
+            with contextlib.suppress(OSError):
+                writer.file.close()
+            tmp.unlink(missing_ok=True)
+        raise
     os.replace(tmp_log, log_path)
     os.replace(tmp_index, index_path(log_path))
