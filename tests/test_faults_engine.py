@@ -1,0 +1,76 @@
+"""The engine's own failure paths: bounded stdin, limits after a restart, spawn failures."""
+
+from __future__ import annotations
+
+import os
+
+from conftest import make_settings, submit, wait_final, wait_for
+
+from remoterun.api import SCHEDULER
+from remoterun.api.app import create_app
+
+
+async def test_stdin_past_the_bound_is_refused_not_buffered(make_client):
+    """A task that does not read its stdin: writes past stream.stdin_buffer_bytes get an
+    error frame stdin_full and the socket stays open; nothing grows without limit."""
+    client = await make_client(stdin_buffer_bytes=256 * 1024)
+    task = await submit(client, "sleep.sh", params={"seconds": 30}, interactive=True)
+    ws = await client.ws_connect(f"/tasks/{task['id']}/ws")
+    await wait_for(lambda: client.app[SCHEDULER].attempt(task["id"]) is not None and
+                   client.app[SCHEDULER].attempt(task["id"]).run is not None, what="the run")
+    chunk = "x" * 65536
+    refused = None
+    for _ in range(16):  # 1 MiB offered against a 256 KiB bound (plus the pipe's 64 KiB)
+        await ws.send_json({"type": "stdin", "data": chunk})
+    await ws.send_json({"type": "ping"})
+    async for msg in ws:
+        frame = msg.json()
+        if frame["type"] == "error":
+            refused = frame
+        if frame["type"] == "pong":
+            break
+    assert refused is not None and refused["error"] == "stdin_full", refused
+    run = client.app[SCHEDULER].attempt(task["id"]).run
+    assert run.stdin_pending <= 256 * 1024
+    await ws.send_json({"type": "cancel"})
+    assert (await wait_final(client, task["id"]))["status"] == "cancelled"
+
+
+async def test_max_concurrency_holds_after_a_restart(aiohttp_client, tmp_path):
+    """Tasks left pending by a stopped server keep their script's max_concurrency when the
+    next server starts (limits come from the catalogue, not from the submissions seen)."""
+    limits = {"sleep.sh": {"max_concurrency": 1}}
+    first = await aiohttp_client(create_app(make_settings(tmp_path, workers=0, scripts=limits)))
+    ids = [(await submit(first, "sleep.sh", params={"seconds": 0.3}))["id"] for _ in range(3)]
+    await first.close()
+    second = await aiohttp_client(create_app(make_settings(tmp_path, workers=4, scripts=limits)))
+    seen_running = 0
+
+    async def all_done() -> bool:
+        nonlocal seen_running
+        tasks = [await (await second.get(f"/tasks/{i}")).json() for i in ids]
+        seen_running = max(seen_running, sum(t["status"] == "running" for t in tasks))
+        return all(t["status"] == "success" for t in tasks)
+
+    await wait_for(all_done, timeout=20, interval=0.01, what="the three tasks")
+    assert seen_running == 1
+
+
+def _open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+async def test_a_spawn_failure_of_any_kind_closes_what_it_opened(make_client):
+    """A NUL byte in a param fails the spawn (ValueError, not OSError): the task ends failed
+    with a clear error, and no pipe is left open, however many such tasks come."""
+    client = await make_client()
+    warm = await submit(client, "hello.sh", params={"name": "a\x00b"})
+    await wait_final(client, warm["id"])
+    before = _open_fds()
+    for _ in range(20):
+        task = await submit(client, "hello.sh", params={"name": "a\x00b"})
+        done = await wait_final(client, task["id"])
+        assert done["status"] == "failed" and "null" in done["error"], done
+    assert _open_fds() <= before + 2  # (a client socket may come and go)
+    ok = await submit(client, "hello.sh")
+    assert (await wait_final(client, ok["id"]))["status"] == "success"
