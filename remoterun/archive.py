@@ -68,7 +68,7 @@ from remoterun.wire import Frame
 
 __all__ = ["STREAMS", "Frame", "Segment", "TaskArchive", "aread_frames", "in_thread",
            "read_frames", "read_raw", "joined_gzip", "finalize", "recover",
-           "logs_path_for", "settle", "Writer"]
+           "logs_path_for", "next_number", "settle", "Writer"]
 T = TypeVar("T")
 
 
@@ -166,13 +166,16 @@ class TaskArchive:
     """Writes one task's frames to rotating segments; not thread-safe, loop-only.
 
     The deflating and the file writes, the task's folder included, run on
-    `compressor`'s thread, in order. `fresh` says the folder holds no segment yet (a
-    task's first attempt): numbering then starts at 1 without listing it on the loop.
+    `compressor`'s thread, in order. `first_number` is the number its first segment takes:
+    `fresh` (a task's first attempt, an empty folder) means 1; a later attempt numbers after
+    the segments already there (`next_number`, found off the loop). With neither, the folder
+    is listed when the first segment opens, on the caller's thread.
     """
 
     def __init__(self, root: Path, logs_path: str, compressor: Writer, *, level: int = 1,
                  segment_max_bytes: int = 64 * 1024 * 1024,
-                 segment_max_age_s: float | None = None, fresh: bool = False):
+                 segment_max_age_s: float | None = None, fresh: bool = False,
+                 first_number: int | None = None):
         self.root = root
         self.logs_path = logs_path
         self.compressor = compressor
@@ -185,12 +188,27 @@ class TaskArchive:
         self.failure: Exception | None = None  # set by the compressor thread
         self._files: _SegmentFiles | None = None
         self._last: Future[None] | None = None  # the latest flush or close handed over
-        self._next_number = 1
-        self._listed = fresh
+        self._next_number = 1 if fresh else first_number or 1
+        self._listed = fresh or first_number is not None
         self._unflushed = False
         self._held: list[Frame] | None = []  # None once frames go to the compressor thread
         self.backlog = Backlog()  # handed to the compressor thread, not yet written
         self._held_bytes = 0
+
+    @property
+    def first_number(self) -> int | None:
+        """The number the first segment takes, if known (else the folder is listed)."""
+        return self._next_number if self._listed else None
+
+    @first_number.setter
+    def first_number(self, number: int | None) -> None:
+        assert not self.segments, "numbering is set before the first segment"
+        self._next_number, self._listed = number or 1, number is not None
+
+    @property
+    def next_segment(self) -> int:
+        """The number the segment after this archive's last takes."""
+        return self._next_number
 
     @property
     def current(self) -> Segment | None:
@@ -426,6 +444,13 @@ def finalize(root: Path, rel_path: str, level: int = 1) -> tuple[Segment, segmen
                       gz_bytes=sum(p.stat().st_size for p in pair if p.exists()),
                       opened_at=opened, closed_at=None if found.missing else time.time())
     return segment, found
+
+
+def next_number(root: Path, logs_path: str) -> int:
+    """The number a new segment of this task's folder takes: after every one there (blocking:
+    call it off the event loop)."""
+    existing = list_segments(root / logs_path)
+    return existing[-1][0] + 1 if existing else 1
 
 
 def settle(root: Path, rel_paths: list[str], level: int = 1) -> list[Segment]:

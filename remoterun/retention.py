@@ -201,7 +201,14 @@ class _Verifier:
         if self.busy(row["task_status"]):
             return
         found = segments.scan(log_path)
-        if found.missing:
+        if found.missing and all(p.stat().st_size == 0 for p in pair):
+            # Cut by a kill as the segment was opened (rotation): it never held a frame.
+            if self.repair:
+                for p in pair:
+                    p.unlink()
+                self.statements.append(dbm.delete_segment(path))
+            self.note("empty", path, "an empty segment a kill left at its opening", self.repair)
+        elif found.missing:
             self.note("missing", path, "; ".join(found.problems))
         elif not found.complete:
             if self.repair:

@@ -33,7 +33,14 @@ from typing import Any
 import structlog
 
 from remoterun import store
-from remoterun.archive import Segment, TaskArchive, logs_path_for, recover, settle
+from remoterun.archive import (
+    Segment,
+    TaskArchive,
+    logs_path_for,
+    next_number,
+    recover,
+    settle,
+)
 from remoterun.attempt import Attempt, Limits, build_spec, decide
 from remoterun.catalogue import Catalogue, Script
 from remoterun.compressor import Compressor
@@ -75,6 +82,7 @@ class TaskState:
     flush_due: float = 0.0  # time.monotonic() of its archive's next flush
     recorded: dict[str, Any] = field(default_factory=dict)  # progress the last flush wrote
     reserving: bool = False  # a seq reservation is being committed
+    next_segment: int | None = 1  # the number its next archive segment takes (None: unknown)
 
 
 class Scheduler:
@@ -401,7 +409,7 @@ class Scheduler:
                               level=settings.gzip_level,
                               segment_max_bytes=settings.segment_max_bytes,
                               segment_max_age_s=settings.segment_max_age_s or None,
-                              fresh=row["attempt"] == 1)
+                              first_number=state.next_segment)
         script = self._script(row["script"])
         cap = (script.extra.get("max_output_bytes") if script else None) \
             or settings.max_output_bytes or None
@@ -459,6 +467,9 @@ class Scheduler:
         attempt = state.attempt
         assert attempt is not None
         with structlog.contextvars.bound_contextvars(task_id=row["id"], attempt=row["attempt"]):
+            if attempt.archive.first_number is None:  # recovered: list its folder off the loop
+                attempt.archive.first_number = await asyncio.to_thread(
+                    next_number, self.settings.archive_dir, row["logs_path"])
             reserved = attempt.hub.next_seq - 1 + SEQ_BLOCK
             try:
                 await self._transition(state, S.RUNNING, started_at=row["started_at"] or
@@ -520,6 +531,7 @@ class Scheduler:
         if not closing.done():  # (wrapping a done future still costs a wake-up of the loop)
             await asyncio.wrap_future(closing)
         extra = await self._segment_rows(state, attempt)
+        state.next_segment = attempt.archive.next_segment
         if attempt.archive_error is not None:
             error = attempt.archive_error
             self.problems["archive"] = error
@@ -669,8 +681,8 @@ class Scheduler:
         for row in await self.db.tasks_in(S.RUNNING):
             await self._recover_running(row)
         for row in await self.db.tasks_in(S.PENDING):
-            if row["id"] not in self.tasks:
-                self._enqueue(TaskState(row))
+            if row["id"] not in self.tasks:  # a retry's folder may hold segments already
+                self._enqueue(TaskState(row, next_segment=1 if row["attempt"] == 1 else None))
         log.info("recovered", pending=len(self.queue))
 
     async def _recover_running(self, row: dict[str, Any]) -> dict[str, Any]:
@@ -682,7 +694,7 @@ class Scheduler:
         error = f"the server stopped during attempt {row['attempt']}"
         common = dict(pid=None, output_bytes=total, last_seq=row["last_seq"], error=error)
         extra = [store.upsert_segment(row["id"], segment) for segment in found]
-        state = TaskState(row, where=Where.FINISHING)
+        state = TaskState(row, where=Where.FINISHING, next_segment=None)
         if row["attempt"] <= row["max_retries"]:
             await self._transition(state, S.PENDING, extra=extra, attempt=row["attempt"] + 1,
                                    run_after=time.time(), **common)

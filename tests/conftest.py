@@ -19,6 +19,7 @@ from typing import Any
 import aiohttp
 import pytest
 from aiohttp.test_utils import TestClient
+from blockbuster import blockbuster_ctx
 
 from remoterun.api.app import create_app
 from remoterun.compressor import Compressor
@@ -205,3 +206,42 @@ async def http() -> AsyncIterator[aiohttp.ClientSession]:
     """A plain aiohttp client session."""
     async with aiohttp.ClientSession() as session:
         yield session
+
+
+# Deliberate short blocks of the event loop: (where, which calls), each with why it is allowed.
+_FILE_CALLS = ("os.stat", "os.access", "os.path.abspath", "os.path.exists", "os.path.isfile",
+               "os.path.isdir", "os.path.islink", "os.readlink", "os.scandir", "os.mkdir",
+               "os.getcwd", "os.path.getsize", "io.open", "builtins.open",
+               "io.BufferedReader.read", "io.TextIOWrapper.read", "sqlite3.Connection.execute",
+               "ScandirIterator.__next__")
+BLOCKS_ALLOWED: list[tuple[str, set[str], tuple[str, ...]]] = [
+    # Start-up, once, before the server serves (the app, its database, its folders).
+    ("remoterun/api/app.py", {"create_app", "services"}, _FILE_CALLS),
+    ("remoterun/store/sqlite.py", {"open"}, _FILE_CALLS),
+    # The database's writes commit on the loop (~40 us each, no fsync, never waiting for a
+    # lock): store/sqlite.py's docstring says why a thread hop cost more.
+    ("remoterun/store/sqlite.py", {"write", "probe_write"}, ("sqlite3.Connection.execute",)),
+    # vfork + exec on the loop (spawn.py): the exec-error pipe is read until the child has
+    # exec'd (~0.1 ms), cheaper than a hop to a thread and back (bench/README.md).
+    ("remoterun/spawn.py", {"spawn"}, ("os.read",)),
+    # A short run's whole segment is written once at its end (~0.1 ms: archive.py docstring).
+    ("remoterun/archive.py", {"close"}, ("os.mkdir", "os.write", "io.open", "builtins.open")),
+    # Resolving a script: a realpath walk and a few stats of the scripts folder, cached for
+    # catalogue.RESOLVE_CACHE_S per name.
+    ("remoterun/catalogue.py", {"_confine", "_metadata", "resolve"}, _FILE_CALLS),
+    # /proc files (a process's children, environ, stat): procfs reads never wait on a disk.
+    ("remoterun/reaper.py", {"_children", "tend_orphans", "kill_task_processes"}, _FILE_CALLS),
+]
+
+
+@pytest.fixture(autouse=True)
+def no_blocking_in_the_loop() -> Iterator[None]:
+    """Fail any test in which our code blocks the event loop (blockbuster), except the few
+    deliberate short blocks named in BLOCKS_ALLOWED."""
+    with blockbuster_ctx("remoterun") as buster:
+        for filename, functions, calls in BLOCKS_ALLOWED:
+            for name in calls:
+                function = buster.functions.get(name)
+                if function is not None:
+                    function.can_block_in(filename, functions)
+        yield

@@ -60,7 +60,7 @@ async def test_rotation_by_size_replays_the_exact_output(make_client, tmp_path):
     assert sum(r["raw_bytes"] for r in rows) == 300_000
     root = tmp_path / "archive"
     assert b"".join(gzip.decompress((root / r["path"]).read_bytes()) for r in rows) == expected
-    frames = list(archive.read_frames(root, done["logs_path"]))
+    frames = await asyncio.to_thread(list, archive.read_frames(root, done["logs_path"]))
     assert [f.seq for f in frames] == list(range(1, done["last_seq"] + 1))
     assert b"".join(f.data for f in frames) == expected
     assert await (await client.get(f"/tasks/{task['id']}/output")).read() == expected

@@ -137,7 +137,7 @@ async def test_verify_repair_finalizes_what_a_crash_left_open(make_client, tmp_p
     assert found.returncode == 1 and "incomplete" in found.stdout and "truncated" in found.stdout
     repaired = await verify(tmp_path, "--repair")
     assert repaired.returncode == 0 and "[repaired]" in repaired.stdout, repaired.stdout
-    scan = segments.scan(log_path)
+    scan = await asyncio.to_thread(segments.scan, log_path)
     after = await _rows(tmp_path, task["id"])
     assert scan.complete and 0 < scan.raw_bytes < 200_000
     assert (after[-1]["raw_bytes"], after[-1]["last_seq"]) == (scan.raw_bytes, scan.last_seq)
@@ -164,5 +164,28 @@ async def test_verify_repair_deletes_what_pruning_left_on_disk(make_client, tmp_
     found = await verify(tmp_path)
     assert found.returncode == 1 and "pruned_present" in found.stdout
     assert (await verify(tmp_path, "--repair")).returncode == 0
-    assert segments.list_segments(tmp_path / "archive" / task["logs_path"]) == []
+    folder = tmp_path / "archive" / task["logs_path"]
+    assert await asyncio.to_thread(segments.list_segments, folder) == []
     assert (await verify(tmp_path)).returncode == 0
+
+
+async def test_verify_repair_removes_an_empty_segment_cut_at_its_opening(make_client, tmp_path):
+    """A kill during rotation leaves a 0-byte .log.gz, no index and an open row: verify reports
+    it, --repair removes file and row, and the task's output is untouched."""
+    from remoterun.archive import Segment
+
+    client = await make_client()
+    task = await wait_final(client, (await submit(client, "hello.sh"))["id"])
+    folder = tmp_path / "archive" / task["logs_path"]
+    cut = Segment(path=f"{task['logs_path']}/000002.2.log.gz", first_seq=2)
+    (folder / "000002.2.log.gz").write_bytes(b"")
+    client.app[DB].write([dbm.upsert_segment(task["id"], cut)])
+    await client.close()
+    found = await verify(tmp_path)
+    assert found.returncode == 1 and "empty" in found.stdout, found.stdout
+    assert (await verify(tmp_path, "--repair")).returncode == 0
+    assert not (folder / "000002.2.log.gz").exists()
+    assert (await verify(tmp_path)).returncode == 0
+    assert [r["path"] for r in await _rows(tmp_path, task["id"])] == [
+        f"{task['logs_path']}/{p.name}"
+        for _, _, p in await asyncio.to_thread(segments.list_segments, folder)]

@@ -336,7 +336,7 @@ async def list_scripts(request: web.Request) -> web.Response:
     """The scripts this caller may see, with their parameter schemas."""
     who = identity(request)
     who.require("viewer")
-    scripts = request.app[CATALOGUE].scripts()
+    scripts = await asyncio.to_thread(request.app[CATALOGUE].scripts)
     return json_response({"scripts": [
         {**s.to_json(), "runnable": who.may_run(s)} for s in scripts]})
 
@@ -350,7 +350,7 @@ async def healthz(request: web.Request) -> web.Response:
         await request.app[DB].ping()
     except Exception as exc:
         problems.append(f"database: {exc}")
-    if not os.access(settings.archive_dir, os.W_OK):
+    if not await asyncio.to_thread(os.access, settings.archive_dir, os.W_OK):
         problems.append(f"archive directory {settings.archive_dir} is not writable")
     scheduler = request.app[SCHEDULER]
     body = {"status": "ok" if not problems else "error", "problems": problems,

@@ -11,6 +11,7 @@ from remoterun.store.sqlite import (
     Guarded,
     StaleWrite,
     Statement,
+    delete_segment,
     insert_task,
     mark_pruned,
     transition,
@@ -19,5 +20,5 @@ from remoterun.store.sqlite import (
 )
 
 __all__ = ["Database", "DatabaseBusy", "DatabaseUnavailable", "Guarded",
-           "StaleWrite", "Statement", "insert_task", "mark_pruned",
+           "StaleWrite", "Statement", "delete_segment", "insert_task", "mark_pruned",
            "transition", "update_task", "upsert_segment"]

@@ -482,6 +482,11 @@ def upsert_segment(task_id: str, seg: Any) -> Statement:
                                    False]
 
 
+def delete_segment(path: str) -> Statement:
+    """A statement that forgets a segment's row (an empty segment `archive verify` removed)."""
+    return TaskLog.delete().where(TaskLog.path == path).sql()  # type: ignore[no-any-return]
+
+
 def mark_pruned(task_id: str) -> Statement:
     """A statement that records a task's archived output as deleted by retention."""
     return TaskLog.update(pruned=True).where(TaskLog.task_id == task_id).sql()
