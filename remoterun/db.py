@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import functools
 import json
+import operator
 import sqlite3
 import time
 from collections.abc import Iterable, Sequence
@@ -35,7 +36,7 @@ import structlog
 
 from remoterun.state import FINAL, TaskStatus
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: task_events.exit_code (issue 18)
 log = structlog.get_logger(__name__)
 
 _db = pw.SqliteDatabase(None)
@@ -91,6 +92,7 @@ class TaskEvent(_Base):
     new_status = pw.CharField()
     attempt = pw.IntegerField()
     detail = pw.TextField(null=True)
+    exit_code = pw.IntegerField(null=True)  # of the attempt this transition ended
 
     class Meta:
         table_name = "task_events"
@@ -228,23 +230,33 @@ class Database:
             raise RuntimeError(f"database schema {version} is newer than this server's "
                                f"{SCHEMA_VERSION}")
         # Later releases add their steps here, each guarded by `version < N`.
+        if version < 2:  # a table made by version 1 has no exit_code column
+            columns = await self.fetch_all("PRAGMA table_info(task_events)")
+            if "exit_code" not in {c["name"] for c in columns}:
+                await self.conn.execute("ALTER TABLE task_events ADD COLUMN exit_code INTEGER")
         sql, params = Meta.replace(key="schema_version", value=str(SCHEMA_VERSION)).sql()
         await self.conn.execute(sql, params)
         await self.conn.execute("COMMIT")
 
-    async def write(self, statements: Iterable[Statement]) -> None:
-        """Run statements in one transaction and commit, before returning (on the loop)."""
+    async def write(self, statements: Iterable[Statement]) -> int | None:
+        """Run statements in one transaction and commit, before returning (on the loop).
+
+        Returns the rowid of the transaction's last INSERT (SQLite's last_insert_rowid, so
+        the event row's id for `insert_task` and `transition`, whose last statement it is).
+        """
         writer = self._writer
         assert writer is not None, "Database.open() was not awaited"
         writer.execute("BEGIN IMMEDIATE")
+        rowid: int | None = None
         try:
             for sql, params in statements:
-                writer.execute(sql, params)
+                rowid = writer.execute(sql, params).lastrowid
         except BaseException:
             writer.execute("ROLLBACK")
             raise
         writer.execute("COMMIT")
         self._unchecked = True
+        return rowid
 
     async def checkpoint(self) -> None:
         """Copy the write-ahead log into the database file, on aiosqlite's thread (if anything
@@ -273,16 +285,37 @@ class Database:
         return await self.fetch_one(*Task.select().where(Task.id == task_id).sql())
 
     async def list_tasks(self, *, status: str | None, script: str | None, limit: int,
-                         before: int | None) -> list[dict[str, Any]]:
-        """Newest first; `before` is the `num` cursor of the previous page."""
-        query = Task.select()
-        if status:
-            query = query.where(Task.status == status)
-        if script:
-            query = query.where(Task.script == script)
+                         before: int | None, after: int | None = None,
+                         **filters: Any) -> list[dict[str, Any]]:
+        """Newest first; `before` is the `num` cursor of the previous page, `after` that of
+        the next (the `limit` oldest tasks newer than it). `filters`: see `_task_filter`."""
+        query = Task.select().where(_task_filter(status=status, script=script, **filters))
         if before is not None:
             query = query.where(Task.num < before)
+        if after is not None:
+            query = query.where(Task.num > after).order_by(Task.num).limit(limit)
+            return (await self.fetch_all(*query.sql()))[::-1]
         return await self.fetch_all(*query.order_by(Task.num.desc()).limit(limit).sql())
+
+    async def has_task(self, num: int, newer: bool, **filters: Any) -> bool:
+        """Whether a task newer (else older) than `num` matches the filters: is there a page
+        beyond it."""
+        beyond = Task.num > num if newer else Task.num < num
+        query = Task.select(Task.num).where(_task_filter(**filters) & beyond)
+        return await self.fetch_one(*query.limit(1).sql()) is not None
+
+    async def events_after(self, since: int, limit: int) -> list[dict[str, Any]]:
+        """Up to `limit` transitions with an id above `since`, oldest first, each with its
+        task's row (the event's own columns prefixed `event_`)."""
+        query = (TaskEvent.select(
+            TaskEvent.id.alias("event_id"), TaskEvent.ts.alias("event_ts"),
+            TaskEvent.old_status.alias("event_old_status"),
+            TaskEvent.new_status.alias("event_new_status"),
+            TaskEvent.attempt.alias("event_attempt"), TaskEvent.detail.alias("event_detail"),
+            TaskEvent.exit_code.alias("event_exit_code"), Task)
+            .join(Task, on=(Task.id == TaskEvent.task_id))
+            .where(TaskEvent.id > since).order_by(TaskEvent.id).limit(limit))
+        return await self.fetch_all(*query.sql())
 
     async def tasks_in(self, *statuses: TaskStatus) -> list[dict[str, Any]]:
         """Every task in one of the statuses, in submission order."""
@@ -290,7 +323,7 @@ class Database:
         return await self.fetch_all(*query.order_by(Task.num).sql())
 
     async def events(self, task_id: str) -> list[dict[str, Any]]:
-        """A task's transitions, oldest first."""
+        """A task's transitions, oldest first (their exit_code: of the attempt each ended)."""
         query = TaskEvent.select().where(TaskEvent.task_id == task_id).order_by(TaskEvent.id)
         return await self.fetch_all(*query.sql())
 
@@ -344,6 +377,25 @@ class Database:
     async def ping(self) -> None:
         """Raise if the database is not usable."""
         await self.fetch_one("SELECT 1 AS ok")
+
+
+def _task_filter(*, status: str | None = None, script: str | None = None,
+                 submitted_by: str | None = None, since: float | None = None,
+                 until: float | None = None, q: str | None = None) -> Any:
+    """The WHERE clause of a task list: exact status, script and submitter, created within
+    [since, until), and `q` a case-insensitive substring of the script's name."""
+    clauses: list[Any] = [Task.num > 0]
+    for column, value in ((Task.status, status), (Task.script, script),
+                          (Task.submitted_by, submitted_by)):
+        if value:
+            clauses.append(column == value)
+    if since is not None:
+        clauses.append(Task.created_at >= since)
+    if until is not None:
+        clauses.append(Task.created_at < until)
+    if q:
+        clauses.append(Task.script.contains(q))  # LIKE, its wildcards escaped
+    return functools.reduce(operator.and_, clauses)
 
 
 # The statements of the hot path (one task's life: submit, start, progress, end) are built
@@ -405,7 +457,8 @@ def transition(task_id: str, old: TaskStatus, new: TaskStatus, attempt: int,
     return [
         _update(Task, {"status": str(new), **fields}, "id", task_id),
         _insert(TaskEvent, {"task_id": task_id, "ts": now, "old_status": str(old),
-                            "new_status": str(new), "attempt": attempt, "detail": detail}),
+                            "new_status": str(new), "attempt": attempt, "detail": detail,
+                            "exit_code": fields.get("exit_code")}),
     ]
 
 

@@ -26,7 +26,7 @@ import signal
 import time
 import uuid
 from collections import Counter
-from collections.abc import Coroutine
+from collections.abc import Collection, Coroutine
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any
@@ -45,6 +45,7 @@ from remoterun.archive import (
 from remoterun.catalogue import Catalogue, Script, param_value
 from remoterun.config import Settings
 from remoterun.errors import Conflict, NotFound, Unavailable
+from remoterun.feed import TaskFeed
 from remoterun.hub import Event, Subscription, TaskHub, exit_event, replay_finished
 from remoterun.metrics import Metrics
 from remoterun.runner import (
@@ -104,6 +105,7 @@ class Scheduler:
         self.metrics = metrics
         self.accepting = True
         self.hubs: dict[str, TaskHub] = {}
+        self.feed = TaskFeed()  # every committed transition, for GET /events (issue 18)
         self._heap: list[tuple[float, int, str]] = []
         self._pending: dict[str, dict[str, Any]] = {}
         self._active: dict[str, Active] = {}  # holding a worker slot
@@ -198,9 +200,10 @@ class Scheduler:
             "submitted_by": submitted_by, "logs_path": logs_path_for(task_id, now),
         }
         self._next_num += 1
-        await self.db.write(dbm.insert_task(row))
+        event_id = await self.db.write(dbm.insert_task(row))
         full = {**dict.fromkeys(("exit_code", "error", "started_at", "finished_at",
                                  "run_after", "pid")), "output_bytes": 0, "last_seq": 0, **row}
+        self.feed.publish(event_id, full, None)  # issue 18: GET /events
         self._limits[script.name] = script.max_concurrency
         self._enqueue(full)
         self.metrics.child(self.metrics.submitted, script.name).inc()
@@ -215,6 +218,22 @@ class Scheduler:
         heapq.heappush(self._heap, (key, row["num"], row["id"]))
         self.metrics.pending.set(len(self._pending))
         self._wake.set()
+
+    # Queue position (issue 18) ---------------------------------------------------------------
+
+    def queue_positions(self, task_ids: Collection[str]) -> dict[str, int]:
+        """The 1-based place in dispatch order (the heap's order: aged priority, then
+        submission) of each of `task_ids` that is pending. One pass over the heap for one
+        task; one sort of it for several."""
+        if not any(i in self._pending for i in task_ids):
+            return {}
+        live = {entry[2]: entry for entry in self._heap if entry[2] in self._pending}
+        wanted = [i for i in task_ids if i in live]
+        if len(wanted) == 1:
+            mine = live[wanted[0]]
+            return {wanted[0]: 1 + sum(entry < mine for entry in live.values())}
+        order = {task_id: place for place, (_, _, task_id) in enumerate(sorted(live.values()), 1)}
+        return {task_id: order[task_id] for task_id in wanted}
 
     async def cancel(self, task_id: str) -> dict[str, Any]:
         """Cancel a pending or running task; Conflict if it already ended."""
@@ -540,8 +559,9 @@ class Scheduler:
         attempt = fields.get("attempt", row["attempt"])
         statements = dbm.transition(row["id"], old, new, attempt, dict(fields),
                                     detail=fields.get("error"))
-        await self.db.write([*(extra or []), *statements])
+        event_id = await self.db.write([*(extra or []), *statements])
         row.update(fields, status=str(new))
+        self.feed.publish(event_id, row, str(old), fields.get("exit_code"))  # issue 18
         hub = self.hubs.get(row["id"])
         if hub is not None:
             hub.task = dbm.task_json(row)
