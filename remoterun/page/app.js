@@ -1,52 +1,37 @@
-// RemoteRun's web terminal page: run a script, watch and type into it, browse and replay history.
-// Speaks only the wire contract (REST, and the task WebSocket); no framework, no build step.
+// RemoteRun's web terminal page: run a script, watch and type into it, see a task's whole
+// story, re-run it, browse and search the history, all live from GET /events (no polling).
+// Speaks only the wire contract (REST, the task WebSocket, SSE); no framework, no build step.
 
-window.remoterun = { started: true }; // tells index.html's plain-text fallback to stand down
+import { durationText, showDetails } from "./details.js";
+import * as historyList from "./history.js";
+import { follow } from "./live.js";
+import { $, api, ApiError, el, FINAL, formatSeconds, seconds } from "./util.js";
 
-const FINAL = new Set(["success", "failed", "timeout", "cancelled"]);
+// `started` tells index.html's plain-text fallback to stand down; `addView` and `api` are for
+// the other views' modules (see "Views" below).
+window.remoterun = { started: true, api, addView };
+
 const STDERR_ON = "\x1b[31m"; // red foreground
 const STDERR_OFF = "\x1b[39m"; // default foreground, leaving bold/underline as the script set them
-const HISTORY_POLL_MS = 3000;
 const PING_MS = 15000;
+const POSITION_REFRESH_MS = 500;
+const LIGHT = matchMedia("(prefers-color-scheme: light)");
+const THEMES = {
+  dark: { background: "#0f1115", foreground: "#d8dee9", cursor: "#d8dee9",
+          selectionBackground: "#35507a" },
+  light: { background: "#fbfbfc", foreground: "#1d2129", cursor: "#1d2129",
+           selectionBackground: "#b8d3f5" },
+};
 
-const $ = (selector) => document.querySelector(selector);
 const me = { name: "", role: "viewer", auth: false };
 const scripts = new Map(); // name -> GET /scripts entry
 let term = null;
 
 // The open task: its socket, and the last output seq shown, so a reconnect neither repeats
-// nor loses a frame.
-const view = { id: null, task: null, lastSeq: 0, socket: null, done: false, retries: 0,
-               timer: null, awaitingPong: false, line: "", outbox: [] };
-
-// --- HTTP ---------------------------------------------------------------------------------
-
-class ApiError extends Error {
-  constructor(status, body) {
-    super(body.message || `HTTP ${status}`);
-    this.status = status;
-    this.body = body;
-  }
-}
-
-async function api(path, { method = "GET", body } = {}) {
-  const init = { method, headers: { Accept: "application/json" } };
-  if (body !== undefined) {
-    init.headers["Content-Type"] = "application/json";
-    init.body = JSON.stringify(body);
-  }
-  const response = await fetch(path, init);
-  const data = await response.json().catch(() => ({}));
-  if (!response.ok) throw new ApiError(response.status, data);
-  return data;
-}
-
-function el(tag, { dataset = {}, ...props } = {}, ...children) {
-  const node = Object.assign(document.createElement(tag), props);
-  Object.assign(node.dataset, dataset);
-  node.append(...children);
-  return node;
-}
+// nor loses a frame; its transitions, for the attempts table.
+const view = { id: null, task: null, events: [], lastSeq: 0, socket: null, done: false,
+               retries: 0, timer: null, awaitingPong: false, line: "", outbox: [],
+               positionTimer: null };
 
 function notice(text) {
   $("#notice").textContent = text;
@@ -63,8 +48,12 @@ async function createTerminal(element) {
     const xterm = new Terminal({
       convertEol: true, cursorBlink: true, scrollback: 10000, fontSize: 14,
       fontFamily: "ui-monospace, 'DejaVu Sans Mono', Menlo, Consolas, monospace",
-      theme: { background: "#0f1115", foreground: "#d8dee9", cursor: "#d8dee9" },
+      theme: LIGHT.matches ? THEMES.light : THEMES.dark,
     });
+    LIGHT.addEventListener("change", () => {
+      xterm.options.theme = LIGHT.matches ? THEMES.light : THEMES.dark;
+    });
+    xterm.attachCustomKeyEventHandler(terminalKey);
     const fit = new FitAddon();
     xterm.loadAddon(fit);
     xterm.open(element);
@@ -80,7 +69,7 @@ async function createTerminal(element) {
 // Stands in for xterm.js when it cannot load: output as text, colours dropped, no input.
 class PlainTerminal {
   constructor(element) {
-    this.pre = element.appendChild(el("pre", { className: "plain-terminal" }));
+    this.pre = element.appendChild(el("pre", { className: "plain-terminal", tabIndex: 0 }));
     this.options = {};
     this.cols = 80;
     this.rows = 24;
@@ -91,7 +80,7 @@ class PlainTerminal {
     this.pre.scrollTop = this.pre.scrollHeight;
   }
   reset() { this.pre.textContent = ""; }
-  focus() {}
+  focus() { this.pre.focus(); }
   onData() {}
   onResize() {}
 }
@@ -114,23 +103,57 @@ function terminalText() {
 
 async function openTask(id, { push = true } = {}) {
   disconnect();
-  Object.assign(view, { id, task: null, lastSeq: 0, done: false, retries: 0, line: "",
-                        outbox: [] });
+  Object.assign(view, { id, task: null, events: [], lastSeq: 0, done: false, retries: 0,
+                        line: "", outbox: [] });
   term.reset();
   notice("");
-  if (push) history.pushState(null, "", `/?task=${encodeURIComponent(id)}`);
-  markCurrentRow();
-  let task;
+  if (push) history.pushState(null, "", historyList.urlFor(id));
+  historyList.markCurrent();
+  let task, events;
   try {
-    task = await api(`/tasks/${encodeURIComponent(id)}`);
+    const path = `/tasks/${encodeURIComponent(id)}`;
+    [task, { events }] = await Promise.all([api(path), api(`${path}/events`)]);
   } catch (error) {
     $("#task-title").textContent = `Task ${id}`;
     notice(error.message);
     return;
   }
   if (view.id !== id) return; // another task was opened meanwhile
+  for (const event of events) addEvent(event);
   showTask(task);
   connect();
+}
+
+function addEvent(event) {
+  if (event && !view.events.some((e) => e.id === event.id)) {
+    view.events.push(event);
+    view.events.sort((a, b) => a.id - b.id);
+  }
+}
+
+// A transition from GET /events: the history's row, and the open task's story.
+function onLive(task) {
+  historyList.applyLive(task);
+  if (task.id === view.id && view.task) {
+    addEvent(task.event);
+    const { event, ...fields } = task;
+    showTask({ ...view.task, ...fields });
+  } else if (view.task?.status === "pending") {
+    // Another task moved: the open one's place in the queue may have changed.
+    clearTimeout(view.positionTimer);
+    view.positionTimer = setTimeout(refreshPosition, POSITION_REFRESH_MS);
+  }
+}
+
+async function refreshPosition() {
+  const id = view.id;
+  if (view.task?.status !== "pending") return;
+  try {
+    const task = await api(`/tasks/${encodeURIComponent(id)}`);
+    if (view.id === id && view.task?.status === "pending") showTask({ ...view.task, ...task });
+  } catch (error) {
+    notice(error.message);
+  }
 }
 
 function connect() {
@@ -185,13 +208,13 @@ function onFrame(frame) {
       term.write(frame.stream === "stderr" ? STDERR_ON + frame.data + STDERR_OFF : frame.data);
       break;
     case "status":
-      showTask({ ...view.task, status: frame.status, attempt: frame.attempt });
+      showTask({ ...view.task, status: frame.status, attempt: frame.attempt,
+                 ...(frame.status === "pending" ? {} : { queue_position: undefined }) });
       sendSize();
       break;
     case "exit":
       view.done = true;
       showTask({ ...view.task, status: frame.status, exit_code: frame.exit_code }, frame.duration);
-      refreshHistory();
       break;
     case "error":
       notice(`${frame.error}: ${frame.message}`);
@@ -220,11 +243,17 @@ function showTask(task, duration) {
   $("#task-title").textContent = `${task.script} · ${task.id.slice(0, 8)}`;
   $("#task-status").textContent = task.status;
   $("#task-status").className = `status ${task.status}`;
+  $("#task-queue").textContent = task.status === "pending" && task.queue_position != null
+    ? `#${task.queue_position} in the queue` : "";
   const took = duration ?? seconds(task);
   const parts = [task.exit_code == null ? "" : `exit ${task.exit_code}`,
                  FINAL.has(task.status) && took != null ? formatSeconds(took) : ""];
   $("#task-exit").textContent = parts.filter(Boolean).join(" · ");
   $("#cancel").disabled = FINAL.has(task.status) || me.role === "viewer";
+  $("#rerun").disabled = $("#run").hidden || !scripts.get(task.script)?.runnable;
+  $("#term-keys").textContent = ptyLive() ? "Shift+Esc leaves the terminal (Esc goes to the program)"
+    : "Esc leaves the terminal";
+  showDetails(task, view.events);
   for (const [selector, href] of [["#task-link", `/?task=${task.id}`],
                                   ["#task-download", `/tasks/${task.id}/output`]]) {
     Object.assign($(selector), { href, hidden: false });
@@ -376,8 +405,13 @@ function readParams(script, form) {
   return params;
 }
 
+// Enter in a field submits the form once: while a submission is in flight (and after it,
+// until the terminal has the focus) Run is disabled, so a second Enter cannot repeat it.
+let submitting = false;
+
 async function submitRun(event) {
   event.preventDefault();
+  if (submitting) return;
   const form = event.target;
   const script = scripts.get(form.script.value);
   for (const slot of form.querySelectorAll(".error")) slot.textContent = "";
@@ -387,11 +421,13 @@ async function submitRun(event) {
                  priority: Number(form.priority.value) || 0,
                  pty: form.pty.checked, interactive: form.interactive.checked };
   if (form.timeout.value) body.timeout = Number(form.timeout.value);
+  submitting = true;
+  $("#run-button").disabled = true;
   try {
     const task = await api("/tasks", { method: "POST", body });
-    await openTask(task.id);
-    refreshHistory();
+    $("#rerun-of").textContent = "";
     term.focus();
+    await openTask(task.id);
   } catch (error) {
     $("#run-error").textContent = error.message;
     for (const { field, message } of error.body?.details ?? []) {
@@ -399,68 +435,108 @@ async function submitRun(event) {
       if (slot) slot.textContent = message;
       else $("#run-error").textContent += ` — ${field}: ${message}`;
     }
+  } finally {
+    submitting = false;
+    $("#run-button").disabled = false;
   }
 }
 
-// --- History ------------------------------------------------------------------------------
-
-let historyAsked = 0; // answers to older requests (other filters) are dropped
-
-async function refreshHistory() {
-  const asked = ++historyAsked;
-  const query = new URLSearchParams({ limit: "50" });
-  if ($("#filter-status").value) query.set("status", $("#filter-status").value);
-  if ($("#filter-script").value) query.set("script", $("#filter-script").value);
-  try {
-    const { tasks } = await api(`/tasks?${query}`);
-    if (asked !== historyAsked) return;
-    $("#tasks").replaceChildren(...tasks.map(taskRow));
-    markCurrentRow();
-  } catch (error) {
-    notice(`history: ${error.message}`);
+// A PTY is always interactive (PROTOCOL.md): with PTY checked, Interactive shows checked and
+// cannot be changed; unchecking PTY gives Interactive back the user's own choice.
+function syncInteractive() {
+  const form = $("#run");
+  const box = form.interactive;
+  if (form.pty.checked) {
+    if (!box.disabled) box.dataset.own = box.checked ? "1" : "";
+    Object.assign(box, { checked: true, disabled: true });
+  } else if (box.disabled) {
+    Object.assign(box, { checked: box.dataset.own === "1", disabled: false });
   }
 }
 
-function taskRow(task) {
-  const created = new Date(task.created_at);
-  const took = seconds(task);
-  const row = el("tr", { tabIndex: 0, dataset: { id: task.id } },
-    el("td", {}, el("span", { className: `status ${task.status}`, textContent: task.status })),
-    el("td", { textContent: task.script }),
-    el("td", { textContent: task.submitted_by }),
-    el("td", { textContent: formatWhen(created), title: created.toLocaleString() }),
-    el("td", { textContent: took == null ? "" : formatSeconds(took) }),
-    el("td", {}, el("a", { href: `/tasks/${task.id}/output`, download: "", textContent: "log",
-                           title: "Download the log" })));
-  row.addEventListener("click", (event) => event.target.closest("a") || openTask(task.id));
-  row.addEventListener("keydown", (event) => event.key === "Enter" && openTask(task.id));
-  return row;
+// Re-run: the task's script and params in the form, ready to edit and submit. Secret params
+// come back as "***": their fields are left empty, to be typed again.
+function rerun() {
+  const task = view.task;
+  const form = $("#run");
+  const script = scripts.get(task?.script);
+  if (!script) return;
+  form.script.value = script.name;
+  renderParams();
+  const params = task.params ?? {};
+  if (script.params === null) {
+    form.free.value = Object.entries(params).map(([k, v]) => `${k}=${v}`).join("\n");
+  } else {
+    for (const param of script.params) {
+      const input = form.elements[`param-${param.name}`];
+      const value = params[param.name];
+      if (!input || value === undefined || param.secret) continue;
+      if (param.type === "boolean") input.checked = value === true;
+      else if (param.enum) input.value = String(param.enum.indexOf(value));
+      else input.value = String(value);
+    }
+  }
+  form.pty.checked = task.pty;
+  Object.assign(form.interactive, { disabled: false, checked: task.interactive && !task.pty });
+  form.interactive.dataset.own = form.interactive.checked ? "1" : "";
+  syncInteractive();
+  form.priority.value = String(task.priority);
+  form.timeout.value = task.timeout == null ? "" : String(task.timeout);
+  const secrets = (script.params ?? []).filter((p) => p.secret).map((p) => p.name);
+  $("#rerun-of").textContent = `Re-run of ${task.script} · ${task.id.slice(0, 8)}: edit, then Run.`
+    + (secrets.length ? ` Enter ${secrets.join(", ")} again.` : "");
+  form.scrollIntoView({ block: "nearest" });
+  (form.querySelector("#params input, #params select, #params textarea") ?? form.script).focus();
 }
 
-function markCurrentRow() {
-  for (const row of $("#tasks").rows) row.classList.toggle("current", row.dataset.id === view.id);
+// --- Keyboard -----------------------------------------------------------------------------
+
+function ptyLive() {
+  return Boolean(view.task?.pty && view.task.status === "running" && canType());
 }
 
-async function pollHistory() {
-  if (!document.hidden) await refreshHistory();
-  setTimeout(pollHistory, HISTORY_POLL_MS);
+// Esc leaves the terminal; in a live PTY programs need Esc, so there it is Shift+Esc.
+function terminalKey(event) {
+  if (event.type !== "keydown" || event.key !== "Escape") return true;
+  if (ptyLive() && !event.shiftKey) return true;
+  leaveTerminal();
+  return false;
 }
 
-function seconds(task) {
-  if (!task.started_at) return null;
-  const end = task.finished_at ? new Date(task.finished_at) : new Date();
-  return Math.max(0, (end - new Date(task.started_at)) / 1000);
+function leaveTerminal() {
+  const next = [$("#rerun"), $("#cancel"), $("#filter-q")].find((b) => !b.disabled);
+  next.focus();
 }
 
-function formatSeconds(s) {
-  if (s < 60) return `${s.toFixed(s < 10 ? 2 : 1)} s`;
-  if (s < 3600) return `${Math.floor(s / 60)}m ${Math.round(s % 60)}s`;
-  return `${Math.floor(s / 3600)}h ${Math.round((s % 3600) / 60)}m`;
+function globalKey(event) {
+  const inTerminal = $("#terminal").contains(document.activeElement);
+  if (event.key === "Enter" && (event.ctrlKey || event.metaKey) && !inTerminal) {
+    event.preventDefault();
+    if (!$("#run").hidden && !submitting) $("#run").requestSubmit();
+  } else if (event.key === "Escape" && inTerminal && !term.buffer) {
+    leaveTerminal(); // the plain-text stand-in has no key handler of its own
+  }
 }
 
-function formatWhen(date) {
-  const today = date.toDateString() === new Date().toDateString();
-  return today ? date.toLocaleTimeString() : date.toLocaleDateString();
+// --- Views --------------------------------------------------------------------------------
+
+// Another view (audit.js, stats.js): a tab in #views and its element in #view-area, shown
+// instead of the console while its tab is pressed. Returns a function that shows it.
+function addView({ id, label, element }) {
+  const tab = el("button", { type: "button", textContent: label, dataset: { view: id } });
+  tab.setAttribute("aria-pressed", "false");
+  $("#views").append(tab);
+  element.dataset.view = id;
+  element.hidden = true;
+  $("#view-area").append(element);
+  return () => showView(id);
+}
+
+function showView(id) {
+  for (const part of $("#view-area").children) part.hidden = part.dataset.view !== id;
+  for (const tab of $("#views").children) {
+    tab.setAttribute("aria-pressed", String(tab.dataset.view === id));
+  }
 }
 
 // --- Login and start-up -------------------------------------------------------------------
@@ -510,10 +586,22 @@ async function main() {
   term.onData(onTyped);
   term.onResize(sendSize);
   setInterval(keepAlive, PING_MS);
+  setInterval(tick, 1000);
+  historyList.init({ open: (id) => openTask(id), current: () => view.id });
   wireControls();
+  const live = follow(onLive); // first: what changes while the list loads is applied after it
   await loadScripts();
-  pollHistory();
+  historyList.readUrl();
+  await Promise.race([live, new Promise((resolve) => setTimeout(resolve, 3000))]);
+  await historyList.refresh();
   if (taskInUrl()) await openTask(taskInUrl(), { push: false });
+}
+
+// A running task's duration goes on without asking the server.
+function tick() {
+  if (view.task?.status === "running" && $("#task-duration")) {
+    $("#task-duration").textContent = durationText(view.task);
+  }
 }
 
 function wireControls() {
@@ -522,18 +610,23 @@ function wireControls() {
     location.replace("/");
   });
   $("#cancel").addEventListener("click", cancelTask);
-  $("#script").addEventListener("change", renderParams);
-  $("#run").addEventListener("submit", submitRun);
-  $("#run").pty.addEventListener("change", (event) => {
-    // A PTY is always interactive (PROTOCOL.md): show it.
-    const interactive = $("#run").interactive;
-    interactive.disabled = event.target.checked;
-    if (event.target.checked) interactive.checked = true;
+  $("#rerun").addEventListener("click", rerun);
+  $("#script").addEventListener("change", () => {
+    $("#rerun-of").textContent = "";
+    renderParams();
   });
-  $("#filter-status").addEventListener("change", refreshHistory);
-  $("#filter-script").addEventListener("change", refreshHistory);
-  addEventListener("popstate", () => taskInUrl() && taskInUrl() !== view.id
-    && openTask(taskInUrl(), { push: false }));
+  $("#run").addEventListener("submit", submitRun);
+  $("#run").pty.addEventListener("change", syncInteractive);
+  $("#views").addEventListener("click", (event) => {
+    const tab = event.target.closest("button[data-view]");
+    if (tab) showView(tab.dataset.view);
+  });
+  addEventListener("keydown", globalKey);
+  addEventListener("popstate", () => {
+    historyList.readUrl();
+    historyList.refresh();
+    if (taskInUrl() && taskInUrl() !== view.id) openTask(taskInUrl(), { push: false });
+  });
 }
 
 main().catch((error) => {
