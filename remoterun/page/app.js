@@ -16,11 +16,20 @@ const STDERR_OFF = "\x1b[39m"; // default foreground, leaving bold/underline as 
 const PING_MS = 15000;
 const POSITION_REFRESH_MS = 500;
 const LIGHT = matchMedia("(prefers-color-scheme: light)");
+// ANSI colours legible on each background (WCAG AA contrast for the usual ones).
 const THEMES = {
   dark: { background: "#0f1115", foreground: "#d8dee9", cursor: "#d8dee9",
-          selectionBackground: "#35507a" },
+          selectionBackground: "#35507a", black: "#5c6370", red: "#ff7b72", green: "#56d364",
+          yellow: "#e3b341", blue: "#79c0ff", magenta: "#d2a8ff", cyan: "#56d4dd",
+          white: "#d8dee9", brightBlack: "#8b949e", brightRed: "#ffa198",
+          brightGreen: "#7ee787", brightYellow: "#f2cc60", brightBlue: "#a5d6ff",
+          brightMagenta: "#e2c5ff", brightCyan: "#b3f0ff", brightWhite: "#ffffff" },
   light: { background: "#fbfbfc", foreground: "#1d2129", cursor: "#1d2129",
-           selectionBackground: "#b8d3f5" },
+           selectionBackground: "#b8d3f5", black: "#1d2129", red: "#b3202f", green: "#1a6b34",
+           yellow: "#7a5200", blue: "#0b57b8", magenta: "#8e2f9e", cyan: "#0b6670",
+           white: "#545b68", brightBlack: "#545b68", brightRed: "#a0111f",
+           brightGreen: "#116329", brightYellow: "#6a4700", brightBlue: "#0a4ea6",
+           brightMagenta: "#7a1f8a", brightCyan: "#09575f", brightWhite: "#1d2129" },
 };
 
 const me = { name: "", role: "viewer", auth: false };
@@ -138,6 +147,7 @@ function onLive(task) {
     addEvent(task.event);
     const { event, ...fields } = task;
     showTask({ ...view.task, ...fields });
+    if (task.status === "pending") refreshPosition(); // a retry queued again
   } else if (view.task?.status === "pending") {
     // Another task moved: the open one's place in the queue may have changed.
     clearTimeout(view.positionTimer);
@@ -199,7 +209,7 @@ function onFrame(frame) {
     case "task":
       view.retries = 0;
       notice("");
-      showTask(frame.task);
+      showTask({ ...view.task, ...frame.task }); // keeping the queue_position REST gave
       sendSize();
       break;
     case "output":
