@@ -19,6 +19,8 @@ export function attempts(events) {
   return list;
 }
 
+const clock = (iso) => new Date(iso).toLocaleTimeString();
+
 function fact(term, value, id) {
   const dd = el("dd", { textContent: value ?? "—" });
   if (id) dd.id = id;
@@ -58,8 +60,8 @@ export function showDetails(task, events) {
     textContent: "none" })]));
   const rows = attempts(events).map((a) => el("tr", {},
     el("td", { textContent: String(a.attempt) }),
-    el("td", { textContent: formatTime(a.start) }),
-    el("td", { textContent: a.end ? formatTime(a.end) : a.outcome }),
+    el("td", { textContent: clock(a.start), title: formatTime(a.start) }),
+    el("td", { textContent: a.end ? clock(a.end) : a.outcome, title: formatTime(a.end) }),
     el("td", { textContent: a.exitCode == null ? "—" : String(a.exitCode) }),
     el("td", { textContent: a.error ?? (a.end ? a.outcome : "") })));
   if (!rows.length) {
