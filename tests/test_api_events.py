@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import asyncio
 import json
+import signal
 import time
 from typing import Any
 
 import aiohttp
 import pytest
 from aiohttp.test_utils import TestClient
-from conftest import TOKENS, make_settings, submit, wait_final, wait_for
+from conftest import TOKENS, ServerProcess, make_settings, submit, wait_final, wait_for
 
 from remoterun.api import SCHEDULER
 from remoterun.api.app import create_app
@@ -248,3 +249,21 @@ async def test_list_filters_and_paging_both_ways(client: TestClient) -> None:
     assert [t["id"] for t in top["tasks"]] == ids[:2:-1] and top["prev_cursor"] is None
     bad = await client.get("/tasks?since=yesterday")
     assert bad.status == 400
+
+
+async def test_streams_end_when_the_server_stops(server: ServerProcess) -> None:
+    """SIGTERM ends every /events stream cleanly, so the server exits at once, not after
+    waiting for its followers."""
+    server.start()
+    async with aiohttp.ClientSession() as session:
+        response = await session.get(f"{server.url}/events")
+        await read_until(response, lambda ev: ev and ev[-1][1] == "ready")
+        started = time.monotonic()
+        assert server.proc is not None
+        server.proc.send_signal(signal.SIGTERM)
+        async with asyncio.timeout(10):
+            while await response.content.readany():
+                pass
+        response.close()
+    assert await asyncio.to_thread(server.proc.wait, 10) == 0
+    assert time.monotonic() - started < 4, "the server waited for the stream"

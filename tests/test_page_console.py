@@ -85,6 +85,18 @@ def row_ids(page: Page) -> list[str]:
     return list(page.eval_on_selector_all("#tasks tr", "rows => rows.map(r => r.dataset.id)"))
 
 
+def serious_violations(page: Page) -> list[dict[str, Any]]:
+    """What axe-core (from node_modules) finds serious or critical on the page as it is."""
+    assert AXE.is_file(), "run `npm ci` first"
+    page.add_script_tag(path=str(AXE))
+    found = page.evaluate("""async () => {
+        const r = await axe.run(document, {resultTypes: ["violations"]});
+        return r.violations.map(v => ({id: v.id, impact: v.impact,
+                                        nodes: v.nodes.map(n => n.target.join(" "))}));
+    }""")
+    return [v for v in found if v["impact"] in ("serious", "critical")]
+
+
 def shot(page: Page, name: str, tmp_path: Path) -> None:
     """A screenshot: into docs/ under `make screenshot`, else a temporary file; checked."""
     target = DOCS / name if os.environ.get("REMOTERUN_SCREENSHOT") else tmp_path / name
@@ -267,6 +279,7 @@ def test_layout_at_360_px(browser: Browser, site: ServerProcess, tmp_path: Path)
             assert box is not None and box["x"] >= 0 and box["x"] + box["width"] <= 360, selector
         page.locator(f'#tasks tr[data-id="{task["id"]}"] a').first.click()
         assert page.url.endswith(f"?task={task['id']}")
+        assert serious_violations(page) == []
         shot(page, "console-360.png", tmp_path)
     finally:
         page.context.close()
@@ -333,7 +346,6 @@ def test_colour_scheme_and_accessibility(browser: Browser, site: ServerProcess, 
                                          scheme: str, tmp_path: Path) -> None:
     """The page follows prefers-color-scheme, and axe-core finds no serious or critical
     violation in it, with a task open."""
-    assert AXE.is_file(), "run `npm ci` first"
     context = browser.new_context(base_url=site.url, viewport={"width": 1400, "height": 860},
                                   color_scheme=scheme)
     page = context.new_page()
@@ -344,14 +356,7 @@ def test_colour_scheme_and_accessibility(browser: Browser, site: ServerProcess, 
         wait_text(page, "line 4")
         background = page.evaluate("getComputedStyle(document.body).backgroundColor")
         assert background == {"dark": "rgb(22, 24, 29)", "light": "rgb(242, 243, 245)"}[scheme]
-        page.add_script_tag(path=str(AXE))
-        result = page.evaluate("""async () => {
-            const r = await axe.run(document, {resultTypes: ["violations"]});
-            return r.violations.map(v => ({id: v.id, impact: v.impact,
-                                            nodes: v.nodes.map(n => n.target.join(" "))}));
-        }""")
-        serious = [v for v in result if v["impact"] in ("serious", "critical")]
-        assert serious == [], serious
+        assert serious_violations(page) == []
     finally:
         context.close()
 

@@ -65,10 +65,15 @@ export function urlFor(taskId) {
 
 function changed() {
   const form = $("#filters");
+  const before = state.filters;
   state.filters = {};
   for (const name of FILTERS) {
     const raw = form.elements[name].value.trim();
-    const value = name === "since" || name === "until" ? toUtc(raw) : raw;
+    let value = raw;
+    if (name === "since" || name === "until") {
+      // The input shows minutes: a time from the URL keeps its seconds while it is unchanged.
+      value = before[name] && toLocal(before[name]) === raw ? before[name] : toUtc(raw);
+    }
     if (value) state.filters[name] = value;
   }
   page({});
