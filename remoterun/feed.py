@@ -74,16 +74,17 @@ class TaskFeed:
         self.closed = False
 
     def publish(self, event_id: int | None, row: dict[str, Any], old_status: str | None,
-                exit_code: int | None = None) -> None:
-        """Hand a committed transition (its event row's id, the task's row after it) to every
-        follower; never awaits, and costs nothing while nobody follows."""
+                fields: dict[str, Any] | None = None) -> None:
+        """Hand a committed transition to every follower: its event row's id, the task's row
+        after it, and the fields the transition set (its `error` and `exit_code` are the
+        event's, as db.transition records them). Never awaits; costs nothing unfollowed."""
         if event_id is None or not self._followers:
             return
         task = task_json(row)
+        fields = fields or {}
         event = {"id": event_id, "ts": task["updated_at"], "old_status": old_status,
                  "new_status": task["status"], "attempt": task["attempt"],
-                 "detail": row["error"] if old_status is not None else None,
-                 "exit_code": exit_code}
+                 "detail": fields.get("error"), "exit_code": fields.get("exit_code")}
         change = TaskChange(event_id, task, event)
         for follower in list(self._followers):
             if not follower.put(change):

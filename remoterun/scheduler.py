@@ -561,7 +561,7 @@ class Scheduler:
                                     detail=fields.get("error"))
         event_id = await self.db.write([*(extra or []), *statements])
         row.update(fields, status=str(new))
-        self.feed.publish(event_id, row, str(old), fields.get("exit_code"))  # issue 18
+        self.feed.publish(event_id, row, str(old), fields)  # issue 18: GET /events
         hub = self.hubs.get(row["id"])
         if hub is not None:
             hub.task = dbm.task_json(row)

@@ -67,6 +67,10 @@ async def test_live_transitions_with_ids(client: TestClient) -> None:
     assert all(d["event"]["id"] == i for i, d in mine)
     assert mine[-1][1]["event"]["exit_code"] == 0 and mine[-1][1]["exit_code"] == 0
     response.close()
+    replay = await client.get(f"/events?since={ids[0] - 1}")
+    again = tasks_of(await read_until(replay, lambda ev: ev and ev[-1][1] == "ready"))
+    assert [t["event"] for t in again] == [d["event"] for _, d in mine]  # live = stored
+    replay.close()
 
 
 async def test_replay_since_an_id(client: TestClient) -> None:
