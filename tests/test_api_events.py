@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import signal
+import sqlite3
 import time
 from typing import Any
 
@@ -16,6 +17,7 @@ from conftest import TOKENS, ServerProcess, make_settings, submit, wait_final, w
 
 from remoterun.api import SCHEDULER
 from remoterun.api.app import create_app
+from remoterun.db import Database
 
 Event = tuple[str | None, str, dict[str, Any]]
 
@@ -271,3 +273,25 @@ async def test_streams_end_when_the_server_stops(server: ServerProcess) -> None:
         response.close()
     assert await asyncio.to_thread(server.proc.wait, 10) == 0
     assert time.monotonic() - started < 4, "the server waited for the stream"
+
+
+async def test_a_version_1_database_gains_the_exit_code_column(tmp_path: Any) -> None:
+    """A database made before task_events.exit_code existed is migrated at open, its rows kept."""
+    path = tmp_path / "old.db"
+    db = Database(path)
+    await db.open()
+    await db.close()
+    with sqlite3.connect(path) as conn:
+        conn.execute("ALTER TABLE task_events DROP COLUMN exit_code")
+        conn.execute("INSERT INTO task_events (task_id, ts, new_status, attempt) "
+                     "VALUES ('t', 1.0, 'pending', 1)")
+        conn.execute("UPDATE meta SET value = '1' WHERE key = 'schema_version'")
+    db = Database(path)
+    await db.open()
+    try:
+        rows = await db.events("t")
+        assert [(r["new_status"], r["exit_code"]) for r in rows] == [("pending", None)]
+        version = await db.fetch_one("SELECT value FROM meta WHERE key = 'schema_version'")
+        assert version == {"value": "2"}
+    finally:
+        await db.close()
