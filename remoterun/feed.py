@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -41,6 +42,9 @@ class Follower:
     ready: asyncio.Event = field(default_factory=asyncio.Event)
     dropped: bool = False
     ended: bool = False
+    # Called when dropped: a follower stuck writing to a client that stopped reading is cut
+    # at once, not when (if ever) that write returns.
+    on_drop: Callable[[], None] | None = None
 
     def put(self, change: TaskChange) -> bool:
         """Queue a change; False (and marked dropped) when the queue is full."""
@@ -48,6 +52,8 @@ class Follower:
             self.dropped = True
             self.queue.clear()
             self.ready.set()
+            if self.on_drop is not None:
+                self.on_drop()
             return False
         self.queue.append(change)
         self.ready.set()

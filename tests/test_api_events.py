@@ -4,8 +4,10 @@ and the history filters of GET /tasks."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import signal
+import socket
 import sqlite3
 import time
 from typing import Any
@@ -177,6 +179,34 @@ async def test_a_slow_follower_is_dropped(make_client: Any) -> None:
     again = await client.get("/events?since=0")
     await read_until(again, ended(task["id"]))
     again.close()
+
+
+async def test_a_follower_that_stopped_reading_is_cut(make_client: Any) -> None:
+    """A client that stops reading while the server writes to it is cut once its queue fills,
+    even though the write it is stuck in never returns."""
+    client = await make_client()
+    scheduler = client.app[SCHEDULER]
+    scheduler.feed.queue_events = 5
+    stalled = socket.socket()
+    stalled.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    stalled.setblocking(False)
+    try:
+        await asyncio.get_running_loop().sock_connect(stalled, (client.host, client.port))
+        stalled.send(b"GET /events HTTP/1.1\r\nHost: localhost\r\n\r\n")
+        await wait_for(lambda: scheduler.feed.followers == 1, what="the follower")
+        big = {"note": "x" * 100_000}  # each event ~100 kB: the socket's buffers fill at once
+        for _ in range(40):
+            await submit(client, "hello.sh", params=big)
+            if scheduler.feed.followers == 0:
+                break
+        await wait_for(lambda: scheduler.feed.followers == 0, what="the follower to be cut")
+        loop = asyncio.get_running_loop()
+        with contextlib.suppress(ConnectionResetError):  # what was in flight, then the end
+            async with asyncio.timeout(10):
+                while await loop.sock_recv(stalled, 1 << 20):
+                    pass
+    finally:
+        stalled.close()
 
 
 async def test_task_events_lists_each_attempt(client: TestClient) -> None:

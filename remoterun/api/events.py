@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 from collections.abc import Callable
 from fnmatch import fnmatchcase
 from typing import Any
@@ -91,6 +92,7 @@ async def events(request: web.Request) -> web.StreamResponse:
         since = parse_since(raw)
     feed = request.app[SCHEDULER].feed
     follower = feed.follow()  # before the replay reads: what commits meanwhile is queued
+    follower.on_drop = functools.partial(_cut, request)
     response = web.StreamResponse(headers={
         "Content-Type": "text/event-stream; charset=utf-8",
         "Cache-Control": "no-cache",
@@ -106,16 +108,20 @@ async def events(request: web.Request) -> web.StreamResponse:
         await response.write(f"id: {last}\nevent: ready\ndata: {ready}\n\n".encode())
         await _live(response, follower, last, visible, request.app[SETTINGS].heartbeat_s)
         await response.write_eof()
-    except Dropped:
-        request.app[METRICS].slow_clients.inc()
-        if request.transport is not None:
-            request.transport.abort()  # the client resumes with Last-Event-ID
-    except ConnectionResetError:
-        pass
+    except (Dropped, ConnectionResetError):
+        pass  # cut by _cut, or the client left
     finally:
         feed.leave(follower)
         gauge.dec()
     return response
+
+
+def _cut(request: web.Request) -> None:
+    """Drop a follower that fell behind: close its connection now (it resumes with
+    Last-Event-ID), even while a write to it waits for a client that stopped reading."""
+    request.app[METRICS].slow_clients.inc()
+    if request.transport is not None:
+        request.transport.abort()
 
 
 async def _replay(response: web.StreamResponse, db: Database, since: int,
