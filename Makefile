@@ -10,9 +10,10 @@ serve: install-python install-node
 test: install
 	$(PYTHON) -m pytest
 
-# Refresh docs/screenshot.png (the README's picture) from the page test.
+# Refresh docs/*.png (the README's pictures) from the page tests.
 screenshot: install
-	REMOTERUN_SCREENSHOT=1 $(PYTHON) -m pytest tests/test_page.py -k screenshot
+	REMOTERUN_SCREENSHOT=1 $(PYTHON) -m pytest tests/test_page.py tests/test_page_console.py \
+	  -k "screenshot or 360"
 
 install: install-system install-python install-node
 

@@ -204,6 +204,37 @@ async def _follow(args: argparse.Namespace, task_id: str, since: int = 0) -> int
             url = f"{args.url}/tasks/{task_id}/ws?since={since}"
 
 
+async def _watch(args: argparse.Namespace) -> None:
+    """Print each task transition as GET /events streams it, resuming after a drop (or a
+    server restart) from the last event id, until interrupted."""
+    last: str | None = None
+    async with aiohttp.ClientSession(headers=_headers(args),
+                                     timeout=aiohttp.ClientTimeout(total=None)) as session:
+        while True:
+            headers = {"Last-Event-ID": last} if last is not None else {}
+            try:
+                async with session.get(f"{args.url}/events", headers=headers) as response:
+                    if response.status >= 400:
+                        raise SystemExit(f"remoterun: {response.status}: {await response.text()}")
+                    fields: dict[str, str] = {}
+                    async for raw in response.content:
+                        line = raw.decode().rstrip("\n")
+                        if line:
+                            key, _, value = line.partition(": ")
+                            fields[key] = value
+                            continue
+                        last = fields.get("id", last)
+                        if fields.get("event") == "task":
+                            t = json.loads(fields["data"])
+                            if not args.status or t["status"] == args.status:
+                                print(f"{t['id']}  {t['status']:<9}  {t['updated_at']}  "
+                                      f"{t['script']}", flush=True)
+                        fields = {}
+            except aiohttp.ClientError:
+                pass
+            await asyncio.sleep(1)  # the stream was cut (a slow client, a restart): resume
+
+
 async def _client(args: argparse.Namespace) -> int:
     if args.verb == "submit":
         body = {"script": args.script, "params": _params(args.param),
@@ -229,11 +260,13 @@ async def _client(args: argparse.Namespace) -> int:
             async for chunk in response.content.iter_any():
                 sys.stdout.buffer.write(chunk)
         return 0
-    if args.verb == "tasks":
+    if args.verb in ("tasks", "ls"):
         query = f"?limit={args.limit}" + (f"&status={args.status}" if args.status else "")
         data = await _request(args, "GET", "/tasks" + query)
         for t in data["tasks"]:
             print(f"{t['id']}  {t['status']:<9}  {t['created_at']}  {t['script']}")
+        if args.watch:
+            await _watch(args)
         return 0
     if args.verb == "show":
         print(json.dumps(await _request(args, "GET", f"/tasks/{args.id}"), indent=2))
@@ -271,7 +304,7 @@ def parser() -> argparse.ArgumentParser:
     for name, help_text in (("submit", "submit a task"), ("logs", "print a task's output"),
                             ("tasks", "list tasks"), ("show", "show one task"),
                             ("cancel", "cancel a task"), ("scripts", "list scripts")):
-        c = sub.add_parser(name, help=help_text)
+        c = sub.add_parser(name, help=help_text, aliases=["ls"] if name == "tasks" else [])
         c.add_argument("--url", default=os.environ.get("REMOTERUN_URL", DEFAULT_URL))
         c.add_argument("--token", default=os.environ.get("REMOTERUN_TOKEN"))
         if name == "submit":
@@ -290,6 +323,8 @@ def parser() -> argparse.ArgumentParser:
         if name == "tasks":
             c.add_argument("--status")
             c.add_argument("--limit", type=int, default=20)
+            c.add_argument("-w", "--watch", action="store_true",
+                           help="then print each transition as it happens (GET /events)")
     return p
 
 
@@ -303,6 +338,8 @@ def main(argv: list[str] | None = None) -> int:
     args.url = args.url.rstrip("/")
     try:
         return asyncio.run(_client(args))
+    except KeyboardInterrupt:  # how `ls --watch` ends
+        return 130
     except aiohttp.ClientError as exc:
         print(f"remoterun: cannot reach {args.url}: {exc}", file=sys.stderr)
         return 1

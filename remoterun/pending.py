@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import heapq
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from typing import Any
 
 Row = dict[str, Any]
@@ -92,13 +92,16 @@ class PendingQueue:
         """Look the per-script limits up again at the next push (the catalogue changed)."""
         self._limits.clear()
 
-    def position(self, task_id: str) -> int | None:
-        """1-based place in dispatch order among the waiting tasks, or None if not waiting."""
-        if task_id not in self._rows:
-            return None
-        live = sorted(e for e in self._heap if self._rows.get(e[2]) is not None
-                      and self._rows[e[2]]["num"] == e[1])
-        for place, entry in enumerate(live, 1):
-            if entry[2] == task_id:
-                return place
-        return None
+    def positions(self, task_ids: Collection[str]) -> dict[str, int]:
+        """The 1-based place in dispatch order (aged priority, then submission) of each of
+        `task_ids` that waits here: one pass over the heap for one task, one sort for several."""
+        live = {e[2]: e for e in self._heap
+                if e[2] in self._rows and self._rows[e[2]]["num"] == e[1]}
+        wanted = [i for i in task_ids if i in live]
+        if not wanted:
+            return {}
+        if len(wanted) == 1:
+            mine = live[wanted[0]]
+            return {wanted[0]: 1 + sum(entry < mine for entry in live.values())}
+        order = {task_id: place for place, (_, _, task_id) in enumerate(sorted(live.values()), 1)}
+        return {task_id: order[task_id] for task_id in wanted}

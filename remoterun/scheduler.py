@@ -24,7 +24,7 @@ import random
 import signal
 import time
 import uuid
-from collections.abc import Coroutine, Iterable
+from collections.abc import Collection, Coroutine, Iterable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from enum import StrEnum
@@ -46,6 +46,7 @@ from remoterun.catalogue import Catalogue, Script
 from remoterun.compressor import Compressor
 from remoterun.config import Settings
 from remoterun.errors import Conflict, NotFound, Unavailable
+from remoterun.feed import TaskFeed
 from remoterun.hub import Subscription, TaskHub, replay_finished
 from remoterun.metrics import Metrics
 from remoterun.pending import PendingQueue
@@ -99,6 +100,7 @@ class Scheduler:
         self.accepting = True
         self.tasks: dict[str, TaskState] = {}
         self.queue = PendingQueue(settings.aging_s, self._limit_of)
+        self.feed = TaskFeed()  # every committed transition, for GET /events
         self.problems: dict[str, str] = {}  # what /readyz reports: kind -> latest failure
         self._busy = 0  # worker slots held (starting, running)
         self._wake = asyncio.Event()
@@ -194,24 +196,23 @@ class Scheduler:
     # Commits ---------------------------------------------------------------------------------
 
     async def _commit(self, statements: list[store.Statement], within_s: float | None = None
-                      ) -> None:
+                      ) -> int | None:
         """Commit in order behind every earlier commit. A request (`within_s` given) gets
         Unavailable past it; the engine's own commits wait until the database is back."""
         if within_s is not None:
             try:
                 async with asyncio.timeout(within_s):
                     async with self._write_lock:
-                        await self.db.commit(statements, within_s)
+                        return await self.db.commit(statements, within_s)
             except (TimeoutError, store.DatabaseUnavailable) as exc:
                 raise Unavailable("the database is busy or cannot be written; try again",
                                   code="database_unavailable", retry_after_s=1.0) from exc
-            return
         async with self._write_lock:
             while True:
                 try:
-                    await self.db.commit(statements, self.settings.db_retry_s)
+                    rowid = await self.db.commit(statements, self.settings.db_retry_s)
                     self.problems.pop("database", None)
-                    return
+                    return rowid
                 except store.DatabaseUnavailable as exc:
                     self.problems["database"] = str(exc)
                     self._log_once("database_unavailable", "", error=str(exc))
@@ -235,8 +236,9 @@ class Scheduler:
         attempt = fields.get("attempt", row["attempt"])
         statements = store.transition(row["id"], old, new, attempt, dict(fields),
                                       detail=fields.get("error"))
-        await self._commit([*extra, *statements])
+        event_id = await self._commit([*extra, *statements])
         row.update(fields, status=str(new))
+        self.feed.publish(event_id, row, str(old), fields)  # GET /events
         hub = state.hub
         if hub is not None:
             hub.task = task_json(row)
@@ -272,10 +274,11 @@ class Scheduler:
             "submitted_by": submitted_by, "logs_path": logs_path_for(task_id, now),
         }
         self._next_num += 1
-        await self._commit(store.insert_task(row), within_s=self._request_wait())
+        event_id = await self._commit(store.insert_task(row), within_s=self._request_wait())
         full = {**dict.fromkeys(("exit_code", "error", "started_at", "finished_at",
                                  "run_after", "pid")), "output_bytes": 0, "last_seq": 0,
                 "seq_reserved": 0, **row}
+        self.feed.publish(event_id, full, None)  # GET /events
         self._enqueue(TaskState(full))
         self.metrics.child(self.metrics.submitted, script.name).inc()
         log.info("task_submitted", task_id=task_id, script=script.name,
@@ -323,9 +326,9 @@ class Scheduler:
         self._finish(state)
         return task_json(state.row)
 
-    def position(self, task_id: str) -> int | None:
-        """A pending task's 1-based place in the queue (None unless it waits there)."""
-        return self.queue.position(task_id)
+    def queue_positions(self, task_ids: Collection[str]) -> dict[str, int]:
+        """The 1-based place in dispatch order of each of `task_ids` that waits in the queue."""
+        return self.queue.positions(task_ids)
 
     # Streams ---------------------------------------------------------------------------------
 

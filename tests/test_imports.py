@@ -19,6 +19,7 @@ MODULES = sorted(
 # (segments, and through it gzjoin's neighbours) may name it; nothing else below the engine
 # imports sideways.
 LEAVES = {"config", "errors", "state", "logs", "wire", "spawn", "segments", "gzjoin"}
+# feed: the committed transitions, fanned out to GET /events (a leaf beside the hub)
 SERVICES = {"store", "runner", "archive", "catalogue", "compressor", "reaper"}
 ALLOWED: dict[str, set[str]] = {
     **{leaf: set() for leaf in LEAVES},
@@ -27,8 +28,9 @@ ALLOWED: dict[str, set[str]] = {
     "catalogue": set(LEAVES), "compressor": set(LEAVES), "reaper": set(LEAVES),
     "hub": LEAVES | {"archive"},
     "pending": set(LEAVES),
+    "feed": set(LEAVES),
     "attempt": LEAVES | {"runner", "archive", "hub", "catalogue"},
-    "scheduler": LEAVES | SERVICES | {"hub", "pending", "attempt", "metrics"},
+    "scheduler": LEAVES | SERVICES | {"hub", "pending", "attempt", "metrics", "feed"},
     "auth": LEAVES | {"catalogue"},
     "metrics": set(LEAVES),
     "retention": LEAVES | {"store", "archive"},

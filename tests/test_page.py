@@ -247,7 +247,7 @@ def test_history_lists_filters_and_replays(page: Page) -> None:
     expect(row).to_have_count(1)
     row.click()
     wait_text(page, "hello world")
-    assert page.url.endswith(f"/?task={task_id}")
+    assert page.url.endswith(f"/?task={task_id}&status=success&script=hello.sh")  # filters kept
     download = page.locator("#task-download")
     expect(download).to_have_attribute("href", f"/tasks/{task_id}/output")
     assert page.request.get(f"/tasks/{task_id}/output").text() == "hello world\n"

@@ -21,6 +21,7 @@ from remoterun.api import (
     SCHEDULER,
     SETTINGS,
     SOCKETS,
+    events,
     http,
     json_response,
     sse,
@@ -205,6 +206,7 @@ def create_app(settings: Settings) -> web.Application:
     app.router.add_routes(http.routes)
     app.router.add_routes(ws.routes)
     app.router.add_routes(sse.routes)
+    events.setup(app)  # GET /events, GET /tasks/{id}/events (issue 18)
     app.router.add_get("/", index)
     app.router.add_post("/login", login)
     app.router.add_post("/logout", logout)

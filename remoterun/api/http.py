@@ -10,6 +10,7 @@ import re
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any
 
 import structlog
@@ -19,6 +20,7 @@ from remoterun import archive
 from remoterun.api import CATALOGUE, DB, METRICS, SCHEDULER, SETTINGS, identity, json_response
 from remoterun.errors import BadRequest, Gone, NotFound
 from remoterun.metrics import CONTENT_TYPE
+from remoterun.scheduler import Scheduler
 from remoterun.state import TaskStatus
 from remoterun.wire import sse_data, task_json
 
@@ -114,29 +116,76 @@ async def get_task(request: web.Request) -> web.Response:
     row = await request.app[DB].get_task(task_id_of(request))
     if row is None:
         raise NotFound(f"no task {request.match_info['id']!r}")
-    return json_response(task_json(row))
+    return json_response(with_queue_positions(request.app[SCHEDULER], [task_json(row)])[0])
+
+
+def with_queue_positions(scheduler: Scheduler, tasks: list[dict[str, Any]]
+                         ) -> list[dict[str, Any]]:
+    """The tasks, each pending one with its `queue_position` (1-based, in dispatch order)."""
+    places = scheduler.queue_positions([t["id"] for t in tasks if t["status"] == "pending"])
+    for task in tasks:
+        if task["id"] in places:
+            task["queue_position"] = places[task["id"]]
+    return tasks
 
 
 @routes.get("/tasks")
 async def list_tasks(request: web.Request) -> web.Response:
-    """Tasks, newest first, a page at a time."""
+    """Tasks, newest first, a page at a time: `cursor` pages to older tasks, `after` to newer."""
     identity(request).require("viewer")
     query = request.query
-    problems = []
-    status = query.get("status") or None
-    if status is not None and status not in TaskStatus.__members__.values():
-        problems.append({"field": "status", "message": f"one of {[s.value for s in TaskStatus]}"})
+    problems: list[dict[str, str]] = []
     limit = _int_arg(query.get("limit", "50"), 1, 500, "limit", problems)
     cursor = _int_arg(query["cursor"], 1, 2**62, "cursor", problems) if query.get("cursor") \
         else None
+    after = _int_arg(query["after"], 0, 2**62, "after", problems) if query.get("after") \
+        else None
+    if cursor is not None and after is not None:
+        problems.append({"field": "after", "message": "cursor (older) or after (newer), not both"})
+    filters = _list_filters(query, problems)
     if problems:
         raise BadRequest("invalid query", code="invalid_request", details=problems)
-    rows = await request.app[DB].list_tasks(status=status, script=query.get("script") or None,
-                                            limit=limit + 1, before=cursor)
+    db = request.app[DB]
+    rows = await db.list_tasks(limit=limit + 1, before=cursor, after=after, **filters)
     more = len(rows) > limit
-    rows = rows[:limit]
-    return json_response({"tasks": [task_json(r) for r in rows],
-                          "next_cursor": str(rows[-1]["num"]) if more else None})
+    rows = rows[1:] if more and after is not None else rows[:limit]  # after: the oldest newer
+    older = newer = False
+    if rows:
+        older = more if after is None else await db.has_task(rows[-1]["num"], False, **filters)
+        newer = more if after is not None else cursor is not None and await db.has_task(
+            rows[0]["num"], True, **filters)
+    tasks = with_queue_positions(request.app[SCHEDULER], [task_json(r) for r in rows])
+    return json_response({"tasks": tasks,
+                          "next_cursor": str(rows[-1]["num"]) if older else None,
+                          "prev_cursor": str(rows[0]["num"]) if newer else None})
+
+
+def _list_filters(query: Mapping[str, str], problems: list[dict[str, str]]) -> dict[str, Any]:
+    """status, script, submitted_by, q (a substring of the script's name), since and until
+    (the creation time), as db.list_tasks takes them."""
+    status = query.get("status") or None
+    if status is not None and status not in TaskStatus.__members__.values():
+        problems.append({"field": "status", "message": f"one of {[s.value for s in TaskStatus]}"})
+    return {"status": status, "script": query.get("script") or None,
+            "submitted_by": query.get("submitted_by") or None, "q": query.get("q") or None,
+            "since": _time_arg(query, "since", problems),
+            "until": _time_arg(query, "until", problems)}
+
+
+def _time_arg(query: Mapping[str, str], name: str, problems: list[dict[str, str]]
+              ) -> float | None:
+    """An RFC 3339 time (or a date, or Unix seconds) as Unix seconds; None when absent."""
+    raw = query.get(name)
+    if not raw:
+        return None
+    with contextlib.suppress(ValueError):
+        return float(raw)
+    try:
+        when = datetime.fromisoformat(raw)
+    except ValueError:
+        problems.append({"field": name, "message": "an RFC 3339 time, e.g. 2026-12-01T10:00:00Z"})
+        return None
+    return (when if when.tzinfo else when.replace(tzinfo=UTC)).timestamp()
 
 
 def _int_arg(raw: str, low: int, high: int, name: str, problems: list[dict[str, str]]) -> int:

@@ -1,52 +1,48 @@
-// RemoteRun's web terminal page: run a script, watch and type into it, browse and replay history.
-// Speaks only the wire contract (REST, and the task WebSocket); no framework, no build step.
+// RemoteRun's web terminal page: run a script, watch and type into it, see a task's whole
+// story, re-run it, browse and search the history, all live from GET /events (no polling).
+// Speaks only the wire contract (REST, the task WebSocket, SSE); no framework, no build step.
 
-window.remoterun = { started: true }; // tells index.html's plain-text fallback to stand down
+import { durationText, showDetails } from "./details.js";
+import * as form from "./form.js";
+import * as historyList from "./history.js";
+import { follow } from "./live.js";
+import { $, api, ApiError, el, FINAL, formatSeconds, seconds } from "./util.js";
+import { addView, showView } from "./views.js";
 
-const FINAL = new Set(["success", "failed", "timeout", "cancelled"]);
+// `started` tells index.html's plain-text fallback to stand down; `addView` and `api` are for
+// the other views' modules (see "Views" below).
+window.remoterun = { started: true, api, addView };
+
 const STDERR_ON = "\x1b[31m"; // red foreground
 const STDERR_OFF = "\x1b[39m"; // default foreground, leaving bold/underline as the script set them
-const HISTORY_POLL_MS = 3000;
 const PING_MS = 15000;
+const POSITION_REFRESH_MS = 500;
+const LIGHT = matchMedia("(prefers-color-scheme: light)");
+// ANSI colours legible on each background (WCAG AA contrast for the usual ones).
+const THEMES = {
+  dark: { background: "#0f1115", foreground: "#d8dee9", cursor: "#d8dee9",
+          selectionBackground: "#35507a", black: "#5c6370", red: "#ff7b72", green: "#56d364",
+          yellow: "#e3b341", blue: "#79c0ff", magenta: "#d2a8ff", cyan: "#56d4dd",
+          white: "#d8dee9", brightBlack: "#8b949e", brightRed: "#ffa198",
+          brightGreen: "#7ee787", brightYellow: "#f2cc60", brightBlue: "#a5d6ff",
+          brightMagenta: "#e2c5ff", brightCyan: "#b3f0ff", brightWhite: "#ffffff" },
+  light: { background: "#fbfbfc", foreground: "#1d2129", cursor: "#1d2129",
+           selectionBackground: "#b8d3f5", black: "#1d2129", red: "#b3202f", green: "#1a6b34",
+           yellow: "#7a5200", blue: "#0b57b8", magenta: "#8e2f9e", cyan: "#0b6670",
+           white: "#545b68", brightBlack: "#545b68", brightRed: "#a0111f",
+           brightGreen: "#116329", brightYellow: "#6a4700", brightBlue: "#0a4ea6",
+           brightMagenta: "#7a1f8a", brightCyan: "#09575f", brightWhite: "#1d2129" },
+};
 
-const $ = (selector) => document.querySelector(selector);
 const me = { name: "", role: "viewer", auth: false };
-const scripts = new Map(); // name -> GET /scripts entry
+const { scripts } = form;
 let term = null;
 
 // The open task: its socket, and the last output seq shown, so a reconnect neither repeats
-// nor loses a frame.
-const view = { id: null, task: null, lastSeq: 0, socket: null, done: false, retries: 0,
-               timer: null, awaitingPong: false, line: "", outbox: [] };
-
-// --- HTTP ---------------------------------------------------------------------------------
-
-class ApiError extends Error {
-  constructor(status, body) {
-    super(body.message || `HTTP ${status}`);
-    this.status = status;
-    this.body = body;
-  }
-}
-
-async function api(path, { method = "GET", body } = {}) {
-  const init = { method, headers: { Accept: "application/json" } };
-  if (body !== undefined) {
-    init.headers["Content-Type"] = "application/json";
-    init.body = JSON.stringify(body);
-  }
-  const response = await fetch(path, init);
-  const data = await response.json().catch(() => ({}));
-  if (!response.ok) throw new ApiError(response.status, data);
-  return data;
-}
-
-function el(tag, { dataset = {}, ...props } = {}, ...children) {
-  const node = Object.assign(document.createElement(tag), props);
-  Object.assign(node.dataset, dataset);
-  node.append(...children);
-  return node;
-}
+// nor loses a frame; its transitions, for the attempts table.
+const view = { id: null, task: null, events: [], lastSeq: 0, socket: null, done: false,
+               retries: 0, timer: null, awaitingPong: false, line: "", outbox: [],
+               positionTimer: null };
 
 function notice(text) {
   $("#notice").textContent = text;
@@ -63,8 +59,12 @@ async function createTerminal(element) {
     const xterm = new Terminal({
       convertEol: true, cursorBlink: true, scrollback: 10000, fontSize: 14,
       fontFamily: "ui-monospace, 'DejaVu Sans Mono', Menlo, Consolas, monospace",
-      theme: { background: "#0f1115", foreground: "#d8dee9", cursor: "#d8dee9" },
+      theme: LIGHT.matches ? THEMES.light : THEMES.dark,
     });
+    LIGHT.addEventListener("change", () => {
+      xterm.options.theme = LIGHT.matches ? THEMES.light : THEMES.dark;
+    });
+    xterm.attachCustomKeyEventHandler(terminalKey);
     const fit = new FitAddon();
     xterm.loadAddon(fit);
     xterm.open(element);
@@ -80,7 +80,7 @@ async function createTerminal(element) {
 // Stands in for xterm.js when it cannot load: output as text, colours dropped, no input.
 class PlainTerminal {
   constructor(element) {
-    this.pre = element.appendChild(el("pre", { className: "plain-terminal" }));
+    this.pre = element.appendChild(el("pre", { className: "plain-terminal", tabIndex: 0 }));
     this.options = {};
     this.cols = 80;
     this.rows = 24;
@@ -91,7 +91,7 @@ class PlainTerminal {
     this.pre.scrollTop = this.pre.scrollHeight;
   }
   reset() { this.pre.textContent = ""; }
-  focus() {}
+  focus() { this.pre.focus(); }
   onData() {}
   onResize() {}
 }
@@ -114,23 +114,58 @@ function terminalText() {
 
 async function openTask(id, { push = true } = {}) {
   disconnect();
-  Object.assign(view, { id, task: null, lastSeq: 0, done: false, retries: 0, line: "",
-                        outbox: [] });
+  Object.assign(view, { id, task: null, events: [], lastSeq: 0, done: false, retries: 0,
+                        line: "", outbox: [] });
   term.reset();
   notice("");
-  if (push) history.pushState(null, "", `/?task=${encodeURIComponent(id)}`);
-  markCurrentRow();
-  let task;
+  if (push) history.pushState(null, "", historyList.urlFor(id));
+  historyList.markCurrent();
+  let task, events;
   try {
-    task = await api(`/tasks/${encodeURIComponent(id)}`);
+    const path = `/tasks/${encodeURIComponent(id)}`;
+    [task, { events }] = await Promise.all([api(path), api(`${path}/events`)]);
   } catch (error) {
     $("#task-title").textContent = `Task ${id}`;
     notice(error.message);
     return;
   }
   if (view.id !== id) return; // another task was opened meanwhile
+  for (const event of events) addEvent(event);
   showTask(task);
   connect();
+}
+
+function addEvent(event) {
+  if (event && !view.events.some((e) => e.id === event.id)) {
+    view.events.push(event);
+    view.events.sort((a, b) => a.id - b.id);
+  }
+}
+
+// A transition from GET /events: the history's row, and the open task's story.
+function onLive(task) {
+  historyList.applyLive(task);
+  if (task.id === view.id && view.task) {
+    addEvent(task.event);
+    const { event, ...fields } = task;
+    showTask({ ...view.task, ...fields });
+    if (task.status === "pending") refreshPosition(); // a retry queued again
+  } else if (view.task?.status === "pending") {
+    // Another task moved: the open one's place in the queue may have changed.
+    clearTimeout(view.positionTimer);
+    view.positionTimer = setTimeout(refreshPosition, POSITION_REFRESH_MS);
+  }
+}
+
+async function refreshPosition() {
+  const id = view.id;
+  if (view.task?.status !== "pending") return;
+  try {
+    const task = await api(`/tasks/${encodeURIComponent(id)}`);
+    if (view.id === id && view.task?.status === "pending") showTask({ ...view.task, ...task });
+  } catch (error) {
+    notice(error.message);
+  }
 }
 
 function connect() {
@@ -176,7 +211,7 @@ function onFrame(frame) {
     case "task":
       view.retries = 0;
       notice("");
-      showTask(frame.task);
+      showTask({ ...view.task, ...frame.task }); // keeping the queue_position REST gave
       sendSize();
       break;
     case "output":
@@ -185,13 +220,13 @@ function onFrame(frame) {
       term.write(frame.stream === "stderr" ? STDERR_ON + frame.data + STDERR_OFF : frame.data);
       break;
     case "status":
-      showTask({ ...view.task, status: frame.status, attempt: frame.attempt });
+      showTask({ ...view.task, status: frame.status, attempt: frame.attempt,
+                 ...(frame.status === "pending" ? {} : { queue_position: undefined }) });
       sendSize();
       break;
     case "exit":
       view.done = true;
       showTask({ ...view.task, status: frame.status, exit_code: frame.exit_code }, frame.duration);
-      refreshHistory();
       break;
     case "error":
       notice(`${frame.error}: ${frame.message}`);
@@ -220,11 +255,17 @@ function showTask(task, duration) {
   $("#task-title").textContent = `${task.script} · ${task.id.slice(0, 8)}`;
   $("#task-status").textContent = task.status;
   $("#task-status").className = `status ${task.status}`;
+  $("#task-queue").textContent = task.status === "pending" && task.queue_position != null
+    ? `#${task.queue_position} in the queue` : "";
   const took = duration ?? seconds(task);
   const parts = [task.exit_code == null ? "" : `exit ${task.exit_code}`,
                  FINAL.has(task.status) && took != null ? formatSeconds(took) : ""];
   $("#task-exit").textContent = parts.filter(Boolean).join(" · ");
   $("#cancel").disabled = FINAL.has(task.status) || me.role === "viewer";
+  $("#rerun").disabled = $("#run").hidden || !scripts.get(task.script)?.runnable;
+  $("#term-keys").textContent = ptyLive() ? "Shift+Esc leaves the terminal (Esc goes to the program)"
+    : "Esc leaves the terminal";
+  showDetails(task, view.events);
   for (const [selector, href] of [["#task-link", `/?task=${task.id}`],
                                   ["#task-download", `/tasks/${task.id}/output`]]) {
     Object.assign($(selector), { href, hidden: false });
@@ -288,179 +329,33 @@ async function cancelTask() {
   }
 }
 
-// --- The run form -------------------------------------------------------------------------
+// --- Keyboard -----------------------------------------------------------------------------
 
-async function loadScripts() {
-  const body = await api("/scripts");
-  const select = $("#script");
-  const filter = $("#filter-script");
-  for (const script of body.scripts) {
-    scripts.set(script.name, script);
-    const label = script.runnable ? script.name : `${script.name} (not allowed)`;
-    select.append(el("option", { value: script.name, textContent: label,
-                                 disabled: !script.runnable }));
-    filter.append(el("option", { value: script.name, textContent: script.name }));
+function ptyLive() {
+  return Boolean(view.task?.pty && view.task.status === "running" && canType());
+}
+
+// Esc leaves the terminal; in a live PTY programs need Esc, so there it is Shift+Esc.
+function terminalKey(event) {
+  if (event.type !== "keydown" || event.key !== "Escape") return true;
+  if (ptyLive() && !event.shiftKey) return true;
+  leaveTerminal();
+  return false;
+}
+
+function leaveTerminal() {
+  const next = [$("#rerun"), $("#cancel"), $("#filter-q")].find((b) => !b.disabled);
+  next.focus();
+}
+
+function globalKey(event) {
+  const inTerminal = $("#terminal").contains(document.activeElement);
+  if (event.key === "Enter" && (event.ctrlKey || event.metaKey) && !inTerminal) {
+    event.preventDefault();
+    if (!$("#run").hidden && !form.isSubmitting()) $("#run").requestSubmit();
+  } else if (event.key === "Escape" && inTerminal && !term.buffer) {
+    leaveTerminal(); // the plain-text stand-in has no key handler of its own
   }
-  const first = body.scripts.find((s) => s.runnable);
-  if (first) select.value = first.name;
-  $("#run").hidden = !first; // a viewer, or a token allowed no script here
-  renderParams();
-}
-
-function renderParams() {
-  const script = scripts.get($("#script").value);
-  $("#script-help").textContent = script?.description ?? "";
-  $("#run").timeout.placeholder = script?.timeout ? `${script.timeout} (script's)` : "default";
-  const fields = !script ? [] : script.params === null ? [freeFormField()]
-    : script.params.map(paramField);
-  $("#params").replaceChildren(...fields);
-  $("#run-error").textContent = "";
-}
-
-function freeFormField() {
-  const input = el("textarea", { name: "free", rows: 3, placeholder: "key=value, one a line" });
-  return el("label", { className: "param" }, "Params", input, errorSlot("params"));
-}
-
-function paramField(param) {
-  let input;
-  if (param.enum) {
-    input = el("select");
-    if (param.default == null) input.append(el("option", { value: "", textContent: "—" }));
-    param.enum.forEach((value, i) => input.append(el("option", {
-      value: String(i), textContent: String(value), selected: value === param.default })));
-  } else if (param.type === "boolean") {
-    input = el("input", { type: "checkbox", checked: param.default === true });
-  } else {
-    const numeric = param.type === "integer" || param.type === "number";
-    input = el("input", {
-      type: param.secret ? "password" : numeric ? "number" : "text",
-      value: param.default ?? "",
-      autocomplete: param.secret ? "new-password" : "off",
-      title: param.pattern ? `must match ${param.pattern}` : "",
-    });
-    if (numeric) input.step = param.type === "integer" ? "1" : "any";
-    if (param.min != null) input.min = param.min;
-    if (param.max != null) input.max = param.max;
-  }
-  input.name = `param-${param.name}`;
-  input.required = param.required && param.type !== "boolean";
-  const title = param.required ? `${param.name} *` : param.name;
-  const help = param.description ? el("small", { textContent: param.description }) : "";
-  const cls = param.type === "boolean" ? "param check" : "param";
-  return el("label", { className: cls }, title, input, help, errorSlot(`params.${param.name}`));
-}
-
-function errorSlot(field) {
-  return el("span", { className: "error", dataset: { field } });
-}
-
-function readParams(script, form) {
-  if (script.params === null) {
-    const params = {};
-    for (const line of form.free.value.split("\n").filter((l) => l.trim())) {
-      const [key, ...value] = line.split("=");
-      params[key.trim()] = value.join("="); // free-form values are strings
-    }
-    return params;
-  }
-  const params = {};
-  for (const param of script.params) {
-    const input = form.elements[`param-${param.name}`];
-    if (param.type === "boolean") params[param.name] = input.checked;
-    else if (input.value === "") continue; // the server fills in defaults
-    else if (param.enum) params[param.name] = param.enum[Number(input.value)];
-    else if (param.type === "string") params[param.name] = input.value;
-    else params[param.name] = Number(input.value);
-  }
-  return params;
-}
-
-async function submitRun(event) {
-  event.preventDefault();
-  const form = event.target;
-  const script = scripts.get(form.script.value);
-  for (const slot of form.querySelectorAll(".error")) slot.textContent = "";
-  if (!script) return;
-  if (!form.reportValidity()) return;
-  const body = { script: script.name, params: readParams(script, form),
-                 priority: Number(form.priority.value) || 0,
-                 pty: form.pty.checked, interactive: form.interactive.checked };
-  if (form.timeout.value) body.timeout = Number(form.timeout.value);
-  try {
-    const task = await api("/tasks", { method: "POST", body });
-    await openTask(task.id);
-    refreshHistory();
-    term.focus();
-  } catch (error) {
-    $("#run-error").textContent = error.message;
-    for (const { field, message } of error.body?.details ?? []) {
-      const slot = form.querySelector(`.error[data-field="${CSS.escape(field)}"]`);
-      if (slot) slot.textContent = message;
-      else $("#run-error").textContent += ` — ${field}: ${message}`;
-    }
-  }
-}
-
-// --- History ------------------------------------------------------------------------------
-
-let historyAsked = 0; // answers to older requests (other filters) are dropped
-
-async function refreshHistory() {
-  const asked = ++historyAsked;
-  const query = new URLSearchParams({ limit: "50" });
-  if ($("#filter-status").value) query.set("status", $("#filter-status").value);
-  if ($("#filter-script").value) query.set("script", $("#filter-script").value);
-  try {
-    const { tasks } = await api(`/tasks?${query}`);
-    if (asked !== historyAsked) return;
-    $("#tasks").replaceChildren(...tasks.map(taskRow));
-    markCurrentRow();
-  } catch (error) {
-    notice(`history: ${error.message}`);
-  }
-}
-
-function taskRow(task) {
-  const created = new Date(task.created_at);
-  const took = seconds(task);
-  const row = el("tr", { tabIndex: 0, dataset: { id: task.id } },
-    el("td", {}, el("span", { className: `status ${task.status}`, textContent: task.status })),
-    el("td", { textContent: task.script }),
-    el("td", { textContent: task.submitted_by }),
-    el("td", { textContent: formatWhen(created), title: created.toLocaleString() }),
-    el("td", { textContent: took == null ? "" : formatSeconds(took) }),
-    el("td", {}, el("a", { href: `/tasks/${task.id}/output`, download: "", textContent: "log",
-                           title: "Download the log" })));
-  row.addEventListener("click", (event) => event.target.closest("a") || openTask(task.id));
-  row.addEventListener("keydown", (event) => event.key === "Enter" && openTask(task.id));
-  return row;
-}
-
-function markCurrentRow() {
-  for (const row of $("#tasks").rows) row.classList.toggle("current", row.dataset.id === view.id);
-}
-
-async function pollHistory() {
-  if (!document.hidden) await refreshHistory();
-  setTimeout(pollHistory, HISTORY_POLL_MS);
-}
-
-function seconds(task) {
-  if (!task.started_at) return null;
-  const end = task.finished_at ? new Date(task.finished_at) : new Date();
-  return Math.max(0, (end - new Date(task.started_at)) / 1000);
-}
-
-function formatSeconds(s) {
-  if (s < 60) return `${s.toFixed(s < 10 ? 2 : 1)} s`;
-  if (s < 3600) return `${Math.floor(s / 60)}m ${Math.round(s % 60)}s`;
-  return `${Math.floor(s / 3600)}h ${Math.round((s % 3600) / 60)}m`;
-}
-
-function formatWhen(date) {
-  const today = date.toDateString() === new Date().toDateString();
-  return today ? date.toLocaleTimeString() : date.toLocaleDateString();
 }
 
 // --- Login and start-up -------------------------------------------------------------------
@@ -510,10 +405,26 @@ async function main() {
   term.onData(onTyped);
   term.onResize(sendSize);
   setInterval(keepAlive, PING_MS);
+  setInterval(tick, 1000);
+  historyList.init({ open: (id) => openTask(id), current: () => view.id });
+  form.init({ submitted: async (task) => {
+    term.focus(); // so that a second Enter goes to the terminal, not to Run
+    await openTask(task.id);
+  } });
   wireControls();
-  await loadScripts();
-  pollHistory();
+  const live = follow(onLive); // first: what changes while the list loads is applied after it
+  await form.loadScripts();
+  historyList.readUrl();
+  await Promise.race([live, new Promise((resolve) => setTimeout(resolve, 3000))]);
+  await historyList.refresh();
   if (taskInUrl()) await openTask(taskInUrl(), { push: false });
+}
+
+// A running task's duration goes on without asking the server.
+function tick() {
+  if (view.task?.status === "running" && $("#task-duration")) {
+    $("#task-duration").textContent = durationText(view.task);
+  }
 }
 
 function wireControls() {
@@ -522,18 +433,23 @@ function wireControls() {
     location.replace("/");
   });
   $("#cancel").addEventListener("click", cancelTask);
-  $("#script").addEventListener("change", renderParams);
-  $("#run").addEventListener("submit", submitRun);
-  $("#run").pty.addEventListener("change", (event) => {
-    // A PTY is always interactive (PROTOCOL.md): show it.
-    const interactive = $("#run").interactive;
-    interactive.disabled = event.target.checked;
-    if (event.target.checked) interactive.checked = true;
+  $("#rerun").addEventListener("click", () => view.task && form.rerun(view.task));
+  $("#script").addEventListener("change", () => {
+    $("#rerun-of").textContent = "";
+    form.renderParams();
   });
-  $("#filter-status").addEventListener("change", refreshHistory);
-  $("#filter-script").addEventListener("change", refreshHistory);
-  addEventListener("popstate", () => taskInUrl() && taskInUrl() !== view.id
-    && openTask(taskInUrl(), { push: false }));
+  $("#run").addEventListener("submit", form.submitRun);
+  $("#run").pty.addEventListener("change", form.syncInteractive);
+  $("#views").addEventListener("click", (event) => {
+    const tab = event.target.closest("button[data-view]");
+    if (tab) showView(tab.dataset.view);
+  });
+  addEventListener("keydown", globalKey);
+  addEventListener("popstate", () => {
+    historyList.readUrl();
+    historyList.refresh();
+    if (taskInUrl() && taskInUrl() !== view.id) openTask(taskInUrl(), { push: false });
+  });
 }
 
 main().catch((error) => {

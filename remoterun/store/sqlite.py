@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import operator
 import sqlite3
 import time
 from collections.abc import Iterable, Sequence
@@ -44,7 +45,7 @@ import structlog
 
 from remoterun.state import FINAL, TaskStatus
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 2  # 2: tasks.seq_reserved, task_events.exit_code
 log = structlog.get_logger(__name__)
 
 _db = pw.SqliteDatabase(None)
@@ -113,6 +114,7 @@ class TaskEvent(_Base):
     new_status = pw.CharField()
     attempt = pw.IntegerField()
     detail = pw.TextField(null=True)
+    exit_code = pw.IntegerField(null=True)  # of the attempt this transition ended
 
     class Meta:
         table_name = "task_events"
@@ -224,19 +226,24 @@ class Database:
             await self.conn.execute("ROLLBACK")
             raise RuntimeError(f"database schema {version} is newer than this server's "
                                f"{SCHEMA_VERSION}")
-        if version < 2:
-            await self.conn.execute(
-                'ALTER TABLE "tasks" ADD COLUMN "seq_reserved" INTEGER NOT NULL DEFAULT 0')
-        # Later releases add their steps here, each guarded by `version < N`.
+        # Each release's steps, guarded by `version < N`.
+        if version < 2:  # version 1's tables lack tasks.seq_reserved and task_events.exit_code
+            for table, column, kind in (("tasks", "seq_reserved", "INTEGER NOT NULL DEFAULT 0"),
+                                        ("task_events", "exit_code", "INTEGER")):
+                columns = await self.fetch_all(f'PRAGMA table_info("{table}")')
+                if column not in {c["name"] for c in columns}:
+                    await self.conn.execute(f'ALTER TABLE "{table}" ADD COLUMN "{column}" {kind}')
         sql, params = Meta.replace(key="schema_version", value=str(SCHEMA_VERSION)).sql()
         await self.conn.execute(sql, params)
         await self.conn.execute("COMMIT")
 
-    def write(self, statements: Iterable[Statement]) -> None:
+    def write(self, statements: Iterable[Statement]) -> int | None:
         """Run statements in one transaction and commit, on the loop, never waiting for a lock.
 
-        DatabaseBusy when another connection holds the lock or the file cannot be written:
-        the transaction is rolled back, nothing changed, the caller may try again.
+        Returns the rowid of the transaction's last INSERT (the event row's id for
+        `insert_task` and `transition`, whose last statement it is). DatabaseBusy when another
+        connection holds the lock or the file cannot be written: the transaction is rolled
+        back, nothing changed, the caller may try again.
         """
         writer = self._writer
         assert writer is not None, "Database.open() was not awaited"
@@ -244,11 +251,14 @@ class Database:
             writer.execute("BEGIN IMMEDIATE")
         except sqlite3.OperationalError as exc:
             raise DatabaseBusy(str(exc)) from exc
+        rowid: int | None = None
         try:
             for statement in statements:
                 cursor = writer.execute(*statement)
                 if isinstance(statement, Guarded) and cursor.rowcount != 1:
                     raise StaleWrite(statement[0])
+                if cursor.lastrowid:
+                    rowid = cursor.lastrowid
             writer.execute("COMMIT")
         except sqlite3.Error as exc:
             if writer.in_transaction:
@@ -261,16 +271,16 @@ class Database:
                 writer.execute("ROLLBACK")
             raise
         self._unchecked = True
+        return rowid
 
-    async def commit(self, statements: Sequence[Statement], within_s: float) -> None:
+    async def commit(self, statements: Sequence[Statement], within_s: float) -> int | None:
         """`write`, tried again with a growing pause while the database is busy, for up to
         `within_s` seconds; DatabaseUnavailable after that (nothing written)."""
         deadline = time.monotonic() + within_s
         pause = 0.005
         while True:
             try:
-                self.write(statements)
-                return
+                return self.write(statements)
             except DatabaseBusy as exc:
                 if time.monotonic() + pause > deadline:
                     raise DatabaseUnavailable(str(exc)) from exc
@@ -315,16 +325,37 @@ class Database:
         return await self.fetch_one(*Task.select().where(Task.id == task_id).sql())
 
     async def list_tasks(self, *, status: str | None, script: str | None, limit: int,
-                         before: int | None) -> list[dict[str, Any]]:
-        """Newest first; `before` is the `num` cursor of the previous page."""
-        query = Task.select()
-        if status:
-            query = query.where(Task.status == status)
-        if script:
-            query = query.where(Task.script == script)
+                         before: int | None, after: int | None = None,
+                         **filters: Any) -> list[dict[str, Any]]:
+        """Newest first; `before` is the `num` cursor of the previous page, `after` that of
+        the next (the `limit` oldest tasks newer than it). `filters`: see `_task_filter`."""
+        query = Task.select().where(_task_filter(status=status, script=script, **filters))
         if before is not None:
             query = query.where(Task.num < before)
+        if after is not None:
+            query = query.where(Task.num > after).order_by(Task.num).limit(limit)
+            return (await self.fetch_all(*query.sql()))[::-1]
         return await self.fetch_all(*query.order_by(Task.num.desc()).limit(limit).sql())
+
+    async def has_task(self, num: int, newer: bool, **filters: Any) -> bool:
+        """Whether a task newer (else older) than `num` matches the filters: is there a page
+        beyond it."""
+        beyond = Task.num > num if newer else Task.num < num
+        query = Task.select(Task.num).where(_task_filter(**filters) & beyond)
+        return await self.fetch_one(*query.limit(1).sql()) is not None
+
+    async def events_after(self, since: int, limit: int) -> list[dict[str, Any]]:
+        """Up to `limit` transitions with an id above `since`, oldest first, each with its
+        task's row (the event's own columns prefixed `event_`)."""
+        query = (TaskEvent.select(
+            TaskEvent.id.alias("event_id"), TaskEvent.ts.alias("event_ts"),
+            TaskEvent.old_status.alias("event_old_status"),
+            TaskEvent.new_status.alias("event_new_status"),
+            TaskEvent.attempt.alias("event_attempt"), TaskEvent.detail.alias("event_detail"),
+            TaskEvent.exit_code.alias("event_exit_code"), Task)
+            .join(Task, on=(Task.id == TaskEvent.task_id))
+            .where(TaskEvent.id > since).order_by(TaskEvent.id).limit(limit))
+        return await self.fetch_all(*query.sql())
 
     async def tasks_in(self, *statuses: TaskStatus) -> list[dict[str, Any]]:
         """Every task in one of the statuses, in submission order."""
@@ -332,7 +363,7 @@ class Database:
         return await self.fetch_all(*query.order_by(Task.num).sql())
 
     async def events(self, task_id: str) -> list[dict[str, Any]]:
-        """A task's transitions, oldest first."""
+        """A task's transitions, oldest first (their exit_code: of the attempt each ended)."""
         query = TaskEvent.select().where(TaskEvent.task_id == task_id).order_by(TaskEvent.id)
         return await self.fetch_all(*query.sql())
 
@@ -386,6 +417,25 @@ class Database:
     async def ping(self) -> None:
         """Raise if the database is not usable."""
         await self.fetch_one("SELECT 1 AS ok")
+
+
+def _task_filter(*, status: str | None = None, script: str | None = None,
+                 submitted_by: str | None = None, since: float | None = None,
+                 until: float | None = None, q: str | None = None) -> Any:
+    """The WHERE clause of a task list: exact status, script and submitter, created within
+    [since, until), and `q` a case-insensitive substring of the script's name."""
+    clauses: list[Any] = [Task.num > 0]
+    for column, value in ((Task.status, status), (Task.script, script),
+                          (Task.submitted_by, submitted_by)):
+        if value:
+            clauses.append(column == value)
+    if since is not None:
+        clauses.append(Task.created_at >= since)
+    if until is not None:
+        clauses.append(Task.created_at < until)
+    if q:
+        clauses.append(Task.script.contains(q))  # LIKE, its wildcards escaped
+    return functools.reduce(operator.and_, clauses)
 
 
 # The statements of the hot path (one task's life: submit, start, progress, end) are built
@@ -454,7 +504,8 @@ def transition(task_id: str, old: TaskStatus, new: TaskStatus, attempt: int,
     return [
         Guarded((_transition_sql(tuple(values)), [*values.values(), task_id, str(old)])),
         _insert(TaskEvent, {"task_id": task_id, "ts": now, "old_status": str(old),
-                            "new_status": str(new), "attempt": attempt, "detail": detail}),
+                            "new_status": str(new), "attempt": attempt, "detail": detail,
+                            "exit_code": fields.get("exit_code")}),
     ]
 
 

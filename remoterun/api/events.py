@@ -1,0 +1,176 @@
+"""`GET /events`: every task transition the caller may see, as Server-Sent Events; and
+`GET /tasks/{id}/events`, one task's transitions as JSON.
+
+A stream first replays from the database the transitions after `since` (or `Last-Event-ID`,
+which wins; without either, from the newest event now), then goes live from the scheduler's
+feed. The follower is registered before the database is read, and each event carries its
+`task_events` row id, so the seam neither skips nor repeats one: live events at or below the
+last id replayed are dropped. Ids come from the database, so they go on across restarts, and a
+client dropped for being slow (or by a restart) resumes after the last id it saw.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+from collections.abc import Callable
+from fnmatch import fnmatchcase
+from typing import Any
+
+from aiohttp import web
+
+from remoterun.api import DB, METRICS, SCHEDULER, SETTINGS, identity, json_response
+from remoterun.api.http import task_id_of
+from remoterun.api.ws import parse_since
+from remoterun.auth import Identity
+from remoterun.errors import Forbidden, NotFound
+from remoterun.feed import Dropped, Follower, TaskChange
+from remoterun.store import Database
+from remoterun.wire import dumps, rfc3339, task_json
+
+routes = web.RouteTableDef()
+REPLAY_BATCH = 500
+HEARTBEAT = b": keep-alive\n\n"
+
+
+def setup(app: web.Application) -> None:
+    """Add the routes, and end every `/events` stream when the server shuts down (after the
+    drain, whose last transitions they still deliver)."""
+    app.router.add_routes(routes)
+    app.on_shutdown.append(_close_feed)
+
+
+async def _close_feed(app: web.Application) -> None:
+    app[SCHEDULER].feed.close()
+
+
+def sees(who: Identity) -> Callable[[str], bool]:
+    """Whether the caller may see tasks of a script: its token's `scripts` (names or glob
+    patterns) when it has a list; an admin, or a token without a list, sees every script."""
+    patterns = who.scripts
+    if who.role == "admin" or patterns is None:
+        return lambda script: True
+    return lambda script: any(fnmatchcase(script, pattern) for pattern in patterns)
+
+
+def event_json(row: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """A task_events row as the API shows it."""
+    return {"id": row[f"{prefix}id"], "ts": rfc3339(row[f"{prefix}ts"]),
+            "old_status": row[f"{prefix}old_status"], "new_status": row[f"{prefix}new_status"],
+            "attempt": row[f"{prefix}attempt"], "detail": row[f"{prefix}detail"],
+            "exit_code": row[f"{prefix}exit_code"]}
+
+
+def _sse(change: TaskChange) -> bytes:
+    """The change as one SSE event, encoded once for every follower."""
+    if change.encoded is None:
+        body = dumps({**change.task, "event": change.event})
+        change.encoded = f"id: {change.event_id}\nevent: task\ndata: {body}\n\n".encode()
+    return change.encoded
+
+
+def _replayed(row: dict[str, Any]) -> TaskChange:
+    """A change read back from the database: the task as it is now, with the status and
+    attempt the transition gave it."""
+    event = event_json(row, "event_")
+    task = {**task_json(row), "status": event["new_status"], "attempt": event["attempt"]}
+    return TaskChange(event["id"], task, event)
+
+
+@routes.get("/events")
+async def events(request: web.Request) -> web.StreamResponse:
+    """Transitions after `since`, then live ones, until the client leaves or the server stops."""
+    who = identity(request)
+    who.require("viewer")
+    raw = request.headers.get("Last-Event-ID") or request.query.get("since")
+    db = request.app[DB]
+    if raw in (None, ""):
+        newest = await db.fetch_one("SELECT MAX(id) AS id FROM task_events")
+        since = int(newest["id"] or 0) if newest else 0
+    else:
+        since = parse_since(raw)
+    feed = request.app[SCHEDULER].feed
+    follower = feed.follow()  # before the replay reads: what commits meanwhile is queued
+    follower.on_drop = functools.partial(_cut, request)
+    response = web.StreamResponse(headers={
+        "Content-Type": "text/event-stream; charset=utf-8",
+        "Cache-Control": "no-cache",
+        "X-Accel-Buffering": "no",
+    })
+    gauge = request.app[METRICS].clients.labels("events")
+    gauge.inc()
+    try:
+        await response.prepare(request)
+        visible = sees(who)
+        last = await _replay(response, db, since, visible)
+        ready = dumps({"last_event_id": last})
+        await response.write(f"id: {last}\nevent: ready\ndata: {ready}\n\n".encode())
+        await _live(response, follower, last, visible, request.app[SETTINGS].heartbeat_s)
+        await response.write_eof()
+    except (Dropped, ConnectionResetError):
+        pass  # cut by _cut, or the client left
+    finally:
+        feed.leave(follower)
+        gauge.dec()
+    return response
+
+
+def _cut(request: web.Request) -> None:
+    """Drop a follower that fell behind: close its connection now (it resumes with
+    Last-Event-ID), even while a write to it waits for a client that stopped reading."""
+    request.app[METRICS].slow_clients.inc()
+    if request.transport is not None:
+        request.transport.abort()
+
+
+async def _replay(response: web.StreamResponse, db: Database, since: int,
+                  visible: Callable[[str], bool]) -> int:
+    """Write every stored transition after `since`; the last id read."""
+    last = since
+    while True:
+        rows = await db.events_after(last, REPLAY_BATCH)
+        if not rows:
+            return last
+        last = int(rows[-1]["event_id"])
+        body = b"".join(_sse(_replayed(row)) for row in rows if visible(row["script"]))
+        if body:
+            await response.write(body)
+        if len(rows) < REPLAY_BATCH:
+            return last
+
+
+async def _live(response: web.StreamResponse, follower: Follower, last: int,
+                visible: Callable[[str], bool], heartbeat_s: float) -> None:
+    """Write the feed's changes as they come, a comment line when idle; return when it ends."""
+    while True:
+        batch: list[TaskChange] | None = None
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(heartbeat_s):
+                batch = await follower.take()
+        if batch is None:
+            await response.write(HEARTBEAT)
+            continue
+        if not batch:
+            return  # the feed closed: the server is shutting down
+        body = b"".join(_sse(change) for change in batch
+                        if change.event_id > last and visible(change.task["script"]))
+        last = max(last, batch[-1].event_id)
+        if body:
+            await response.write(body)
+
+
+@routes.get("/tasks/{id}/events")
+async def task_events(request: web.Request) -> web.Response:
+    """One task's transitions, oldest first: `{"events": [{id, ts, old_status, new_status,
+    attempt, detail, exit_code}]}` (exit_code: of the attempt the transition ended)."""
+    who = identity(request)
+    who.require("viewer")
+    task_id = task_id_of(request)
+    db = request.app[DB]
+    row = await db.get_task(task_id)
+    if row is None:
+        raise NotFound(f"no task {task_id!r}")
+    if not sees(who)(row["script"]):
+        raise Forbidden(f"token {who.name!r} may not see tasks of {row['script']!r}")
+    return json_response({"events": [event_json(e) for e in await db.events(task_id)]})

@@ -1,0 +1,78 @@
+// The open task's whole story beside its terminal: facts, params, each attempt, downloads.
+
+import { $, el, FINAL, formatBytes, formatSeconds, formatTime, seconds } from "./util.js";
+
+// Each attempt from the task's transitions: it starts when the task goes running and ends at
+// the next transition out of running (a retry, or the final state).
+export function attempts(events) {
+  const list = [];
+  for (const event of events) {
+    if (event.new_status === "running") {
+      list.push({ attempt: event.attempt, start: event.ts, end: null, exitCode: null,
+                  error: null, outcome: "running" });
+    } else if (event.old_status === "running" && list.length) {
+      Object.assign(list[list.length - 1], {
+        end: event.ts, exitCode: event.exit_code, error: event.detail,
+        outcome: event.new_status === "pending" ? "retried" : event.new_status });
+    }
+  }
+  return list;
+}
+
+const clock = (iso) => new Date(iso).toLocaleTimeString();
+
+function fact(term, value, id) {
+  const dd = el("dd", { textContent: value ?? "—" });
+  if (id) dd.id = id;
+  return [el("dt", { textContent: term }), dd];
+}
+
+export function durationText(task) {
+  const took = seconds(task);
+  return took == null ? "—" : formatSeconds(took);
+}
+
+export function showDetails(task, events) {
+  $("#task-info").hidden = false;
+  const tries = task.max_retries + 1;
+  const facts = [
+    fact("status", task.status),
+    task.status === "pending" && task.queue_position != null
+      ? fact("queue position", `#${task.queue_position}`) : [],
+    fact("attempt", tries > 1 ? `${task.attempt} of ${tries}` : String(task.attempt)),
+    fact("submitted by", task.submitted_by),
+    fact("node", task.node ?? "—"),
+    fact("priority", String(task.priority)),
+    fact("timeout", task.timeout == null ? "default" : `${task.timeout} s`),
+    fact("mode", task.pty ? "PTY" : task.interactive ? "interactive" : "pipes"),
+    fact("created", formatTime(task.created_at)),
+    fact("started", formatTime(task.started_at)),
+    fact("finished", formatTime(task.finished_at)),
+    fact("duration", durationText(task), "task-duration"),
+    fact("exit code", task.exit_code == null ? "—" : String(task.exit_code)),
+    fact("output", formatBytes(task.output_bytes)),
+    task.error ? fact("error", task.error) : [],
+  ];
+  $("#task-facts").replaceChildren(...facts.flat());
+  const params = Object.entries(task.params ?? {});
+  $("#task-params").replaceChildren(...(params.length ? params.flatMap(([key, value]) => fact(
+    key, typeof value === "string" ? value : JSON.stringify(value))) : [el("dd", {
+    textContent: "none" })]));
+  const rows = attempts(events).map((a) => el("tr", {},
+    el("td", { textContent: String(a.attempt) }),
+    el("td", { textContent: clock(a.start), title: formatTime(a.start) }),
+    el("td", { textContent: a.end ? clock(a.end) : a.outcome, title: formatTime(a.end) }),
+    el("td", { textContent: a.exitCode == null ? "—" : String(a.exitCode) }),
+    el("td", { textContent: a.error ?? (a.end ? a.outcome : "") })));
+  if (!rows.length) {
+    const why = FINAL.has(task.status) ? "it never ran" : "not started yet";
+    rows.push(el("tr", {}, el("td", { colSpan: 5, textContent: why })));
+  }
+  $("#task-attempts tbody").replaceChildren(...rows);
+  const base = `/tasks/${task.id}/output`;
+  const links = [["raw", base], ["jsonl", `${base}?format=jsonl`]];
+  if (!task.pty) links.splice(1, 0, ["stdout", `${base}?stream=stdout`],
+                             ["stderr", `${base}?stream=stderr`]);
+  $("#task-downloads").replaceChildren(...links.map(([label, href]) => el("a", {
+    href, textContent: label, download: "", title: `Download the ${label} output` })));
+}

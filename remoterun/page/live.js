@@ -1,0 +1,37 @@
+// Follows GET /events: every task transition the caller may see, live, resumed after a drop
+// or a server restart from the last event id seen (EventSource sends Last-Event-ID itself;
+// a stream we reopen says ?since=).
+
+import { $ } from "./util.js";
+
+const RETRY_MS = 3000;
+
+export function follow(onTask) {
+  let lastId = null;
+  let firstReady;
+  const ready = new Promise((resolve) => { firstReady = resolve; });
+  const status = (text) => { $("#live").textContent = text; };
+
+  function open() {
+    const source = new EventSource(lastId == null ? "/events" : `/events?since=${lastId}`);
+    source.addEventListener("task", (event) => {
+      lastId = event.lastEventId;
+      onTask(JSON.parse(event.data));
+    });
+    source.addEventListener("ready", (event) => {
+      lastId = event.lastEventId;
+      status("live");
+      firstReady();
+    });
+    source.onerror = () => {
+      status("reconnecting…");
+      if (source.readyState === EventSource.CLOSED) { // refused (a 4xx): try again later
+        setTimeout(open, RETRY_MS);
+        firstReady();
+      }
+    };
+  }
+
+  open();
+  return ready;
+}
