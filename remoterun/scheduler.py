@@ -26,7 +26,7 @@ import signal
 import time
 import uuid
 from collections import Counter
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any
@@ -122,6 +122,10 @@ class Scheduler:
                                           if not k.startswith("RR_") and k != "TERM"})
         self._inherited = encode_env({k: v for k, v in os.environ.items()
                                       if not k.startswith("RR_")})
+        # Called after each committed transition (metrics, alerts: set by api/app.py); it
+        # must not block or raise.
+        self.on_transition: Callable[[dict[str, Any], TaskStatus, TaskStatus], None] = \
+            lambda row, old, new: None
 
     # Life ------------------------------------------------------------------------------------
 
@@ -134,6 +138,11 @@ class Scheduler:
             log.warning("no_subreaper", detail="double-forked daemons may outlive their task")
         self._loops = [asyncio.create_task(self._dispatch_loop(), name="dispatcher"),
                        asyncio.create_task(self._flush_loop(), name="archive-flusher")]
+
+    @property
+    def alive(self) -> bool:
+        """Whether the dispatcher loop runs (/readyz): it ends only at close, or by a bug."""
+        return bool(self._loops) and not self._loops[0].done()
 
     def force_stop(self) -> None:
         """Kill every running task now (a second SIGTERM/SIGINT during the drain)."""
@@ -213,7 +222,6 @@ class Scheduler:
         aging_s = self.settings.aging_s
         key = row["created_at"] / aging_s - row["priority"] if aging_s else -row["priority"]
         heapq.heappush(self._heap, (key, row["num"], row["id"]))
-        self.metrics.pending.set(len(self._pending))
         self._wake.set()
 
     async def cancel(self, task_id: str) -> dict[str, Any]:
@@ -231,7 +239,6 @@ class Scheduler:
                 raise NotFound(f"no task {task_id}")
             raise Conflict(f"task {task_id} already ended ({stored['status']})",
                            code="already_finished")
-        self.metrics.pending.set(len(self._pending))
         await self._transition(row, S.CANCELLED, finished_at=time.time(), run_after=None)
         self._finish(row)
         return dbm.task_json(row)
@@ -329,7 +336,6 @@ class Scheduler:
                 self._launch(row)
         for entry in skipped:
             heapq.heappush(self._heap, entry)
-        self.metrics.pending.set(len(self._pending))
         return next_due
 
     def _launch(self, row: dict[str, Any]) -> None:
@@ -356,7 +362,6 @@ class Scheduler:
             result: RunResult | None = None
             error: str | None = None
             started = time.time()
-            self.metrics.running.inc()
             try:
                 await self._transition(row, S.RUNNING, started_at=row["started_at"] or started,
                                        run_after=None, error=None, exit_code=None)
@@ -373,7 +378,6 @@ class Scheduler:
                     log.exception("run_crashed")
                     error = f"internal error: {exc}"
             finally:
-                self.metrics.running.dec()
                 duration = self.metrics.child(self.metrics.duration, row["script"])
                 duration.observe(time.time() - started)
                 await asyncio.shield(self._conclude(active, result, error))
@@ -550,6 +554,7 @@ class Scheduler:
             if new is not S.RUNNING:
                 body.update(exit_code=row["exit_code"], error=row["error"])
             hub.publish(Event("status", body))
+        self.on_transition(row, old, new)
 
     # Archive bookkeeping ---------------------------------------------------------------------
 

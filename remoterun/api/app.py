@@ -18,11 +18,13 @@ from remoterun.api import (
     DB,
     IDENTITY,
     METRICS,
+    READINESS,
     SCHEDULER,
     SETTINGS,
     SOCKETS,
     http,
     json_response,
+    monitor,
     sse,
     ws,
 )
@@ -83,7 +85,8 @@ async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamR
         request[IDENTITY] = auth.identify(None)
         return await handler(request)
     path = request.path
-    public = path == "/" or path.startswith(PUBLIC_PREFIXES)
+    public = path == "/" or path.startswith(PUBLIC_PREFIXES) or (
+        path == "/metrics" and request.app[SETTINGS].metrics_public)
     header = request.headers.get("Authorization", "")
     presented = header[7:].strip() if header[:7].lower() == "bearer " else None
     presented = presented or request.query.get("token") or request.cookies.get(COOKIE)
@@ -149,9 +152,10 @@ async def services(app: web.Application) -> AsyncIterator[None]:
     """Open the database, start the scheduler and the retention sweeper; close in reverse."""
     settings = app[SETTINGS]
     settings.archive_dir.mkdir(parents=True, exist_ok=True)
-    db = app[DB] = Database(settings.db_path)
+    db = app[DB] = Database(settings.db_path, observe_write=app[METRICS].db_write.observe)
     await db.open()
     scheduler = app[SCHEDULER] = Scheduler(settings, db, app[CATALOGUE], app[METRICS])
+    scheduler.on_transition = monitor.observer(app)
     try:
         await scheduler.start()
         sweeper = asyncio.create_task(Sweeper(settings, db).run(), name="retention-sweeper")
@@ -184,18 +188,23 @@ async def revalidate_page(request: web.Request, response: web.StreamResponse) ->
 def create_app(settings: Settings) -> web.Application:
     """The RemoteRun aiohttp application for these settings."""
     app = web.Application(client_max_size=settings.max_body_bytes,
-                          middlewares=[error_middleware, auth_middleware])
+                          middlewares=[monitor.observe_middleware, error_middleware,
+                                       auth_middleware])
     app[SETTINGS] = settings
     app[CATALOGUE] = Catalogue(settings.scripts_dir, settings.scripts)
     app[METRICS] = Metrics()
     app[AUTH] = Authenticator(settings.tokens)
     app[SOCKETS] = weakref.WeakSet[web.WebSocketResponse]()
+    app[READINESS] = monitor.Readiness()
+    monitor.add_default_checks(app)
+    app.cleanup_ctx.append(monitor.alerts_service)  # before the scheduler, closed after it
     app.cleanup_ctx.append(services)
     app.on_shutdown.append(on_shutdown)
     app.on_response_prepare.append(revalidate_page)
     app.router.add_routes(http.routes)
     app.router.add_routes(ws.routes)
     app.router.add_routes(sse.routes)
+    app.router.add_routes(monitor.routes)
     app.router.add_get("/", index)
     app.router.add_post("/login", login)
     app.router.add_post("/logout", logout)

@@ -1,4 +1,4 @@
-"""REST handlers: submit, read, list, cancel, download output, scripts, health, metrics."""
+"""REST handlers: submit, read, list, cancel, download output, scripts, health."""
 
 from __future__ import annotations
 
@@ -15,11 +15,10 @@ import structlog
 from aiohttp import web
 
 from remoterun import archive
-from remoterun.api import CATALOGUE, DB, METRICS, SCHEDULER, SETTINGS, identity, json_response
+from remoterun.api import CATALOGUE, DB, SCHEDULER, SETTINGS, identity, json_response
 from remoterun.db import task_json
 from remoterun.errors import BadRequest, Gone, NotFound
 from remoterun.hub import sse_data
-from remoterun.metrics import CONTENT_TYPE
 from remoterun.state import TaskStatus
 
 log = structlog.get_logger(__name__)
@@ -356,11 +355,3 @@ async def healthz(request: web.Request) -> web.Response:
     body = {"status": "ok" if not problems else "error", "problems": problems,
             "accepting": scheduler.accepting}
     return json_response(body, status=200 if not problems else 503)
-
-
-@routes.get("/metrics")
-async def metrics(request: web.Request) -> web.Response:
-    """Prometheus text exposition."""
-    identity(request).require("viewer")
-    return web.Response(body=request.app[METRICS].render(),
-                        headers={"Content-Type": CONTENT_TYPE})
