@@ -150,6 +150,7 @@ class Metrics:
     def on_transition(self, row: Mapping[str, Any], old: TaskStatus, new: TaskStatus) -> None:
         """Count a task's state change (the scheduler has committed it)."""
         script = row["script"]
+        self._live.add(script)
         if new is S.RUNNING:
             self.child(self.started, script).inc()
             if row["attempt"] == 1 and row["started_at"] is not None:
