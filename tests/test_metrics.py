@@ -9,7 +9,7 @@ import subprocess
 import sys
 
 import structlog
-from conftest import TOKENS, ROOT, submit, wait_final, wait_for
+from conftest import ROOT, TOKENS, submit, wait_final, wait_for
 from prometheus_client.parser import text_string_to_metric_families
 
 from remoterun.metrics import failure_reason

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import sqlite3
 import subprocess
 from collections.abc import Iterator
@@ -24,6 +25,12 @@ def tmpfs(tmp_path: Path) -> Iterator[Path]:
     subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", str(mount)], check=True)
     yield mount
     subprocess.run(["umount", "-l", str(mount)], check=True)
+
+
+async def sh(*argv: str) -> None:
+    """Run a command without blocking the loop; fail if it fails."""
+    proc = await asyncio.create_subprocess_exec(*argv)
+    assert await proc.wait() == 0, argv
 
 
 async def readyz(client) -> tuple[int, dict]:
@@ -49,11 +56,11 @@ async def test_archive_read_only(make_client, tmpfs: Path):
     every new write."""
     client = await make_client(archive_dir=tmpfs, min_free_bytes=MiB)
     assert (await readyz(client))[0] == 200
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(tmpfs)], check=True)
+    await sh("mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(tmpfs))
     try:
         status, body = await readyz(client)
     finally:
-        subprocess.run(["umount", str(tmpfs)], check=True)
+        await sh("umount", str(tmpfs))
     assert status == 503 and body["status"] == "not_ready"
     assert body["checks"]["archive"]["ok"] is False
     assert "not writable" in body["checks"]["archive"]["error"]
