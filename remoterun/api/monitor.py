@@ -251,13 +251,14 @@ def summarize(rows: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
         by_status: dict[str, int] = defaultdict(int)
         for row in tasks:
             by_status[row["status"]] += 1
-        ended = sum(by_status[s] for s in (TaskStatus.SUCCESS, TaskStatus.FAILED,
-                                           TaskStatus.TIMEOUT))
+        ended = sum(by_status.get(s, 0) for s in (TaskStatus.SUCCESS, TaskStatus.FAILED,
+                                                  TaskStatus.TIMEOUT))
         durations = sorted(r["duration"] for r in tasks if r["duration"] is not None)
         waits = sorted(r["wait"] for r in tasks if r["wait"] is not None)
         out[script] = {
             "count": len(tasks), "by_status": dict(sorted(by_status.items())),
-            "success_rate": round(by_status[TaskStatus.SUCCESS] / ended, 4) if ended else None,
+            "success_rate":
+                round(by_status.get(TaskStatus.SUCCESS, 0) / ended, 4) if ended else None,
             "duration_p50": _quantile(durations, 0.5), "duration_p95": _quantile(durations, 0.95),
             "queue_wait_p95": _quantile(waits, 0.95),
         }
