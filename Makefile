@@ -1,6 +1,6 @@
 # The two commands of the README: `make serve` and `make test`. Each installs what it needs first.
 PYTHON ?= python3
-APT_PACKAGES = chromium bubblewrap
+APT_PACKAGES = chromium bubblewrap prometheus
 
 .PHONY: serve test screenshot bench install install-python install-node install-system
 
@@ -22,7 +22,8 @@ install-python:
 install-node:
 	@if [ -f package-lock.json ]; then npm ci --no-audit --no-fund --loglevel=error; fi
 
-# Debian packages for the browser tests and the sandbox; skipped when already there.
+# Debian packages for the browser tests, the sandbox and the dashboard test (prometheus);
+# skipped when already there.
 install-system:
 	@missing=""; for p in $(APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
 	if [ -n "$$missing" ]; then \
