@@ -10,9 +10,9 @@ serve: install-python install-node
 test: install
 	$(PYTHON) -m pytest
 
-# Refresh docs/screenshot.png (the README's picture) from the page test.
+# Refresh docs/screenshot.png and docs/stats.png (the README's pictures) from the page tests.
 screenshot: install
-	REMOTERUN_SCREENSHOT=1 $(PYTHON) -m pytest tests/test_page.py -k screenshot
+	REMOTERUN_SCREENSHOT=1 $(PYTHON) -m pytest tests/test_page.py tests/test_page_stats.py -k screenshot
 
 install: install-system install-python install-node
 
