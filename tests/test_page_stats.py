@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import os
 import time
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -24,8 +26,6 @@ MIX = [("hello.sh", {}, None)] * 5 + [("count.sh", {"n": 3, "delay": 0.1}, None)
 def stats_site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
     """A server with a token and the example scripts, that has run a known mix."""
     server = start_server(tmp_path_factory.mktemp("stats"), TOKENS, ROOT / "scripts")
-    import urllib.request  # a plain client: the mix is set-up, not what is under test
-    import json
     ids = []
     for script, params, timeout in MIX:
         body = json.dumps({"script": script, "params": params, "timeout": timeout}).encode()
