@@ -187,3 +187,17 @@ def test_console_renderer_on_a_terminal():
                            check=True, env=env, timeout=30).stderr
     line = json.loads(piped)
     assert line["event"] == "hello_event" and line["answer"] == 42
+
+
+async def test_http_routes_are_canonical(client):
+    """Requests are labelled by their route's pattern, never the raw URL; no route: unmatched."""
+    for _ in range(3):
+        assert (await client.get("/tasks/00000000-0000-4000-8000-000000000000")).status == 404
+    assert (await client.get("/no/such/path")).status == 404
+    m = await scrape(client)
+    assert value(m, "remoterun_http_requests_total", route="/tasks/{id}", method="GET",
+                 status="404") == 3
+    assert value(m, "remoterun_http_requests_total", route="unmatched", method="GET",
+                 status="404") == 1
+    routes = {dict(labels).get("route") for name, labels in m if "http_requests" in name}
+    assert not any("0000" in (route or "") for route in routes)
