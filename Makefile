@@ -1,6 +1,6 @@
 # The two commands of the README: `make serve` and `make test`. Each installs what it needs first.
 PYTHON ?= python3
-APT_PACKAGES = chromium bubblewrap
+APT_PACKAGES = chromium bubblewrap prometheus
 
 .PHONY: serve test screenshot bench install install-python install-node install-system
 
@@ -13,7 +13,7 @@ test: install
 # Refresh docs/*.png (the README's pictures) from the page tests.
 screenshot: install
 	REMOTERUN_SCREENSHOT=1 $(PYTHON) -m pytest tests/test_page.py tests/test_page_console.py \
-	  -k "screenshot or 360"
+	  tests/test_page_stats.py -k "screenshot or 360"
 
 install: install-system install-python install-node
 
@@ -23,7 +23,8 @@ install-python:
 install-node:
 	@if [ -f package-lock.json ]; then npm ci --no-audit --no-fund --loglevel=error; fi
 
-# Debian packages for the browser tests and the sandbox; skipped when already there.
+# Debian packages for the browser tests, the sandbox and the dashboard test (prometheus);
+# skipped when already there.
 install-system:
 	@missing=""; for p in $(APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
 	if [ -n "$$missing" ]; then \

@@ -48,7 +48,6 @@ class Settings:
     db_retry_s: float = 30.0  # the engine's writes wait this long for a busy database per try
     max_pending: int = 10_000  # waiting tasks; past it submissions get 503 queue_full
     stdin_buffer_bytes: int = 1024 * 1024  # per task: stdin not yet read; more is refused
-    min_free_bytes: int = 100 * 1024 * 1024  # archive disk below this: /readyz says not ready
     max_body_bytes: int = 1024 * 1024
     max_ws_message_bytes: int = 1024 * 1024
     client_queue_bytes: int = 8 * 1024 * 1024
@@ -67,11 +66,101 @@ class Settings:
     log_level: str = "info"
     tokens: tuple[Token, ...] = ()
     scripts: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+    # Monitoring and alerts (issue 14).
+    metrics_public: bool = False  # /metrics without a token, for scrapers
+    min_free_bytes: int = 100 * 1024 * 1024  # /readyz fails with less free in the archive
+    public_url: str = ""  # the server's address as users reach it, for links in alerts
+    alerts: tuple[Alert, ...] = ()
 
     @property
     def auth_enabled(self) -> bool:
         """Whether any token is configured."""
         return bool(self.tokens)
+
+
+# Monitoring and alerts (issue 14) -------------------------------------------------------------
+
+ALERT_KINDS = ("webhook", "dingtalk", "email")
+ALERT_EVENTS = ("success", "failed", "timeout", "cancelled", "retry", "retries_exhausted")
+_ALERT_KEYS: dict[str, tuple[type, ...]] = {
+    "kind": (str,), "url": (str,), "secret": (str,), "on": (list,), "scripts": (list,),
+    "dedupe_s": (int, float), "timeout_s": (int, float), "retries": (int,),
+    "backoff_s": (int, float), "tail_lines": (int,), "smtp_host": (str,), "smtp_port": (int,),
+    "starttls": (bool,),
+    "username": (str,), "password": (str,), "from": (str,), "to": (list, str),
+}
+_ALERT_REQUIRED = {"webhook": ("url",), "dingtalk": ("url",),
+                   "email": ("smtp_host", "from", "to")}
+
+
+@dataclass(frozen=True)
+class Alert:
+    """One `[[alerts]]` channel: where to send, on which events, for which scripts."""
+
+    kind: str
+    on: tuple[str, ...] = ("failed", "timeout")
+    scripts: tuple[str, ...] | None = None  # glob patterns; None: every script
+    dedupe_s: float = 0.0  # one message per script and event per window; 0: every one
+    timeout_s: float = 10.0  # per delivery attempt
+    retries: int = 3  # further attempts after a failed one, with backoff
+    backoff_s: float = 2.0  # before the first retry; doubled for each next one
+    tail_lines: int = 20  # last lines of output in the message
+    url: str = ""
+    secret: str = ""
+    smtp_host: str = ""
+    smtp_port: int = 25
+    starttls: bool = False
+    username: str = ""
+    password: str = ""
+    from_addr: str = ""
+    to: tuple[str, ...] = ()
+
+
+def _alert(i: int, item: Any) -> Alert:
+    where = f"alerts[{i}]"
+    if not isinstance(item, dict):
+        raise ConfigError(f"{where}: expected a table, got {item!r}")
+    for key, value in item.items():
+        types = _ALERT_KEYS.get(key)
+        if types is None:
+            raise ConfigError(f"{where}.{key}: unknown key")
+        if not isinstance(value, types) or (isinstance(value, bool) and bool not in types):
+            raise ConfigError(f"{where}.{key}: expected {' or '.join(t.__name__ for t in types)}"
+                              f", got {value!r}")
+    kind = item.get("kind")
+    if kind not in ALERT_KINDS:
+        raise ConfigError(f"{where}.kind: one of {list(ALERT_KINDS)}, got {kind!r}")
+    for key in _ALERT_REQUIRED[kind]:
+        if not item.get(key):
+            raise ConfigError(f"{where}.{key}: required for kind = {kind!r}")
+    on = item.get("on", ["failed", "timeout"])
+    bad = [e for e in on if e not in ALERT_EVENTS]
+    if bad or not on:
+        raise ConfigError(f"{where}.on: events among {list(ALERT_EVENTS)}, got {on!r}")
+    scripts = item.get("scripts")
+    if scripts is not None and not all(isinstance(s, str) for s in scripts):
+        raise ConfigError(f"{where}.scripts: expected an array of glob patterns")
+    for key in ("dedupe_s", "timeout_s", "retries", "backoff_s", "tail_lines"):
+        if item.get(key, 0) < 0 or (key == "timeout_s" and item.get(key, 1) == 0):
+            raise ConfigError(f"{where}.{key}: must be positive, got {item[key]!r}")
+    to = item.get("to", [])
+    fields = {k: float(v) if k in ("dedupe_s", "timeout_s", "backoff_s") else v
+              for k, v in item.items() if k not in ("on", "scripts", "from", "to")}
+    return Alert(**{**fields, "kind": kind, "on": tuple(on),
+                    "scripts": None if scripts is None else tuple(scripts),
+                    "from_addr": item.get("from", ""),
+                    "to": (to,) if isinstance(to, str) else tuple(to)})
+
+
+def _coerce_monitoring(key: str, name: str, value: Any) -> Any:
+    """The [server] keys of issue 14 that are not plain positive numbers."""
+    if name == "metrics_public":
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}: expected true or false, got {value!r}")
+        return value
+    if not isinstance(value, str) or (value and not value.startswith(("http://", "https://"))):
+        raise ConfigError(f"{key}: expected an http:// or https:// URL, got {value!r}")
+    return value.rstrip("/")
 
 
 # config.toml section.key -> Settings field
@@ -83,6 +172,9 @@ _KEYS: dict[tuple[str, str], str] = {
     ("server", "shutdown_grace_s"): "shutdown_grace_s",
     ("server", "heartbeat_s"): "heartbeat_s",
     ("server", "log_level"): "log_level",
+    ("server", "metrics_public"): "metrics_public",
+    ("server", "min_free_bytes"): "min_free_bytes",
+    ("server", "public_url"): "public_url",
     ("paths", "scripts"): "scripts_dir",
     ("paths", "archive"): "archive_dir",
     ("paths", "db"): "db_path",
@@ -98,7 +190,6 @@ _KEYS: dict[tuple[str, str], str] = {
     ("engine", "db_retry_s"): "db_retry_s",
     ("engine", "max_pending"): "max_pending",
     ("stream", "stdin_buffer_bytes"): "stdin_buffer_bytes",
-    ("server", "min_free_bytes"): "min_free_bytes",
     ("stream", "client_queue_bytes"): "client_queue_bytes",
     ("stream", "replay_memory_bytes"): "replay_memory_bytes",
     ("stream", "read_chunk_bytes"): "read_chunk_bytes",
@@ -117,11 +208,13 @@ LOG_LEVELS = ("debug", "info", "warning", "error")
 _FIELD_TYPES = {f.name: f.type for f in dataclasses.fields(Settings)}
 # Limits that 0 turns off.
 _OFF_AT_ZERO = frozenset({"segment_max_age_s", "max_output_bytes", "retention_max_age_days",
-                          "retention_max_total_bytes"})
+                          "retention_max_total_bytes", "min_free_bytes"})
 
 
 def _coerce(key: str, name: str, value: Any) -> Any:
     kind = _FIELD_TYPES[name]
+    if name in ("metrics_public", "public_url"):
+        return _coerce_monitoring(key, name, value)
     if name.endswith("_dir") or name == "db_path":
         if not isinstance(value, str) or not value:
             raise ConfigError(f"{key}: expected a path string, got {value!r}")
@@ -185,6 +278,11 @@ def parse(data: Mapping[str, Any], base: Path) -> Settings:
     for section, body in data.items():
         if section == "tokens":
             values["tokens"] = _tokens(body)
+            continue
+        if section == "alerts":
+            if not isinstance(body, list):
+                raise ConfigError(f"alerts: expected an array of tables ([[alerts]]), got {body!r}")
+            values["alerts"] = tuple(_alert(i, item) for i, item in enumerate(body))
             continue
         if section == "scripts":
             if not isinstance(body, dict) or not all(isinstance(v, dict) for v in body.values()):

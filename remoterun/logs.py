@@ -1,4 +1,5 @@
-"""structlog set-up: one JSON line per event on stderr, context variables merged first."""
+"""structlog set-up: one JSON line per event on stderr (a readable, coloured line when stderr
+is a terminal), context variables merged first."""
 
 from __future__ import annotations
 
@@ -37,16 +38,24 @@ def _second(second: int) -> str:
     return datetime.fromtimestamp(second, UTC).strftime("%Y-%m-%dT%H:%M:%S")
 
 
-def configure(level: str = "info") -> None:
-    """Send structlog events at `level` (debug, info, warning, error) and above to stderr as
-    JSON lines."""
+def configure(level: str = "info", console: bool | None = None) -> None:
+    """Send structlog events at `level` (debug, info, warning, error) and above to stderr: as
+    JSON lines, or for a person reading a terminal (`console`; by default when stderr is a
+    tty) as aligned, coloured lines with the traceback rendered."""
+    if console is None:
+        console = sys.stderr.isatty()
+    tail: list[Any]
+    if console:
+        tail = [structlog.dev.ConsoleRenderer(colors=True)]
+    else:
+        tail = [structlog.processors.format_exc_info,
+                structlog.processors.JSONRenderer(serializer=_serialize)]
     structlog.configure(
         processors=[
             structlog.contextvars.merge_contextvars,
             structlog.processors.add_log_level,
             _timestamp,
-            structlog.processors.format_exc_info,
-            structlog.processors.JSONRenderer(serializer=_serialize),
+            *tail,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(logging.getLevelName(level.upper())),
         logger_factory=structlog.WriteLoggerFactory(sys.stderr),  # a line in one write

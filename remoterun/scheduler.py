@@ -24,7 +24,7 @@ import random
 import signal
 import time
 import uuid
-from collections.abc import Collection, Coroutine, Iterable
+from collections.abc import Callable, Collection, Coroutine, Iterable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from enum import StrEnum
@@ -101,6 +101,10 @@ class Scheduler:
         self.tasks: dict[str, TaskState] = {}
         self.queue = PendingQueue(settings.aging_s, self._limit_of)
         self.feed = TaskFeed()  # every committed transition, for GET /events
+        # Called after each committed transition (metrics, alerts: set by api/app.py); it
+        # must not block or raise.
+        self.on_transition: Callable[[dict[str, Any], TaskStatus, TaskStatus], None] = \
+            lambda row, old, new: None
         self.problems: dict[str, str] = {}  # what /readyz reports: kind -> latest failure
         self._busy = 0  # worker slots held (starting, running)
         self._wake = asyncio.Event()
@@ -247,6 +251,7 @@ class Scheduler:
             if new is not S.RUNNING:
                 body.update(exit_code=row["exit_code"], error=row["error"])
             hub.publish(Event("status", body))
+        self.on_transition(row, old, new)
 
     # Submissions -----------------------------------------------------------------------------
 
@@ -299,7 +304,6 @@ class Scheduler:
         state.attempt = None
         self.tasks[state.row["id"]] = state
         self.queue.push(state.row)
-        self.metrics.pending.set(len(self.queue))
         self._wake.set()
 
     async def cancel(self, task_id: str) -> dict[str, Any]:
@@ -317,7 +321,6 @@ class Scheduler:
         row = self.queue.remove(task_id)
         assert row is not None
         state.where = Where.FINISHING
-        self.metrics.pending.set(len(self.queue))
         try:
             await self._transition(state, S.CANCELLED, finished_at=time.time(), run_after=None)
         except BaseException:
@@ -402,7 +405,6 @@ class Scheduler:
         rows, next_due = self.queue.take(slots, time.time())
         for row in rows:
             self._launch(self.tasks[row["id"]])
-        self.metrics.pending.set(len(self.queue))
         return next_due
 
     def _launch(self, state: TaskState) -> None:
@@ -486,11 +488,9 @@ class Scheduler:
             result: RunResult | None = None
             error: str | None = None
             started = time.time()
-            self.metrics.running.inc()
             try:
                 result, error = await self._attempt(state, attempt)
             finally:
-                self.metrics.running.dec()
                 self.metrics.child(self.metrics.duration, row["script"]).observe(
                     time.time() - started)
                 await asyncio.shield(self._conclude(state, result, error))

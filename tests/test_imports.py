@@ -33,6 +33,7 @@ ALLOWED: dict[str, set[str]] = {
     "scheduler": LEAVES | SERVICES | {"hub", "pending", "attempt", "metrics", "feed"},
     "auth": LEAVES | {"catalogue"},
     "metrics": set(LEAVES),
+    "alerts": LEAVES | {"metrics", "archive"},
     "retention": LEAVES | {"store", "archive"},
 }
 
@@ -52,8 +53,10 @@ def _ours(path: Path) -> set[str]:
         if isinstance(node, ast.ImportFrom) and node.module and \
                 node.module.startswith("remoterun"):
             found.add(node.module.split(".")[1] if "." in node.module else "")
-            if node.module == "remoterun":
-                found.update(alias.name for alias in node.names)
+            if node.module == "remoterun":  # modules, not names such as __version__
+                found.update(alias.name for alias in node.names
+                             if (PACKAGE / f"{alias.name}.py").exists()
+                             or (PACKAGE / alias.name).is_dir())
         elif isinstance(node, ast.Import):
             for alias in node.names:
                 if alias.name.startswith("remoterun."):

@@ -102,8 +102,9 @@ async def test_sigterm_drains_then_exits_zero(tmp_path, http):
         quick = await _post(http, server, "/tasks", {"script": "lines.py",
                                                      "params": {"n": 10, "delay": 0.1}})
         stuck = await _post(http, server, "/tasks", {"script": "sleep.sh"})
-        await wait_for(lambda: tasks_with_env(stuck["id"]), what="stuck running")
+        # quick first: it ends by itself within about a second, stuck never does
         await wait_for(lambda: tasks_with_env(quick["id"]), what="quick running")
+        await wait_for(lambda: tasks_with_env(stuck["id"]), what="stuck running")
         assert server.kill(signal.SIGTERM) == 0
         await wait_for(lambda: not tasks_with_env(stuck["id"]), 5, what="stuck killed")
         server.start()

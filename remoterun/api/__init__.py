@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import weakref
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
+from remoterun.alerts import Alerts
 from remoterun.auth import Authenticator, Identity
 from remoterun.catalogue import Catalogue
 from remoterun.config import Settings
@@ -15,12 +16,17 @@ from remoterun.scheduler import Scheduler
 from remoterun.store import Database
 from remoterun.wire import dumps
 
+if TYPE_CHECKING:
+    from remoterun.api.monitor import Readiness
+
 SETTINGS = web.AppKey("settings", Settings)
 DB = web.AppKey("db", Database)
 CATALOGUE = web.AppKey("catalogue", Catalogue)
 SCHEDULER = web.AppKey("scheduler", Scheduler)
 METRICS = web.AppKey("metrics", Metrics)
 AUTH = web.AppKey("auth", Authenticator)
+ALERTS = web.AppKey("alerts", Alerts)
+READINESS: web.AppKey[Readiness] = web.AppKey("readiness")
 SOCKETS: web.AppKey[weakref.WeakSet[web.WebSocketResponse]] = web.AppKey("sockets")
 
 IDENTITY: web.RequestKey[Identity | None] = web.RequestKey("identity")  # by the auth middleware

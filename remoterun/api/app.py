@@ -18,12 +18,14 @@ from remoterun.api import (
     DB,
     IDENTITY,
     METRICS,
+    READINESS,
     SCHEDULER,
     SETTINGS,
     SOCKETS,
     events,
     http,
     json_response,
+    monitor,
     sse,
     ws,
 )
@@ -89,7 +91,8 @@ async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamR
         request[IDENTITY] = auth.identify(None)
         return await handler(request)
     path = request.path
-    public = path == "/" or path.startswith(PUBLIC_PREFIXES)
+    public = path == "/" or path.startswith(PUBLIC_PREFIXES) or (
+        path == "/metrics" and request.app[SETTINGS].metrics_public)
     header = request.headers.get("Authorization", "")
     presented = header[7:].strip() if header[:7].lower() == "bearer " else None
     presented = presented or request.query.get("token") or request.cookies.get(COOKIE)
@@ -156,11 +159,12 @@ async def services(app: web.Application) -> AsyncIterator[None]:
     close them in reverse."""
     settings = app[SETTINGS]
     settings.archive_dir.mkdir(parents=True, exist_ok=True)
-    db = app[DB] = Database(settings.db_path)
+    db = app[DB] = Database(settings.db_path, observe_write=app[METRICS].db_write.observe)
     await db.open()
     compressor = Compressor()
     scheduler = app[SCHEDULER] = Scheduler(settings, db, app[CATALOGUE], app[METRICS],
                                            compressor, Children())
+    scheduler.on_transition = monitor.observer(app)
     try:
         await scheduler.start()
         sweeper = asyncio.create_task(Sweeper(settings, db).run(), name="retention-sweeper")
@@ -194,12 +198,16 @@ async def revalidate_page(request: web.Request, response: web.StreamResponse) ->
 def create_app(settings: Settings) -> web.Application:
     """The RemoteRun aiohttp application for these settings."""
     app = web.Application(client_max_size=settings.max_body_bytes,
-                          middlewares=[error_middleware, auth_middleware])
+                          middlewares=[monitor.observe_middleware, error_middleware,
+                                       auth_middleware])
     app[SETTINGS] = settings
     app[CATALOGUE] = Catalogue(settings.scripts_dir, settings.scripts)
     app[METRICS] = Metrics()
     app[AUTH] = Authenticator(settings.tokens)
     app[SOCKETS] = weakref.WeakSet[web.WebSocketResponse]()
+    app[READINESS] = monitor.Readiness()
+    monitor.add_default_checks(app)
+    app.cleanup_ctx.append(monitor.alerts_service)  # before the scheduler, closed after it
     app.cleanup_ctx.append(services)
     app.on_shutdown.append(on_shutdown)
     app.on_response_prepare.append(revalidate_page)
@@ -207,6 +215,7 @@ def create_app(settings: Settings) -> web.Application:
     app.router.add_routes(ws.routes)
     app.router.add_routes(sse.routes)
     events.setup(app)  # GET /events, GET /tasks/{id}/events (issue 18)
+    app.router.add_routes(monitor.routes)
     app.router.add_get("/", index)
     app.router.add_post("/login", login)
     app.router.add_post("/logout", logout)

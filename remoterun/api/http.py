@@ -1,4 +1,4 @@
-"""REST handlers: submit, read, list, cancel, download output, scripts, health, metrics."""
+"""REST handlers: submit, read, list, cancel, download output, scripts, health."""
 
 from __future__ import annotations
 
@@ -17,9 +17,8 @@ import structlog
 from aiohttp import web
 
 from remoterun import archive
-from remoterun.api import CATALOGUE, DB, METRICS, SCHEDULER, SETTINGS, identity, json_response
+from remoterun.api import CATALOGUE, DB, SCHEDULER, SETTINGS, identity, json_response
 from remoterun.errors import BadRequest, Gone, NotFound
-from remoterun.metrics import CONTENT_TYPE
 from remoterun.scheduler import Scheduler
 from remoterun.state import TaskStatus
 from remoterun.wire import sse_data, task_json
@@ -405,52 +404,3 @@ async def healthz(request: web.Request) -> web.Response:
     body = {"status": "ok" if not problems else "error", "problems": problems,
             "accepting": scheduler.accepting}
     return json_response(body, status=200 if not problems else 503)
-
-
-def _archive_problem(root: os.PathLike[str], min_free: int) -> str | None:
-    """Why the archive cannot take output now (a probe write, the free space), or None."""
-    probe = os.path.join(root, ".readyz-probe")
-    try:
-        with open(probe, "wb") as fh:
-            fh.write(b"x" * 4096)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.unlink(probe)
-        stats = os.statvfs(root)
-    except OSError as exc:
-        with contextlib.suppress(OSError):
-            os.unlink(probe)
-        return f"cannot write to {root}: {exc.strerror or exc}"
-    free = stats.f_bavail * stats.f_frsize
-    if free < min_free:
-        return f"{free} bytes free, under server.min_free_bytes ({min_free})"
-    return None
-
-
-@routes.get("/readyz")
-async def readyz(request: web.Request) -> web.Response:
-    """200 when the database is writable, the archive writable with room, the engine alive."""
-    app = request.app
-    settings = app[SETTINGS]
-    scheduler = app[SCHEDULER]
-    checks: dict[str, dict[str, Any]] = {}
-    db_problem = app[DB].probe_write() or scheduler.problems.get("database")
-    archive_problem = await asyncio.to_thread(_archive_problem, settings.archive_dir,
-                                              settings.min_free_bytes)
-    engine_problem = None if scheduler.alive else "the dispatcher is not running"
-    if not scheduler.accepting:
-        engine_problem = "shutting down"
-    for name, problem in (("database", db_problem), ("archive", archive_problem),
-                          ("engine", engine_problem)):
-        checks[name] = {"ok": problem is None, **({"error": problem} if problem else {})}
-    ready = all(check["ok"] for check in checks.values())
-    return json_response({"status": "ready" if ready else "not_ready", "checks": checks},
-                         status=200 if ready else 503)
-
-
-@routes.get("/metrics")
-async def metrics(request: web.Request) -> web.Response:
-    """Prometheus text exposition."""
-    identity(request).require("viewer")
-    return web.Response(body=request.app[METRICS].render(),
-                        headers={"Content-Type": CONTENT_TYPE})

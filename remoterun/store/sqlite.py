@@ -35,7 +35,7 @@ import functools
 import operator
 import sqlite3
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -180,8 +180,9 @@ def _is_busy(exc: sqlite3.Error) -> bool:
 class Database:
     """An aiosqlite connection for reads, a loop-side connection for writes, and the queries."""
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, observe_write: Callable[[float], None] | None = None):
         self.path = path
+        self.observe_write = observe_write  # seconds each write() took (metrics)
         self._conn: aiosqlite.Connection | None = None
         self._writer: sqlite3.Connection | None = None
         self._unchecked = False  # written since the last checkpoint
@@ -247,6 +248,7 @@ class Database:
         """
         writer = self._writer
         assert writer is not None, "Database.open() was not awaited"
+        started = time.perf_counter()
         try:
             writer.execute("BEGIN IMMEDIATE")
         except sqlite3.OperationalError as exc:
@@ -271,6 +273,8 @@ class Database:
                 writer.execute("ROLLBACK")
             raise
         self._unchecked = True
+        if self.observe_write is not None:
+            self.observe_write(time.perf_counter() - started)
         return rowid
 
     async def commit(self, statements: Sequence[Statement], within_s: float) -> int | None:
@@ -370,6 +374,27 @@ class Database:
     async def segments(self, task_id: str) -> list[dict[str, Any]]:
         """A task's archive segment rows, in order."""
         query = TaskLog.select().where(TaskLog.task_id == task_id).order_by(TaskLog.id)
+        return await self.fetch_all(*query.sql())
+
+    # Monitoring (issue 14) ---------------------------------------------------------------------
+
+    async def live_counts(self) -> list[dict[str, Any]]:
+        """Rows (script, status, n) for the tasks pending or running now."""
+        n = pw.fn.COUNT(Task.num).alias("n")
+        query = (Task.select(Task.script, Task.status, n)
+                 .where(Task.status.in_([str(TaskStatus.PENDING), str(TaskStatus.RUNNING)]))
+                 .group_by(Task.script, Task.status))
+        return await self.fetch_all(*query.sql())
+
+    async def stats_rows(self, since: float, script: str | None) -> list[dict[str, Any]]:
+        """Tasks submitted at or after `since`: script, status, duration (first start to end)
+        and queue wait (submission to first start), the last two null where not known."""
+        duration = (Task.finished_at - Task.started_at).alias("duration")
+        wait = (Task.started_at - Task.created_at).alias("wait")
+        query = Task.select(Task.script, Task.status, duration, wait).where(
+            Task.created_at >= since)
+        if script is not None:
+            query = query.where(Task.script == script)
         return await self.fetch_all(*query.sql())
 
     # Archive ---------------------------------------------------------------------------------
