@@ -41,6 +41,7 @@ GROUPS: dict[str, tuple[str, str]] = {
     "pending": ("b_pending", "pending"),
     "archive": ("b_archive", "archive"),
     "replay": ("b_replay", "replay"),
+    "soak": ("b_soak", "soak"),
 }
 
 
