@@ -40,6 +40,8 @@ GROUPS: dict[str, tuple[str, str]] = {
     "idle": ("b_fanout", "idle"),
     "pending": ("b_pending", "pending"),
     "archive": ("b_archive", "archive"),
+    "replay": ("b_replay", "replay"),
+    "soak": ("b_soak", "soak"),
 }
 
 

@@ -48,6 +48,8 @@ class Settings:
     db_retry_s: float = 30.0  # the engine's writes wait this long for a busy database per try
     max_pending: int = 10_000  # waiting tasks; past it submissions get 503 queue_full
     stdin_buffer_bytes: int = 1024 * 1024  # per task: stdin not yet read; more is refused
+    replay_readers: int = 32  # clients reading the archive for a replay at once
+    stall_timeout_s: float = 30.0  # a client that takes no byte for this long is closed (1013)
     max_body_bytes: int = 1024 * 1024
     max_ws_message_bytes: int = 1024 * 1024
     client_queue_bytes: int = 8 * 1024 * 1024
@@ -190,6 +192,8 @@ _KEYS: dict[tuple[str, str], str] = {
     ("engine", "db_retry_s"): "db_retry_s",
     ("engine", "max_pending"): "max_pending",
     ("stream", "stdin_buffer_bytes"): "stdin_buffer_bytes",
+    ("stream", "replay_readers"): "replay_readers",
+    ("stream", "stall_timeout_s"): "stall_timeout_s",
     ("stream", "client_queue_bytes"): "client_queue_bytes",
     ("stream", "replay_memory_bytes"): "replay_memory_bytes",
     ("stream", "read_chunk_bytes"): "read_chunk_bytes",

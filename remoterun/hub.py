@@ -11,6 +11,7 @@ The archive is written on a thread, so replay first waits for the flush of what 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections import deque
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import Future
@@ -43,6 +44,10 @@ class Subscription:
     wake: asyncio.Event = field(default_factory=asyncio.Event)
     hub: TaskHub | None = None
     on_overflow: Callable[[], object] | None = None
+    # Server-wide: at most this many subscriptions read the archive at once, each holding its
+    # slot until its archive part is sent, so readers (and their inflaters) stay bounded
+    # however many clients replay; the others wait for a slot holding nothing.
+    slots: asyncio.Semaphore | None = None
 
     def push(self, item: Item) -> None:
         """Queue a live item (called by the hub; never blocks)."""
@@ -60,13 +65,15 @@ class Subscription:
     async def batches(self) -> AsyncIterator[list[Item]]:
         """Every item after `since`, in order, in batches; ends after the exit event."""
         if self.from_archive and (self.archive_until is None or self.archive_until > self.since):
-            flushed = self.hub.flush_archive() if self.hub is not None else None
-            if flushed is not None:
-                await asyncio.wrap_future(flushed)  # the frames up to archive_until are on disk
-            logs_path = self.task["logs_path"]
-            async for frames in aread_frames(self.archive_root, logs_path, self.since,
-                                             self.archive_until):
-                yield list[Item](frames)
+            async with self.slots or contextlib.nullcontext():
+                flushed = self.hub.flush_archive() if self.hub is not None else None
+                if flushed is not None:
+                    await asyncio.wrap_future(flushed)  # the frames up to archive_until: on disk
+                logs_path = self.task["logs_path"]
+                async with contextlib.aclosing(aread_frames(
+                        self.archive_root, logs_path, self.since, self.archive_until)) as read:
+                    async for frames in read:
+                        yield list[Item](frames)
         if self.snapshot:
             batch, self.snapshot = self.snapshot, []
             yield batch
@@ -126,11 +133,12 @@ class TaskHub:
         if self.finished:
             self.subscribers.clear()
 
-    def subscribe(self, since: int, archive_root: Path, limit_bytes: int) -> Subscription:
+    def subscribe(self, since: int, archive_root: Path, limit_bytes: int,
+                  slots: asyncio.Semaphore | None = None) -> Subscription:
         """A subscription for every frame after `since`; taken atomically with the window."""
         first_in_memory = self.window[0].seq if self.window else self.next_seq
         sub = Subscription(task=dict(self.task), since=since, archive_root=archive_root,
-                           limit_bytes=limit_bytes, hub=self)
+                           limit_bytes=limit_bytes, hub=self, slots=slots)
         sub.from_archive = since + 1 < first_in_memory
         sub.archive_until = first_in_memory - 1
         snapshot: list[Item] = [f for f in self.window if f.seq > since]
@@ -140,9 +148,9 @@ class TaskHub:
 
 
 def replay_finished(row: dict[str, Any], task: dict[str, Any], since: int, archive_root: Path,
-                    limit_bytes: int) -> Subscription:
+                    limit_bytes: int, slots: asyncio.Semaphore | None = None) -> Subscription:
     """A subscription to a task that has ended: its archive, then its exit event."""
     sub = Subscription(task=task, since=since, archive_root=archive_root,
-                       limit_bytes=limit_bytes)
+                       limit_bytes=limit_bytes, slots=slots)
     sub.snapshot = [exit_event(row)]
     return sub

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
+import base64
 import os
+import socket
 
-from conftest import make_settings, submit, wait_final, wait_for
+from conftest import make_settings, submit, wait_final, wait_for, ws_collect
 
 from remoterun.api import SCHEDULER
 from remoterun.api.app import create_app
@@ -74,3 +77,40 @@ async def test_a_spawn_failure_of_any_kind_closes_what_it_opened(make_client):
     assert _open_fds() <= before + 2  # (a client socket may come and go)
     ok = await submit(client, "hello.sh")
     assert (await wait_final(client, ok["id"]))["status"] == "success"
+
+
+def _silent_ws(port: int, path: str) -> socket.socket:
+    """A WebSocket client that upgrades and then never reads (a tiny receive buffer)."""
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.connect(("127.0.0.1", port))
+    key = base64.b64encode(os.urandom(16)).decode()
+    sock.sendall((f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nUpgrade: websocket\r\n"
+                  f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\n"
+                  "Sec-WebSocket-Version: 13\r\n\r\n").encode())
+    return sock
+
+
+async def test_replays_share_bounded_readers_and_stalled_clients_are_closed(make_client):
+    """Clients that replay a big task and never read hold at most `replay_readers` archive
+    readers, are closed once they took nothing for `stall_timeout_s`, and a client that
+    reads still gets every byte."""
+    client = await make_client(replay_readers=2, stall_timeout_s=1.0)
+    total = 6_000_000
+    task = await submit(client, "noise.py", params={"bytes": total})
+    await wait_final(client, task["id"], timeout=30)
+    silent = await asyncio.gather(*(asyncio.to_thread(
+        _silent_ws, client.port, f"/tasks/{task['id']}/ws") for _ in range(6)))
+    try:
+        slots = client.app[SCHEDULER].replay_slots
+        await wait_for(lambda: slots.locked(), what="the readers taken")
+        began = asyncio.get_running_loop().time()
+        frames = await ws_collect(await client.ws_connect(f"/tasks/{task['id']}/ws"), timeout=40)
+        waited = asyncio.get_running_loop().time() - began
+        got = sum(len(f["data"].encode()) for f in frames if f["type"] == "output")
+        assert frames[-1]["type"] == "exit" and got > 0
+        assert waited >= 1.0  # it waited its turn behind the stalled ones, however many
+        await wait_for(lambda: not slots.locked(), what="every slot given back")
+    finally:
+        for sock in silent:
+            sock.close()

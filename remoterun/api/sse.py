@@ -10,7 +10,7 @@ from aiohttp import web
 from remoterun.api import METRICS, SCHEDULER, SETTINGS, identity
 from remoterun.api.http import task_id_of
 from remoterun.api.ws import parse_since
-from remoterun.hub import SlowConsumer
+from remoterun.hub import SlowConsumer, Subscription
 from remoterun.wire import Item, dumps, sse_text
 
 routes = web.RouteTableDef()
@@ -39,7 +39,9 @@ async def logs(request: web.Request) -> web.StreamResponse:
     try:
         await response.prepare(request)
         await response.write(f"event: task\ndata: {dumps(sub.task)}\n\n".encode())
-        await _pump(response, sub.batches(), request.app[SETTINGS].heartbeat_s)
+        settings = request.app[SETTINGS]
+        async with contextlib.aclosing(sub.batches()) as batches:
+            await _pump(response, batches, settings.heartbeat_s, settings.stall_timeout_s, sub)
         await response.write_eof()
     except (SlowConsumer, asyncio.CancelledError):
         if not sub.overflowed.is_set():
@@ -57,7 +59,20 @@ async def logs(request: web.Request) -> web.StreamResponse:
     return response
 
 
-async def _pump(response: web.StreamResponse, batches: object, heartbeat_s: float) -> None:
+async def _write(response: web.StreamResponse, data: bytes, stall_s: float,
+                 sub: Subscription) -> None:
+    """Write, and wait for the client to take it; one that takes nothing for `stall_s` is
+    too slow (it holds memory, and maybe a replay slot)."""
+    try:
+        async with asyncio.timeout(stall_s):
+            await response.write(data)
+    except TimeoutError:
+        sub.overflowed.set()
+        raise SlowConsumer from None
+
+
+async def _pump(response: web.StreamResponse, batches: object, heartbeat_s: float,
+                stall_s: float, sub: Subscription) -> None:
     """Write batches as they come; a comment line when idle so proxies keep the stream."""
     iterator = batches.__aiter__()  # type: ignore[attr-defined]
     following: asyncio.Future[list[Item]] | None = None
@@ -67,14 +82,15 @@ async def _pump(response: web.StreamResponse, batches: object, heartbeat_s: floa
                 following = asyncio.ensure_future(iterator.__anext__())
             done, _ = await asyncio.wait({following}, timeout=heartbeat_s)
             if not done:
-                await response.write(HEARTBEAT)
+                await _write(response, HEARTBEAT, stall_s, sub)
                 continue
             try:
                 batch = following.result()
             except StopAsyncIteration:
                 return
             following = None
-            await response.write("".join(sse_text(item) for item in batch).encode())
+            await _write(response, "".join(sse_text(item) for item in batch).encode(), stall_s,
+                         sub)
     finally:
         if following is not None and not following.done():
             following.cancel()

@@ -86,9 +86,10 @@ class Session:
         code, reason = int(WSCloseCode.OK), b"task ended"
         try:
             # The task frame goes at once: a client waits for it even if nothing else comes.
-            await self._send([text_frame(dumps({"type": "task", "task": sub.task}).encode())])
-            async for batch in sub.batches():
-                await self._send(list(map(wire_frame, batch)))
+            await self._send(sub, [text_frame(dumps({"type": "task", "task": sub.task}).encode())])
+            async with contextlib.aclosing(sub.batches()) as batches:
+                async for batch in batches:
+                    await self._send(sub, list(map(wire_frame, batch)))
         except (SlowConsumer, asyncio.CancelledError):
             if not sub.overflowed.is_set():
                 raise
@@ -103,7 +104,7 @@ class Session:
             sub.close()
         await close_socket(self.request, self.ws, code, reason)
 
-    async def _send(self, frames: list[bytes]) -> None:
+    async def _send(self, sub: Subscription, frames: list[bytes]) -> None:
         transport = self.request.transport
         if self.ws.closed or transport is None or transport.is_closing():
             raise ConnectionResetError("the client went away")
@@ -115,10 +116,20 @@ class Session:
             if size >= WRITE_BYTES:
                 transport.write(b"".join(chunk))
                 chunk, size = [], 0
-                await self.writer.drain()
+                await self._drain(sub)
         if chunk:
             transport.write(b"".join(chunk))
-            await self.writer.drain()
+            await self._drain(sub)
+
+    async def _drain(self, sub: Subscription) -> None:
+        """Wait for the client to take what was written; one that takes nothing for
+        `stream.stall_timeout_s` is too slow (it holds memory, and maybe a replay slot)."""
+        try:
+            async with asyncio.timeout(self.request.app[SETTINGS].stall_timeout_s):
+                await self.writer.drain()
+        except TimeoutError:
+            sub.overflowed.set()
+            raise SlowConsumer from None
 
     async def handle(self, raw: str) -> None:
         """Act on one client message; errors go back as error frames."""
