@@ -124,7 +124,73 @@ class Meta(_Base):
         table_name = "meta"
 
 
-MODELS: tuple[type[_Base], ...] = (Task, TaskEvent, TaskLog, Meta)
+# Audit trail (issue 12) --------------------------------------------------------------------
+
+class AuditEvent(_Base):
+    """Who did what, from where, with what result: written with the action it records."""
+
+    id = pw.AutoField()
+    ts = pw.FloatField(index=True)
+    actor = pw.CharField(index=True)
+    role = pw.CharField(null=True)
+    address = pw.CharField(null=True)
+    action = pw.CharField(index=True)
+    task_id = pw.CharField(null=True, index=True)
+    script = pw.CharField(null=True)
+    result = pw.CharField()
+    detail = pw.TextField(null=True)
+
+    class Meta:
+        table_name = "audit"
+
+
+AUDIT_COLUMNS = ("actor", "role", "address", "action", "task_id", "script", "result", "detail")
+
+
+def insert_audit(entry: dict[str, Any], **fields: Any) -> Statement:
+    """A statement that records one audit event (`fields` fill in what the action made, such
+    as the new task's id)."""
+    values = {key: entry.get(key) for key in AUDIT_COLUMNS}
+    values.update(fields)
+    values["ts"] = entry.get("ts") or time.time()
+    return _insert(AuditEvent, values)
+
+
+def audit_json(row: dict[str, Any]) -> dict[str, Any]:
+    """An audit row as `GET /audit` shows it."""
+    return {"ts": rfc3339(row["ts"]), **{key: row[key] for key in AUDIT_COLUMNS}}
+
+
+async def list_audit(db: Database, *, actor: str | None, action: str | None,
+                     task_id: str | None, since: float | None, limit: int,
+                     before: int | None) -> list[dict[str, Any]]:
+    """Audit rows newest first; `before` is the id cursor of the previous page."""
+    query = AuditEvent.select()
+    for column, value in ((AuditEvent.actor, actor), (AuditEvent.action, action),
+                          (AuditEvent.task_id, task_id)):
+        if value is not None:
+            query = query.where(column == value)
+    if since is not None:
+        query = query.where(AuditEvent.ts >= since)
+    if before is not None:
+        query = query.where(AuditEvent.id < before)
+    return await db.fetch_all(*query.order_by(AuditEvent.id.desc()).limit(limit).sql())
+
+
+def script_glob_clause(patterns: tuple[str, ...]) -> Any:
+    """A WHERE clause for tasks whose script matches one of a token's fnmatch patterns
+    (SQLite's GLOB has the same `*`, `?` and `[...]`, but negates with `^` where fnmatch
+    uses `!`); an empty list matches nothing."""
+    if not patterns:
+        return pw.SQL("0")
+    clause = None
+    for pattern in patterns:
+        glob = pw.Expression(Task.script, "GLOB", pattern.replace("[!", "[^"))
+        clause = glob if clause is None else (clause | glob)
+    return clause
+
+
+MODELS: tuple[type[_Base], ...] = (Task, TaskEvent, TaskLog, Meta, AuditEvent)
 
 
 def _ddl() -> list[Statement]:
@@ -273,9 +339,13 @@ class Database:
         return await self.fetch_one(*Task.select().where(Task.id == task_id).sql())
 
     async def list_tasks(self, *, status: str | None, script: str | None, limit: int,
-                         before: int | None) -> list[dict[str, Any]]:
-        """Newest first; `before` is the `num` cursor of the previous page."""
+                         before: int | None, scripts: tuple[str, ...] | None = None
+                         ) -> list[dict[str, Any]]:
+        """Newest first; `before` is the `num` cursor of the previous page; `scripts`, a
+        token's list of names or globs, hides every other script's tasks."""
         query = Task.select()
+        if scripts is not None:
+            query = query.where(script_glob_clause(scripts))
         if status:
             query = query.where(Task.status == status)
         if script:

@@ -10,11 +10,13 @@ class RemoteRunError(Exception):
 
     code = "error"
 
-    def __init__(self, message: str, *, code: str | None = None, details: list[Any] | None = None):
+    def __init__(self, message: str, *, code: str | None = None, details: list[Any] | None = None,
+                 retry_after_s: float | None = None):
         super().__init__(message)
         self.message = message
         self.code = code or self.code
         self.details = details
+        self.retry_after_s = retry_after_s  # sent as Retry-After (429, 503)
 
     def to_json(self) -> dict[str, Any]:
         """The error body of PROTOCOL.md."""
@@ -76,3 +78,33 @@ class TooLarge(RemoteRunError):
     """The request body or message is over the configured limit."""
 
     code = "too_large"
+
+
+class BadOrigin(Forbidden):
+    """A browser request (or WebSocket upgrade) sent by a page of another origin."""
+
+    code = "bad_origin"
+
+
+class UnsupportedMediaType(RemoteRunError):
+    """A POST body that is not JSON: a browser's cross-site form or no-cors fetch sends those."""
+
+    code = "unsupported_media_type"
+
+
+class MisdirectedRequest(RemoteRunError):
+    """A Host header this server does not answer to without tokens (DNS rebinding)."""
+
+    code = "misdirected_request"
+
+
+class TooManyRequests(RemoteRunError):
+    """Too many failed logins or 401s from one address: it must wait `retry_after_s`."""
+
+    code = "too_many_requests"
+
+
+class QueueFull(Unavailable):
+    """`engine.max_pending` tasks already wait: the client should retry later."""
+
+    code = "queue_full"

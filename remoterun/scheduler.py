@@ -44,7 +44,7 @@ from remoterun.archive import (
 )
 from remoterun.catalogue import Catalogue, Script, param_value
 from remoterun.config import Settings
-from remoterun.errors import Conflict, NotFound, Unavailable
+from remoterun.errors import Conflict, NotFound, QueueFull, Unavailable
 from remoterun.hub import Event, Subscription, TaskHub, exit_event, replay_finished
 from remoterun.metrics import Metrics
 from remoterun.runner import (
@@ -177,11 +177,14 @@ class Scheduler:
 
     # Submissions -----------------------------------------------------------------------------
 
-    async def submit(self, script: Script, request: dict[str, Any], submitted_by: str
-                     ) -> dict[str, Any]:
-        """Create a pending task from a validated request; returns its JSON."""
+    async def submit(self, script: Script, request: dict[str, Any], submitted_by: str,
+                     audit: dict[str, Any] | None = None) -> dict[str, Any]:
+        """Create a pending task from a validated request; returns its JSON. `audit`, an audit
+        entry, is written in the task's own transaction."""
         if not self.accepting:
             raise Unavailable("the server is shutting down and takes no new tasks")
+        if len(self._pending) >= self.settings.max_pending:  # issue 12: bounded queue
+            raise QueueFull(f"{len(self._pending)} tasks are already waiting", retry_after_s=5)
         params = script.validate(request.get("params", {}))
         secret = script.secret_keys
         now = time.time()
@@ -198,7 +201,9 @@ class Scheduler:
             "submitted_by": submitted_by, "logs_path": logs_path_for(task_id, now),
         }
         self._next_num += 1
-        await self.db.write(dbm.insert_task(row))
+        audit_rows = [] if audit is None else [
+            dbm.insert_audit(audit, task_id=task_id, script=script.name)]
+        await self.db.write([*dbm.insert_task(row), *audit_rows])
         full = {**dict.fromkeys(("exit_code", "error", "started_at", "finished_at",
                                  "run_after", "pid")), "output_bytes": 0, "last_seq": 0, **row}
         self._limits[script.name] = script.max_concurrency
@@ -216,10 +221,14 @@ class Scheduler:
         self.metrics.pending.set(len(self._pending))
         self._wake.set()
 
-    async def cancel(self, task_id: str) -> dict[str, Any]:
-        """Cancel a pending or running task; Conflict if it already ended."""
+    async def cancel(self, task_id: str, audit: dict[str, Any] | None = None
+                     ) -> dict[str, Any]:
+        """Cancel a pending or running task; Conflict if it already ended. `audit` is written
+        with the cancellation (for a running task, before it is asked to stop)."""
         active = self._active.get(task_id)
         if active is not None:
+            if audit is not None:
+                await self.db.write([dbm.insert_audit(audit, task_id=task_id)])
             self._request_stop(active, "cancel")
             return dbm.task_json(active.row)
         if task_id in self._finishing:
@@ -232,7 +241,9 @@ class Scheduler:
             raise Conflict(f"task {task_id} already ended ({stored['status']})",
                            code="already_finished")
         self.metrics.pending.set(len(self._pending))
-        await self._transition(row, S.CANCELLED, finished_at=time.time(), run_after=None)
+        await self._transition(row, S.CANCELLED, finished_at=time.time(), run_after=None,
+                               extra=[] if audit is None else [
+                                   dbm.insert_audit(audit, task_id=task_id)])
         self._finish(row)
         return dbm.task_json(row)
 

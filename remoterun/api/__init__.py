@@ -7,7 +7,7 @@ from typing import Any
 
 from aiohttp import web
 
-from remoterun.auth import Authenticator, Identity
+from remoterun.auth import Authenticator, FailureLimiter, Identity, Sessions
 from remoterun.catalogue import Catalogue
 from remoterun.config import Settings
 from remoterun.db import Database
@@ -21,9 +21,11 @@ CATALOGUE = web.AppKey("catalogue", Catalogue)
 SCHEDULER = web.AppKey("scheduler", Scheduler)
 METRICS = web.AppKey("metrics", Metrics)
 AUTH = web.AppKey("auth", Authenticator)
+SESSIONS = web.AppKey("sessions", Sessions)
+LIMITER = web.AppKey("limiter", FailureLimiter)
 SOCKETS: web.AppKey[weakref.WeakSet[web.WebSocketResponse]] = web.AppKey("sockets")
 
-IDENTITY: web.RequestKey[Identity | None] = web.RequestKey("identity")  # by the auth middleware
+IDENTITY: web.RequestKey[Identity | None] = web.RequestKey("identity")  # by guard_middleware
 
 
 def json_response(data: Any, *, status: int = 200,
