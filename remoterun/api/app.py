@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import math
 import os
 import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -129,7 +130,7 @@ async def login(request: web.Request) -> web.Response:
         sessions = app[SESSIONS]
         response.set_cookie(COOKIE, sessions.create(digest(token)), httponly=True,
                             samesite="Strict", path="/", secure=request.secure,
-                            max_age=int(sessions.ttl_s))
+                            max_age=math.ceil(sessions.ttl_s))
     await guard.record(request, "login", who=who)
     return response
 
