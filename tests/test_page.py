@@ -21,7 +21,7 @@ SCREENSHOT = ROOT / "docs" / "screenshot.png"
 TOKENS = ('[[tokens]]\nname = "ops"\ntoken = "operator-token-0123456789"\nrole = "operator"\n'
           '[[tokens]]\nname = "watcher"\ntoken = "viewer-token-0123456789"\nrole = "viewer"\n')
 WAIT_MS = 10_000
-READY = "window.terminalText && document.querySelector('#script').options.length > 0"
+READY = "() => window.terminalText && document.querySelector('#script').options.length > 0"
 
 
 def start_server(tmp_path: Path, config_text: str = "", scripts: Path | None = None
@@ -347,8 +347,8 @@ def test_viewer_watches_but_does_not_run(browser: Browser, secure_site: ServerPr
     """A viewer token sees history and replays, with no run form and no cancel."""
     page = new_page(browser, secure_site)
     try:
-        task = page.request.post("/tasks", data={"script": "hello.sh"},
-                                 headers={"Authorization": "Bearer operator-token-0123456789"}).json()
+        ops = {"Authorization": "Bearer operator-token-0123456789"}
+        task = page.request.post("/tasks", data={"script": "hello.sh"}, headers=ops).json()
         page.goto("/")
         page.fill("#login [name=token]", "viewer-token-0123456789")
         page.click("#login button")
