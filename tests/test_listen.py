@@ -30,6 +30,7 @@ def tls_server(tmp_path: Path):
     """A server with tokens, serving HTTPS."""
     cert, key = make_cert(tmp_path)
     server = ServerProcess(tmp_path, f'tls_cert = "{cert}"\ntls_key = "{key}"\n'
+                           "header_timeout_s = 1.0\n"
                            '[[tokens]]\nname = "ops"\ntoken = "operator-token-123456"\n'
                            'role = "operator"\n')
     server.start()
@@ -57,6 +58,15 @@ async def test_https_and_wss_with_a_secure_cookie(tls_server):
     with pytest.raises(aiohttp.ClientError):  # plain HTTP to the TLS port
         async with aiohttp.ClientSession() as plain:
             await plain.get(f"http://127.0.0.1:{server.port}/healthz")
+
+
+def test_stalled_tls_handshake_is_cut(tls_server):
+    """A connection that never starts its TLS handshake is closed after header_timeout_s."""
+    server, _ = tls_server
+    started = time.monotonic()
+    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
+        assert closed_by_server(sock)
+    assert 0.5 < time.monotonic() - started < 8
 
 
 def test_bad_certificate_stops_the_server(tmp_path):

@@ -123,7 +123,9 @@ class GuardedSite(web.TCPSite):
         self._server = await asyncio.get_running_loop().create_server(
             lambda: _Guard(server(), self), self._host, self._port, ssl=self._ssl_context,
             backlog=self._backlog, reuse_address=self._reuse_address,
-            reuse_port=self._reuse_port)
+            reuse_port=self._reuse_port,
+            # a TLS handshake that stalls is the same attack one layer down
+            ssl_handshake_timeout=self.header_timeout_s if self._ssl_context else None)
 
     @property
     def scheme(self) -> str:
