@@ -86,7 +86,7 @@ async def test_download_sse_login_logout_rows(secured):
 
 async def test_denied_rows_for_401_and_403(secured):
     """A wrong token (401) and a role that may not (403, REST and WebSocket) are recorded."""
-    await secured.get("/tasks", headers={"Authorization": "Bearer guess"})
+    await secured.get("/tasks?token=guessed-secret&limit=5")
     await secured.post("/tasks", json={"script": "hello.sh"}, headers=VIEWER)
     ws = await secured.ws_connect("/ws", headers=VIEWER)
     await ws.send_json({"type": "submit", "script": "hello.sh"})
@@ -94,7 +94,8 @@ async def test_denied_rows_for_401_and_403(secured):
     await ws.close()
     rows = await events(secured, "?action=denied")
     assert [r["result"] for r in rows] == ["forbidden", "forbidden", "unauthorized"]
-    assert rows[-1]["actor"] == "-" and "GET /tasks" in rows[-1]["detail"]
+    assert rows[-1]["actor"] == "-" and "GET /tasks?limit=5" in rows[-1]["detail"]
+    assert "guessed-secret" not in str(rows)
     assert rows[1]["actor"] == "viewer-1" and "POST /tasks" in rows[1]["detail"]
 
 

@@ -152,6 +152,12 @@ async def guard_middleware(request: web.Request, handler: Handler) -> web.Stream
     return await handler(request)
 
 
+def asked(request: web.Request) -> str:
+    """The request's path and query for the audit, without a `?token=` (never stored)."""
+    query = request.rel_url.query
+    return str(request.rel_url.with_query({k: v for k, v in query.items() if k != "token"}))
+
+
 def audit_entry(request: web.Request, action: str, result: str = "ok",
                 detail: str | None = None, who: Identity | None = None) -> dict[str, Any]:
     """An audit event of this request, for db.insert_audit (the task's fields added there)."""
@@ -173,7 +179,7 @@ async def record(request: web.Request, action: str, *, task_id: str | None = Non
 async def record_denied(request: web.Request, exc: errors.RemoteRunError) -> None:
     """The audit row of a 401 or 403: who asked for what, and why it was refused."""
     task_id = request.match_info.get("id")
-    detail = f"{request.method} {request.path_qs[:300]}: {exc.message}"[:1000]
+    detail = f"{request.method} {asked(request)[:300]}: {exc.message}"[:1000]
     try:
         await record(request, "denied", task_id=task_id, result=exc.code, detail=detail)
     except Exception:  # a denial must answer even if the audit cannot be written

@@ -17,7 +17,7 @@ from aiohttp import web
 
 from remoterun import archive
 from remoterun.api import CATALOGUE, DB, METRICS, SCHEDULER, SETTINGS, identity, json_response
-from remoterun.api.guard import audit_entry, record
+from remoterun.api.guard import asked, audit_entry, record
 from remoterun.db import task_json
 from remoterun.errors import BadRequest, Gone, NotFound
 from remoterun.hub import sse_data
@@ -201,7 +201,7 @@ async def get_output(request: web.Request) -> web.StreamResponse:
     app = request.app
     ask = _output_query(request.query)
     await record(request, "download", task_id=task_id, script=row["script"],
-                 detail=request.query_string[:200] or None)
+                 detail=asked(request)[:300])
     if await app[DB].output_pruned(task_id):
         raise Gone(f"the output of task {task_id} was deleted by the retention policy")
     scheduler = app[SCHEDULER]
