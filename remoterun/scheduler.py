@@ -240,10 +240,15 @@ class Scheduler:
                 raise NotFound(f"no task {task_id}")
             raise Conflict(f"task {task_id} already ended ({stored['status']})",
                            code="already_finished")
-        self.metrics.pending.set(len(self._pending))
-        await self._transition(row, S.CANCELLED, finished_at=time.time(), run_after=None,
-                               extra=[] if audit is None else [
-                                   dbm.insert_audit(audit, task_id=task_id)])
+        try:
+            await self._transition(row, S.CANCELLED, finished_at=time.time(), run_after=None,
+                                   extra=[] if audit is None else [
+                                       dbm.insert_audit(audit, task_id=task_id)])
+        except BaseException:  # nothing was written: it is still pending, and still queued
+            self._pending[task_id] = row
+            raise
+        finally:
+            self.metrics.pending.set(len(self._pending))
         self._finish(row)
         return dbm.task_json(row)
 

@@ -4,6 +4,7 @@ download, login, logout, denied), and `GET /audit` as PROTOCOL.md says (admin on
 from __future__ import annotations
 
 import asyncio
+import sqlite3
 
 import pytest
 from conftest import TOKENS, submit, wait_final, wait_for
@@ -119,3 +120,26 @@ async def test_audit_filters_pages_and_is_admin_only(secured):
     bad = await secured.get("/audit?since=yesterday&limit=0", headers=ADMIN)
     assert bad.status == 400
     assert {d["field"] for d in (await bad.json())["details"]} == {"since", "limit"}
+
+
+async def test_submit_and_its_audit_row_are_one_transaction(make_client, settings):
+    """With the audit table gone, a submission fails whole: 500 JSON, no task row at all."""
+    client = await make_client(workers=1, shutdown_grace_s=0.1)
+    blocker = await submit(client, "sleep.sh")
+    waiting = await submit(client, "hello.sh")
+    with sqlite3.connect(settings.db_path) as conn:
+        schema = [r[0] for r in conn.execute(
+            "SELECT sql FROM sqlite_master WHERE tbl_name = 'audit' AND sql IS NOT NULL")]
+        conn.execute("DROP TABLE audit")
+    response = await client.post("/tasks", json={"script": "hello.sh"})
+    assert response.status == 500 and (await response.json())["error"] == "internal"
+    tasks = (await (await client.get("/tasks")).json())["tasks"]
+    assert {t["id"] for t in tasks} == {blocker["id"], waiting["id"]}
+    cancel = await client.post(f"/tasks/{waiting['id']}/cancel")
+    assert cancel.status == 500  # the cancellation rolled back with its audit row
+    assert (await (await client.get(f"/tasks/{waiting['id']}")).json())["status"] == "pending"
+    with sqlite3.connect(settings.db_path) as conn:
+        for sql in schema:
+            conn.execute(sql)
+    again = await client.post(f"/tasks/{waiting['id']}/cancel")  # still queued, so cancellable
+    assert again.status == 200 and (await again.json())["status"] == "cancelled"
