@@ -1,6 +1,6 @@
 # The two commands of the README: `make serve` and `make test`. Each installs what it needs first.
 PYTHON ?= python3
-APT_PACKAGES = chromium bubblewrap prometheus
+APT_PACKAGES = chromium bubblewrap prometheus openssl
 
 .PHONY: serve test screenshot bench install install-python install-node install-system
 

@@ -1,21 +1,47 @@
-"""Tokens and roles: who is calling, and whether their role and script list allow the action."""
+"""Tokens, roles and script lists; server-side sessions; the failed-attempt limiter; new tokens.
+
+A token is matched by its SHA-256, so the config may hold only the digest, and a session id is
+kept only as its digest too: neither a copy of the config nor a dump of the server's memory
+gives back something a client could present.
+"""
 
 from __future__ import annotations
 
+import collections
+import fnmatch
+import hashlib
 import hmac
+import re
+import secrets
+import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from datetime import UTC, datetime
 
 from remoterun.catalogue import Script
-from remoterun.config import Token
-from remoterun.errors import Forbidden, Unauthorized
+from remoterun.config import MIN_TOKEN_CHARS, ROLES, Token
+from remoterun.errors import Forbidden, TooManyRequests, Unauthorized
 
 RANK = {"viewer": 0, "operator": 1, "admin": 2}
 COOKIE = "remoterun_session"
+Clock = Callable[[], float]
+
+
+def digest(secret: str) -> str:
+    """The SHA-256 hex digest tokens and session ids are kept as."""
+    return hashlib.sha256(secret.encode("utf-8", "surrogatepass")).hexdigest()
+
+
+def script_allowed(patterns: tuple[str, ...] | None, name: str) -> bool:
+    """Whether a token's `scripts` list (names or globs) includes the script `name`."""
+    if patterns is None:
+        return True
+    return any(fnmatch.fnmatchcase(name, pattern) for pattern in patterns)
 
 
 @dataclass(frozen=True)
 class Identity:
-    """The caller: a token's name and role, or the anonymous admin when auth is off."""
+    """The caller: a token's name, role and script list, or the anonymous admin (auth off)."""
 
     name: str
     role: str
@@ -26,14 +52,20 @@ class Identity:
         if RANK[self.role] < RANK[role]:
             raise Forbidden(f"the {self.role} role may not do this (needs {role})")
 
-    def require_script(self, script: Script, role: str = "operator") -> None:
-        """Forbidden unless this identity may run `script`."""
+    def allows(self, script_name: str) -> bool:
+        """Whether this token's script list includes `script_name` (reads and actions alike)."""
+        return script_allowed(self.scripts, script_name)
+
+    def require_task(self, script_name: str, role: str = "viewer") -> None:
+        """Forbidden unless the role is at least `role` and the list includes the task's script."""
         self.require(role)
-        if self.role == "admin":
-            return
-        if self.scripts is not None and script.name not in self.scripts:
-            raise Forbidden(f"token {self.name!r} may not run {script.name!r}")
-        if script.roles is not None and self.role not in script.roles:
+        if not self.allows(script_name):
+            raise Forbidden(f"token {self.name!r} may not touch tasks of {script_name!r}")
+
+    def require_script(self, script: Script, role: str = "operator") -> None:
+        """Forbidden unless this identity may run `script` (role, script list, its metadata)."""
+        self.require_task(script.name, role)
+        if self.role != "admin" and script.roles is not None and self.role not in script.roles:
             raise Forbidden(f"the {self.role} role may not run {script.name!r}")
 
     def may_run(self, script: Script) -> bool:
@@ -49,10 +81,12 @@ ANONYMOUS = Identity("anonymous", "admin")
 
 
 class Authenticator:
-    """Looks tokens up in constant time per candidate."""
+    """Looks a presented token up by its digest, comparing every candidate in constant time."""
 
-    def __init__(self, tokens: tuple[Token, ...]):
+    def __init__(self, tokens: tuple[Token, ...], clock: Clock = time.time):
         self.tokens = tokens
+        self._digests = [(t.sha256 or digest(t.token), t) for t in tokens]
+        self._clock = clock
 
     @property
     def enabled(self) -> bool:
@@ -60,15 +94,136 @@ class Authenticator:
         return bool(self.tokens)
 
     def identify(self, presented: str | None) -> Identity:
-        """The identity of a presented token; Unauthorized if absent or unknown."""
+        """The identity of a presented token; Unauthorized if absent, unknown or expired."""
         if not self.enabled:
             return ANONYMOUS
         if not presented:
             raise Unauthorized("a token is required: Authorization: Bearer <token>")
+        return self.identify_digest(digest(presented))
+
+    def identify_digest(self, wanted: str) -> Identity:
+        """The identity of the token with this digest (what a session holds)."""
         match = None
-        for token in self.tokens:
-            if hmac.compare_digest(token.token.encode(), presented.encode()):
+        for known, token in self._digests:
+            if hmac.compare_digest(known, wanted):
                 match = token
         if match is None:
             raise Unauthorized("unknown token")
+        if match.expires_at is not None and match.expires_at <= self._clock():
+            raise Unauthorized(f"token {match.name!r} has expired", code="token_expired")
         return Identity(match.name, match.role, match.scripts)
+
+
+class Sessions:
+    """Server-side sessions: an opaque random id for the cookie, kept here only as its digest.
+
+    A session points at its token's digest, so a token removed from the config or expired
+    ends its sessions too. Held in memory: a restart logs every browser out, which fails safe.
+    """
+
+    def __init__(self, ttl_s: float, max_sessions: int = 10_000, clock: Clock = time.time):
+        self.ttl_s = ttl_s
+        self._max = max_sessions
+        self._clock = clock
+        self._by_digest: collections.OrderedDict[str, tuple[str, float]] = (
+            collections.OrderedDict())
+
+    def create(self, token_digest: str) -> str:
+        """A new session id for the token with this digest (shown once, to the cookie)."""
+        now = self._clock()
+        for key, (_, expires) in list(self._by_digest.items()):
+            if expires > now and len(self._by_digest) < self._max:
+                break
+            del self._by_digest[key]  # expired, or the oldest past the bound
+        session_id = secrets.token_urlsafe(32)
+        self._by_digest[digest(session_id)] = (token_digest, now + self.ttl_s)
+        return session_id
+
+    def token_digest(self, session_id: str) -> str | None:
+        """The token digest of a live session, or None (unknown, revoked or expired)."""
+        key = digest(session_id)
+        found = self._by_digest.get(key)
+        if found is None:
+            return None
+        if found[1] <= self._clock():
+            del self._by_digest[key]
+            return None
+        return found[0]
+
+    def revoke(self, session_id: str) -> bool:
+        """End a session; whether it existed."""
+        return self._by_digest.pop(digest(session_id), None) is not None
+
+
+class FailureLimiter:
+    """Counts failed logins and 401s per address; past `limit` in `window_s` it answers 429."""
+
+    def __init__(self, limit: int, window_s: float, clock: Clock = time.monotonic):
+        self.limit = limit
+        self.window_s = window_s
+        self._clock = clock
+        self._failures: dict[str, collections.deque[float]] = {}
+
+    def _recent(self, address: str) -> collections.deque[float] | None:
+        stamps = self._failures.get(address)
+        if stamps is None:
+            return None
+        cutoff = self._clock() - self.window_s
+        while stamps and stamps[0] <= cutoff:
+            stamps.popleft()
+        if not stamps:
+            del self._failures[address]
+            return None
+        return stamps
+
+    def check(self, address: str) -> None:
+        """TooManyRequests (with the wait) if this address failed too often of late."""
+        stamps = self._recent(address)
+        if stamps is not None and len(stamps) >= self.limit:
+            wait = stamps[0] + self.window_s - self._clock()
+            raise TooManyRequests(f"too many failed attempts from {address}: wait",
+                                  retry_after_s=max(wait, 1.0))
+
+    def record(self, address: str) -> None:
+        """Count one failure from this address."""
+        if len(self._failures) > 100_000:  # a flood of addresses: forget the quiet ones
+            for key in list(self._failures)[:50_000]:
+                self._recent(key)
+        self._failures.setdefault(address, collections.deque(maxlen=self.limit)).append(
+            self._clock())
+
+
+_DURATION = re.compile(r"(\d+)([smhdw])")
+_UNIT_S = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+
+
+def parse_duration(text: str) -> float:
+    """`30d`, `12h`, `90m`, `45s`, `2w` as seconds; ValueError otherwise."""
+    found = _DURATION.fullmatch(text.strip())
+    if found is None or int(found[1]) == 0:
+        raise ValueError(f"expected a duration such as 30d, 12h or 90m, got {text!r}")
+    return float(int(found[1]) * _UNIT_S[found[2]])
+
+
+def _toml_string(value: str) -> str:
+    return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def create_token(name: str, role: str, scripts: Sequence[str] | None = None,
+                 expires_in_s: float | None = None, now: float | None = None
+                 ) -> tuple[str, str]:
+    """A new random token and the `[[tokens]]` lines (with its digest, never the token)."""
+    if role not in ROLES:
+        raise ValueError(f"role must be one of {ROLES}, got {role!r}")
+    if not name:
+        raise ValueError("the token needs a name")
+    token = secrets.token_urlsafe(32)
+    assert len(token) >= MIN_TOKEN_CHARS
+    lines = ["[[tokens]]", f"name = {_toml_string(name)}", f'sha256 = "{digest(token)}"',
+             f"role = {_toml_string(role)}"]
+    if scripts is not None:
+        lines.append("scripts = [" + ", ".join(map(_toml_string, scripts)) + "]")
+    if expires_in_s is not None:
+        at = datetime.fromtimestamp((now or time.time()) + expires_in_s, UTC)
+        lines.append(f"expires = {at.strftime('%Y-%m-%dT%H:%M:%SZ')}")
+    return token, "\n".join(lines) + "\n"

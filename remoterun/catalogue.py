@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import time
@@ -14,7 +15,9 @@ from typing import Any
 
 from remoterun.errors import BadRequest, InvalidParams, NotFound
 
-KEY_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+KEY_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")  # \Z: "$" would let "k\n" through
+MAX_NAME_CHARS = 1024  # a script name; one path part is at most 255 bytes on Linux
+MAX_PART_BYTES = 255
 SIDECAR_SUFFIX = ".toml"
 RESOLVE_CACHE_S = 1.0
 PARAM_TYPES = {"string": str, "integer": int, "number": float, "boolean": bool}
@@ -91,7 +94,7 @@ class Script:
                 {"field": "params", "message": "expected an object"}])
         if self.params is None:
             return _free_form(params)
-        problems: list[dict[str, str]] = []
+        problems = _case_collisions(params)
         known = {p.name: p for p in self.params}
         for key in params:
             if key not in known:
@@ -113,8 +116,29 @@ class Script:
         return out
 
 
-def _free_form(params: dict[str, Any]) -> dict[str, Scalar]:
+def _scalar_problem(value: Any) -> str | None:
+    """Why a param value cannot reach a script's argv and environment, if it cannot."""
+    if isinstance(value, str) and "\x00" in value:
+        return "must not contain a NUL byte"
+    if isinstance(value, float) and not math.isfinite(value):
+        return "must be a finite number"
+    return None
+
+
+def _case_collisions(keys: Any) -> list[dict[str, str]]:
+    """Keys that differ only in case would set the same RR_PARAM_ variable."""
+    seen: dict[str, str] = {}
     problems = []
+    for key in keys:
+        other = seen.setdefault(str(key).upper(), key)
+        if other != key:
+            problems.append({"field": f"params.{key}",
+                             "message": f"differs from {other!r} only in case"})
+    return problems
+
+
+def _free_form(params: dict[str, Any]) -> dict[str, Scalar]:
+    problems = _case_collisions(params)
     for key, value in params.items():
         if not KEY_RE.match(key):
             problems.append({"field": f"params.{key}", "message": "key must match "
@@ -122,6 +146,8 @@ def _free_form(params: dict[str, Any]) -> dict[str, Scalar]:
         elif value is None or not isinstance(value, str | int | float | bool):
             problems.append({"field": f"params.{key}",
                              "message": "value must be a string, number or boolean"})
+        elif (problem := _scalar_problem(value)) is not None:
+            problems.append({"field": f"params.{key}", "message": problem})
     if problems:
         raise InvalidParams("params must be flat scalars with simple keys", details=problems)
     return {key: params[key] for key in sorted(params)}
@@ -138,6 +164,9 @@ def _check(p: Param, value: Any) -> str | None:
         ok = isinstance(value, str)
     if not ok:
         return f"expected {p.type}, got {json.dumps(value)}"
+    problem = _scalar_problem(value)
+    if problem is not None:
+        return problem
     if p.enum is not None and value not in p.enum:
         return f"must be one of {list(p.enum)}"
     if p.pattern is not None and not re.fullmatch(p.pattern, value):
@@ -190,6 +219,9 @@ def parse_metadata(where: str, raw: Mapping[str, Any]) -> dict[str, Any]:
         if not isinstance(raw["params"], dict):
             raise MetadataError(f"{where}.params: expected a table of parameters")
         out["params"] = tuple(_parse_param(where, k, v) for k, v in raw["params"].items())
+        clash = _case_collisions(raw["params"])
+        if clash:
+            raise MetadataError(f"{where}.{clash[0]['field']}: {clash[0]['message']}")
     for key, kind in (("timeout_s", (int, float)), ("max_concurrency", (int,)),
                       ("max_output_bytes", (int,))):
         if key in raw:
@@ -216,7 +248,13 @@ class Catalogue:
 
     def _confine(self, name: str) -> tuple[str, Path]:
         if not isinstance(name, str) or not name or "\x00" in name or "\\" in name:
-            raise NotFound(f"no script named {name!r}", code="unknown_script")
+            raise NotFound(f"no script named {name[:100]!r}", code="unknown_script")
+        if len(name) > MAX_NAME_CHARS or any(
+                len(part.encode("utf-8", "surrogatepass")) > MAX_PART_BYTES
+                for part in name.split("/")):
+            raise NotFound(f"no script named {name[:100]!r}... (names are at most "
+                           f"{MAX_NAME_CHARS} characters, {MAX_PART_BYTES} bytes a part)",
+                           code="unknown_script")
         pure = PurePosixPath(name)
         if pure.is_absolute() or ".." in pure.parts:
             raise NotFound(f"{name!r} is outside the scripts directory", code="unknown_script")
@@ -224,10 +262,14 @@ class Catalogue:
         if not parts or any(p.startswith(".") for p in parts) or name.endswith(SIDECAR_SUFFIX):
             raise NotFound(f"no script named {name!r}", code="unknown_script")
         clean = "/".join(parts)
-        real = (self.root / clean).resolve()
+        try:
+            real = (self.root / clean).resolve()
+            runnable = real.is_file() and os.access(real, os.X_OK)
+        except (OSError, ValueError):  # a loop of links, a name the OS refuses
+            raise NotFound(f"no script named {name!r}", code="unknown_script") from None
         if not real.is_relative_to(self.root):
             raise NotFound(f"{name!r} leads outside the scripts directory", code="unknown_script")
-        if not real.is_file() or not os.access(real, os.X_OK):
+        if not runnable:
             raise NotFound(f"no executable script named {name!r}", code="unknown_script")
         return clean, real
 
@@ -242,8 +284,11 @@ class Catalogue:
         hit = self._cache.get(name)
         if hit is not None and hit[0] > now:
             return hit[1]
-        clean, real = self._confine(name)
-        script = Script(name=clean, path=real, **self._metadata(clean))
+        _, real = self._confine(name)
+        # A symlink alias inside the directory is its target: one name, the target's
+        # metadata (roles, schema, secrets, limits), the target's entry in script lists.
+        target = real.relative_to(self.root).as_posix()
+        script = Script(name=target, path=real, **self._metadata(target))
         if len(self._cache) >= 1024:
             self._cache.clear()
         self._cache[name] = (now + RESOLVE_CACHE_S, script)
@@ -279,13 +324,14 @@ class Catalogue:
 
     def scripts(self) -> list[Script]:
         """Every runnable script with its metadata (malformed metadata is skipped, not fatal)."""
-        out = []
+        out: dict[str, Script] = {}
         for name in self.names():
             try:
-                out.append(self.resolve(name))
+                script = self.resolve(name)
             except MetadataError:
                 continue
-        return out
+            out.setdefault(script.name, script)  # an alias is listed as its target
+        return list(out.values())
 
     def check(self) -> None:
         """Raise MetadataError for the first script whose metadata is malformed."""

@@ -52,6 +52,8 @@ def serve(args: argparse.Namespace) -> int:
         if not settings.scripts_dir.is_dir():
             raise config.ConfigError(f"paths.scripts: {settings.scripts_dir} is not a directory")
         Catalogue(settings.scripts_dir, settings.scripts).check()
+        from remoterun.api.listen import tls_context  # issue 12: a bad certificate stops here
+        tls_context(settings)
         logs.configure(settings.log_level)
     except (config.ConfigError, MetadataError) as exc:
         print(f"remoterun: config error: {exc}", file=sys.stderr)
@@ -84,12 +86,14 @@ async def _run_server(app: Any, settings: config.Settings) -> None:
     from aiohttp import web
 
     from remoterun.api import SCHEDULER
+    from remoterun.api.listen import GuardedSite
 
     runner = web.AppRunner(app, access_log=None, shutdown_timeout=5.0)
     await runner.setup()
-    await web.TCPSite(runner, settings.host, settings.port).start()
+    site = GuardedSite(runner, settings)  # issue 12: TLS, max_connections, header timeout
+    await site.start()
     _tune_gc()
-    log.info("server_ready", url=f"http://{settings.host}:{settings.port}/")
+    log.info("server_ready", url=f"{site.scheme}://{settings.host}:{settings.port}/")
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
@@ -325,12 +329,44 @@ def parser() -> argparse.ArgumentParser:
             c.add_argument("--limit", type=int, default=20)
             c.add_argument("-w", "--watch", action="store_true",
                            help="then print each transition as it happens (GET /events)")
+    _token_parser(sub)
     return p
+
+
+# Tokens (issue 12) ---------------------------------------------------------------------------
+
+def _token_parser(sub: Any) -> None:
+    t = sub.add_parser("token", help="make API tokens")
+    create = t.add_subparsers(dest="action", required=True).add_parser(
+        "create", help="print a new token once, and the [[tokens]] lines (with its sha256)")
+    create.add_argument("name")
+    create.add_argument("--role", required=True, choices=config.ROLES)
+    create.add_argument("--scripts", nargs="*", metavar="NAME_OR_GLOB",
+                        help="limit it to these scripts (none given: no script at all)")
+    create.add_argument("--expires", metavar="DURATION", help="e.g. 30d, 12h, 90m")
+
+
+def token_command(args: argparse.Namespace) -> int:
+    """`remoterun token create NAME --role R [--scripts ...] [--expires 30d]`."""
+    from remoterun.auth import create_token, parse_duration
+
+    try:
+        expires = parse_duration(args.expires) if args.expires else None
+        token, lines = create_token(args.name, args.role, args.scripts, expires)
+    except ValueError as exc:
+        print(f"remoterun: {exc}", file=sys.stderr)
+        return 2
+    print(f"token (shown once; give it to the client): {token}")
+    print("\nadd to config.toml (it holds only the token's sha256):\n")
+    print(lines, end="")
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of `remoterun` and `python -m remoterun`."""
     args = parser().parse_args(argv)
+    if args.verb == "token":
+        return token_command(args)
     if args.verb == "serve":
         return serve(args)
     if args.verb == "archive":

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -21,9 +23,11 @@ class Token:
     """One API token: who it is, what it may do, and which scripts it may run."""
 
     name: str
-    token: str
+    token: str  # in clear; "" when the config gives only its sha256
     role: str
-    scripts: tuple[str, ...] | None = None  # None: every script the role allows
+    scripts: tuple[str, ...] | None = None  # names or globs; None: every script; (): none
+    sha256: str = ""  # hex digest of the token; computed from `token` when that is given
+    expires_at: float | None = None  # epoch seconds; None: never
 
 
 @dataclass(frozen=True)
@@ -66,6 +70,17 @@ class Settings:
     retention_interval_s: float = 300.0
     heartbeat_s: float = 20.0
     log_level: str = "info"
+    # Access control and browser safety (issue 12; SECURITY.md).
+    allowed_origins: tuple[str, ...] = ()  # besides the server's own origin
+    allowed_hosts: tuple[str, ...] = ()  # Host names answered without tokens, besides loopback
+    session_ttl_s: float = 12 * 3600.0
+    auth_fail_limit: int = 20  # failed logins / 401s per address per window, then 429
+    auth_fail_window_s: float = 60.0
+    max_connections: int = 1000  # open client connections; more are closed at once
+    header_timeout_s: float = 10.0  # a connection's first request headers must arrive by then
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    max_pending: int = 10000  # waiting tasks; past it a submission gets 503 queue_full
     tokens: tuple[Token, ...] = ()
     scripts: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
     # Monitoring and alerts (issue 14).
@@ -177,6 +192,15 @@ _KEYS: dict[tuple[str, str], str] = {
     ("server", "metrics_public"): "metrics_public",
     ("server", "min_free_bytes"): "min_free_bytes",
     ("server", "public_url"): "public_url",
+    ("server", "allowed_origins"): "allowed_origins",
+    ("server", "allowed_hosts"): "allowed_hosts",
+    ("server", "session_ttl_s"): "session_ttl_s",
+    ("server", "auth_fail_limit"): "auth_fail_limit",
+    ("server", "auth_fail_window_s"): "auth_fail_window_s",
+    ("server", "max_connections"): "max_connections",
+    ("server", "header_timeout_s"): "header_timeout_s",
+    ("server", "tls_cert"): "tls_cert",
+    ("server", "tls_key"): "tls_key",
     ("paths", "scripts"): "scripts_dir",
     ("paths", "archive"): "archive_dir",
     ("paths", "db"): "db_path",
@@ -215,10 +239,38 @@ _OFF_AT_ZERO = frozenset({"segment_max_age_s", "max_output_bytes", "retention_ma
                           "retention_max_total_bytes", "min_free_bytes"})
 
 
+MIN_TOKEN_CHARS = 16
+_ORIGIN_RE = re.compile(r"https?://[^/?#\s]+")
+
+
+def _strings(key: str, value: Any) -> tuple[str, ...]:
+    if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
+        raise ConfigError(f"{key}: expected an array of strings, got {value!r}")
+    return tuple(value)
+
+
+def _coerce_security(key: str, name: str, value: Any) -> Any:
+    """The [server] keys of access control: lists of origins and hosts, TLS files."""
+    if name == "allowed_origins":
+        origins = _strings(key, value)
+        for origin in origins:
+            if not _ORIGIN_RE.fullmatch(origin):
+                raise ConfigError(f"{key}: expected origins like \"https://host:port\", "
+                                  f"got {origin!r}")
+        return tuple(o.lower() for o in origins)
+    if name == "allowed_hosts":
+        return tuple(h.lower() for h in _strings(key, value))
+    if not isinstance(value, str) or not value:
+        raise ConfigError(f"{key}: expected a path string, got {value!r}")
+    return Path(value)
+
+
 def _coerce(key: str, name: str, value: Any) -> Any:
     kind = _FIELD_TYPES[name]
     if name in ("metrics_public", "public_url"):
         return _coerce_monitoring(key, name, value)
+    if name in ("allowed_origins", "allowed_hosts", "tls_cert", "tls_key"):
+        return _coerce_security(key, name, value)
     if name.endswith("_dir") or name == "db_path":
         if not isinstance(value, str) or not value:
             raise ConfigError(f"{key}: expected a path string, got {value!r}")
@@ -247,33 +299,61 @@ def _coerce(key: str, name: str, value: Any) -> Any:
     return float(value) if kind.startswith("float") else value
 
 
+def _expiry(where: str, value: Any) -> float | None:
+    """A token's `expires`: a TOML date-time or an RFC 3339 string; naive means UTC."""
+    if value is None:
+        return None
+    if isinstance(value, str):
+        try:
+            value = datetime.fromisoformat(value.replace("Z", "+00:00"))
+        except ValueError:
+            value = None
+    if not isinstance(value, datetime):
+        raise ConfigError(f"{where}.expires: expected a date-time such as "
+                          f"2027-01-01T00:00:00Z, got {value!r}")
+    if value.tzinfo is None:
+        value = value.replace(tzinfo=UTC)
+    return float(value.timestamp())
+
+
+def _token(where: str, item: Any) -> Token:
+    if not isinstance(item, dict):
+        raise ConfigError(f"{where}: expected a table, got {item!r}")
+    unknown = set(item) - {"name", "token", "sha256", "role", "scripts", "expires"}
+    if unknown:
+        raise ConfigError(f"{where}.{sorted(unknown)[0]}: unknown key")
+    if not isinstance(item.get("name"), str) or not item["name"]:
+        raise ConfigError(f"{where}.name: expected a non-empty string")
+    if item.get("role") not in ROLES:
+        raise ConfigError(f"{where}.role: expected one of {ROLES}, got {item.get('role')!r}")
+    clear, digest = item.get("token"), item.get("sha256")
+    if (clear is None) == (digest is None):
+        raise ConfigError(f"{where}: give exactly one of token or sha256")
+    if clear is not None and (not isinstance(clear, str) or len(clear) < MIN_TOKEN_CHARS):
+        raise ConfigError(f"{where}.token: must be at least {MIN_TOKEN_CHARS} characters "
+                          f"(make one with `remoterun token create`)")
+    if digest is not None and (not isinstance(digest, str)
+                               or not re.fullmatch(r"[0-9a-fA-F]{64}", digest)):
+        raise ConfigError(f"{where}.sha256: expected 64 hex digits, got {digest!r}")
+    scripts = item.get("scripts")
+    if scripts is not None and (
+        not isinstance(scripts, list) or not all(isinstance(s, str) for s in scripts)
+    ):
+        raise ConfigError(f"{where}.scripts: expected an array of script names or globs")
+    return Token(item["name"], clear or "", item["role"],
+                 None if scripts is None else tuple(scripts),  # [] allows no script
+                 sha256=(digest or "").lower(), expires_at=_expiry(where, item.get("expires")))
+
+
 def _tokens(raw: Any) -> tuple[Token, ...]:
     if not isinstance(raw, list):
         raise ConfigError(f"tokens: expected an array of tables ([[tokens]]), got {raw!r}")
-    tokens = []
-    for i, item in enumerate(raw):
-        where = f"tokens[{i}]"
-        if not isinstance(item, dict):
-            raise ConfigError(f"{where}: expected a table, got {item!r}")
-        unknown = set(item) - {"name", "token", "role", "scripts"}
-        if unknown:
-            raise ConfigError(f"{where}.{sorted(unknown)[0]}: unknown key")
-        for key in ("name", "token"):
-            if not isinstance(item.get(key), str) or not item[key]:
-                raise ConfigError(f"{where}.{key}: expected a non-empty string")
-        if item.get("role") not in ROLES:
-            raise ConfigError(f"{where}.role: expected one of {ROLES}, got {item.get('role')!r}")
-        scripts = item.get("scripts")
-        if scripts is not None and (
-            not isinstance(scripts, list) or not all(isinstance(s, str) for s in scripts)
-        ):
-            raise ConfigError(f"{where}.scripts: expected an array of script names")
-        tokens.append(
-            Token(item["name"], item["token"], item["role"], tuple(scripts) if scripts else None)
-        )
-    if len({t.token for t in tokens}) != len(tokens):
+    tokens = tuple(_token(f"tokens[{i}]", item) for i, item in enumerate(raw))
+    clear = [t.token for t in tokens if t.token]
+    if len(set(clear)) != len(clear) or len({t.sha256 for t in tokens if t.sha256}) != len(
+            [t for t in tokens if t.sha256]):
         raise ConfigError("tokens: two entries share the same token")
-    return tuple(tokens)
+    return tokens
 
 
 def parse(data: Mapping[str, Any], base: Path) -> Settings:
@@ -300,9 +380,11 @@ def parse(data: Mapping[str, Any], base: Path) -> Settings:
             if name is None:
                 raise ConfigError(f"{section}.{key}: unknown key")
             values[name] = _coerce(f"{section}.{key}", name, value)
-    for name in ("scripts_dir", "archive_dir", "db_path"):
+    for name in ("scripts_dir", "archive_dir", "db_path", "tls_cert", "tls_key"):
         if name in values and not values[name].is_absolute():
             values[name] = base / values[name]
+    if ("tls_cert" in values) != ("tls_key" in values):
+        raise ConfigError("server.tls_cert: tls_cert and tls_key go together")
     return Settings(**values)
 
 

@@ -78,3 +78,33 @@ class TooLarge(RemoteRunError):
     """The request body or message is over the configured limit."""
 
     code = "too_large"
+
+
+class BadOrigin(Forbidden):
+    """A browser request (or WebSocket upgrade) sent by a page of another origin."""
+
+    code = "bad_origin"
+
+
+class UnsupportedMediaType(RemoteRunError):
+    """A POST body that is not JSON: a browser's cross-site form or no-cors fetch sends those."""
+
+    code = "unsupported_media_type"
+
+
+class MisdirectedRequest(RemoteRunError):
+    """A Host header this server does not answer to without tokens (DNS rebinding)."""
+
+    code = "misdirected_request"
+
+
+class TooManyRequests(RemoteRunError):
+    """Too many failed logins or 401s from one address: it must wait `retry_after_s`."""
+
+    code = "too_many_requests"
+
+
+class QueueFull(Unavailable):
+    """`engine.max_pending` tasks already wait: the client should retry later."""
+
+    code = "queue_full"

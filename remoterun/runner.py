@@ -186,12 +186,16 @@ class Run:
                 self.master_fd = master
                 self.readers = [_Reader(master, "pty")]
             else:
+                # Each end is owned (closed by the finally or _close_fds) as soon as it exists,
+                # so running out of descriptors half way leaks none.
                 in_r, in_w = os.pipe()
-                out_r, out_w = os.pipe()
-                err_r, err_w = os.pipe()
-                child_fds = [in_r, out_w, err_w]
-                self.readers = [_Reader(out_r, "stdout"), _Reader(err_r, "stderr")]
+                child_fds.append(in_r)
                 self.stdin = _Writer(in_w, owns_fd=True)
+                for stream in ("stdout", "stderr"):
+                    read_end, write_end = os.pipe()
+                    child_fds.append(write_end)
+                    self.readers.append(_Reader(read_end, stream))
+                in_r, out_w, err_w = child_fds
             children = self.children
             children.spawning += 1
             try:
@@ -203,11 +207,14 @@ class Run:
                     # (~0.1 ms), less than a hop to a worker thread and back costs it.
                     self._pid = spawn(spec.argv, env, str(spec.cwd), in_r, out_w, err_w)
                 children.spawned.add(self._pid)
-            except Exception as exc:  # any failure (OSError, a NUL in argv...) closes our ends
+            except Exception as exc:  # any type (a NUL byte is a ValueError): close what we opened
                 self._close_fds()
                 raise SpawnError(_spawn_message(spec.argv[0], exc)) from exc
             finally:
                 children.spawning -= 1
+        except OSError as exc:  # out of descriptors or PTYs before the spawn
+            self._close_fds()
+            raise SpawnError(f"cannot start {spec.argv[0]}: {exc.strerror}") from exc
         finally:
             for fd in child_fds:
                 os.close(fd)
@@ -428,7 +435,7 @@ class Run:
 
 def _spawn_message(path: str, exc: Exception) -> str:
     if not isinstance(exc, OSError):
-        return f"cannot execute {path}: {exc}"
+        return f"cannot start {path}: {type(exc).__name__}: {exc}"
     if exc.errno == errno.ENOEXEC:
         return f"cannot execute {path}: exec format error (missing #! line?)"
     if isinstance(exc, PermissionError):

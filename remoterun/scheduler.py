@@ -46,7 +46,7 @@ from remoterun.attempt import Attempt, Limits, build_spec, decide
 from remoterun.catalogue import Catalogue, Script
 from remoterun.compressor import Compressor
 from remoterun.config import Settings
-from remoterun.errors import Conflict, NotFound, Unavailable
+from remoterun.errors import Conflict, NotFound, QueueFull, Unavailable
 from remoterun.feed import TaskFeed
 from remoterun.hub import Subscription, TaskHub, replay_finished
 from remoterun.metrics import Metrics
@@ -226,6 +226,11 @@ class Scheduler:
                     if self._closing:
                         raise
 
+    async def record(self, statements: list[store.Statement]) -> None:
+        """Commit what a request records beside the engine's writes (audit rows), in order
+        behind them; Unavailable once the database stayed busy past a request's wait."""
+        await self._commit(statements, within_s=self._request_wait())
+
     def _log_once(self, kind: str, task_id: str, **data: Any) -> None:
         if (kind, task_id) not in self._logged:
             if len(self._logged) > 10_000:
@@ -258,14 +263,15 @@ class Scheduler:
 
     # Submissions -----------------------------------------------------------------------------
 
-    async def submit(self, script: Script, request: dict[str, Any], submitted_by: str
-                     ) -> dict[str, Any]:
-        """Create a pending task from a validated request; returns its JSON."""
+    async def submit(self, script: Script, request: dict[str, Any], submitted_by: str,
+                     audit: dict[str, Any] | None = None) -> dict[str, Any]:
+        """Create a pending task from a validated request; returns its JSON. `audit`, an audit
+        entry, is written in the task's own transaction."""
         if not self.accepting:
             raise Unavailable("the server is shutting down and takes no new tasks")
         if len(self.queue) >= self.settings.max_pending:
-            raise Unavailable(f"{len(self.queue)} tasks are waiting already (engine.max_pending)",
-                              code="queue_full", retry_after_s=5.0)
+            raise QueueFull(f"{len(self.queue)} tasks are already waiting (engine.max_pending)",
+                            retry_after_s=5.0)
         params = script.validate(request.get("params", {}))
         secret = script.secret_keys
         now = time.time()
@@ -282,7 +288,11 @@ class Scheduler:
             "submitted_by": submitted_by, "logs_path": logs_path_for(task_id, now),
         }
         self._next_num += 1
-        event_id = await self._commit(store.insert_task(row), within_s=self._request_wait())
+        audit_rows = [] if audit is None else [
+            store.insert_audit(audit, task_id=task_id, script=script.name)]
+        # The event's insert last: its row id is the feed's event id.
+        event_id = await self._commit([*audit_rows, *store.insert_task(row)],
+                                      within_s=self._request_wait())
         full = {**dict.fromkeys(("exit_code", "error", "started_at", "finished_at",
                                  "run_after", "pid")), "output_bytes": 0, "last_seq": 0,
                 "seq_reserved": 0, **row}
@@ -309,8 +319,10 @@ class Scheduler:
         self.queue.push(state.row)
         self._wake.set()
 
-    async def cancel(self, task_id: str) -> dict[str, Any]:
-        """Cancel a pending or running task; Conflict if it already ended."""
+    async def cancel(self, task_id: str, audit: dict[str, Any] | None = None
+                     ) -> dict[str, Any]:
+        """Cancel a pending or running task; Conflict if it already ended. `audit` is written
+        with the cancellation (for a running task, before it is asked to stop)."""
         state = self.tasks.get(task_id)
         if state is None or state.where is Where.FINISHING:
             stored = state.row if state is not None else await self.db.get_task(task_id)
@@ -319,13 +331,18 @@ class Scheduler:
             raise Conflict(f"task {task_id} has already ended ({stored['status']})",
                            code="already_finished")
         if state.attempt is not None:  # starting or running: its run ends it
+            if audit is not None:
+                await self._commit([store.insert_audit(audit, task_id=task_id)],
+                                   within_s=self._request_wait())
             state.attempt.request_stop("cancel")
             return task_json(state.row)
         row = self.queue.remove(task_id)
         assert row is not None
         state.where = Where.FINISHING
         try:
-            await self._transition(state, S.CANCELLED, finished_at=time.time(), run_after=None)
+            await self._transition(state, S.CANCELLED, finished_at=time.time(), run_after=None,
+                                   extra=[] if audit is None else [
+                                       store.insert_audit(audit, task_id=task_id)])
         except BaseException:
             self._enqueue(state)  # nothing was recorded: it waits as before
             raise

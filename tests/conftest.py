@@ -229,6 +229,8 @@ BLOCKS_ALLOWED: list[tuple[str, set[str], tuple[str, ...]]] = [
     # Resolving a script: a realpath walk and a few stats of the scripts folder, cached for
     # catalogue.RESOLVE_CACHE_S per name.
     ("remoterun/catalogue.py", {"_confine", "_metadata", "resolve"}, _FILE_CALLS),
+    # Logging an exception: the console renderer reads the traceback's source lines.
+    ("structlog/dev.py", {"__call__"}, _FILE_CALLS),
     # /proc files (a process's children, environ, stat): procfs reads never wait on a disk.
     ("remoterun/reaper.py", {"_children", "tend_orphans", "kill_task_processes"}, _FILE_CALLS),
 ]

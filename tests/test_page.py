@@ -18,10 +18,10 @@ CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-
                  "--disable-sync"]
 NODE_MODULES = ROOT / "node_modules"
 SCREENSHOT = ROOT / "docs" / "screenshot.png"
-TOKENS = ('[[tokens]]\nname = "ops"\ntoken = "operator-token"\nrole = "operator"\n'
-          '[[tokens]]\nname = "watcher"\ntoken = "viewer-token"\nrole = "viewer"\n')
+TOKENS = ('[[tokens]]\nname = "ops"\ntoken = "operator-token-0123456789"\nrole = "operator"\n'
+          '[[tokens]]\nname = "watcher"\ntoken = "viewer-token-0123456789"\nrole = "viewer"\n')
 WAIT_MS = 10_000
-READY = "window.terminalText && document.querySelector('#script').options.length > 0"
+READY = "() => window.terminalText && document.querySelector('#script').options.length > 0"
 
 
 def start_server(tmp_path: Path, config_text: str = "", scripts: Path | None = None
@@ -327,7 +327,7 @@ def test_login_with_a_token(browser: Browser, secure_site: ServerProcess) -> Non
         login.locator("[name=token]").fill("wrong")
         login.locator("button").click()
         expect(page.locator("#login-error")).to_contain_text("unknown token")
-        login.locator("[name=token]").fill("operator-token")
+        login.locator("[name=token]").fill("operator-token-0123456789")
         login.locator("button").click()
         expect(page.locator("#who")).to_have_text("ops (operator)")
         page.wait_for_function(READY, timeout=WAIT_MS)
@@ -347,10 +347,10 @@ def test_viewer_watches_but_does_not_run(browser: Browser, secure_site: ServerPr
     """A viewer token sees history and replays, with no run form and no cancel."""
     page = new_page(browser, secure_site)
     try:
-        task = page.request.post("/tasks", data={"script": "hello.sh"},
-                                 headers={"Authorization": "Bearer operator-token"}).json()
+        ops = {"Authorization": "Bearer operator-token-0123456789"}
+        task = page.request.post("/tasks", data={"script": "hello.sh"}, headers=ops).json()
         page.goto("/")
-        page.fill("#login [name=token]", "viewer-token")
+        page.fill("#login [name=token]", "viewer-token-0123456789")
         page.click("#login button")
         expect(page.locator("#who")).to_have_text("watcher (viewer)")
         expect(page.locator("#run")).to_be_hidden()
@@ -366,7 +366,7 @@ def test_screenshot(browser: Browser, secure_site: ServerProcess, tmp_path: Path
     page = new_page(browser, secure_site, 1280, 860)
     try:
         page.goto("/")
-        page.fill("#login [name=token]", "operator-token")
+        page.fill("#login [name=token]", "operator-token-0123456789")
         page.click("#login button")
         page.wait_for_function(READY, timeout=WAIT_MS)
         run(page, "hello.sh")

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Any
 from aiohttp import web
 
 from remoterun.alerts import Alerts
-from remoterun.auth import Authenticator, Identity
+from remoterun.auth import Authenticator, FailureLimiter, Identity, Sessions
 from remoterun.catalogue import Catalogue
 from remoterun.config import Settings
 from remoterun.metrics import Metrics
@@ -27,9 +27,11 @@ METRICS = web.AppKey("metrics", Metrics)
 AUTH = web.AppKey("auth", Authenticator)
 ALERTS = web.AppKey("alerts", Alerts)
 READINESS: web.AppKey[Readiness] = web.AppKey("readiness")
+SESSIONS = web.AppKey("sessions", Sessions)
+LIMITER = web.AppKey("limiter", FailureLimiter)
 SOCKETS: web.AppKey[weakref.WeakSet[web.WebSocketResponse]] = web.AppKey("sockets")
 
-IDENTITY: web.RequestKey[Identity | None] = web.RequestKey("identity")  # by the auth middleware
+IDENTITY: web.RequestKey[Identity | None] = web.RequestKey("identity")  # by guard_middleware
 
 
 def json_response(data: Any, *, status: int = 200,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import math
 import os
 import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -17,19 +18,23 @@ from remoterun.api import (
     CATALOGUE,
     DB,
     IDENTITY,
+    LIMITER,
     METRICS,
     READINESS,
     SCHEDULER,
+    SESSIONS,
     SETTINGS,
     SOCKETS,
+    audit,
     events,
+    guard,
     http,
     json_response,
     monitor,
     sse,
     ws,
 )
-from remoterun.auth import COOKIE, Authenticator
+from remoterun.auth import COOKIE, Authenticator, FailureLimiter, Sessions, digest
 from remoterun.catalogue import Catalogue
 from remoterun.compressor import Compressor
 from remoterun.config import Settings
@@ -43,19 +48,29 @@ log = structlog.get_logger(__name__)
 PAGE_DIR = Path(__file__).resolve().parent.parent / "page"
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
+# Each of our exception classes, and the HTTP status it answers with (a subclass not listed
+# takes its nearest listed base's).
 STATUS: dict[type[errors.RemoteRunError], int] = {
     errors.BadRequest: 400,
     errors.Unauthorized: 401,
     errors.Forbidden: 403,
+    errors.BadOrigin: 403,
     errors.NotFound: 404,
     errors.Conflict: 409,
     errors.Gone: 410,
     errors.TooLarge: 413,
+    errors.UnsupportedMediaType: 415,
+    errors.MisdirectedRequest: 421,
     errors.InvalidParams: 422,
+    errors.TooManyRequests: 429,
     errors.Unavailable: 503,
+    errors.QueueFull: 503,
 }
-# Paths any browser may load before logging in: the page is code, not data.
-PUBLIC_PREFIXES = ("/healthz", "/static/", "/vendor/", "/login")
+
+
+def status_of(exc: errors.RemoteRunError) -> int:
+    """The HTTP status of one of our exceptions."""
+    return next((STATUS[k] for k in type(exc).__mro__ if k in STATUS), 400)
 
 
 def error_response(status: int, code: str, message: str, **extra: object) -> web.Response:
@@ -65,11 +80,13 @@ def error_response(status: int, code: str, message: str, **extra: object) -> web
 
 @web.middleware
 async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Turn our exceptions and aiohttp's HTTP errors into JSON error bodies."""
+    """Turn our exceptions, aiohttp's HTTP errors and anything unforeseen into JSON bodies."""
     try:
         return await handler(request)
     except errors.RemoteRunError as exc:
-        status = STATUS.get(type(exc), 400)
+        status = status_of(exc)
+        if status in (401, 403):
+            await guard.record_denied(request, exc)
         headers = None
         if exc.retry_after_s is not None:
             headers = {"Retry-After": str(max(1, round(exc.retry_after_s)))}
@@ -81,28 +98,10 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         if exc.status < 400:
             raise
         return error_response(exc.status, exc.reason.lower().replace(" ", "_"), exc.reason)
-
-
-@web.middleware
-async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Establish who is calling: Bearer header, `?token=`, or the page's session cookie."""
-    auth = request.app[AUTH]
-    if not auth.enabled:  # everyone is the loopback user: no query or cookie parsing
-        request[IDENTITY] = auth.identify(None)
-        return await handler(request)
-    path = request.path
-    public = path == "/" or path.startswith(PUBLIC_PREFIXES) or (
-        path == "/metrics" and request.app[SETTINGS].metrics_public)
-    header = request.headers.get("Authorization", "")
-    presented = header[7:].strip() if header[:7].lower() == "bearer " else None
-    presented = presented or request.query.get("token") or request.cookies.get(COOKIE)
-    try:
-        request[IDENTITY] = auth.identify(presented)
-    except errors.Unauthorized:
-        if not public:
-            raise
-        request[IDENTITY] = None
-    return await handler(request)
+    except Exception:  # the request's boundary: a bug of ours still answers JSON, and is logged
+        log.exception("request_failed", method=request.method, path=request.path)
+        return error_response(500, "internal", "the server met an unexpected error; "
+                                               "it is logged")
 
 
 async def index(request: web.Request) -> web.FileResponse:
@@ -110,14 +109,34 @@ async def index(request: web.Request) -> web.FileResponse:
     return web.FileResponse(PAGE_DIR / "index.html", headers={"Cache-Control": "no-cache"})
 
 
+async def _login_token(request: web.Request) -> str | None:
+    """The token of a login body: JSON `{"token"}` or a form field `token`."""
+    if request.content_type == "application/json":
+        body = await http.read_json(request)
+        token = body.get("token") if isinstance(body, dict) else None
+    else:
+        token = (await request.post()).get("token")
+    return token if isinstance(token, str) else None
+
+
 async def login(request: web.Request) -> web.Response:
-    """Exchange a token for an HttpOnly session cookie, so the page keeps no secret in JS."""
-    body = await http.read_json(request)
-    token = body.get("token") if isinstance(body, dict) else None
-    who = request.app[AUTH].identify(token if isinstance(token, str) else None)
+    """Exchange a token for a server-side session: the cookie holds an opaque id, never the
+    token, and POST /logout revokes it."""
+    token = await _login_token(request)
+    app = request.app
+    try:
+        who = app[AUTH].identify(token)
+    except errors.Unauthorized:
+        if app[AUTH].enabled:
+            app[LIMITER].record(request.remote or "-")
+        raise
     response = json_response({"name": who.name, "role": who.role})
-    if request.app[AUTH].enabled and isinstance(token, str):
-        response.set_cookie(COOKIE, token, httponly=True, samesite="Strict", path="/")
+    if app[AUTH].enabled and token is not None:
+        sessions = app[SESSIONS]
+        response.set_cookie(COOKIE, sessions.create(digest(token)), httponly=True,
+                            samesite="Strict", path="/", secure=request.secure,
+                            max_age=math.ceil(sessions.ttl_s))
+    await guard.record(request, "login", who=who)
     return response
 
 
@@ -131,9 +150,12 @@ async def whoami(request: web.Request) -> web.Response:
 
 
 async def logout(request: web.Request) -> web.Response:
-    """Forget the session cookie."""
-    response = json_response({"ok": True})
+    """Revoke the session on the server and drop its cookie."""
+    session_id = request.cookies.get(COOKIE)
+    revoked = request.app[SESSIONS].revoke(session_id) if session_id else False
+    response = json_response({"ok": True, "revoked": revoked})
     response.del_cookie(COOKIE, path="/")
+    await guard.record(request, "logout", result="ok" if revoked else "no_session")
     return response
 
 
@@ -188,30 +210,26 @@ async def on_shutdown(app: web.Application) -> None:
             await sock.close(code=WSCloseCode.GOING_AWAY, message=b"server shutting down")
 
 
-async def revalidate_page(request: web.Request, response: web.StreamResponse) -> None:
-    """Browsers revalidate the page's own files (ETag/Last-Modified make that cheap), so an
-    upgraded server never runs with a stale app.js."""
-    if request.path.startswith("/static/"):
-        response.headers.setdefault("Cache-Control", "no-cache")
-
-
 def create_app(settings: Settings) -> web.Application:
     """The RemoteRun aiohttp application for these settings."""
     app = web.Application(client_max_size=settings.max_body_bytes,
                           middlewares=[monitor.observe_middleware, error_middleware,
-                                       auth_middleware])
+                                       guard.guard_middleware])
     app[SETTINGS] = settings
     app[CATALOGUE] = Catalogue(settings.scripts_dir, settings.scripts)
     app[METRICS] = Metrics()
     app[AUTH] = Authenticator(settings.tokens)
+    app[SESSIONS] = Sessions(settings.session_ttl_s)
+    app[LIMITER] = FailureLimiter(settings.auth_fail_limit, settings.auth_fail_window_s)
     app[SOCKETS] = weakref.WeakSet[web.WebSocketResponse]()
     app[READINESS] = monitor.Readiness()
     monitor.add_default_checks(app)
     app.cleanup_ctx.append(monitor.alerts_service)  # before the scheduler, closed after it
     app.cleanup_ctx.append(services)
     app.on_shutdown.append(on_shutdown)
-    app.on_response_prepare.append(revalidate_page)
+    app.on_response_prepare.append(guard.security_headers)
     app.router.add_routes(http.routes)
+    app.router.add_routes(audit.routes)
     app.router.add_routes(ws.routes)
     app.router.add_routes(sse.routes)
     events.setup(app)  # GET /events, GET /tasks/{id}/events (issue 18)

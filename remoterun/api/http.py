@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import math
 import os
 import re
 import uuid
@@ -18,6 +19,7 @@ from aiohttp import web
 
 from remoterun import archive
 from remoterun.api import CATALOGUE, DB, SCHEDULER, SETTINGS, identity, json_response
+from remoterun.api.guard import asked, audit_entry, record
 from remoterun.errors import BadRequest, Gone, NotFound
 from remoterun.scheduler import Scheduler
 from remoterun.state import TaskStatus
@@ -72,13 +74,42 @@ def parse_submit(body: Any, scripts_dir: str, max_retries_limit: int) -> dict[st
     return request
 
 
-async def read_json(request: web.Request) -> Any:
-    """The request body as JSON; BadRequest for anything else (413 comes from aiohttp)."""
-    raw = await request.read()
+def _refuse_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a JSON number")
+
+
+def _finite(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):  # 1e999
+        raise ValueError(f"{text[:40]} is out of range")
+    return value
+
+
+def loads(raw: str | bytes) -> Any:
+    """Strict JSON: no NaN or Infinity, no float that overflows, no integer longer than
+    Python's 4300-digit limit; BadRequest (400 invalid_json) for anything else."""
     try:
-        return json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise BadRequest(f"the body is not valid JSON: {exc}", code="invalid_json") from exc
+        return json.loads(raw, parse_constant=_refuse_constant, parse_float=_finite)
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:  # JSONDecodeError too
+        raise BadRequest(f"not valid JSON: {str(exc)[:200]}", code="invalid_json") from None
+
+
+async def read_json(request: web.Request) -> Any:
+    """The request body as strict JSON (`loads`); 413 comes from aiohttp."""
+    return loads(await request.read())
+
+
+async def task_row(request: web.Request, role: str = "viewer") -> dict[str, Any]:
+    """The {id} task's row, once the caller's role and script list allow `role`'s actions on
+    it: 404 for no such task, 403 for a task of a script outside the token's list."""
+    who = identity(request)
+    who.require(role)
+    task_id = task_id_of(request)
+    row = await request.app[DB].get_task(task_id)
+    if row is None:
+        raise NotFound(f"no task {task_id!r}")
+    who.require_task(row["script"], role)
+    return row
 
 
 def task_id_of(request: web.Request) -> str:
@@ -98,7 +129,8 @@ async def submit(request: web.Request, body: Any) -> dict[str, Any]:
     script = app[CATALOGUE].resolve(fields["script"])
     who = identity(request)
     who.require_script(script)
-    return await app[SCHEDULER].submit(script, fields, who.name)
+    return await app[SCHEDULER].submit(script, fields, who.name,
+                                       audit=audit_entry(request, "submit"))
 
 
 @routes.post("/tasks")
@@ -111,11 +143,8 @@ async def post_task(request: web.Request) -> web.Response:
 @routes.get("/tasks/{id}")
 async def get_task(request: web.Request) -> web.Response:
     """One task."""
-    identity(request).require("viewer")
-    row = await request.app[DB].get_task(task_id_of(request))
-    if row is None:
-        raise NotFound(f"no task {request.match_info['id']!r}")
-    return json_response(with_queue_positions(request.app[SCHEDULER], [task_json(row)])[0])
+    return json_response(with_queue_positions(request.app[SCHEDULER],
+                                              [task_json(await task_row(request))])[0])
 
 
 def with_queue_positions(scheduler: Scheduler, tasks: list[dict[str, Any]]
@@ -130,8 +159,10 @@ def with_queue_positions(scheduler: Scheduler, tasks: list[dict[str, Any]]
 
 @routes.get("/tasks")
 async def list_tasks(request: web.Request) -> web.Response:
-    """Tasks, newest first, a page at a time: `cursor` pages to older tasks, `after` to newer."""
-    identity(request).require("viewer")
+    """Tasks, newest first, a page at a time: `cursor` pages to older tasks, `after` to newer
+    (only those of the token's scripts)."""
+    who = identity(request)
+    who.require("viewer")
     query = request.query
     problems: list[dict[str, str]] = []
     limit = _int_arg(query.get("limit", "50"), 1, 500, "limit", problems)
@@ -144,6 +175,7 @@ async def list_tasks(request: web.Request) -> web.Response:
     filters = _list_filters(query, problems)
     if problems:
         raise BadRequest("invalid query", code="invalid_request", details=problems)
+    filters["scripts"] = who.scripts
     db = request.app[DB]
     rows = await db.list_tasks(limit=limit + 1, before=cursor, after=after, **filters)
     more = len(rows) > limit
@@ -200,8 +232,9 @@ def _int_arg(raw: str, low: int, high: int, name: str, problems: list[dict[str, 
 @routes.post("/tasks/{id}/cancel")
 async def cancel_task(request: web.Request) -> web.Response:
     """Cancel a pending or running task."""
-    identity(request).require("operator")
-    return json_response(await request.app[SCHEDULER].cancel(task_id_of(request)))
+    row = await task_row(request, "operator")
+    return json_response(await request.app[SCHEDULER].cancel(
+        row["id"], audit=audit_entry(request, "cancel")))
 
 
 @routes.get("/tasks/{id}/output")
@@ -213,13 +246,12 @@ async def get_output(request: web.Request) -> web.StreamResponse:
     bytes never change once written; a filtered or jsonl download resumes with `?since=SEQ`
     instead, and a Range on it is refused with 416. Pruned by retention: 410.
     """
-    identity(request).require("viewer")
-    task_id = task_id_of(request)
+    row = await task_row(request)
+    task_id = row["id"]
     app = request.app
-    row = await app[DB].get_task(task_id)
-    if row is None:
-        raise NotFound(f"no task {task_id!r}")
     ask = _output_query(request.query)
+    await record(request, "download", task_id=task_id, script=row["script"],
+                 detail=asked(request)[:300])
     if await app[DB].output_pruned(task_id):
         raise Gone(f"the output of task {task_id} was deleted by the retention policy")
     scheduler = app[SCHEDULER]
@@ -386,7 +418,7 @@ async def list_scripts(request: web.Request) -> web.Response:
     who.require("viewer")
     scripts = await asyncio.to_thread(request.app[CATALOGUE].scripts)
     return json_response({"scripts": [
-        {**s.to_json(), "runnable": who.may_run(s)} for s in scripts]})
+        {**s.to_json(), "runnable": who.may_run(s)} for s in scripts if who.allows(s.name)]})
 
 
 @routes.get("/healthz")

@@ -7,8 +7,9 @@ import contextlib
 
 from aiohttp import web
 
-from remoterun.api import METRICS, SCHEDULER, SETTINGS, identity
-from remoterun.api.http import task_id_of
+from remoterun.api import METRICS, SCHEDULER, SETTINGS
+from remoterun.api.guard import record
+from remoterun.api.http import task_row
 from remoterun.api.ws import parse_since
 from remoterun.hub import SlowConsumer, Subscription
 from remoterun.wire import Item, dumps, sse_text
@@ -20,11 +21,11 @@ HEARTBEAT = b": keep-alive\n\n"
 @routes.get("/tasks/{id}/logs")
 async def logs(request: web.Request) -> web.StreamResponse:
     """The task, its output after `since`, live output and status, then `exit`."""
-    identity(request).require("viewer")
-    task_id = task_id_of(request)
+    row = await task_row(request)  # 404, or 403 outside the token's script list
+    task_id = row["id"]
     since = parse_since(request.headers.get("Last-Event-ID") or request.query.get("since"))
     scheduler = request.app[SCHEDULER]
-    await scheduler.require_task(task_id)
+    await record(request, "attach", task_id=task_id, script=row["script"], detail="sse")
     sub = await scheduler.subscribe(task_id, since)
     current = asyncio.current_task()
     if current is not None:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import struct
 from typing import Any
 
@@ -13,9 +12,10 @@ from aiohttp import WSCloseCode, WSMsgType, web
 from aiohttp.abc import AbstractStreamWriter
 
 from remoterun.api import METRICS, SCHEDULER, SETTINGS, SOCKETS, identity
-from remoterun.api.http import submit, task_id_of
+from remoterun.api.guard import audit_entry, record, record_denied
+from remoterun.api.http import loads, submit, task_row
 from remoterun.attempt import Attempt
-from remoterun.errors import BadRequest, RemoteRunError
+from remoterun.errors import BadRequest, Forbidden, RemoteRunError
 from remoterun.hub import SlowConsumer, Subscription
 from remoterun.wire import SIGNALS, Item, dumps, encoded, ws_text
 
@@ -73,12 +73,15 @@ class Session:
         self.writer = writer
         self.scheduler = request.app[SCHEDULER]
         self.task_id: str | None = None
+        self.script: str | None = None  # the bound task's, which the token's list must allow
+        self.typed = False  # whether this client's first stdin message is in the audit yet
         self.pump: asyncio.Task[None] | None = None
 
-    async def attach(self, task_id: str, since: int) -> None:
+    async def attach(self, task_id: str, since: int, script: str) -> None:
         """Bind to a task and start streaming it."""
         sub = await self.scheduler.subscribe(task_id, since)
         self.task_id = task_id
+        self.script = script
         self.pump = asyncio.create_task(self._pump(sub))
         sub.on_overflow = self.pump.cancel
 
@@ -133,10 +136,7 @@ class Session:
 
     async def handle(self, raw: str) -> None:
         """Act on one client message; errors go back as error frames."""
-        try:
-            message = json.loads(raw)
-        except json.JSONDecodeError as exc:
-            raise BadRequest(f"not valid JSON: {exc}", code="invalid_json") from exc
+        message = loads(raw)
         if not isinstance(message, dict) or not isinstance(message.get("type"), str):
             raise BadRequest("each message is a JSON object with a string `type`",
                              code="invalid_message")
@@ -155,13 +155,20 @@ class Session:
         if self.request.match_info.get("id"):
             raise BadRequest("submit is only accepted on /ws", code="already_bound")
         task = await submit(self.request, message)
-        await self.attach(task["id"], 0)
+        await self.attach(task["id"], 0, task["script"])
+
+    def _bound(self) -> str:
+        """The bound task's id, once the token may act on it (operator, its script list)."""
+        who = identity(self.request)
+        who.require("operator")
+        if self.task_id is None or self.script is None:
+            raise BadRequest("submit a task first", code="not_attached")
+        who.require_task(self.script, "operator")
+        return self.task_id
 
     def _active(self, interactive: bool = False) -> Attempt:
-        identity(self.request).require("operator")
-        if self.task_id is None:
-            raise BadRequest("submit a task first", code="not_attached")
-        active = self.scheduler.attempt(self.task_id)
+        task_id = self._bound()
+        active = self.scheduler.attempt(task_id)
         if active is None:
             raise BadRequest("the task is not running", code="not_running")
         if interactive and not (active.row["interactive"] or active.row["pty"]):
@@ -172,7 +179,11 @@ class Session:
         data = message.get("data")
         if not isinstance(data, str):
             raise BadRequest("stdin needs a string `data`", code="invalid_message")
-        self._active(interactive=True).control("write", data.encode())
+        active = self._active(interactive=True)
+        if not self.typed:  # once per task and client: a session types many keys
+            self.typed = True
+            await record(self.request, "stdin", task_id=self.task_id, script=self.script)
+        active.control("write", data.encode())
 
     async def on_eof(self, message: dict[str, Any]) -> None:
         self._active(interactive=True).control("close_stdin")
@@ -189,13 +200,14 @@ class Session:
         name = name.upper().removeprefix("SIG") if isinstance(name, str) else ""
         if name not in SIGNALS:
             raise BadRequest(f"signal must be one of {sorted(SIGNALS)}", code="bad_signal")
-        self._active().control("signal", SIGNALS[name])
+        active = self._active()
+        await record(self.request, "signal", task_id=self.task_id, script=self.script,
+                     detail=name)
+        active.control("signal", SIGNALS[name])
 
     async def on_cancel(self, message: dict[str, Any]) -> None:
-        identity(self.request).require("operator")
-        if self.task_id is None:
-            raise BadRequest("submit a task first", code="not_attached")
-        await self.scheduler.cancel(self.task_id)
+        task_id = self._bound()
+        await self.scheduler.cancel(task_id, audit=audit_entry(self.request, "cancel"))
 
     async def stop(self) -> None:
         """Stop pumping (the client went away)."""
@@ -219,7 +231,8 @@ async def close_socket(request: web.Request, ws: web.WebSocketResponse, code: in
         request.transport.abort()
 
 
-async def _serve(request: web.Request, task_id: str | None, since: int) -> web.WebSocketResponse:
+async def _serve(request: web.Request, task: dict[str, Any] | None, since: int
+                 ) -> web.WebSocketResponse:
     settings = request.app[SETTINGS]
     ws = web.WebSocketResponse(compress=False, max_msg_size=settings.max_ws_message_bytes,
                                heartbeat=settings.heartbeat_s)
@@ -230,13 +243,15 @@ async def _serve(request: web.Request, task_id: str | None, since: int) -> web.W
     gauge.inc()
     session = Session(request, ws, writer)
     try:
-        if task_id is not None:
-            await session.attach(task_id, since)
+        if task is not None:
+            await session.attach(task["id"], since, task["script"])
         async for msg in ws:
             if msg.type == WSMsgType.TEXT:
                 try:
                     await session.handle(msg.data)
                 except RemoteRunError as exc:
+                    if isinstance(exc, Forbidden):
+                        await record_denied(request, exc)
                     await ws.send_str(dumps({"type": "error", **exc.to_json()}))
             elif msg.type == WSMsgType.BINARY:
                 await ws.send_str(dumps({"type": "error", "error": "binary_frame",
@@ -261,8 +276,7 @@ async def ws_submit(request: web.Request) -> web.WebSocketResponse:
 @routes.get("/tasks/{id}/ws")
 async def ws_attach(request: web.Request) -> web.WebSocketResponse:
     """Attach to a task: replay after `since`, then live."""
-    identity(request).require("viewer")
-    task_id = task_id_of(request)
+    row = await task_row(request)  # 404 or 403 before the upgrade
     since = parse_since(request.query.get("since"))
-    await request.app[SCHEDULER].require_task(task_id)  # 404 before the upgrade
-    return await _serve(request, task_id, since)
+    await record(request, "attach", task_id=row["id"], script=row["script"], detail="ws")
+    return await _serve(request, row, since)

@@ -12,6 +12,7 @@ from remoterun.store.sqlite import (
     StaleWrite,
     Statement,
     delete_segment,
+    insert_audit,
     insert_task,
     mark_pruned,
     transition,
@@ -20,5 +21,5 @@ from remoterun.store.sqlite import (
 )
 
 __all__ = ["Database", "DatabaseBusy", "DatabaseUnavailable", "Guarded",
-           "StaleWrite", "Statement", "delete_segment", "insert_task", "mark_pruned",
-           "transition", "update_task", "upsert_segment"]
+           "StaleWrite", "Statement", "delete_segment", "insert_audit", "insert_task",
+           "mark_pruned", "transition", "update_task", "upsert_segment"]

@@ -44,6 +44,7 @@ import peewee as pw
 import structlog
 
 from remoterun.state import FINAL, TaskStatus
+from remoterun.wire import rfc3339
 
 SCHEMA_VERSION = 2  # 2: tasks.seq_reserved, task_events.exit_code
 log = structlog.get_logger(__name__)
@@ -148,7 +149,75 @@ class Meta(_Base):
         table_name = "meta"
 
 
-MODELS: tuple[type[_Base], ...] = (Task, TaskEvent, TaskLog, Meta)
+# Audit trail (issue 12) --------------------------------------------------------------------
+
+class AuditEvent(_Base):
+    """Who did what, from where, with what result: written with the action it records."""
+
+    # One index (task_id): every submit writes a row, so each index is paid on the hot path;
+    # the other filters scan newest first by id, which the admin's page reads a page of.
+    id = pw.AutoField()
+    ts = pw.FloatField()
+    actor = pw.CharField()
+    role = pw.CharField(null=True)
+    address = pw.CharField(null=True)
+    action = pw.CharField()
+    task_id = pw.CharField(null=True, index=True)
+    script = pw.CharField(null=True)
+    result = pw.CharField()
+    detail = pw.TextField(null=True)
+
+    class Meta:
+        table_name = "audit"
+
+
+AUDIT_COLUMNS = ("actor", "role", "address", "action", "task_id", "script", "result", "detail")
+
+
+def insert_audit(entry: dict[str, Any], **fields: Any) -> Statement:
+    """A statement that records one audit event (`fields` fill in what the action made, such
+    as the new task's id)."""
+    values = {key: entry.get(key) for key in AUDIT_COLUMNS}
+    values.update(fields)
+    values["ts"] = entry.get("ts") or time.time()
+    return _insert(AuditEvent, values)
+
+
+def audit_json(row: dict[str, Any]) -> dict[str, Any]:
+    """An audit row as `GET /audit` shows it."""
+    return {"ts": rfc3339(row["ts"]), **{key: row[key] for key in AUDIT_COLUMNS}}
+
+
+async def list_audit(db: Database, *, actor: str | None, action: str | None,
+                     task_id: str | None, since: float | None, limit: int,
+                     before: int | None) -> list[dict[str, Any]]:
+    """Audit rows newest first; `before` is the id cursor of the previous page."""
+    query = AuditEvent.select()
+    for column, value in ((AuditEvent.actor, actor), (AuditEvent.action, action),
+                          (AuditEvent.task_id, task_id)):
+        if value is not None:
+            query = query.where(column == value)
+    if since is not None:
+        query = query.where(AuditEvent.ts >= since)
+    if before is not None:
+        query = query.where(AuditEvent.id < before)
+    return await db.fetch_all(*query.order_by(AuditEvent.id.desc()).limit(limit).sql())
+
+
+def script_glob_clause(patterns: tuple[str, ...]) -> Any:
+    """A WHERE clause for tasks whose script matches one of a token's fnmatch patterns
+    (SQLite's GLOB has the same `*`, `?` and `[...]`, but negates with `^` where fnmatch
+    uses `!`); an empty list matches nothing."""
+    if not patterns:
+        return pw.SQL("0")
+    clause = None
+    for pattern in patterns:
+        glob = pw.Expression(Task.script, "GLOB", pattern.replace("[!", "[^"))
+        clause = glob if clause is None else (clause | glob)
+    return clause
+
+
+MODELS: tuple[type[_Base], ...] = (Task, TaskEvent, TaskLog, Meta, AuditEvent)
 
 
 def _ddl() -> list[Statement]:
@@ -446,10 +515,14 @@ class Database:
 
 def _task_filter(*, status: str | None = None, script: str | None = None,
                  submitted_by: str | None = None, since: float | None = None,
-                 until: float | None = None, q: str | None = None) -> Any:
+                 until: float | None = None, q: str | None = None,
+                 scripts: tuple[str, ...] | None = None) -> Any:
     """The WHERE clause of a task list: exact status, script and submitter, created within
-    [since, until), and `q` a case-insensitive substring of the script's name."""
+    [since, until), `q` a case-insensitive substring of the script's name, and `scripts` (a
+    token's list of names or globs) hiding every other script's tasks."""
     clauses: list[Any] = [Task.num > 0]
+    if scripts is not None:
+        clauses.append(script_glob_clause(scripts))
     for column, value in ((Task.status, status), (Task.script, script),
                           (Task.submitted_by, submitted_by)):
         if value:

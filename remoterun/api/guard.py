@@ -1,0 +1,194 @@
+"""Browser safety and access control in front of every handler: Host, Origin, body type,
+credentials (token, `?token=`, session cookie), the failed-attempt limiter, security headers,
+and the audit entries handlers record.
+
+The checks run in this order, each before any handler reads the body: a rebinding Host (421),
+a foreign Origin (403 `bad_origin`), an address over its failure budget (429), a body that is
+not JSON (415), then who is calling (401). A request refused here never reaches the engine.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import structlog
+from aiohttp import web
+from yarl import URL
+
+from remoterun import errors
+from remoterun.api import AUTH, IDENTITY, LIMITER, SCHEDULER, SESSIONS, SETTINGS
+from remoterun.auth import COOKIE, Identity
+from remoterun.store import insert_audit
+
+log = structlog.get_logger(__name__)
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+LOOPBACK_HOSTS = frozenset({"localhost", "127.0.0.1", "[::1]", "::1"})
+# Paths any browser may load before logging in: the page is code, not data.
+PUBLIC_PREFIXES = ("/healthz", "/static/", "/vendor/", "/login")
+JSON = "application/json"
+FORM_TYPES = frozenset({"application/x-www-form-urlencoded", "multipart/form-data"})
+# connect-src 'self' covers ws:// and wss:// of the page's own origin (CSP Level 3).
+CSP = ("default-src 'self'; script-src 'self'; style-src 'self' 'unsafe-inline'; "
+       "img-src 'self' data:; connect-src 'self'; object-src 'none'; base-uri 'none'; "
+       "form-action 'self'; frame-ancestors 'none'")
+HEADERS = {"Content-Security-Policy": CSP, "X-Content-Type-Options": "nosniff",
+           "X-Frame-Options": "DENY", "Referrer-Policy": "no-referrer",
+           "Cross-Origin-Opener-Policy": "same-origin",
+           "Cross-Origin-Resource-Policy": "same-origin"}
+
+
+def _origin_key(url: URL) -> tuple[str, str, int | None]:
+    """(scheme, host, port) with the scheme's default port filled in, for comparison."""
+    return (url.scheme.lower(), (url.host or "").lower(), url.port)
+
+
+def own_origin(request: web.Request) -> tuple[str, str, int | None]:
+    """The origin the request was sent to: its scheme and its Host header."""
+    return _origin_key(URL.build(scheme=request.scheme, authority=request.host))
+
+
+def check_origin(request: web.Request) -> None:
+    """BadOrigin for a request sent by a page of any origin but ours or a configured one."""
+    origin = request.headers.get("Origin")
+    if origin is None:
+        # Browsers send Origin on every cross-origin POST, fetch and WebSocket; a cross-site
+        # request without one (an old browser, a stripped header) still says so here.
+        if request.headers.get("Sec-Fetch-Site") in ("cross-site", "same-site"):
+            raise errors.BadOrigin("a cross-site request without an Origin header")
+        return
+    try:
+        theirs = _origin_key(URL(origin))
+        ours = own_origin(request)
+    except ValueError:
+        theirs, ours = ("", "", None), ("-", "-", None)
+    if theirs[1] and theirs == ours:
+        return
+    allowed = request.app[SETTINGS].allowed_origins
+    if theirs[1] and any(_origin_key(URL(o)) == theirs for o in allowed):
+        return
+    raise errors.BadOrigin(f"requests from {origin[:200]!r} are not accepted "
+                           "(server.allowed_origins)")
+
+
+def check_host(request: web.Request) -> None:
+    """Without tokens, only loopback names (and server.allowed_hosts) are answered: a page of
+    another site whose name was rebound to 127.0.0.1 sends its own name as Host."""
+    raw = request.headers.get("Host", "")
+    try:
+        host = (URL.build(scheme="http", authority=raw).raw_host or "").lower()
+    except ValueError:
+        host = ""
+    if not host:
+        raise errors.MisdirectedRequest("a Host header is required")
+    if ":" in host:
+        host = f"[{host}]"
+    allowed = request.app[SETTINGS].allowed_hosts
+    if host in LOOPBACK_HOSTS or host in allowed or raw.lower() in allowed:
+        return
+    raise errors.MisdirectedRequest(
+        f"this server answers to loopback names only without tokens, not {raw[:200]!r} "
+        "(server.allowed_hosts)")
+
+
+def check_body_type(request: web.Request) -> None:
+    """A POST with a body must be JSON (`/login` also takes a form)."""
+    if request.method != "POST":
+        return
+    if not request.body_exists or request.content_length == 0:
+        return  # nothing to parse (curl -X POST .../cancel); a browser's is refused by Origin
+    kind = request.content_type
+    if kind == JSON or (request.path == "/login" and kind in FORM_TYPES):
+        return
+    raise errors.UnsupportedMediaType(f"POST bodies must be {JSON}, not {kind!r}")
+
+
+def presented_token(request: web.Request) -> tuple[str | None, str | None]:
+    """(token, session id) as presented: Bearer header, else `?token=`, else the cookie."""
+    header = request.headers.get("Authorization", "")
+    token = header[7:].strip() if header[:7].lower() == "bearer " else None
+    token = token or request.query.get("token")
+    return token, (None if token else request.cookies.get(COOKIE))
+
+
+def authenticate(request: web.Request) -> Identity:
+    """Who is calling; Unauthorized for no, an unknown or an expired credential."""
+    auth = request.app[AUTH]
+    token, session_id = presented_token(request)
+    if token is not None or session_id is None or not auth.enabled:
+        return auth.identify(token)
+    token_digest = request.app[SESSIONS].token_digest(session_id)
+    if token_digest is None:
+        raise errors.Unauthorized("the session has expired or was logged out; log in again",
+                                  code="session_expired")
+    return auth.identify_digest(token_digest)
+
+
+@web.middleware
+async def guard_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Host, Origin, the failure budget, the body's type, then the caller, for every request."""
+    auth = request.app[AUTH]
+    if not auth.enabled:
+        check_host(request)
+    check_origin(request)
+    check_body_type(request)
+    if not auth.enabled:
+        request[IDENTITY] = auth.identify(None)
+        return await handler(request)
+    address = request.remote or "-"
+    limiter = request.app[LIMITER]
+    limiter.check(address)
+    path = request.path
+    public = path == "/" or path.startswith(PUBLIC_PREFIXES)
+    try:
+        request[IDENTITY] = authenticate(request)
+    except errors.Unauthorized:
+        if not public:
+            limiter.record(address)
+            raise
+        request[IDENTITY] = None
+    return await handler(request)
+
+
+def asked(request: web.Request) -> str:
+    """The request's path and query for the audit, without a `?token=` (never stored)."""
+    query = request.rel_url.query
+    return str(request.rel_url.with_query({k: v for k, v in query.items() if k != "token"}))
+
+
+def audit_entry(request: web.Request, action: str, result: str = "ok",
+                detail: str | None = None, who: Identity | None = None) -> dict[str, Any]:
+    """An audit event of this request, for db.insert_audit (the task's fields added there)."""
+    if who is None:
+        who = request.get(IDENTITY)
+    return {"ts": time.time(), "actor": who.name if who else "-",
+            "role": who.role if who else None, "address": request.remote,
+            "action": action, "result": result, "detail": detail}
+
+
+async def record(request: web.Request, action: str, *, task_id: str | None = None,
+                 script: str | None = None, result: str = "ok", detail: str | None = None,
+                 who: Identity | None = None) -> None:
+    """Write one audit event now (for actions that write nothing else)."""
+    entry = audit_entry(request, action, result, detail, who)
+    await request.app[SCHEDULER].record([insert_audit(entry, task_id=task_id, script=script)])
+
+
+async def record_denied(request: web.Request, exc: errors.RemoteRunError) -> None:
+    """The audit row of a 401 or 403: who asked for what, and why it was refused."""
+    task_id = request.match_info.get("id")
+    detail = f"{request.method} {asked(request)[:300]}: {exc.message}"[:1000]
+    try:
+        await record(request, "denied", task_id=task_id, result=exc.code, detail=detail)
+    except Exception:  # a denial must answer even if the audit cannot be written
+        log.exception("audit_write_failed", action="denied")
+
+
+async def security_headers(request: web.Request, response: web.StreamResponse) -> None:
+    """CSP, nosniff and no framing on every response; the page's files are revalidated."""
+    for name, value in HEADERS.items():
+        response.headers.setdefault(name, value)
+    if request.path.startswith("/static/"):
+        response.headers.setdefault("Cache-Control", "no-cache")
