@@ -1,0 +1,110 @@
+"""`remoterun run -t` under a real pseudo-terminal: raw mode, resize, typing, Ctrl-C, restore."""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import pty
+import re
+import select
+import struct
+import subprocess
+import sys
+import termios
+import time
+
+import pytest
+from conftest import ServerProcess
+
+
+@pytest.fixture
+def running_server(tmp_path):
+    """A started server process."""
+    server = ServerProcess(tmp_path)
+    server.start()
+    yield server
+    server.stop()
+
+
+class Terminal:
+    """A shell command on the slave side of a new PTY; the test holds the master."""
+
+    def __init__(self, command: str, rows: int = 30, cols: int = 100):
+        self.pid, self.fd = pty.fork()
+        if self.pid == 0:  # the child: size the terminal, then become the command
+            fcntl.ioctl(0, termios.TIOCSWINSZ, struct.pack("HHHH", rows, cols, 0, 0))
+            os.execvp("sh", ["sh", "-c", command])
+        self.seen = b""
+
+    def read_until(self, pattern: str, timeout: float = 20.0) -> str:
+        """Everything read so far once it matches pattern (a regex), or fail at the deadline."""
+        deadline = time.monotonic() + timeout
+        while not re.search(pattern.encode(), self.seen):
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise AssertionError(f"{pattern!r} never came; got {self.seen!r}")
+            ready, _, _ = select.select([self.fd], [], [], left)
+            if ready:
+                try:
+                    chunk = os.read(self.fd, 65536)
+                except OSError:  # EIO: the slave side closed
+                    chunk = b""
+                if not chunk:
+                    raise AssertionError(f"{pattern!r} never came; got {self.seen!r}")
+                self.seen += chunk
+        return self.seen.decode(errors="replace")
+
+    def lflag(self) -> int:
+        """The terminal's local modes as the programs on it see them."""
+        return termios.tcgetattr(self.fd)[3]
+
+    def resize(self, rows: int, cols: int) -> None:
+        """Resize the terminal (the kernel sends SIGWINCH to its foreground)."""
+        fcntl.ioctl(self.fd, termios.TIOCSWINSZ, struct.pack("HHHH", rows, cols, 0, 0))
+
+    def close(self) -> int:
+        """Wait for the shell; its exit status."""
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            pid, status = os.waitpid(self.pid, os.WNOHANG)
+            if pid:
+                os.close(self.fd)
+                return os.waitstatus_to_exitcode(status)
+            time.sleep(0.05)
+        os.kill(self.pid, 9)
+        os.waitpid(self.pid, 0)
+        os.close(self.fd)
+        raise AssertionError("the shell did not end")
+
+
+def test_tty_raw_mode_resize_typing_ctrl_c_and_restore(running_server):
+    """-t: raw mode while attached, size and SIGWINCH forwarded, keys typed reach the PTY task,
+    Ctrl-C interrupts it as a keystroke (exit 130), and the terminal is restored afterwards."""
+    cli = f"{sys.executable} -m remoterun run -t stty.sh --url {running_server.url}"
+    term = Terminal(f"stty -g; {cli}; echo \"rc=$?\"; stty -g")
+    try:
+        term.read_until(r"30 100")  # the local size reached the task's PTY
+        assert not term.lflag() & (termios.ICANON | termios.ECHO | termios.ISIG)
+        term.resize(40, 120)
+        term.read_until(r"winch 40 120")
+        os.write(term.fd, b"hello\r")
+        term.read_until(r"typed: hello size 40 120")
+        os.write(term.fd, b"\x03")
+        seen = term.read_until(r"rc=\d+\r?\n[^\r\n]+\r?\n")
+    finally:
+        status = term.close()
+    assert status == 0
+    assert "rc=130" in seen
+    before, after = re.findall(r"^([0-9a-f]+(?::[0-9a-f]+){10,})\r?$", seen, re.M)
+    assert before == after, "the terminal settings were not restored"
+
+
+def test_tty_needs_a_terminal(running_server):
+    """-t with stdin not a terminal is a usage error (2), and nothing is submitted."""
+    ran = subprocess.run([sys.executable, "-m", "remoterun", "run", "-t", "stty.sh", "--url",
+                          running_server.url], stdin=subprocess.DEVNULL, capture_output=True,
+                         text=True, timeout=60)
+    assert ran.returncode == 2 and "-t needs a terminal" in ran.stderr
+    listed = subprocess.run([sys.executable, "-m", "remoterun", "ls", "-o", "json", "--url",
+                             running_server.url], capture_output=True, text=True, timeout=60)
+    assert listed.stdout.strip() == "[]"
