@@ -2,7 +2,7 @@
 PYTHON ?= python3
 APT_PACKAGES = chromium bubblewrap
 
-.PHONY: serve test screenshot bench install install-python install-node install-system
+.PHONY: serve test screenshot bench install install-python install-node install-system vendor dist
 
 serve: install-python install-node
 	$(PYTHON) -m remoterun serve --config config.toml
@@ -14,7 +14,16 @@ test: install
 screenshot: install
 	REMOTERUN_SCREENSHOT=1 $(PYTHON) -m pytest tests/test_page.py -k screenshot
 
-install: install-system install-python install-node
+install: install-system install-node install-python
+
+# Copy the pinned xterm.js packages from node_modules into remoterun/page/vendor (a wheel or
+# sdist build does this itself; the server serves that copy first, then node_modules).
+vendor: install-node
+	$(PYTHON) setup.py -q vendor
+
+# The wheel and the sdist, each with the whole page inside, under dist/.
+dist: install-node
+	$(PYTHON) -m pip wheel --no-deps -q -w dist .
 
 install-python:
 	$(PYTHON) -m pip install --quiet --disable-pip-version-check -e '.[test]'

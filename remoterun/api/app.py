@@ -136,12 +136,28 @@ def node_modules_dir() -> Path:
     return Path(__file__).resolve().parents[2] / "node_modules"
 
 
+# served prefix -> (the folder a build put inside the package, the npm package name)
+VENDOR = {"/vendor/xterm": ("xterm", "@xterm/xterm"),
+          "/vendor/xterm-addon-fit": ("xterm-addon-fit", "@xterm/addon-fit")}
+
+
+def vendor_dirs() -> dict[str, Path | None]:
+    """Each browser package's folder: inside the package (a wheel, `make vendor`) first, then
+    the checkout's node_modules; None when neither has it."""
+    found: dict[str, Path | None] = {}
+    for prefix, (inside, package) in VENDOR.items():
+        candidates = (PAGE_DIR / "vendor" / inside, node_modules_dir() / package)
+        found[prefix] = next((c for c in candidates if (c / "package.json").is_file()), None)
+    return found
+
+
 def _vendor_routes(app: web.Application) -> None:
-    modules = node_modules_dir()
-    for prefix, package in (("/vendor/xterm", "@xterm/xterm"),
-                            ("/vendor/xterm-addon-fit", "@xterm/addon-fit")):
-        folder = modules / package
-        if folder.is_dir():
+    for prefix, folder in vendor_dirs().items():
+        if folder is None:
+            log.warning("page_vendor_missing", path=prefix, looked_in=[
+                str(PAGE_DIR / "vendor"), str(node_modules_dir())],
+                        hint="the page has no terminal: run `npm ci` (or `make vendor`)")
+        else:
             app.router.add_static(prefix, folder)
 
 
