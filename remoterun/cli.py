@@ -57,17 +57,19 @@ def serve(args: argparse.Namespace) -> int:
     except (config.ConfigError, MetadataError) as exc:
         print(f"remoterun: config error: {exc}", file=sys.stderr)
         return 2
+    requested = settings.host
     if not settings.auth_enabled and not _is_loopback(settings.host):
-        log.warning("auth_off_loopback_only", requested_host=settings.host, host="127.0.0.1")
         settings = dataclasses.replace(settings, host="127.0.0.1")
-    elif not settings.auth_enabled:
-        log.info("auth_off_loopback_only", host=settings.host)
     try:
         preflight(settings)
         sock = listen(settings.host, settings.port)
     except StartError as exc:
         print(f"remoterun: cannot start: {exc}", file=sys.stderr)
         return 1
+    if requested != settings.host:
+        log.warning("auth_off_loopback_only", requested_host=requested, host=settings.host)
+    elif not settings.auth_enabled:
+        log.info("auth_off_loopback_only", host=settings.host)
     log.info("server_starting", host=settings.host, port=settings.port,
              scripts=str(settings.scripts_dir), archive=str(settings.archive_dir),
              db=str(settings.db_path), workers=settings.workers)

@@ -101,7 +101,8 @@ def test_wheel_contains_the_page_and_its_packages(wheel: Path) -> None:
     """The wheel holds the page and xterm.js + the fit addon at the versions package.json pins."""
     names = set(zipfile.ZipFile(wheel).namelist())
     for path in ("page/index.html", "page/app.js", "page/vendor/xterm/lib/xterm.mjs",
-                 "page/vendor/xterm/css/xterm.css", "page/vendor/xterm-addon-fit/lib/addon-fit.mjs"):
+                 "page/vendor/xterm/css/xterm.css",
+                 "page/vendor/xterm-addon-fit/lib/addon-fit.mjs"):
         assert f"remoterun/{path}" in names, path
     pins = json.loads((ROOT / "package.json").read_text())["dependencies"]
     inside = json.loads(zipfile.ZipFile(wheel).read("remoterun/page/vendor/xterm/package.json"))
