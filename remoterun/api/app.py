@@ -23,6 +23,7 @@ from remoterun.api import (
     SOCKETS,
     http,
     json_response,
+    openapi,
     sse,
     ws,
 )
@@ -50,7 +51,7 @@ STATUS: dict[type[errors.RemoteRunError], int] = {
     errors.Unavailable: 503,
 }
 # Paths any browser may load before logging in: the page is code, not data.
-PUBLIC_PREFIXES = ("/healthz", "/static/", "/vendor/", "/login")
+PUBLIC_PREFIXES = ("/healthz", "/static/", "/vendor/", "/login", "/openapi.json")
 
 
 def error_response(status: int, code: str, message: str, **extra: object) -> web.Response:
@@ -72,7 +73,10 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
-        return error_response(exc.status, exc.reason.lower().replace(" ", "_"), exc.reason)
+        response = error_response(exc.status, exc.reason.lower().replace(" ", "_"), exc.reason)
+        if "Allow" in exc.headers:  # a 405 names the methods that are allowed (RFC 9110)
+            response.headers["Allow"] = exc.headers["Allow"]
+        return response
 
 
 @web.middleware
@@ -212,6 +216,7 @@ def create_app(settings: Settings) -> web.Application:
     app.router.add_routes(http.routes)
     app.router.add_routes(ws.routes)
     app.router.add_routes(sse.routes)
+    app.router.add_routes(openapi.routes)
     app.router.add_get("/", index)
     app.router.add_post("/login", login)
     app.router.add_post("/logout", logout)
