@@ -10,6 +10,7 @@ import fcntl
 import re
 import shutil
 import subprocess
+import time
 from pathlib import Path
 
 CACHE = Path("/var/cache/remoterun-test")
@@ -55,3 +56,30 @@ def imported(docker: list[str]) -> str:
                        capture_output=True, timeout=600)
         tar.wait(timeout=600)
     return IMAGE
+
+
+DOCKER = ["/usr/bin/docker"] if Path("/usr/bin/docker").exists() else ["docker"]
+
+
+def docker_ok() -> bool:
+    """Whether a Docker daemon answers."""
+    return subprocess.run([*DOCKER, "info"], capture_output=True, timeout=60).returncode == 0
+
+
+def ensure_dockerd(timeout_s: float = 90.0) -> list[str]:
+    """The docker command, with a daemon running: the one already there (another fixture's,
+    the machine's) or one started here and left running for whoever needs it next."""
+    CACHE.mkdir(parents=True, exist_ok=True)
+    with (CACHE / "dockerd.lock").open("w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if docker_ok():
+            return DOCKER
+        with (CACHE / "dockerd.log").open("ab") as log:
+            subprocess.Popen(["dockerd"], stdout=log, stderr=log, stdin=subprocess.DEVNULL,
+                             start_new_session=True)
+        deadline = time.monotonic() + timeout_s
+        while not docker_ok():
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"dockerd did not start: see {CACHE / 'dockerd.log'}")
+            time.sleep(0.5)
+    return DOCKER
