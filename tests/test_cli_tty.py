@@ -86,9 +86,16 @@ def test_tty_raw_mode_resize_typing_ctrl_c_and_restore(running_server):
         term.read_until(r"30 100")  # the local size reached the task's PTY
         assert not term.lflag() & (termios.ICANON | termios.ECHO | termios.ISIG)
         term.resize(40, 120)
-        term.read_until(r"winch 40 120")
-        os.write(term.fd, b"hello\r")
-        term.read_until(r"typed: hello size 40 120")
+        # bash runs its WINCH trap only once `read` returns, and a key typed in the same instant
+        # may overtake the resize: type lines until one reports the new size.
+        for attempt in range(20):
+            os.write(term.fd, f"hello{attempt}\r".encode())
+            found = re.findall(rf"typed: hello{attempt} size (\d+ \d+)",
+                               term.read_until(rf"typed: hello{attempt} size \d+ \d+"))
+            if found == ["40 120"]:
+                break
+        else:
+            raise AssertionError("the new size never reached the task")
         os.write(term.fd, b"\x03")
         seen = term.read_until(r"rc=\d+\r?\n[^\r\n]+\r?\n")
     finally:
@@ -108,3 +115,52 @@ def test_tty_needs_a_terminal(running_server):
     listed = subprocess.run([sys.executable, "-m", "remoterun", "ls", "-o", "json", "--url",
                              running_server.url], capture_output=True, text=True, timeout=60)
     assert listed.stdout.strip() == "[]"
+
+
+def test_tty_ctrl_c_twice_detaches_and_restores(running_server):
+    """-t: one Ctrl-C is the keystroke (the task's trap sees SIGINT); two within a second
+    detach with the re-attach hint, the terminal restored and the task still running."""
+    cli = f"{sys.executable} -m remoterun run -t trap_int.sh --url {running_server.url}"
+    term = Terminal(f"stty -g; {cli}; echo \"rc=$?\"; stty -g")
+    try:
+        term.read_until(r"ready")
+        os.write(term.fd, b"\x03")
+        term.read_until(r"got INT")
+        time.sleep(1.2)  # past the detach window
+        os.write(term.fd, b"\x03")
+        term.read_until(r"got INT[\s\S]*got INT")
+        os.write(term.fd, b"\x03")
+        seen = term.read_until(r"rc=\d+\r?\n[^\r\n]+\r?\n")
+    finally:
+        assert term.close() == 0
+    assert "rc=0" in seen and "detached" in seen and "remoterun attach " in seen
+    before, after = re.findall(r"^([0-9a-f]+(?::[0-9a-f]+){10,})\r?$", seen, re.M)
+    assert before == after
+    listed = subprocess.run([sys.executable, "-m", "remoterun", "ls", "--status", "running",
+                             "--url", running_server.url], capture_output=True, text=True,
+                            timeout=60)
+    assert "trap_int.sh" in listed.stdout
+
+
+def test_waiting_task_shows_its_place_on_a_terminal(tmp_path):
+    """With stderr a terminal, a task waiting for a worker says so until it starts."""
+    server = ServerProcess(tmp_path)
+    server.config.write_text(server.config.read_text().replace(
+        "[engine]\n", "[engine]\nworkers = 1\n"))
+    server.start()
+    try:
+        blocker = subprocess.run([sys.executable, "-m", "remoterun", "run", "-d", "sleep.sh",
+                                  "--url", server.url], capture_output=True, text=True,
+                                 timeout=60).stdout.strip()
+        term = Terminal(f"{sys.executable} -m remoterun run hello.sh --url {server.url}; "
+                        "echo \"rc=$?\"")
+        try:
+            term.read_until(r"waiting in the queue")
+            subprocess.run([sys.executable, "-m", "remoterun", "cancel", blocker, "--url",
+                            server.url], check=True, capture_output=True, timeout=60)
+            seen = term.read_until(r"rc=\d+")
+        finally:
+            term.close()
+        assert "rc=0" in seen and "hello world" in seen
+    finally:
+        server.stop()
