@@ -78,13 +78,15 @@ class Attachment:
     """One client attached to one task until it ends (or the user detaches)."""
 
     def __init__(self, remote: Remote, task_id: str, *, since: int = 0, stdin: bool = False,
-                 tty_mode: bool = False, output: Output | None = None):
+                 tty_mode: bool = False, output: Output | None = None,
+                 forward_interrupt: bool = True):
         self.remote = remote
         self.task_id = task_id
         self.seq = since
         self.forward_stdin = stdin
         self.tty = tty_mode
         self.output = output or Output()
+        self.forward_interrupt = forward_interrupt  # False: Ctrl-C just stops watching
         self.ws: aiohttp.ClientWebSocketResponse | None = None
         self.outbox: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
         self.running = asyncio.Event()
@@ -121,6 +123,8 @@ class Attachment:
                 if reading:
                     loop.remove_reader(sys.stdin.fileno())
                 self._clear_position()
+        if self.detached == "interrupted":  # `logs -f` stopped by Ctrl-C, like `tail -f`
+            return SIGNALLED + signal.SIGINT
         if self.detached is not None:
             self._say(f"detached ({self.detached}); task {self.task_id} goes on: "
                       f"remoterun attach {self.task_id[:8]}")
@@ -257,6 +261,9 @@ class Attachment:
         self.outbox.put_nowait({"type": "resize", "cols": size.columns, "rows": size.lines})
 
     def _interrupt(self) -> None:
+        if not self.forward_interrupt:
+            self._detach("interrupted")
+            return
         now = time.monotonic()
         if now - self.last_interrupt < DETACH_WINDOW_S:
             self._detach("Ctrl-C twice")

@@ -64,7 +64,7 @@ async def logs(remote: Remote, args: argparse.Namespace) -> int:
     """`logs ID`: the archived output (after --since); with -f, live until the end."""
     task_id = await remote.task_id(args.id)
     if args.follow:
-        return await follow(remote, task_id, since=args.since,
+        return await follow(remote, task_id, since=args.since, forward_interrupt=False,
                             output=Output(args.stream, args.timestamps))
     query = {"since": args.since} if args.since else {}
     if args.stream:

@@ -175,6 +175,19 @@ def test_ctrl_c_signals_the_task_then_a_second_detaches(running_server, spawn):
     assert again.wait(timeout=30) == 130
 
 
+def test_logs_follow_ctrl_c_stops_watching_only(running_server, spawn):
+    """Ctrl-C on `logs -f` ends it (130) without signalling the task, which runs on."""
+    task_id = cli(running_server, "run", "-d", "trap_int.sh").stdout.strip()
+    proc = spawn(running_server, "logs", "-f", task_id)
+    read_until(proc.stdout, "ready")
+    proc.send_signal(signal.SIGINT)
+    assert proc.wait(timeout=30) == 130
+    assert "got INT" not in proc.stdout.read() and proc.stderr.read() == ""
+    assert task_of(running_server, task_id)["status"] == "running"
+    assert "got INT" not in cli(running_server, "logs", task_id).stdout
+    cli(running_server, "cancel", task_id)
+
+
 def test_detach_prints_the_id_and_logs_since(running_server):
     """--detach prints the id only; logs --since, --stream, --timestamps and -f read it back."""
     made = cli(running_server, "run", "--detach", "lines.py", "-p", "n=4", "-p", "both=true",

@@ -97,6 +97,7 @@ def served(venv: Path, tmp_path: Path) -> Iterator[Served]:
     server.stop()
 
 
+@pytest.mark.timeout(300)  # the module's wheel is built here
 def test_wheel_contains_the_page_and_its_packages(wheel: Path) -> None:
     """The wheel holds the page and xterm.js + the fit addon at the versions package.json pins."""
     names = set(zipfile.ZipFile(wheel).namelist())
@@ -146,6 +147,7 @@ def test_installed_wheel_serves_a_terminal_one_can_type_into(venv: Path, served:
     assert "page_vendor_missing" not in served.log.read_text()
 
 
+@pytest.mark.timeout(300)
 def test_a_server_without_the_packages_says_so(venv: Path, tmp_path: Path) -> None:
     """With neither the packaged copy nor node_modules, the server logs it at start."""
     copy = tmp_path / "env"
