@@ -9,6 +9,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import tarfile
 import time
 import urllib.request
 import zipfile
@@ -170,3 +171,25 @@ def test_a_server_without_the_packages_says_so(venv: Path, tmp_path: Path) -> No
         assert line["level"] == "warning" and "npm ci" in line["hint"]
     finally:
         server.stop()
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_sdist_carries_the_page_and_builds_a_whole_wheel(tmp_path: Path) -> None:
+    """The sdist holds the vendored packages, so a wheel built from it (no node_modules there)
+    has them too."""
+    subprocess.run([sys.executable, "setup.py", "-q", "sdist", "-d", str(tmp_path)],
+                   cwd=ROOT, check=True, capture_output=True, timeout=300)
+    (sdist,) = tmp_path.glob("remoterun-*.tar.gz")
+    with tarfile.open(sdist) as archive:
+        names = archive.getnames()
+        archive.extractall(tmp_path / "src", filter="data")
+    assert any(n.endswith("remoterun/page/vendor/xterm/lib/xterm.mjs") for n in names)
+    (source,) = (tmp_path / "src").iterdir()
+    assert not (source / "node_modules").exists()
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w",
+                    str(tmp_path / "wheel"), str(source)], check=True, capture_output=True,
+                   timeout=300, cwd=tmp_path)
+    (wheel,) = (tmp_path / "wheel").glob("*.whl")
+    assert "remoterun/page/vendor/xterm-addon-fit/lib/addon-fit.mjs" in \
+        zipfile.ZipFile(wheel).namelist()
