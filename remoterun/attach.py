@@ -223,13 +223,16 @@ class Attachment:
 
     def _start_stdin(self, loop: asyncio.AbstractEventLoop) -> bool:
         fd = sys.stdin.fileno()
-        if stat.S_ISREG(os.fstat(fd).st_mode):  # epoll cannot watch a file: it is all ready
-            while chunk := os.read(fd, 65536):
-                self._stdin(chunk)
-            self.outbox.put_nowait({"type": "eof"})
-            return False
-        loop.add_reader(fd, self._stdin_ready, loop, fd)
-        return True
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            try:
+                loop.add_reader(fd, self._stdin_ready, loop, fd)
+                return True
+            except PermissionError:  # /dev/null and the like: epoll cannot watch them
+                pass
+        while chunk := os.read(fd, 65536):  # a file (or /dev/null): all of it is ready now
+            self._stdin(chunk)
+        self.outbox.put_nowait({"type": "eof"})
+        return False
 
     def _stdin_ready(self, loop: asyncio.AbstractEventLoop, fd: int) -> None:
         try:

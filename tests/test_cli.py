@@ -145,13 +145,16 @@ def test_interactive_forwards_stdin_live(running_server, spawn):
 
 
 def test_interactive_reads_a_file_on_stdin(running_server, tmp_path):
-    """-i with a regular file as stdin sends it whole, then end-of-file."""
+    """-i with a regular file (or /dev/null) as stdin sends it whole, then end-of-file."""
     data = tmp_path / "in.txt"
     data.write_text("x\ny\nz\n")
     with data.open() as stdin:
         ran = subprocess.run([*CLI, "--url", running_server.url, "run", "-i", "echo_stdin.sh"],
                              stdin=stdin, capture_output=True, text=True, timeout=60)
     assert ran.returncode == 0 and ran.stdout.endswith("got: z\nlines: 3\n")
+    empty = subprocess.run([*CLI, "--url", running_server.url, "run", "-i", "echo_stdin.sh"],
+                           stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=60)
+    assert empty.returncode == 0 and empty.stdout == "ready\nlines: 0\n"
 
 
 def test_ctrl_c_signals_the_task_then_a_second_detaches(running_server, spawn):
