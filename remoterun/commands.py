@@ -13,7 +13,7 @@ from urllib.parse import urlencode
 import aiohttp
 
 from remoterun.attach import Output, follow
-from remoterun.remote import Remote, RemoteError, UsageError, say
+from remoterun.remote import Remote, RemoteError, UsageError, error_of, say
 
 
 def params(pairs: list[str]) -> dict[str, Any]:
@@ -76,7 +76,11 @@ async def logs(remote: Remote, args: argparse.Namespace) -> int:
     try:
         async with remote.session.get(url, auto_decompress=True) as response:
             if response.status >= 400:
-                await remote.json("GET", f"/tasks/{task_id}/output?{urlencode(query)}")
+                text = await response.text()
+                try:
+                    raise error_of(response.status, json.loads(text))
+                except json.JSONDecodeError:
+                    raise error_of(response.status, text) from None
             if args.timestamps:
                 async for line in response.content:
                     output.write(json.loads(line))

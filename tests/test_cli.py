@@ -320,3 +320,10 @@ def test_log_level_picks_the_task_lines(tmp_path, level, started, finished):
         done = by_name["task_finished"]
         assert (done["status"], done["script"], done["output_bytes"]) == \
             ("success", "lines.py", len("line 1\nline 2\n"))
+
+
+def test_logs_of_an_unknown_task_is_one_line(running_server):
+    """`logs` of an id the server does not know: the 404 on one line, exit 125."""
+    ran = cli(running_server, "logs", "00000000-0000-4000-8000-000000000000")
+    assert ran.returncode == 125 and ran.stderr.startswith("remoterun: 404 ")
+    assert len(ran.stderr.splitlines()) == 1
