@@ -7,6 +7,7 @@ import os
 import pty
 import re
 import select
+import signal
 import struct
 import subprocess
 import sys
@@ -71,10 +72,23 @@ class Terminal:
                 os.close(self.fd)
                 return os.waitstatus_to_exitcode(status)
             time.sleep(0.05)
-        os.kill(self.pid, 9)
+        os.killpg(self.pid, signal.SIGKILL)  # the shell leads its own session and group
         os.waitpid(self.pid, 0)
         os.close(self.fd)
         raise AssertionError("the shell did not end")
+
+
+def type_until_size(term: Terminal, size: str) -> None:
+    """Type lines into stty.sh until one reports this size: the task's PTY may start before
+    the first resize arrives, bash runs its WINCH trap only once `read` returns, and a key
+    typed in the same instant as a resize may overtake it."""
+    for attempt in range(40):
+        word = f"hello{size.replace(' ', 'x')}n{attempt}"
+        os.write(term.fd, f"{word}\r".encode())
+        seen = term.read_until(rf"typed: {word} size \d+ \d+")
+        if re.findall(rf"typed: {word} size (\d+ \d+)", seen) == [size]:
+            return
+    raise AssertionError(f"the size {size} never reached the task")
 
 
 def test_tty_raw_mode_resize_typing_ctrl_c_and_restore(running_server):
@@ -83,19 +97,11 @@ def test_tty_raw_mode_resize_typing_ctrl_c_and_restore(running_server):
     cli = f"{sys.executable} -m remoterun run -t stty.sh --url {running_server.url}"
     term = Terminal(f"stty -g; {cli}; echo \"rc=$?\"; stty -g")
     try:
-        term.read_until(r"30 100")  # the local size reached the task's PTY
+        term.read_until(r"size \d+ \d+")
         assert not term.lflag() & (termios.ICANON | termios.ECHO | termios.ISIG)
+        type_until_size(term, "30 100")  # the local size reached the task's PTY
         term.resize(40, 120)
-        # bash runs its WINCH trap only once `read` returns, and a key typed in the same instant
-        # may overtake the resize: type lines until one reports the new size.
-        for attempt in range(20):
-            os.write(term.fd, f"hello{attempt}\r".encode())
-            found = re.findall(rf"typed: hello{attempt} size (\d+ \d+)",
-                               term.read_until(rf"typed: hello{attempt} size \d+ \d+"))
-            if found == ["40 120"]:
-                break
-        else:
-            raise AssertionError("the new size never reached the task")
+        type_until_size(term, "40 120")  # and so did the change
         os.write(term.fd, b"\x03")
         seen = term.read_until(r"rc=\d+\r?\n[^\r\n]+\r?\n")
     finally:
