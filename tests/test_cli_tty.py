@@ -79,9 +79,9 @@ class Terminal:
 
 
 def type_until_size(term: Terminal, size: str) -> None:
-    """Type lines into stty.sh until one reports this size: the task's PTY may start before
-    the first resize arrives, bash runs its WINCH trap only once `read` returns, and a key
-    typed in the same instant as a resize may overtake it."""
+    """Type lines into tty_size.py until one reports this size: the task's PTY may start
+    before the first resize arrives, and a key typed in the same instant as a resize may
+    overtake it. (Not stty.sh: bash 5.2 can choke on a WINCH trap that runs during `read`.)"""
     for attempt in range(40):
         word = f"hello{size.replace(' ', 'x')}n{attempt}"
         os.write(term.fd, f"{word}\r".encode())
@@ -94,7 +94,7 @@ def type_until_size(term: Terminal, size: str) -> None:
 def test_tty_raw_mode_resize_typing_ctrl_c_and_restore(running_server):
     """-t: raw mode while attached, size and SIGWINCH forwarded, keys typed reach the PTY task,
     Ctrl-C interrupts it as a keystroke (exit 130), and the terminal is restored afterwards."""
-    cli = f"{sys.executable} -m remoterun run -t stty.sh --url {running_server.url}"
+    cli = f"{sys.executable} -m remoterun run -t tty_size.py --url {running_server.url}"
     term = Terminal(f"stty -g; {cli}; echo \"rc=$?\"; stty -g")
     try:
         term.read_until(r"size \d+ \d+")
