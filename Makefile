@@ -1,8 +1,8 @@
 # The two commands of the README: `make serve` and `make test`. Each installs what it needs first.
 PYTHON ?= python3
-APT_PACKAGES = chromium bubblewrap prometheus openssl
+APT_PACKAGES = chromium bubblewrap prometheus openssl docker.io debootstrap
 
-.PHONY: serve test screenshot bench install install-python install-node install-system
+.PHONY: serve test screenshot bench install install-python install-node install-system vendor dist image
 
 serve: install-python install-node
 	$(PYTHON) -m remoterun serve --config config.toml
@@ -15,7 +15,23 @@ screenshot: install
 	REMOTERUN_SCREENSHOT=1 $(PYTHON) -m pytest tests/test_page.py tests/test_page_console.py \
 	  tests/test_page_stats.py -k "screenshot or 360"
 
-install: install-system install-python install-node
+install: install-system install-node install-python
+
+# Copy the pinned xterm.js packages from node_modules into remoterun/page/vendor (a wheel or
+# sdist build does this itself; the server serves that copy first, then node_modules).
+vendor: install-node
+	$(PYTHON) setup.py -q vendor
+
+# The wheel and the sdist, each with the whole page inside, under dist/.
+dist: install-node
+	$(PYTHON) -m pip wheel --no-deps -q -w dist .
+
+# The container image (Dockerfile): the wheel and its dependencies' wheels, then docker build.
+# BASE may be a locally imported Debian image where no registry is reachable.
+BASE ?= debian:bookworm-slim
+image: install-node
+	rm -rf dist/wheels && $(PYTHON) -m pip wheel -q -w dist/wheels .
+	docker build --build-arg BASE=$(BASE) -t remoterun .
 
 install-python:
 	$(PYTHON) -m pip install --quiet --disable-pip-version-check -e '.[test]'

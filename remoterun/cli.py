@@ -1,4 +1,4 @@
-"""The `remoterun` command: `serve`, `archive verify`, and the verbs that are its HTTP client."""
+"""The `remoterun` command: `serve`, `archive verify`, and the client verbs (run, logs, ls...)."""
 
 from __future__ import annotations
 
@@ -7,24 +7,22 @@ import asyncio
 import dataclasses
 import gc
 import ipaddress
-import json
 import os
 import signal
+import socket
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import aiohttp
 import structlog
 
-from remoterun import config, logs
+from remoterun import __version__, config, logs
 from remoterun.catalogue import Catalogue, MetadataError
 
 if TYPE_CHECKING:
     from remoterun.retention import Report
 
 log = structlog.get_logger("remoterun")
-DEFAULT_URL = "http://127.0.0.1:8080"
 
 
 def _is_loopback(host: str) -> bool:
@@ -49,26 +47,78 @@ def serve(args: argparse.Namespace) -> int:
                  "db_path": Path(args.db).resolve() if args.db else None}
     try:
         settings = config.load(path, overrides)
+        if not 0 <= settings.port <= 65535:
+            raise config.ConfigError(f"server.port: must be between 0 and 65535, "
+                                     f"got {settings.port}")
         if not settings.scripts_dir.is_dir():
             raise config.ConfigError(f"paths.scripts: {settings.scripts_dir} is not a directory")
         Catalogue(settings.scripts_dir, settings.scripts).check()
-        from remoterun.api.listen import tls_context  # issue 12: a bad certificate stops here
-        tls_context(settings)
         logs.configure(settings.log_level)
+        from remoterun.api.listen import tls_context  # a bad certificate stops here
+        tls_context(settings)
     except (config.ConfigError, MetadataError) as exc:
         print(f"remoterun: config error: {exc}", file=sys.stderr)
         return 2
+    requested = settings.host
     if not settings.auth_enabled and not _is_loopback(settings.host):
-        log.warning("auth_off_loopback_only", requested_host=settings.host, host="127.0.0.1")
         settings = dataclasses.replace(settings, host="127.0.0.1")
+    try:
+        preflight(settings)
+        sock = listen(settings.host, settings.port)
+    except StartError as exc:
+        print(f"remoterun: cannot start: {exc}", file=sys.stderr)
+        return 1
+    if requested != settings.host:
+        log.warning("auth_off_loopback_only", requested_host=requested, host=settings.host)
     elif not settings.auth_enabled:
         log.info("auth_off_loopback_only", host=settings.host)
     log.info("server_starting", host=settings.host, port=settings.port,
              scripts=str(settings.scripts_dir), archive=str(settings.archive_dir),
              db=str(settings.db_path), workers=settings.workers)
-    asyncio.run(_run_server(create_app(settings), settings))
+    with sock:
+        asyncio.run(_run_server(create_app(settings), settings, sock))
     log.info("server_stopped")
     return 0
+
+
+class StartError(Exception):
+    """Something outside the config stops the server from starting (port taken, paths)."""
+
+
+def preflight(settings: config.Settings) -> None:
+    """Check every path the server will use, before anything is created."""
+    if not os.access(settings.scripts_dir, os.R_OK | os.X_OK):
+        raise StartError(f"paths.scripts: {settings.scripts_dir} is not readable")
+    for key, path in (("paths.archive", settings.archive_dir), ("paths.db", settings.db_path)):
+        existing = path
+        while not existing.exists():  # the nearest existing folder must let us create it
+            existing = existing.parent
+        wanted = os.R_OK | os.W_OK | (os.X_OK if existing.is_dir() else 0)
+        if existing != path and not existing.is_dir():
+            raise StartError(f"{key}: {existing} is not a directory")
+        if not os.access(existing, wanted):
+            raise StartError(f"{key}: {existing} is not writable")
+    if settings.db_path.is_dir():
+        raise StartError(f"paths.db: {settings.db_path} is a directory")
+
+
+def listen(host: str, port: int) -> socket.socket:
+    """The listening socket, bound before the app opens anything."""
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as exc:
+        raise StartError(f"server.host: cannot resolve {host!r}: {exc.strerror}") from exc
+    family, kind, proto, _, address = infos[0]
+    sock = socket.socket(family, kind, proto)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind(address)
+        sock.listen(1024)
+    except OSError as exc:
+        sock.close()
+        raise StartError(f"cannot listen on {host}:{port}: {exc.strerror}") from exc
+    sock.setblocking(False)
+    return sock
 
 
 def _tune_gc() -> None:
@@ -80,20 +130,22 @@ def _tune_gc() -> None:
     gc.set_threshold(20_000, 10, 10)
 
 
-async def _run_server(app: Any, settings: config.Settings) -> None:
+async def _run_server(app: Any, settings: config.Settings, sock: socket.socket) -> None:
     """Serve until SIGTERM/SIGINT, drain with the port still open (new submissions get 503),
     then close; a second signal during the drain kills the running tasks at once."""
     from aiohttp import web
 
     from remoterun.api import SCHEDULER
-    from remoterun.api.listen import GuardedSite
 
     runner = web.AppRunner(app, access_log=None, shutdown_timeout=5.0)
     await runner.setup()
-    site = GuardedSite(runner, settings)  # issue 12: TLS, max_connections, header timeout
+    from remoterun.api.listen import GuardedSite
+
+    site = GuardedSite(runner, settings, sock=sock)  # TLS, max_connections, header timeout
     await site.start()
     _tune_gc()
-    log.info("server_ready", url=f"{site.scheme}://{settings.host}:{settings.port}/")
+    port = sock.getsockname()[1]
+    log.info("server_ready", url=f"{site.scheme}://{settings.host}:{port}/")
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
@@ -149,191 +201,90 @@ async def _verify(settings: config.Settings, repair: bool) -> Report:
         await db.close()
 
 
-# Client --------------------------------------------------------------------------------------
+# The command line ------------------------------------------------------------------------------
 
-def _headers(args: argparse.Namespace) -> dict[str, str]:
-    return {"Authorization": f"Bearer {args.token}"} if args.token else {}
-
-
-def _params(pairs: list[str]) -> dict[str, Any]:
-    params: dict[str, Any] = {}
-    for pair in pairs:
-        key, sep, value = pair.partition("=")
-        if not sep:
-            raise SystemExit(f"remoterun: -p expects key=value, got {pair!r}")
-        try:
-            params[key] = json.loads(value)
-        except json.JSONDecodeError:
-            params[key] = value
-        if not isinstance(params[key], str | int | float | bool):
-            params[key] = value
-    return params
+EPILOG = """exit codes of run, attach and logs -f: the script's own; 128+N killed by signal N;
+124 timeout; 130 cancelled; 127 failed to start; 125 RemoteRun failed (unreachable, 4xx/5xx);
+2 usage. Server and token: --url/--token, REMOTERUN_URL/REMOTERUN_TOKEN, or
+~/.config/remoterun/config.toml (url = "...", token = "...")."""
 
 
-async def _request(args: argparse.Namespace, method: str, path: str, body: Any = None) -> Any:
-    async with aiohttp.ClientSession(headers=_headers(args)) as session, \
-            session.request(method, args.url + path, json=body) as response:
-        data = await response.json(content_type=None)
-        if response.status >= 400:
-            print(f"remoterun: {response.status} {data.get('error')}: {data.get('message')}",
-                  file=sys.stderr)
-            for detail in data.get("details") or []:
-                print(f"  {detail}", file=sys.stderr)
-            raise SystemExit(1)
-        return data
+def _server_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", help="config.toml (default: ./config.toml if present)")
+    p.add_argument("--archive", help="the archive directory")
+    p.add_argument("--db", help="the SQLite database file")
 
 
-async def _follow(args: argparse.Namespace, task_id: str, since: int = 0) -> int:
-    """Print a task's output as it comes; the exit code is the task's (1 if it did not run)."""
-    url = f"{args.url}/tasks/{task_id}/ws?since={since}"
-    exit_code = 1
-    out = {"stdout": sys.stdout, "pty": sys.stdout, "stderr": sys.stderr}
-    async with aiohttp.ClientSession(headers=_headers(args)) as session:
-        while True:
-            async with session.ws_connect(url, max_msg_size=0) as ws:
-                async for msg in ws:
-                    frame = json.loads(msg.data)
-                    if frame["type"] == "output":
-                        out[frame["stream"]].write(frame["data"])
-                        out[frame["stream"]].flush()
-                        since = frame["seq"]
-                    elif frame["type"] == "exit":
-                        code = frame.get("exit_code")
-                        exit_code = code if isinstance(code, int) and code >= 0 else 1
-                        if frame["status"] != "success":
-                            print(f"remoterun: task {frame['status']}", file=sys.stderr)
-                        return exit_code
-            if ws.close_code != 1013:  # closed for being slow: resume where we were
-                return exit_code
-            url = f"{args.url}/tasks/{task_id}/ws?since={since}"
+def _client_verbs(sub: Any, common: argparse.ArgumentParser) -> None:
+    def verb(name: str, help_text: str) -> argparse.ArgumentParser:
+        return sub.add_parser(name, help=help_text, parents=[common], description=help_text)  # type: ignore[no-any-return]
 
-
-async def _watch(args: argparse.Namespace) -> None:
-    """Print each task transition as GET /events streams it, resuming after a drop (or a
-    server restart) from the last event id, until interrupted."""
-    last: str | None = None
-    async with aiohttp.ClientSession(headers=_headers(args),
-                                     timeout=aiohttp.ClientTimeout(total=None)) as session:
-        while True:
-            headers = {"Last-Event-ID": last} if last is not None else {}
-            try:
-                async with session.get(f"{args.url}/events", headers=headers) as response:
-                    if response.status >= 400:
-                        raise SystemExit(f"remoterun: {response.status}: {await response.text()}")
-                    fields: dict[str, str] = {}
-                    async for raw in response.content:
-                        line = raw.decode().rstrip("\n")
-                        if line:
-                            key, _, value = line.partition(": ")
-                            fields[key] = value
-                            continue
-                        last = fields.get("id", last)
-                        if fields.get("event") == "task":
-                            t = json.loads(fields["data"])
-                            if not args.status or t["status"] == args.status:
-                                print(f"{t['id']}  {t['status']:<9}  {t['updated_at']}  "
-                                      f"{t['script']}", flush=True)
-                        fields = {}
-            except aiohttp.ClientError:
-                pass
-            await asyncio.sleep(1)  # the stream was cut (a slow client, a restart): resume
-
-
-async def _client(args: argparse.Namespace) -> int:
-    if args.verb == "submit":
-        body = {"script": args.script, "params": _params(args.param),
-                "priority": args.priority, "max_retries": args.retries}
-        if args.timeout is not None:
-            body["timeout"] = args.timeout
-        if args.stdin:
-            body["stdin"] = sys.stdin.read()
-        task = await _request(args, "POST", "/tasks", body)
-        if not args.follow:
-            print(json.dumps(task, indent=2))
-            return 0
-        print(f"remoterun: task {task['id']}", file=sys.stderr)
-        return await _follow(args, task["id"])
-    if args.verb == "logs":
-        if args.follow:
-            return await _follow(args, args.id, args.since)
-        async with aiohttp.ClientSession(headers=_headers(args)) as session, \
-                session.get(f"{args.url}/tasks/{args.id}/output") as response:
-            if response.status >= 400:
-                print(f"remoterun: {response.status}: {await response.text()}", file=sys.stderr)
-                return 1
-            async for chunk in response.content.iter_any():
-                sys.stdout.buffer.write(chunk)
-        return 0
-    if args.verb in ("tasks", "ls"):
-        query = f"?limit={args.limit}" + (f"&status={args.status}" if args.status else "")
-        data = await _request(args, "GET", "/tasks" + query)
-        for t in data["tasks"]:
-            print(f"{t['id']}  {t['status']:<9}  {t['created_at']}  {t['script']}")
-        if args.watch:
-            await _watch(args)
-        return 0
-    if args.verb == "show":
-        print(json.dumps(await _request(args, "GET", f"/tasks/{args.id}"), indent=2))
-        return 0
-    if args.verb == "cancel":
-        print(json.dumps(await _request(args, "POST", f"/tasks/{args.id}/cancel"), indent=2))
-        return 0
-    if args.verb == "scripts":
-        for s in (await _request(args, "GET", "/scripts"))["scripts"]:
-            print(f"{s['name']:<28} {s['description']}")
-        return 0
-    raise AssertionError(args.verb)
+    r = verb("run", "submit a task and stream its output (like docker run)")
+    r.add_argument("script")
+    r.add_argument("-p", "--param", action="append", default=[], metavar="KEY=VALUE")
+    r.add_argument("--priority", type=int, default=0)
+    r.add_argument("--timeout", type=float, metavar="SECONDS")
+    r.add_argument("--retries", type=int, default=0)
+    r.add_argument("-i", "--interactive", action="store_true", help="forward stdin, live")
+    r.add_argument("-t", "--tty", action="store_true",
+                   help="run in a PTY, this terminal in raw mode")
+    r.add_argument("-d", "--detach", action="store_true", help="print the task id only")
+    a = verb("attach", "re-join a task: its output, then live; stdin if it reads one")
+    a.add_argument("id")
+    a.add_argument("--since", type=int, default=0, metavar="SEQ")
+    a.add_argument("--no-stdin", action="store_true")
+    lg = verb("logs", "print a task's output")
+    lg.add_argument("id")
+    lg.add_argument("-f", "--follow", action="store_true", help="go on until the task ends")
+    lg.add_argument("--since", type=int, default=0, metavar="SEQ", help="after this frame")
+    lg.add_argument("--stream", choices=("stdout", "stderr", "pty"))
+    lg.add_argument("--timestamps", action="store_true", help="each line's time first")
+    ls = verb("ls", "list tasks, newest first")
+    ls.add_argument("--status", choices=("pending", "running", "success", "failed", "timeout",
+                                         "cancelled"))
+    ls.add_argument("--script")
+    ls.add_argument("--limit", type=int, default=20)
+    ls.add_argument("-o", "--output", choices=("table", "json"), default="table")
+    sh = verb("show", "show one task")
+    sh.add_argument("id")
+    sh.add_argument("-o", "--output", choices=("text", "json"), default="text")
+    c = verb("cancel", "cancel tasks")
+    c.add_argument("ids", nargs="+", metavar="ID")
+    sc = verb("scripts", "list the scripts one may run")
+    sc.add_argument("-o", "--output", choices=("table", "json", "name"), default="table")
 
 
 def parser() -> argparse.ArgumentParser:
-    """The command line."""
-    p = argparse.ArgumentParser(prog="remoterun", description=__doc__)
-    sub = p.add_subparsers(dest="verb", required=True)
+    """The command line; --url and --token are accepted before or after the verb."""
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--url", default=argparse.SUPPRESS,
+                        help="the server (default: $REMOTERUN_URL, the config file, "
+                             "http://127.0.0.1:8080)")
+    common.add_argument("--token", default=argparse.SUPPRESS,
+                        help="a bearer token (default: $REMOTERUN_TOKEN, the config file)")
+    p = argparse.ArgumentParser(prog="remoterun", parents=[common], epilog=EPILOG,
+                                description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--version", action="version", version=f"remoterun {__version__}")
+    sub = p.add_subparsers(dest="verb", required=True, metavar="COMMAND")
     s = sub.add_parser("serve", help="run the server")
-    s.add_argument("--config", help="config.toml (default: ./config.toml if present)")
+    _server_flags(s)
     s.add_argument("--host")
     s.add_argument("--port", type=int)
     s.add_argument("--scripts", help="the scripts directory")
-    s.add_argument("--archive", help="the archive directory")
-    s.add_argument("--db", help="the SQLite database file")
     a = sub.add_parser("archive", help="check the output archive against the database")
     verify = a.add_subparsers(dest="action", required=True).add_parser(
         "verify", help="every row's files exist and decompress; no file without a row")
     verify.add_argument("--repair", action="store_true",
                         help="finalize what a crash left open; fix rows; adopt strays of "
                              "known tasks; delete pruned leftovers")
-    verify.add_argument("--config", help="config.toml (default: ./config.toml if present)")
-    verify.add_argument("--archive", help="the archive directory")
-    verify.add_argument("--db", help="the SQLite database file")
-    for name, help_text in (("submit", "submit a task"), ("logs", "print a task's output"),
-                            ("tasks", "list tasks"), ("show", "show one task"),
-                            ("cancel", "cancel a task"), ("scripts", "list scripts")):
-        c = sub.add_parser(name, help=help_text, aliases=["ls"] if name == "tasks" else [])
-        c.add_argument("--url", default=os.environ.get("REMOTERUN_URL", DEFAULT_URL))
-        c.add_argument("--token", default=os.environ.get("REMOTERUN_TOKEN"))
-        if name == "submit":
-            c.add_argument("script")
-            c.add_argument("-p", "--param", action="append", default=[], metavar="KEY=VALUE")
-            c.add_argument("--priority", type=int, default=0)
-            c.add_argument("--timeout", type=float)
-            c.add_argument("--retries", type=int, default=0)
-            c.add_argument("--stdin", action="store_true", help="send this command's stdin")
-            c.add_argument("-f", "--follow", action="store_true", help="stream the output")
-        elif name in ("logs", "show", "cancel"):
-            c.add_argument("id")
-        if name == "logs":
-            c.add_argument("-f", "--follow", action="store_true")
-            c.add_argument("--since", type=int, default=0)
-        if name == "tasks":
-            c.add_argument("--status")
-            c.add_argument("--limit", type=int, default=20)
-            c.add_argument("-w", "--watch", action="store_true",
-                           help="then print each transition as it happens (GET /events)")
+    _server_flags(verify)
+    _client_verbs(sub, common)
+    comp = sub.add_parser("completion", help="print a shell completion script")
+    comp.add_argument("shell", choices=("bash", "zsh"))
     _token_parser(sub)
     return p
 
-
-# Tokens (issue 12) ---------------------------------------------------------------------------
 
 def _token_parser(sub: Any) -> None:
     t = sub.add_parser("token", help="make API tokens")
@@ -364,18 +315,41 @@ def token_command(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of `remoterun` and `python -m remoterun`."""
-    args = parser().parse_args(argv)
-    if args.verb == "token":
-        return token_command(args)
+    from remoterun import commands, completion
+    from remoterun.remote import EXIT_REMOTERUN, EXIT_USAGE, RemoteError, UsageError, say
+
+    p = parser()
+    args = p.parse_args(argv)
     if args.verb == "serve":
         return serve(args)
     if args.verb == "archive":
         return archive_command(args)
-    args.url = args.url.rstrip("/")
+    if args.verb == "completion":
+        print(completion.script(args.shell, p))
+        return 0
+    if args.verb == "token":
+        return token_command(args)
     try:
-        return asyncio.run(_client(args))
-    except KeyboardInterrupt:  # how `ls --watch` ends
+        return asyncio.run(_client(args, commands.VERBS[args.verb]))
+    except UsageError as exc:
+        say(str(exc))
+        return EXIT_USAGE
+    except RemoteError as exc:
+        commands.report(exc)
+        return EXIT_REMOTERUN
+    except KeyboardInterrupt:  # Ctrl-C outside an attachment (a listing, a download)
         return 130
-    except aiohttp.ClientError as exc:
-        print(f"remoterun: cannot reach {args.url}: {exc}", file=sys.stderr)
-        return 1
+    except BrokenPipeError:  # `remoterun logs ID | head`
+        sys.stderr.close()
+        return 0
+
+
+async def _client(args: argparse.Namespace, verb: Any) -> int:
+    from remoterun.remote import Remote, resolve_target
+
+    url, token = resolve_target(getattr(args, "url", None), getattr(args, "token", None))
+    remote = Remote.open(url, token)
+    try:
+        return int(await verb(remote, args))
+    finally:
+        await remote.close()

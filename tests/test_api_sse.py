@@ -62,3 +62,36 @@ async def test_sse_bad_since(client):
     task = await submit(client, "hello.sh")
     response = await client.get(f"/tasks/{task['id']}/logs?since=abc")
     assert response.status == 400 and (await response.json())["error"] == "invalid_request"
+
+
+async def test_sse_resume_after_the_end_is_204(client):
+    """The exit event has an id (the last seq); resuming an ended task after it answers 204."""
+    task = await submit(client, "lines.py", params={"n": 3})
+    await wait_final(client, task["id"])
+    full = await read_events(await client.get(f"/tasks/{task['id']}/logs"))
+    last = max(e[2]["seq"] for e in full if e[1] == "output")
+    assert full[-1][:2] == (str(last), "exit")
+    for headers, query in (({"Last-Event-ID": str(last)}, ""), ({}, f"?since={last}")):
+        response = await client.get(f"/tasks/{task['id']}/logs{query}", headers=headers)
+        assert response.status == 204 and await response.read() == b""
+    earlier = await client.get(f"/tasks/{task['id']}/logs",
+                               headers={"Last-Event-ID": str(last - 1)})
+    events = await read_events(earlier)
+    assert earlier.status == 200 and [e[1] for e in events] == ["task", "output", "exit"]
+
+
+async def test_sse_resume_without_output_and_while_running(client):
+    """A task with no output ends with `id: 0`; resuming a running task streams on."""
+    quiet = await submit(client, "quiet.sh")
+    await wait_final(client, quiet["id"])
+    events = await read_events(await client.get(f"/tasks/{quiet['id']}/logs"))
+    assert [(e[0], e[1]) for e in events] == [(None, "task"), ("0", "exit")]
+    again = await client.get(f"/tasks/{quiet['id']}/logs", headers={"Last-Event-ID": "0"})
+    assert again.status == 204
+    running = await submit(client, "sleep.sh", params={"seconds": 30})
+    response = await client.get(f"/tasks/{running['id']}/logs",
+                                headers={"Last-Event-ID": "0"})
+    assert response.status == 200
+    assert (await response.content.readline()).startswith(b"event: task")
+    response.close()
+    await client.post(f"/tasks/{running['id']}/cancel")

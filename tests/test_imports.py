@@ -102,3 +102,11 @@ def test_nothing_imports_api_or_cli():
         assert "cli" not in imported or rel.name == "__main__.py", rel
         if rel.parts[0] != "api" and rel.name != "cli.py":
             assert "api" not in imported, rel
+
+
+def test_cli_client_modules_import_no_engine():
+    """The CLI's HTTP-client modules (remote, attach, commands, completion) speak the API only:
+    they import nothing of the engine, the store or api/."""
+    client = {"remote", "attach", "commands", "completion"}
+    for name in client:
+        assert _ours(PACKAGE / f"{name}.py") <= client, name

@@ -31,6 +31,7 @@ from remoterun.api import (
     http,
     json_response,
     monitor,
+    openapi,
     sse,
     ws,
 )
@@ -97,7 +98,10 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
-        return error_response(exc.status, exc.reason.lower().replace(" ", "_"), exc.reason)
+        response = error_response(exc.status, exc.reason.lower().replace(" ", "_"), exc.reason)
+        if "Allow" in exc.headers:  # a 405 names the methods that are allowed (RFC 9110)
+            response.headers["Allow"] = exc.headers["Allow"]
+        return response
     except Exception:  # the request's boundary: a bug of ours still answers JSON, and is logged
         log.exception("request_failed", method=request.method, path=request.path)
         return error_response(500, "internal", "the server met an unexpected error; "
@@ -167,12 +171,28 @@ def node_modules_dir() -> Path:
     return Path(__file__).resolve().parents[2] / "node_modules"
 
 
+# served prefix -> (the folder a build put inside the package, the npm package name)
+VENDOR = {"/vendor/xterm": ("xterm", "@xterm/xterm"),
+          "/vendor/xterm-addon-fit": ("xterm-addon-fit", "@xterm/addon-fit")}
+
+
+def vendor_dirs() -> dict[str, Path | None]:
+    """Each browser package's folder: inside the package (a wheel, `make vendor`) first, then
+    the checkout's node_modules; None when neither has it."""
+    found: dict[str, Path | None] = {}
+    for prefix, (inside, package) in VENDOR.items():
+        candidates = (PAGE_DIR / "vendor" / inside, node_modules_dir() / package)
+        found[prefix] = next((c for c in candidates if (c / "package.json").is_file()), None)
+    return found
+
+
 def _vendor_routes(app: web.Application) -> None:
-    modules = node_modules_dir()
-    for prefix, package in (("/vendor/xterm", "@xterm/xterm"),
-                            ("/vendor/xterm-addon-fit", "@xterm/addon-fit")):
-        folder = modules / package
-        if folder.is_dir():
+    for prefix, folder in vendor_dirs().items():
+        if folder is None:
+            log.warning("page_vendor_missing", path=prefix, looked_in=[
+                str(PAGE_DIR / "vendor"), str(node_modules_dir())],
+                        hint="the page has no terminal: run `npm ci` (or `make vendor`)")
+        else:
             app.router.add_static(prefix, folder)
 
 
@@ -234,6 +254,7 @@ def create_app(settings: Settings) -> web.Application:
     app.router.add_routes(sse.routes)
     events.setup(app)  # GET /events, GET /tasks/{id}/events (issue 18)
     app.router.add_routes(monitor.routes)
+    app.router.add_routes(openapi.routes)
     app.router.add_get("/", index)
     app.router.add_post("/login", login)
     app.router.add_post("/logout", logout)

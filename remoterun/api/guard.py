@@ -27,7 +27,7 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 LOOPBACK_HOSTS = frozenset({"localhost", "127.0.0.1", "[::1]", "::1"})
 # Paths any browser may load before logging in: the page is code, not data.
-PUBLIC_PREFIXES = ("/healthz", "/static/", "/vendor/", "/login")
+PUBLIC_PREFIXES = ("/healthz", "/static/", "/vendor/", "/login", "/openapi.json")
 JSON = "application/json"
 FORM_TYPES = frozenset({"application/x-www-form-urlencoded", "multipart/form-data"})
 # connect-src 'self' covers ws:// and wss:// of the page's own origin (CSP Level 3).
@@ -141,7 +141,8 @@ async def guard_middleware(request: web.Request, handler: Handler) -> web.Stream
     limiter = request.app[LIMITER]
     limiter.check(address)
     path = request.path
-    public = path == "/" or path.startswith(PUBLIC_PREFIXES)
+    public = path == "/" or path.startswith(PUBLIC_PREFIXES) or (
+        path == "/metrics" and request.app[SETTINGS].metrics_public)
     try:
         request[IDENTITY] = authenticate(request)
     except errors.Unauthorized:

@@ -9,6 +9,7 @@ every byte through unchanged.
 from __future__ import annotations
 
 import asyncio
+import socket
 import ssl
 from typing import Any
 
@@ -106,9 +107,11 @@ class _Guard(asyncio.Protocol):
 class GuardedSite(web.TCPSite):
     """A TCPSite (TLS when configured) whose connections are bounded and header-timed."""
 
-    def __init__(self, runner: web.BaseRunner, settings: Settings, **kwargs: Any):
+    def __init__(self, runner: web.BaseRunner, settings: Settings,
+                 sock: socket.socket | None = None, **kwargs: Any):
         super().__init__(runner, settings.host, settings.port,
                          ssl_context=tls_context(settings), **kwargs)
+        self.sock = sock  # already bound and listening (the CLI checks the port first)
         self.max_connections = settings.max_connections
         self.header_timeout_s = settings.header_timeout_s
         self.open = 0
@@ -120,12 +123,18 @@ class GuardedSite(web.TCPSite):
         self._runner._reg_site(self)  # BaseSite.start: TCPSite.start would listen unguarded
         server = self._runner.server
         assert server is not None
-        self._server = await asyncio.get_running_loop().create_server(
+        # a TLS handshake that stalls is the same attack one layer down
+        handshake_s = self.header_timeout_s if self._ssl_context else None
+        loop = asyncio.get_running_loop()
+        if self.sock is not None:
+            self._server = await loop.create_server(
+                lambda: _Guard(server(), self), sock=self.sock, ssl=self._ssl_context,
+                backlog=self._backlog, ssl_handshake_timeout=handshake_s)
+            return
+        self._server = await loop.create_server(
             lambda: _Guard(server(), self), self._host, self._port, ssl=self._ssl_context,
             backlog=self._backlog, reuse_address=self._reuse_address,
-            reuse_port=self._reuse_port,
-            # a TLS handshake that stalls is the same attack one layer down
-            ssl_handshake_timeout=self.header_timeout_s if self._ssl_context else None)
+            reuse_port=self._reuse_port, ssl_handshake_timeout=handshake_s)
 
     @property
     def scheme(self) -> str:

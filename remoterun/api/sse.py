@@ -1,4 +1,9 @@
-"""Server-Sent Events: `GET /tasks/{id}/logs`, resumable with Last-Event-ID or `?since=`."""
+"""Server-Sent Events: `GET /tasks/{id}/logs`, resumable with Last-Event-ID or `?since=`.
+
+Browsers' EventSource reconnects whenever a stream ends. So the `exit` event carries an `id:` (the
+last seq), and a resumed request for a task that has ended with nothing after its seq answers 204,
+which stops the browser for good instead of replaying `task` and `exit` every few seconds.
+"""
 
 from __future__ import annotations
 
@@ -12,7 +17,8 @@ from remoterun.api.guard import record
 from remoterun.api.http import task_row
 from remoterun.api.ws import parse_since
 from remoterun.hub import SlowConsumer, Subscription
-from remoterun.wire import Item, dumps, sse_text
+from remoterun.state import FINAL
+from remoterun.wire import Event, Item, dumps, sse_text
 
 routes = web.RouteTableDef()
 HEARTBEAT = b": keep-alive\n\n"
@@ -23,10 +29,14 @@ async def logs(request: web.Request) -> web.StreamResponse:
     """The task, its output after `since`, live output and status, then `exit`."""
     row = await task_row(request)  # 404, or 403 outside the token's script list
     task_id = row["id"]
-    since = parse_since(request.headers.get("Last-Event-ID") or request.query.get("since"))
+    resumed = request.headers.get("Last-Event-ID") or request.query.get("since")
+    since = parse_since(resumed)
     scheduler = request.app[SCHEDULER]
     await record(request, "attach", task_id=task_id, script=row["script"], detail="sse")
     sub = await scheduler.subscribe(task_id, since)
+    if resumed is not None and _ended_before(sub.task, since):
+        sub.close()
+        return web.Response(status=204, headers={"Cache-Control": "no-cache"})
     current = asyncio.current_task()
     if current is not None:
         sub.on_overflow = current.cancel
@@ -42,7 +52,8 @@ async def logs(request: web.Request) -> web.StreamResponse:
         await response.write(f"event: task\ndata: {dumps(sub.task)}\n\n".encode())
         settings = request.app[SETTINGS]
         async with contextlib.aclosing(sub.batches()) as batches:
-            await _pump(response, batches, settings.heartbeat_s, settings.stall_timeout_s, sub)
+            await _pump(response, batches, settings.heartbeat_s, settings.stall_timeout_s, sub,
+                        since)
         await response.write_eof()
     except (SlowConsumer, asyncio.CancelledError):
         if not sub.overflowed.is_set():
@@ -72,8 +83,20 @@ async def _write(response: web.StreamResponse, data: bytes, stall_s: float,
         raise SlowConsumer from None
 
 
+def _ended_before(task: dict[str, object], since: int) -> bool:
+    """Whether the task has ended with no output frame after `since`."""
+    last = task.get("last_seq")
+    return task.get("status") in FINAL and isinstance(last, int) and last <= since
+
+
+def _event_text(item: Item, last_seq: int) -> str:
+    if isinstance(item, Event) and item.kind == "exit":
+        return f"id: {last_seq}\n{sse_text(item)}"
+    return sse_text(item)
+
+
 async def _pump(response: web.StreamResponse, batches: object, heartbeat_s: float,
-                stall_s: float, sub: Subscription) -> None:
+                stall_s: float, sub: Subscription, since: int) -> None:
     """Write batches as they come; a comment line when idle so proxies keep the stream."""
     iterator = batches.__aiter__()  # type: ignore[attr-defined]
     following: asyncio.Future[list[Item]] | None = None
@@ -90,8 +113,11 @@ async def _pump(response: web.StreamResponse, batches: object, heartbeat_s: floa
             except StopAsyncIteration:
                 return
             following = None
-            await _write(response, "".join(sse_text(item) for item in batch).encode(), stall_s,
-                         sub)
+            text = []
+            for item in batch:
+                since = max(since, getattr(item, "seq", since))
+                text.append(_event_text(item, since))
+            await _write(response, "".join(text).encode(), stall_s, sub)
     finally:
         if following is not None and not following.done():
             following.cancel()
