@@ -245,6 +245,8 @@ def _client_verbs(sub: Any, common: argparse.ArgumentParser) -> None:
     ls.add_argument("--script")
     ls.add_argument("--limit", type=int, default=20)
     ls.add_argument("-o", "--output", choices=("table", "json"), default="table")
+    ls.add_argument("-w", "--watch", action="store_true",
+                    help="then print each transition as it happens (GET /events)")
     sh = verb("show", "show one task")
     sh.add_argument("id")
     sh.add_argument("-o", "--output", choices=("text", "json"), default="text")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import sys
 import time
@@ -133,7 +134,39 @@ async def ls(remote: Remote, args: argparse.Namespace) -> int:
         rows.append([t["id"][:8], t["script"], t["status"], "-" if code is None else str(code),
                      _duration(t), t["created_at"][:19].replace("T", " ")])
     print(table(rows))
+    if args.watch:
+        await _watch(remote, args.status)
     return 0
+
+
+async def _watch(remote: Remote, status: str | None) -> None:
+    """Print each task transition as GET /events streams it, resuming after a drop (or a
+    server restart) from the last event id, until interrupted (Ctrl-C: exit 130)."""
+    last: str | None = None
+    sys.stdout.flush()
+    while True:
+        headers = {"Last-Event-ID": last} if last is not None else {}
+        try:
+            async with remote.session.get(f"{remote.url}/events", headers=headers) as response:
+                if response.status >= 400:
+                    raise RemoteError(f"{response.status}: {await response.text()}")
+                fields: dict[str, str] = {}
+                async for raw in response.content:
+                    line = raw.decode().rstrip("\n")
+                    if line:
+                        key, _, value = line.partition(": ")
+                        fields[key] = value
+                        continue
+                    last = fields.get("id", last)
+                    if fields.get("event") == "task":
+                        t = json.loads(fields["data"])
+                        if not status or t["status"] == status:
+                            print(f"{t['id']}  {t['status']:<9}  {t['updated_at']}  "
+                                  f"{t['script']}", flush=True)
+                    fields = {}
+        except aiohttp.ClientError:
+            pass
+        await asyncio.sleep(1)  # the stream was cut (a slow client, a restart): resume
 
 
 async def show(remote: Remote, args: argparse.Namespace) -> int:

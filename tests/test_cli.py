@@ -332,14 +332,15 @@ def test_logs_of_an_unknown_task_is_one_line(running_server):
 def test_token_from_flag_or_env(tmp_path):
     """With auth on: no token is a 401 on one line (125); --token or REMOTERUN_TOKEN works,
     for REST and for the streamed run alike."""
-    server = ServerProcess(tmp_path, "[[tokens]]\nname = \"ops\"\ntoken = \"s3cret\"\n"
+    server = ServerProcess(tmp_path, "[[tokens]]\nname = \"ops\"\n"
+                           "token = \"s3cret-long-enough-token\"\n"
                                      "role = \"operator\"\n")
     server.start()
     try:
         denied = cli(server, "ls")
         assert denied.returncode == 125 and denied.stderr.startswith("remoterun: 401 ")
-        assert cli(server, "--token", "s3cret", "ls").returncode == 0
-        env = {**os.environ, "REMOTERUN_TOKEN": "s3cret"}
+        assert cli(server, "--token", "s3cret-long-enough-token", "ls").returncode == 0
+        env = {**os.environ, "REMOTERUN_TOKEN": "s3cret-long-enough-token"}
         ran = cli(server, "run", "lines.py", "-p", "n=2", env=env)
         assert ran.returncode == 0 and ran.stdout == "line 1\nline 2\n"
     finally:

@@ -16,7 +16,7 @@ from test_page import TOKENS, WAIT_MS, browser, new_page, playwright, start_serv
 
 __all__ = ["browser", "playwright"]  # the module-scoped fixtures of test_page, shared here
 STATS_SHOT = ROOT / "docs" / "stats.png"
-OPS = {"Authorization": "Bearer operator-token"}
+OPS = {"Authorization": "Bearer operator-token-0123456789"}
 MIX = [("hello.sh", {}, None)] * 5 + [("count.sh", {"n": 3, "delay": 0.1}, None)] * 3 + [
     ("count.sh", {"n": 50, "delay": 0.1}, 0.5), ("fail.sh", {}, None), ("fail.sh", {}, None),
     ("colors.sh", {}, None), ("greet.py", {"name": "Ada", "api_key": "k"}, None)]
@@ -49,7 +49,7 @@ def stats_site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProce
 def log_in(page, url: str = "/") -> None:
     """Open `url` and log in as the operator."""
     page.goto(url)
-    page.fill("#login [name=token]", "operator-token")
+    page.fill("#login [name=token]", "operator-token-0123456789")
     page.click("#login button")
     expect(page.locator("#who")).to_have_text("ops (operator)")
 
@@ -90,7 +90,7 @@ def test_stats_link(browser: Browser, stats_site: ServerProcess) -> None:
         page.goto("/?view=stats")
         expect(page.locator("#stats [role=alert]")).to_contain_text("token")
         page.click("#stats-close")
-        page.fill("#login [name=token]", "operator-token")
+        page.fill("#login [name=token]", "operator-token-0123456789")
         page.click("#login button")
         expect(page.locator("#who")).to_have_text("ops (operator)")
         page.goto("/?view=stats")  # the session cookie now: the link opens the view at once

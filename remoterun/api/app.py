@@ -119,7 +119,11 @@ async def _login_token(request: web.Request) -> str | None:
         body = await http.read_json(request)
         token = body.get("token") if isinstance(body, dict) else None
     else:
-        token = (await request.post()).get("token")
+        try:
+            token = (await request.post()).get("token")
+        except (ValueError, AssertionError) as exc:  # a form without its boundary, say
+            raise errors.BadRequest(f"the form cannot be read: {exc}", code="invalid_form") \
+                from exc
     return token if isinstance(token, str) else None
 
 

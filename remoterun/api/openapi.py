@@ -236,7 +236,7 @@ SSE = {
             "type": "object",
             "required": ["data"],
             "properties": {
-                "event": {"enum": ["task", "output", "status", "exit"]},
+                "event": {"enum": ["task", "output", "status", "exit", "ready"]},
                 "data": {"type": "string", "contentMediaType": "application/json"},
                 "id": {"type": "string", "pattern": "^[0-9]+$"},
                 "retry": {"type": "integer"},
@@ -465,6 +465,16 @@ def _paths() -> dict[str, Any]:
                     _query("limit", {"type": "integer", "minimum": 1, "maximum": 500}),
                     _query("cursor", {"type": "string"}),
                 ],
+            )
+        },
+        "/tasks/{id}/events": {
+            "get": _op(
+                "taskEvents",
+                "the task's transitions, oldest first",
+                {200: _json(OBJECT, "{\"events\": [{id, ts, old_status, new_status, attempt, "
+                                    "detail, exit_code}]}")},
+                (403, 404),
+                [TASK_ID],
             )
         },
         "/events": {
