@@ -213,7 +213,8 @@ _FILE_CALLS = ("os.stat", "os.access", "os.path.abspath", "os.path.exists", "os.
                "os.path.isdir", "os.path.islink", "os.readlink", "os.scandir", "os.mkdir",
                "os.getcwd", "os.path.getsize", "io.open", "builtins.open",
                "io.BufferedReader.read", "io.TextIOWrapper.read", "sqlite3.Connection.execute",
-               "ScandirIterator.__next__")
+               "ScandirIterator.__next__", "io.BufferedWriter.write", "io.TextIOWrapper.write",
+               "os.write", "os.replace", "os.unlink")
 BLOCKS_ALLOWED: list[tuple[str, set[str], tuple[str, ...]]] = [
     # Start-up, once, before the server serves (the app, its database, its folders).
     ("remoterun/api/app.py", {"create_app", "services"}, _FILE_CALLS),

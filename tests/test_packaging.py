@@ -133,16 +133,16 @@ def test_installed_wheel_serves_a_terminal_one_can_type_into(venv: Path, served:
         try:
             page = browser.new_page(base_url=served.url)
             page.goto(f"/?task={task['id']}")
-            page.wait_for_function("window.terminalText && terminalText().includes('ready')",
+            page.wait_for_function("() => window.terminalText && terminalText().includes('ready')",
                                    timeout=15_000)
             assert page.locator("#terminal .xterm").count() == 1  # xterm.js, not the plain view
             page.locator("#terminal").click()
             page.keyboard.type("from chromium")
             page.keyboard.press("Enter")
-            page.wait_for_function("terminalText().includes('got: from chromium')",
+            page.wait_for_function("() => terminalText().includes('got: from chromium')",
                                    timeout=15_000)
             page.keyboard.press("Control+D")
-            page.wait_for_function("terminalText().includes('lines: 1')", timeout=15_000)
+            page.wait_for_function("() => terminalText().includes('lines: 1')", timeout=15_000)
         finally:
             browser.close()
     assert "page_vendor_missing" not in served.log.read_text()

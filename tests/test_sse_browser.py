@@ -41,7 +41,7 @@ def test_event_source_on_a_finished_task_opens_once(tmp_path):
                 page.goto(f"{server.url}/healthz")  # the server's origin, for same-origin SSE
                 page.evaluate(WATCH, task["id"])
                 # EventSource.CLOSED (2) only after the reconnect (~3 s on) was answered 204.
-                page.wait_for_function("source.readyState === 2", timeout=20_000)
+                page.wait_for_function("() => source.readyState === 2", timeout=20_000)
                 seen = page.evaluate("seen")
             finally:
                 browser.close()
