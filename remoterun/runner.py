@@ -420,6 +420,10 @@ class Run:
         self._close_fds()
 
     def _close_fds(self) -> None:
+        # Closed, a run hands nothing on: dropping the callback (as asyncio's transports drop
+        # their protocol) breaks the cycle run -> owner -> run, so a finished attempt and its
+        # hub's window go by reference counting, not at the rare full collection (cli._tune_gc).
+        self.on_output = _discard
         if self._counted:
             self._counted = False
             self.children.open_runs -= 1
@@ -431,6 +435,10 @@ class Run:
                 asyncio.get_running_loop().remove_reader(reader.fd)
                 os.close(reader.fd)
         self.readers = []
+
+
+def _discard(stream: str, data: bytes) -> None:
+    pass
 
 
 def _spawn_message(path: str, exc: Exception) -> str:

@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ctypes
+import functools
 import json
 import os
 import random
@@ -449,7 +450,9 @@ class Scheduler:
             row, archive, self._hub(state), limits, self.children,
             on_bytes=lambda stream, n: self.metrics.child(output_bytes, stream).inc(n),
             on_paused=self.metrics.output_paused.inc, collect=self.compressor.collect)
-        state.attempt.reserve = lambda: self._reserve(state)
+        # By id: an attempt holding its state would be a cycle (state -> attempt -> state)
+        # that only a full collection frees, and the hub's window of output with it.
+        state.attempt.reserve = functools.partial(self._reserve, row["id"])
         state.where = Where.STARTING
         state.flush_due = time.monotonic() + settings.flush_interval_s * random.random()
         self._busy += 1
@@ -468,9 +471,10 @@ class Scheduler:
             return float(script.timeout_s)
         return self.settings.default_timeout_s
 
-    def _reserve(self, state: TaskState) -> None:
+    def _reserve(self, task_id: str) -> None:
         """Commit the next block of seqs for a running task (once at a time)."""
-        if state.reserving or state.attempt is None:
+        state = self.tasks.get(task_id)
+        if state is None or state.reserving or state.attempt is None:
             return
         state.reserving = True
         attempt = state.attempt

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import gc
 import json
 
 import aiohttp
 from conftest import output_of, submit, wait_final, wait_for, ws_collect
+
+from remoterun.api import SOCKETS
 
 
 def _seqs(frames):
@@ -211,3 +214,18 @@ async def test_task_frame_comes_at_once_for_a_silent_task(client):
     await ws.close()
     await client.post(f"/tasks/{task['id']}/cancel")
     await wait_final(client, task["id"])
+
+
+async def test_a_closed_socket_is_not_kept_by_its_heartbeat(client):
+    """A socket closed at its task's end is gone at once: no heartbeat re-armed by the client's
+    answer to the close frame holds it (and its connection) for heartbeat_s."""
+    task = await submit(client, "hello.sh")
+    frames = await ws_collect(await client.ws_connect(f"/tasks/{task['id']}/ws"))
+    assert frames[-1]["type"] == "exit"
+    sockets = client.app[SOCKETS]
+
+    def gone() -> bool:
+        gc.collect()
+        return not sockets
+
+    await wait_for(gone, timeout=2, what="the closed socket to be freed")
