@@ -88,10 +88,6 @@ class PendingQueue:
         if self.running[script] <= 0:
             del self.running[script]
 
-    def forget_limits(self) -> None:
-        """Look the per-script limits up again at the next push (the catalogue changed)."""
-        self._limits.clear()
-
     def positions(self, task_ids: Collection[str]) -> dict[str, int]:
         """The 1-based place in dispatch order (aged priority, then submission) of each of
         `task_ids` that waits here: one pass over the heap for one task, one sort for several."""
