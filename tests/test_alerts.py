@@ -130,6 +130,9 @@ async def test_every_channel_receives_a_failure(make_client, receiver, mailbox):
     done = await wait_final(client, failed["id"])
     await wait_for(lambda: receiver.hooks.get("a") and receiver.dingtalk and mailbox.messages,
                    what="every channel to receive the failure")
+    # A receiver has the message a moment before the sender has its answer and counts it sent.
+    await wait_for(lambda: all(sample(client, c, "sent") for c in ("webhook", "dingtalk", "email")),
+                   what="every delivery counted")
 
     [body] = receiver.hooks["a"]
     assert body["event"] == "failed" and body["task"] == done
