@@ -66,6 +66,11 @@ def docker_ok() -> bool:
     return subprocess.run([*DOCKER, "info"], capture_output=True, timeout=60).returncode == 0
 
 
+# The daemons started here, held so that their Popen objects are not collected while they run
+# (Popen.__del__ warns about a running child, and pytest turns that into an error).
+_STARTED: list[subprocess.Popen] = []
+
+
 def ensure_dockerd(timeout_s: float = 90.0) -> list[str]:
     """The docker command, with a daemon running: the one already there (another fixture's,
     the machine's) or one started here and left running for whoever needs it next."""
@@ -75,8 +80,8 @@ def ensure_dockerd(timeout_s: float = 90.0) -> list[str]:
         if docker_ok():
             return DOCKER
         with (CACHE / "dockerd.log").open("ab") as log:
-            subprocess.Popen(["dockerd"], stdout=log, stderr=log, stdin=subprocess.DEVNULL,
-                             start_new_session=True)
+            _STARTED.append(subprocess.Popen(["dockerd"], stdout=log, stderr=log,
+                                             stdin=subprocess.DEVNULL, start_new_session=True))
         deadline = time.monotonic() + timeout_s
         while not docker_ok():
             if time.monotonic() > deadline:
