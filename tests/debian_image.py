@@ -50,11 +50,14 @@ def rootfs() -> Path:
 
 def imported(docker: list[str]) -> str:
     """The rootfs as a local image (imported once); its name."""
-    if subprocess.run([*docker, "image", "inspect", IMAGE], capture_output=True).returncode:
-        tar = subprocess.Popen(["tar", "-C", str(rootfs()), "-c", "."], stdout=subprocess.PIPE)
-        subprocess.run([*docker, "import", "-", IMAGE], stdin=tar.stdout, check=True,
-                       capture_output=True, timeout=600)
-        tar.wait(timeout=600)
+    root = rootfs()
+    with (CACHE / "import.lock").open("w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if subprocess.run([*docker, "image", "inspect", IMAGE], capture_output=True).returncode:
+            with subprocess.Popen(["tar", "-C", str(root), "-c", "."],
+                                  stdout=subprocess.PIPE) as tar:
+                subprocess.run([*docker, "import", "-", IMAGE], stdin=tar.stdout, check=True,
+                               capture_output=True, timeout=600)
     return IMAGE
 
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import gc
 import json
+import socket
+import struct
 
 import aiohttp
 from conftest import output_of, submit, wait_final, wait_for, ws_collect
@@ -229,3 +231,25 @@ async def test_a_closed_socket_is_not_kept_by_its_heartbeat(client):
         return not sockets
 
     await wait_for(gone, timeout=2, what="the closed socket to be freed")
+
+
+async def test_a_vanished_client_is_freed_by_reference_counting(client):
+    """Clients that drop the connection mid-replay (no close frame, a reset) leave no socket
+    behind for the cycle collector: their protocol's data callback is let go, so the socket,
+    its request and its buffers go when the handler ends (2,000 of them kept ~60 MB)."""
+    task = await submit(client, "flood.py", params={"bytes": 2_000_000})
+    await wait_final(client, task["id"])
+    sockets = client.app[SOCKETS]
+    gc.collect()
+    gc.disable()
+    try:
+        for _ in range(5):
+            ws = await client.ws_connect(f"/tasks/{task['id']}/ws")
+            await ws.receive(timeout=5)
+            raw = ws._response.connection.transport.get_extra_info("socket")
+            raw.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            ws._response.connection.transport.abort()  # a reset, no close frame
+        await wait_for(lambda: not sockets, timeout=15,
+                       what="the vanished clients' sockets to be freed")
+    finally:
+        gc.enable()
