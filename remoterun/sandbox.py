@@ -193,12 +193,13 @@ class Sandbox:
         """A script's policy from its metadata's `sandbox`, `limits` and `env` tables."""
         config: SandboxConfig = self.settings.sandbox
         mode = sandbox.get("mode", config.mode)
-        own = ResourceLimits(**{k: v or None for k, v in limits.items()})
+        merged = ResourceLimits(**limits).over(self.settings.limits)  # its 0 lifts the config's
+        merged = ResourceLimits(**{k: v or None for k, v in vars(merged).items()})
         return Policy(mode=self.auto if mode == "auto" else mode,
                       network=sandbox.get("network", config.network),
                       image=sandbox.get("image", config.image),
                       run_as=sandbox.get("run_as", config.run_as),
-                      limits=own.over(self.settings.limits), env=env)
+                      limits=merged, env=env)
 
     # One attempt -----------------------------------------------------------------------------
 
