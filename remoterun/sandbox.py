@@ -145,6 +145,7 @@ class Sandbox:
         self.cgroups = Cgroups({})
         self.auto = "none"
         self.work_root = settings.work_dir or Path(tempfile.gettempdir()) / "remoterun-work"
+        self.scripts = settings.scripts_dir  # resolved at start
         self._head: list[str] = []  # bwrap's filesystem before the work folder, and after
         self._tail: list[str] = []
         self._null = -1
@@ -174,6 +175,7 @@ class Sandbox:
         self._null = os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC)
         self.work_root.mkdir(mode=0o700, parents=True, exist_ok=True)
         self.cgroups = Cgroups.find()
+        self.scripts = self.settings.scripts_dir.resolve()
         path = shutil.which("bwrap")
         if path is not None and _works([path, *PROBE_ARGS, "true"]):
             self.bwrap = path
@@ -280,7 +282,7 @@ class Sandbox:
     def _docker(self, launch: Launch, cwd: Path, pty: bool, name: str) -> None:
         assert self.docker is not None
         policy, wd = launch.policy, str(launch.workdir)
-        scripts = str(self.settings.scripts_dir.resolve())
+        scripts = str(self.scripts)
         launch.env["HOME"] = wd
         launch.container = f"rr-{name}"
         argv = [self.docker, "run", "--rm", "-i", *(["-t"] if pty else []), "--init",
@@ -359,8 +361,7 @@ class Sandbox:
         """The mounts before the work folder's bind (system read-only, private /tmp and /run,
         the server's folders hidden, the scripts read-only) and after it (hidden again where
         the scripts or work folders hold them, hidden folders made read-only)."""
-        s = self.settings
-        scripts = s.scripts_dir.resolve()
+        scripts = self.scripts
         head = ["--ro-bind", "/", "/", "--dev", "/dev", "--proc", "/proc", "--tmpfs", "/tmp",
                 "--tmpfs", "/run"]
         resolv = Path("/etc/resolv.conf").resolve()
