@@ -1,8 +1,8 @@
 #!/usr/bin/env python3
 """Reports as JSON what a task sees and may do: its environment, its parent's, the paths in
 RR_PARAM_SEE (colon-separated: a folder's entries, "file", or false), whether it can create a
-file in each folder of RR_PARAM_WRITE ($VARIABLES expanded; true, or the error), and whether it reaches
-RR_PARAM_CONNECT (host:port)."""
+file in each folder of RR_PARAM_WRITE ($VARIABLES expanded; true, or the error), and whether
+it reaches RR_PARAM_CONNECT (host:port)."""
 import json
 import os
 import socket
