@@ -51,7 +51,7 @@ async def sandbox(ctx: Context) -> list[Row]:
     cpu = {m: CpuMeter(s) for m, s in servers.items()}
     try:
         async with client.session() as http:
-            for mode, server in servers.items():
+            for server in servers.values():
                 await remoterun_trivial(http, server.url, 8)  # warm-up
 
             def trivial(mode: str) -> Callable[[], Awaitable[float]]:
