@@ -173,7 +173,9 @@ class Sandbox:
 
     def _probe(self) -> None:
         self._null = os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC)
-        self.work_root.mkdir(mode=0o700, parents=True, exist_ok=True)
+        # Traversable but not listable: a run_as user reaches its own folder (0700, its own)
+        # by a name it is given, and lists nobody else's.
+        self.work_root.mkdir(mode=0o711, parents=True, exist_ok=True)
         self.cgroups = Cgroups.find()
         self.scripts = self.settings.scripts_dir.resolve()
         path = shutil.which("bwrap")

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import pwd
 import random
 import shutil
 import socket
@@ -116,6 +117,21 @@ async def test_writes_only_to_its_work_folder(layout):
     assert report["write"] == {"$RR_WORKDIR": True, "/tmp": True}
     assert not await asyncio.to_thread(Path(report["env"]["RR_WORKDIR"]).exists)  # removed
     assert not await asyncio.to_thread(lambda: list((root / "scripts").glob("rr-probe-file")))
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="run_as is for a server running as root")
+async def test_run_as_runs_the_task_as_that_user(aiohttp_client, outside_tmp):
+    """run_as = "nobody": the task runs as nobody (bwrap unprivileged, in a user namespace),
+    its work folder its own, the server's folders still hidden."""
+    shutil.copytree(TEST_SCRIPTS, outside_tmp / "scripts", symlinks=True)
+    outside_tmp.chmod(0o755)  # the scripts must be readable by that user
+    settings = make_settings(outside_tmp, sandbox=SandboxConfig(mode="bwrap", run_as="nobody"),
+                             work_dir=outside_tmp / "work")
+    client = await aiohttp_client(create_app(settings))
+    report = await probe(client, write="$RR_WORKDIR", see=str(outside_tmp / "rr.db"))
+    assert report["uid"] == pwd.getpwnam("nobody").pw_uid
+    assert report["write"] == {"$RR_WORKDIR": True}
+    assert report["see"] == {str(outside_tmp / "rr.db"): False}
 
 
 async def test_network_false_reaches_nothing(make_client):

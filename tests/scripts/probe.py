@@ -52,5 +52,6 @@ report = {
     "connect": connect(os.environ["RR_PARAM_CONNECT"]) if "RR_PARAM_CONNECT" in os.environ
     else None,
     "pid": os.getpid(),
+    "uid": os.getuid(),
 }
 print(json.dumps(report))
