@@ -99,7 +99,9 @@ class Cgroups:
                     own[name] = path
         bases = {}
         for name, mount in mounts.items():
-            base = mount / own.get(name, "/").lstrip("/") / f"remoterun-{os.getpid()}"
+            parent = mount / own.get(name, "/").lstrip("/")
+            _sweep(parent)
+            base = parent / f"remoterun-{os.getpid()}"
             try:
                 base.mkdir(exist_ok=True)
             except OSError:
@@ -115,6 +117,7 @@ class Cgroups:
             for controller, value in wanted.items():
                 if value and controller in self.bases:
                     path = self.bases[controller] / name
+                    path.parent.mkdir(exist_ok=True)  # another app of this process removed it
                     path.mkdir()
                     paths[controller] = path
                     if controller == "pids":
@@ -133,6 +136,19 @@ class Cgroups:
         for base in self.bases.values():
             with contextlib.suppress(OSError):
                 base.rmdir()
+
+
+def _sweep(parent: Path) -> None:
+    """Remove the folders a dead server left (remoterun-<its pid>), with its tasks' inside."""
+    with contextlib.suppress(OSError):
+        for old in parent.glob("remoterun-*"):
+            pid = old.name.removeprefix("remoterun-")
+            if not pid.isdigit() or Path(f"/proc/{pid}").exists():
+                continue
+            for task in [p for p in old.iterdir() if p.is_dir()]:
+                TaskCgroup({"": task}).close()
+            with contextlib.suppress(OSError):
+                old.rmdir()
 
 
 class TaskCgroup:

@@ -27,7 +27,6 @@ import json
 import os
 import pwd
 import shutil
-import signal
 import subprocess
 import tempfile
 import time
@@ -38,6 +37,7 @@ from typing import Any
 
 import structlog
 
+from remoterun import docker
 from remoterun.config import ResourceLimits, SandboxConfig, Settings
 from remoterun.limits import (
     Cgroups,
@@ -48,14 +48,11 @@ from remoterun.limits import (
     prlimit_argv,
     rlimits,
 )
-from remoterun.spawn import Children, spawn
+from remoterun.spawn import Children
 
 log = structlog.get_logger(__name__)
 ALLOWED_ENV = ("PATH", "HOME", "LANG", "TZ")  # and every LC_*
-DOCKER_CLIENT_ENV = ("DOCKER_HOST", "DOCKER_CONTEXT", "DOCKER_CONFIG", "DOCKER_CERT_PATH",
-                     "DOCKER_TLS_VERIFY")
 INFO_TIMEOUT_S = 30.0  # bwrap reports its child within milliseconds; a hung one is not waited on
-DOCKER_RM_TIMEOUT_S = 30.0
 FORK_WAIT_S = 2.0  # bwrap's first process forks the script within a millisecond or two
 # Folders hidden file by file, never as a whole: hiding them would hide the system.
 SYSTEM_DIRS = frozenset({"/", "/usr", "/usr/local", "/etc", "/var", "/var/lib", "/opt", "/srv",
@@ -284,23 +281,13 @@ class Sandbox:
     def _docker(self, launch: Launch, cwd: Path, pty: bool, name: str) -> None:
         assert self.docker is not None
         policy, wd = launch.policy, str(launch.workdir)
-        scripts = str(self.scripts)
         launch.env["HOME"] = wd
         launch.container = f"rr-{name}"
-        argv = [self.docker, "run", "--rm", "-i", *(["-t"] if pty else []), "--init",
-                "--name", launch.container, "-v", f"{scripts}:{scripts}:ro",
-                "-v", f"{wd}:{wd}", "-w", str(cwd)]
-        if not policy.network:
-            argv += ["--network", "none"]
-        if policy.run_as:
-            argv += ["--user", policy.run_as]
-        argv += _docker_limits(policy.limits)
-        # Values stay in the client's environment (never in argv, where `ps` shows them).
-        for key in launch.env:
-            if key != "PATH":
-                argv += ["-e", key]
-        launch.env.update({k: v for k, v in os.environ.items() if k in DOCKER_CLIENT_ENV})
-        launch.argv = [*argv, policy.image, *launch.argv]
+        launch.argv = docker.run_argv(
+            self.docker, launch.container, policy.image, launch.argv, env=launch.env,
+            scripts=str(self.scripts), workdir=wd, cwd=str(cwd), pty=pty,
+            network=policy.network, user=policy.run_as, limits=policy.limits)
+        launch.env.update(docker.client_env(os.environ))
         launch.signal_exit_codes = True
 
     async def finish(self, launch: Launch, exit_code: int | None, stopped: str | None
@@ -311,51 +298,13 @@ class Sandbox:
             os.close(fd)
         launch._fds.clear()
         if launch.container is not None and (exit_code is None or stopped or exit_code < 0):
-            await self._docker_rm(launch.container)  # a killed client leaves it running
+            assert self.docker is not None  # a killed client leaves its container running
+            await docker.remove(self.docker, launch.container, self.children, self._null)
         counters = await asyncio.to_thread(_clean, launch)
         if stopped is not None:
             return None  # a timeout or a stop is what the task's error says
         return limit_error(launch.policy.limits, exit_code, counters,
                            in_container=launch.container is not None)
-
-    async def _docker_rm(self, container: str) -> None:
-        """`docker rm -f`: reaped like a task's process (the registry, a pidfd), never waited
-        for on the loop."""
-        assert self.docker is not None
-        loop = asyncio.get_running_loop()
-        children = self.children
-        children.spawning += 1
-        try:
-            pid = spawn([self.docker, "rm", "-f", container], [], "/", self._null,
-                        self._null, self._null)
-            children.spawned.add(pid)
-        except OSError as exc:
-            log.warning("docker_rm_failed", container=container, error=str(exc))
-            return
-        finally:
-            children.spawning -= 1
-        pidfd = os.pidfd_open(pid)
-        done: asyncio.Future[None] = loop.create_future()
-
-        def exited() -> None:  # a callback, as Run reaps: never a wait inside a coroutine
-            with contextlib.suppress(ChildProcessError):
-                if not os.waitpid(pid, os.WNOHANG)[0]:
-                    return
-            if not done.done():
-                done.set_result(None)
-
-        loop.add_reader(pidfd, exited)
-        try:
-            async with asyncio.timeout(DOCKER_RM_TIMEOUT_S):
-                await done
-        except TimeoutError:
-            log.warning("docker_rm_slow", container=container)
-            with contextlib.suppress(OSError):
-                os.kill(pid, signal.SIGKILL)
-        finally:
-            loop.remove_reader(pidfd)
-            os.close(pidfd)
-            children.spawned.discard(pid)  # if not reaped here, the reaper's (tend_orphans)
 
     # bwrap's view of the filesystem ----------------------------------------------------------
 
@@ -446,21 +395,6 @@ def _user(name: str) -> pwd.struct_passwd:
 def _setpriv(setpriv: str, user: pwd.struct_passwd) -> list[str]:
     """util-linux `setpriv` running what follows as this user (uid, gid and groups)."""
     return [setpriv, f"--reuid={user.pw_uid}", f"--regid={user.pw_gid}", "--init-groups", "--"]
-
-
-def _docker_limits(limits: ResourceLimits) -> list[str]:
-    out = []
-    if limits.memory_bytes:
-        out += [f"--memory={limits.memory_bytes}", f"--memory-swap={limits.memory_bytes}"]
-    if limits.processes:
-        out.append(f"--pids-limit={limits.processes}")
-    if limits.cpu_seconds:
-        out += ["--ulimit", f"cpu={limits.cpu_seconds}:{limits.cpu_seconds + 1}"]
-    if limits.file_bytes:
-        out += ["--ulimit", f"fsize={limits.file_bytes}:{limits.file_bytes}"]
-    if limits.open_files:
-        out += ["--ulimit", f"nofile={limits.open_files}:{limits.open_files}"]
-    return out
 
 
 async def _read_child_pid(fd: int) -> int | None:

@@ -26,8 +26,9 @@ ALLOWED: dict[str, set[str]] = {
     "segments": {"wire"},
     "store": set(LEAVES), "runner": set(LEAVES), "archive": set(LEAVES),
     "catalogue": set(LEAVES), "compressor": set(LEAVES), "reaper": set(LEAVES),
-    # sandbox: isolation around a run; limits: its rlimits and cgroups (a leaf beside it)
-    "sandbox": LEAVES | {"limits"}, "limits": set(LEAVES),
+    # sandbox: isolation around a run; limits (rlimits, cgroups) and docker (its `docker run`)
+    # are leaves beside it
+    "sandbox": LEAVES | {"limits", "docker"}, "limits": set(LEAVES), "docker": set(LEAVES),
     "hub": LEAVES | {"archive"},
     "pending": set(LEAVES),
     "feed": set(LEAVES),
