@@ -313,8 +313,12 @@ class Sandbox:
         the server's folders hidden, the scripts read-only) and after it (hidden again where
         the scripts or work folders hold them, hidden folders made read-only)."""
         scripts = self.scripts
-        head = ["--ro-bind", "/", "/", "--dev", "/dev", "--proc", "/proc", "--tmpfs", "/tmp",
-                "--tmpfs", "/run"]
+        # bwrap leaves the new /proc's sys and sysrq-trigger writable, which a root task (no
+        # capabilities, but uid 0 owns them) could use to set the host's sysctls: cover them.
+        head = ["--ro-bind", "/", "/", "--dev", "/dev", "--proc", "/proc",
+                "--ro-bind", "/proc/sys", "/proc/sys",
+                "--ro-bind-try", "/proc/sysrq-trigger", "/proc/sysrq-trigger",
+                "--tmpfs", "/tmp", "--tmpfs", "/run"]
         resolv = Path("/etc/resolv.conf").resolve()
         if resolv.is_relative_to("/run") and resolv.is_file():  # systemd-resolved's stub
             head += ["--ro-bind", str(resolv), str(resolv)]

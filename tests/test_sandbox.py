@@ -113,6 +113,10 @@ async def test_writes_only_to_its_work_folder(layout):
     report = await probe(client, write=":".join(map(str, folders)))
     for folder in folders:
         assert report["write"][str(folder)] == "Read-only file system", folder
+    # /proc/sys too, which bwrap leaves writable to uid 0 (msgmax: only its IPC namespace's,
+    # should this fail)
+    sysctl = await probe(client, rewrite="/proc/sys/kernel/msgmax")
+    assert sysctl["rewrite"] == {"/proc/sys/kernel/msgmax": "Read-only file system"}
     report = await probe(client, write="$RR_WORKDIR:/tmp")
     assert report["write"] == {"$RR_WORKDIR": True, "/tmp": True}
     assert not await asyncio.to_thread(Path(report["env"]["RR_WORKDIR"]).exists)  # removed

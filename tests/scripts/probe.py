@@ -1,8 +1,9 @@
 #!/usr/bin/env python3
 """Reports as JSON what a task sees and may do: its environment, its parent's, the paths in
 RR_PARAM_SEE (colon-separated: a folder's entries, "file", or false), whether it can create a
-file in each folder of RR_PARAM_WRITE ($VARIABLES expanded; true, or the error), and whether
-it reaches RR_PARAM_CONNECT (host:port)."""
+file in each folder of RR_PARAM_WRITE ($VARIABLES expanded; true, or the error), whether it
+can write each file of RR_PARAM_REWRITE (its own content back), and whether it reaches
+RR_PARAM_CONNECT (host:port)."""
 import json
 import os
 import socket
@@ -18,6 +19,17 @@ def write(folder):
     try:
         with open(os.path.join(os.path.expandvars(folder), "rr-probe-file"), "w") as fh:
             fh.write("x")
+        return True
+    except OSError as exc:
+        return exc.strerror
+
+
+def rewrite(path):
+    try:
+        with open(path, "r+") as fh:
+            value = fh.read()
+            fh.seek(0)
+            fh.write(value)  # what it holds already: harmless wherever it succeeds
         return True
     except OSError as exc:
         return exc.strerror
@@ -49,6 +61,7 @@ report = {
     "parent_env": parent_env(),
     "see": {p: see(p) for p in paths("RR_PARAM_SEE")},
     "write": {p: write(p) for p in paths("RR_PARAM_WRITE")},
+    "rewrite": {p: rewrite(p) for p in paths("RR_PARAM_REWRITE")},
     "connect": connect(os.environ["RR_PARAM_CONNECT"]) if "RR_PARAM_CONNECT" in os.environ
     else None,
     "pid": os.getpid(),
