@@ -42,6 +42,7 @@ GROUPS: dict[str, tuple[str, str]] = {
     "archive": ("b_archive", "archive"),
     "replay": ("b_replay", "replay"),
     "soak": ("b_soak", "soak"),
+    "sandbox": ("b_sandbox", "sandbox"),
 }
 
 

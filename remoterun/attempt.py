@@ -11,6 +11,7 @@ scheduler records.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import time
 from collections.abc import Callable, Sequence
@@ -22,7 +23,8 @@ from remoterun.archive import TaskArchive
 from remoterun.catalogue import Script, param_value
 from remoterun.errors import BadRequest
 from remoterun.hub import TaskHub
-from remoterun.runner import Run, RunResult, RunSpec
+from remoterun.runner import Run, RunResult, RunSpec, SpawnError, spawn_message
+from remoterun.sandbox import Launch, Policy, Sandbox, SandboxError
 from remoterun.spawn import Children
 from remoterun.state import TaskStatus
 from remoterun.wire import Frame
@@ -63,8 +65,10 @@ class Limits:
 
 
 def decide(row: dict[str, Any], result: RunResult | None, error: str | None,
-           stop_reason: str | None, timeout_s: float | None) -> Outcome:
-    """The outcome of an attempt from how its process ended and why it was stopped."""
+           stop_reason: str | None, timeout_s: float | None,
+           limit: str | None = None) -> Outcome:
+    """The outcome of an attempt from how its process ended and why it was stopped (`limit`:
+    the resource limit it is known to have hit, named)."""
     status, exit_code = S.FAILED, None
     if result is not None:
         exit_code = result.exit_code
@@ -79,6 +83,8 @@ def decide(row: dict[str, Any], result: RunResult | None, error: str | None,
         elif stop_reason == "output_cap":
             error = (f"stopped when its output reached the cap of {row['output_bytes']} bytes "
                      f"(max_output_bytes); the output up to the cap is kept")
+        elif limit is not None:
+            error = limit
         elif exit_code == 0:
             status = S.SUCCESS
     elif stop_reason == "cancel":
@@ -128,6 +134,9 @@ class Attempt:
     stdin_queued: int = 0  # bytes clients wrote before the process started
     _paused_for: set[str] = field(default_factory=set)  # why reading is paused
     _timer: asyncio.TimerHandle | None = None
+    sandbox: Sandbox | None = None  # isolation and limits (None: the spec as it is)
+    launch: Launch | None = None
+    limit_error: str | None = None  # the limit the run hit, named (sandbox.finish)
 
     def request_stop(self, reason: str) -> None:
         """Stop the process (its group: SIGTERM, then SIGKILL after the grace)."""
@@ -159,8 +168,40 @@ class Attempt:
 
     # The run ---------------------------------------------------------------------------------
 
-    async def start(self, spec: RunSpec) -> Run:
-        """Spawn the process and hand it the controls that came early; SpawnError if not."""
+    async def start(self, spec: RunSpec, policy: Policy | None = None) -> Run:
+        """Spawn the process (in its sandbox, by `policy`) and hand it the controls that came
+        early; SpawnError if not."""
+        if self.sandbox is not None and policy is not None:
+            spec = await self._sandboxed(spec, policy)
+        try:
+            return await self._start(spec)
+        except BaseException:
+            await asyncio.shield(self._finish_launch(None))
+            raise
+
+    async def _sandboxed(self, spec: RunSpec, policy: Policy) -> RunSpec:
+        assert self.sandbox is not None
+        try:
+            self.launch = launch = await self.sandbox.prepare(
+                policy, spec.argv, spec.env, spec.cwd, spec.pty,
+                f"{self.row['id']}-{self.row['attempt']}")
+        except SandboxError as exc:
+            raise SpawnError(f"cannot start its sandbox ({policy.mode}): {exc}") from exc
+        except OSError as exc:  # the script checked before bwrap's exec (see sandbox.prepare)
+            raise SpawnError(spawn_message(str(spec.argv[0]), exc)) from exc
+        return dataclasses.replace(
+            spec, argv=launch.argv, env=launch.env, inherited=(), pass_fds=launch.pass_fds,
+            started=launch.started if launch.pass_fds else None, take_ctty=launch.take_ctty,
+            signal_exit_codes=launch.signal_exit_codes)
+
+    async def _finish_launch(self, result: RunResult | None) -> None:
+        launch, self.launch = self.launch, None
+        if launch is not None and self.sandbox is not None:
+            self.limit_error = await self.sandbox.finish(
+                launch, None if result is None else result.exit_code,
+                None if result is None else result.stopped)
+
+    async def _start(self, spec: RunSpec) -> Run:
         self.run = Run(spec, self._on_output, read_chunk=self.limits.read_chunk,
                        kill_grace_s=self.limits.kill_grace_s,
                        drain_grace_s=self.limits.drain_grace_s,
@@ -178,12 +219,15 @@ class Attempt:
     async def wait(self) -> RunResult:
         """Until the process has exited and its pipes are drained."""
         assert self.run is not None
+        result: RunResult | None = None
         try:
-            return await self.run.wait(self.limits.timeout_s, self.stop)
+            result = await self.run.wait(self.limits.timeout_s, self.stop)
+            return result
         finally:
             if self._timer is not None:
                 self._timer.cancel()
                 self._timer = None
+            await asyncio.shield(self._finish_launch(result))
 
     def _on_output(self, stream: str, data: bytes) -> None:
         row = self.row

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
 
+from remoterun.config import ConfigError, parse_env, parse_limits, parse_sandbox
 from remoterun.errors import BadRequest, InvalidParams, NotFound
 
 KEY_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")  # \Z: "$" would let "k\n" through
@@ -25,6 +26,7 @@ _PARAM_KEYS = {"type", "required", "default", "enum", "pattern", "secret", "desc
                "min", "max"}
 _META_KEYS = {"description", "timeout_s", "max_concurrency", "roles", "cwd", "params",
               "max_retries", "retry_base_s", "max_output_bytes"}
+_ISOLATION_KEYS = {"sandbox": parse_sandbox, "limits": parse_limits, "env": parse_env}
 
 Scalar = str | int | float | bool
 
@@ -70,6 +72,10 @@ class Script:
     roles: tuple[str, ...] | None = None
     cwd: Path | None = None
     extra: Mapping[str, Any] = field(default_factory=dict)
+    # Isolation (issue 13), as the metadata gives them; sandbox.Sandbox.policy merges them.
+    sandbox: Mapping[str, Any] = field(default_factory=dict)
+    limits: Mapping[str, int] = field(default_factory=dict)
+    env: Mapping[str, str] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
         """The entry of GET /scripts."""
@@ -211,7 +217,7 @@ def _parse_param(where: str, name: str, raw: Any) -> Param:
 
 def parse_metadata(where: str, raw: Mapping[str, Any]) -> dict[str, Any]:
     """Validate a metadata table; return the keyword arguments of Script it describes."""
-    unknown = set(raw) - _META_KEYS
+    unknown = set(raw) - _META_KEYS - set(_ISOLATION_KEYS)
     if unknown:
         raise MetadataError(f"{where}.{sorted(unknown)[0]}: unknown key")
     out: dict[str, Any] = {"description": str(raw.get("description", ""))}
@@ -232,6 +238,12 @@ def parse_metadata(where: str, raw: Mapping[str, Any]) -> dict[str, Any]:
         out["roles"] = tuple(raw["roles"])
     if "cwd" in raw:
         out["cwd"] = Path(raw["cwd"])
+    for key, parser in _ISOLATION_KEYS.items():  # sandbox.py merges them with the config's
+        if key in raw:
+            try:
+                out[key] = parser(f"{where}.{key}", raw[key])
+            except ConfigError as exc:
+                raise MetadataError(str(exc)) from None
     out["extra"] = {k: raw[k] for k in ("max_retries", "retry_base_s") if k in raw}
     if "max_output_bytes" in out:
         out["extra"]["max_output_bytes"] = out.pop("max_output_bytes")

@@ -30,6 +30,82 @@ class Token:
     expires_at: float | None = None  # epoch seconds; None: never
 
 
+# Isolation and limits (issue 13: sandbox.py) ---------------------------------------------------
+
+SANDBOX_MODES = ("auto", "bwrap", "docker", "none")
+LIMIT_KEYS = ("memory_bytes", "processes", "cpu_seconds", "file_bytes", "open_files")
+ENV_NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
+
+
+@dataclass(frozen=True)
+class ResourceLimits:
+    """What one attempt's processes may use; None: not limited."""
+
+    memory_bytes: int | None = None
+    processes: int | None = None
+    cpu_seconds: int | None = None  # per process (RLIMIT_CPU)
+    file_bytes: int | None = None  # largest file a process may write (RLIMIT_FSIZE)
+    open_files: int | None = None  # descriptors per process (RLIMIT_NOFILE)
+
+    def over(self, base: ResourceLimits) -> ResourceLimits:
+        """These limits where set, `base`'s elsewhere."""
+        return ResourceLimits(**{k: getattr(self, k) if getattr(self, k) is not None
+                                 else getattr(base, k) for k in LIMIT_KEYS})
+
+
+@dataclass(frozen=True)
+class SandboxConfig:
+    """`[sandbox]` (or a script's `sandbox` table): how a task's process is isolated."""
+
+    mode: str = "auto"  # auto: bwrap when it works here, else none (said at start)
+    network: bool = True
+    image: str = ""  # docker: the image each attempt runs in
+    run_as: str = ""  # a user name the task runs as, when the server runs as root
+
+
+def parse_limits(where: str, raw: Any) -> dict[str, int]:
+    """A `limits` table's keys, checked: positive integers, or 0 (not limited)."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where}: expected a table of {list(LIMIT_KEYS)}")
+    out = {}
+    for key, value in raw.items():
+        if key not in LIMIT_KEYS:
+            raise ConfigError(f"{where}.{key}: unknown key (one of {list(LIMIT_KEYS)})")
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise ConfigError(f"{where}.{key}: expected a whole number >= 0, got {value!r}")
+        out[key] = value
+    return out
+
+
+def parse_sandbox(where: str, raw: Any) -> dict[str, Any]:
+    """A `sandbox` table's keys, checked."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where}: expected a table (mode, network, image, run_as)")
+    for key, value in raw.items():
+        if key == "mode" and value not in SANDBOX_MODES:
+            raise ConfigError(f"{where}.mode: one of {list(SANDBOX_MODES)}, got {value!r}")
+        if key == "network" and not isinstance(value, bool):
+            raise ConfigError(f"{where}.network: expected true or false, got {value!r}")
+        if key in ("image", "run_as") and not isinstance(value, str):
+            raise ConfigError(f"{where}.{key}: expected a string, got {value!r}")
+        if key not in ("mode", "network", "image", "run_as"):
+            raise ConfigError(f"{where}.{key}: unknown key")
+    return dict(raw)
+
+
+def parse_env(where: str, raw: Any) -> dict[str, str]:
+    """An `env` table: variable names to string values, added to a task's environment."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where}: expected a table of NAME = \"value\"")
+    for key, value in raw.items():
+        if not ENV_NAME_RE.match(key) or key.startswith("RR_"):
+            raise ConfigError(f"{where}.{key}: a variable name matching "
+                              f"{ENV_NAME_RE.pattern}, not RR_* (those are the server's)")
+        if not isinstance(value, str) or "\x00" in value:
+            raise ConfigError(f"{where}.{key}: expected a string without NUL, got {value!r}")
+    return dict(raw)
+
+
 @dataclass(frozen=True)
 class Settings:
     """Everything the server reads from config.toml and the command line."""
@@ -88,6 +164,12 @@ class Settings:
     min_free_bytes: int = 100 * 1024 * 1024  # /readyz fails with less free in the archive
     public_url: str = ""  # the server's address as users reach it, for links in alerts
     alerts: tuple[Alert, ...] = ()
+    # Isolation and limits (issue 13).
+    sandbox: SandboxConfig = SandboxConfig()
+    limits: ResourceLimits = ResourceLimits()
+    env: Mapping[str, str] = field(default_factory=dict)  # [engine] env, added for every task
+    work_dir: Path | None = None  # per-attempt work folders go under it; None: the temp folder
+    config_path: Path | None = None  # the file these came from (hidden from sandboxed tasks)
 
     @property
     def auth_enabled(self) -> bool:
@@ -204,6 +286,7 @@ _KEYS: dict[tuple[str, str], str] = {
     ("paths", "scripts"): "scripts_dir",
     ("paths", "archive"): "archive_dir",
     ("paths", "db"): "db_path",
+    ("paths", "work"): "work_dir",
     ("engine", "workers"): "workers",
     ("engine", "default_timeout_s"): "default_timeout_s",
     ("engine", "kill_grace_s"): "kill_grace_s",
@@ -368,6 +451,12 @@ def parse(data: Mapping[str, Any], base: Path) -> Settings:
                 raise ConfigError(f"alerts: expected an array of tables ([[alerts]]), got {body!r}")
             values["alerts"] = tuple(_alert(i, item) for i, item in enumerate(body))
             continue
+        if section in ("sandbox", "limits"):
+            values[section] = _isolation(section, body)
+            continue
+        if section == "engine" and isinstance(body, dict) and "env" in body:
+            body = dict(body)
+            values["env"] = parse_env("engine.env", body.pop("env"))
         if section == "scripts":
             if not isinstance(body, dict) or not all(isinstance(v, dict) for v in body.values()):
                 raise ConfigError("scripts: expected tables such as [scripts.\"name.sh\"]")
@@ -380,12 +469,19 @@ def parse(data: Mapping[str, Any], base: Path) -> Settings:
             if name is None:
                 raise ConfigError(f"{section}.{key}: unknown key")
             values[name] = _coerce(f"{section}.{key}", name, value)
-    for name in ("scripts_dir", "archive_dir", "db_path", "tls_cert", "tls_key"):
+    for name in ("scripts_dir", "archive_dir", "db_path", "tls_cert", "tls_key", "work_dir"):
         if name in values and not values[name].is_absolute():
             values[name] = base / values[name]
     if ("tls_cert" in values) != ("tls_key" in values):
         raise ConfigError("server.tls_cert: tls_cert and tls_key go together")
     return Settings(**values)
+
+
+def _isolation(section: str, body: Any) -> SandboxConfig | ResourceLimits:
+    """`[sandbox]` or `[limits]`; a limit of 0 is no limit."""
+    if section == "sandbox":
+        return SandboxConfig(**parse_sandbox("sandbox", body))
+    return ResourceLimits(**{k: v or None for k, v in parse_limits("limits", body).items()})
 
 
 def load(path: Path | None, overrides: Mapping[str, Any] | None = None) -> Settings:
@@ -400,6 +496,7 @@ def load(path: Path | None, overrides: Mapping[str, Any] | None = None) -> Setti
             raise ConfigError(f"cannot read {path}: {exc.strerror}") from exc
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"{path}: not valid TOML: {exc}") from exc
-        settings = parse(data, path.resolve().parent)
+        settings = dataclasses.replace(parse(data, path.resolve().parent),
+                                       config_path=path.resolve())
     changes = {k: v for k, v in (overrides or {}).items() if v is not None}
     return dataclasses.replace(settings, **changes)

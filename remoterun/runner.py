@@ -21,13 +21,15 @@ import os
 import signal
 import struct
 import termios
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from remoterun.spawn import Children, encode_env, spawn
 
 OnOutput = Callable[[str, bytes], None]
+TIOCGSID = getattr(termios, "TIOCGSID", 0x5429)  # a terminal's session (Linux's number)
+MAX_SIGNAL = 64
 
 
 class SpawnError(Exception):
@@ -48,6 +50,14 @@ class RunSpec:
     cols: int = 80
     rows: int = 24
     inherited: Sequence[bytes] = ()  # encoded once (spawn.encode_env); names nothing `env` does
+    # A sandbox launcher (bwrap, docker run) as argv[0]: the descriptors it is handed, a step
+    # run once it is spawned (given its pid; returns the process group that signals go to),
+    # whether it takes the PTY as its controlling terminal (bwrap does not: the script's
+    # session inside does), and whether it reports a death by signal N as exit 128 + N.
+    pass_fds: Sequence[int] = ()
+    started: Callable[[int], Awaitable[int | None]] | None = None
+    take_ctty: bool = True
+    signal_exit_codes: bool = False
 
 
 @dataclass(frozen=True)
@@ -154,6 +164,7 @@ class Run:
         self.kill_grace_s = kill_grace_s
         self.drain_grace_s = drain_grace_s
         self._pid: int | None = None
+        self._group: int | None = None  # where signals go, if not the main process's group
         self.exited: asyncio.Future[int] | None = None  # the exit code, once reaped
         self.readers: list[_Reader] = []
         self.stdin: _Writer | None = None
@@ -199,17 +210,20 @@ class Run:
             children = self.children
             children.spawning += 1
             try:
-                if spec.pty:  # a full fork (see spawn): on a thread, the loop serving others
+                if spec.pty and spec.take_ctty:  # a full fork (see spawn): on a thread
                     self._pid = await loop.run_in_executor(None, functools.partial(
-                        spawn, spec.argv, env, str(spec.cwd), slave, slave, slave, tty=True))
+                        spawn, spec.argv, env, str(spec.cwd), slave, slave, slave, tty=True,
+                        pass_fds=spec.pass_fds))
                 else:
                     # vfork+exec right here: the loop is held until the child has exec'd
                     # (~0.1 ms), less than a hop to a worker thread and back costs it.
-                    self._pid = spawn(spec.argv, env, str(spec.cwd), in_r, out_w, err_w)
+                    fds = (slave, slave, slave) if spec.pty else (in_r, out_w, err_w)
+                    self._pid = spawn(spec.argv, env, str(spec.cwd), *fds,
+                                      pass_fds=spec.pass_fds)
                 children.spawned.add(self._pid)
             except Exception as exc:  # any type (a NUL byte is a ValueError): close what we opened
                 self._close_fds()
-                raise SpawnError(_spawn_message(spec.argv[0], exc)) from exc
+                raise SpawnError(spawn_message(spec.argv[0], exc)) from exc
             finally:
                 children.spawning -= 1
         except OSError as exc:  # out of descriptors or PTYs before the spawn
@@ -233,6 +247,12 @@ class Run:
             self.stdin.write(spec.stdin)
         if not spec.interactive and not spec.pty:
             self.stdin.close()
+        if spec.started is not None:
+            try:
+                self._group = await spec.started(self.pid)
+            except BaseException:
+                self._kill_all()
+                raise
 
     def _watch_exit(self, loop: asyncio.AbstractEventLoop) -> None:
         """Reap the child when its pidfd becomes readable (no thread, no SIGCHLD handler)."""
@@ -251,6 +271,8 @@ class Run:
             os.close(pidfd)
             self.children.spawned.discard(pid)
             code = os.waitstatus_to_exitcode(status)
+            if self.spec.signal_exit_codes and 128 < code <= 128 + MAX_SIGNAL:
+                code = 128 - code  # the launcher's "killed by signal N"
             assert self.exited is not None
             if not self.exited.done():
                 self.exited.set_result(code)
@@ -358,9 +380,26 @@ class Run:
                 set_winsize(self.master_fd, cols, rows)
 
     def signal(self, signum: int) -> None:
-        """Send a signal to the whole process group."""
+        """Send a signal to the whole process group (in a sandbox, the script's)."""
         with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(self.pid, signum)
+            os.killpg(self._target(), signum)
+
+    def _target(self) -> int:
+        if self.spec.pty and not self.spec.take_ctty and self.master_fd is not None:
+            # The script's session inside the sandbox holds the terminal: signal it, as ^C
+            # would (its id as this server sees it; until it exists, the launcher's group).
+            with contextlib.suppress(OSError):
+                sid: int = struct.unpack("i", fcntl.ioctl(self.master_fd, TIOCGSID, b"\0" * 4))[0]
+                if sid > 0:
+                    return sid
+        return self._group if self._group is not None else self.pid
+
+    def _kill_all(self) -> None:
+        """SIGKILL the signals' group and the main process's, when they differ."""
+        self.signal(signal.SIGKILL)
+        if self._target() != self.pid:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(self.pid, signal.SIGKILL)
 
     # Lifetime --------------------------------------------------------------------------------
 
@@ -392,9 +431,7 @@ class Run:
             stop.remove_done_callback(wake)
             if timer is not None:
                 timer.cancel()
-            if not waiter.done():  # we are being cancelled: leave nothing running
-                self.signal(signal.SIGKILL)
-            self.signal(signal.SIGKILL)  # whatever is left of the group goes with the main process
+            self._kill_all()  # whatever is left of the group goes with the main process
         await self._drain()
         return RunResult(code, stopped)
 
@@ -403,7 +440,7 @@ class Run:
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(asyncio.shield(waiter), self.kill_grace_s)
             return
-        self.signal(signal.SIGKILL)
+        self._kill_all()
 
     async def _drain(self) -> None:
         self.resume()  # what is left is read now, whoever else is behind
@@ -441,7 +478,8 @@ def _discard(stream: str, data: bytes) -> None:
     pass
 
 
-def _spawn_message(path: str, exc: Exception) -> str:
+def spawn_message(path: str, exc: Exception) -> str:
+    """A spawn's failure as the task's `error` says it."""
     if not isinstance(exc, OSError):
         return f"cannot start {path}: {type(exc).__name__}: {exc}"
     if exc.errno == errno.ENOEXEC:

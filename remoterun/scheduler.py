@@ -21,7 +21,6 @@ import contextlib
 import ctypes
 import functools
 import json
-import os
 import random
 import signal
 import time
@@ -54,7 +53,8 @@ from remoterun.metrics import Metrics
 from remoterun.pending import PendingQueue
 from remoterun.reaper import become_subreaper, kill_left_behind, tend_orphans
 from remoterun.runner import RunResult, SpawnError
-from remoterun.spawn import Children, encode_env
+from remoterun.sandbox import Sandbox
+from remoterun.spawn import Children
 from remoterun.state import FINAL, TaskStatus, check_transition
 from remoterun.wire import Event, exit_event, rfc3339, task_json
 
@@ -118,12 +118,8 @@ class Scheduler:
         self._loops: list[asyncio.Task[None]] = []
         self._logged: set[tuple[str, str]] = set()  # (failure kind, task) already logged
         self._next_num = 1
-        # The server's environment, less RR_* (ours to set) and TERM (a PTY task's is ours),
-        # encoded once: every task's process starts from it.
-        self._inherited_pty = encode_env({k: v for k, v in os.environ.items()
-                                          if not k.startswith("RR_") and k != "TERM"})
-        self._inherited = encode_env({k: v for k, v in os.environ.items()
-                                      if not k.startswith("RR_")})
+        # Isolation, limits and each task's environment (the allow-list, never ours).
+        self.sandbox = Sandbox(settings, children)
 
     # Life ------------------------------------------------------------------------------------
 
@@ -132,6 +128,7 @@ class Scheduler:
         top = await self.db.fetch_one("SELECT MAX(num) AS n FROM tasks")
         self._next_num = (top["n"] or 0) + 1 if top else 1
         await self._recover()
+        await self.sandbox.start()
         if not become_subreaper():
             log.warning("no_subreaper", detail="double-forked daemons may outlive their task")
         self._loops = [asyncio.create_task(self._dispatch_loop(), name="dispatcher"),
@@ -185,6 +182,7 @@ class Scheduler:
             await self._flush_tick(everything=True)
         except Exception:
             log.exception("final_flush_failed")
+        await self.sandbox.close()
 
     def _attempts(self) -> list[Attempt]:
         return [s.attempt for s in self.tasks.values() if s.attempt is not None]
@@ -449,7 +447,8 @@ class Scheduler:
         state.attempt = Attempt(
             row, archive, self._hub(state), limits, self.children,
             on_bytes=lambda stream, n: self.metrics.child(output_bytes, stream).inc(n),
-            on_paused=self.metrics.output_paused.inc, collect=self.compressor.collect)
+            on_paused=self.metrics.output_paused.inc, collect=self.compressor.collect,
+            sandbox=self.sandbox)
         # By id: an attempt holding its state would be a cycle (state -> attempt -> state)
         # that only a full collection frees, and the hub's window of output with it.
         state.attempt.reserve = functools.partial(self._reserve, row["id"])
@@ -528,8 +527,8 @@ class Scheduler:
             if attempt.stop.done():
                 raise SpawnError("cancelled before it started")
             script = self.catalogue.resolve(row["script"])
-            inherited = self._inherited_pty if row["pty"] else self._inherited
-            run = await attempt.start(build_spec(row, script, self.catalogue.root, inherited))
+            policy = self.sandbox.policy(script.sandbox, script.limits, script.env)
+            run = await attempt.start(build_spec(row, script, self.catalogue.root, ()), policy)
             row["pid"] = run.pid  # persisted by the next flush tick
             log.debug("task_started", pid=run.pid, script=row["script"])
             return await attempt.wait(), None
@@ -564,7 +563,8 @@ class Scheduler:
             error = attempt.archive_error
             self.problems["archive"] = error
             self._log_once("archive_write_failed", row["id"], error=error)
-        outcome = decide(row, result, error, attempt.stop_reason, attempt.limits.timeout_s)
+        outcome = decide(row, result, error, attempt.stop_reason, attempt.limits.timeout_s,
+                         attempt.limit_error)
         common = dict(exit_code=outcome.exit_code, error=outcome.error, pid=None,
                       output_bytes=row["output_bytes"], last_seq=row["last_seq"],
                       seq_reserved=attempt.hub.next_seq - 1)

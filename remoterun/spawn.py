@@ -42,18 +42,20 @@ def _make_controlling_tty() -> None:  # runs in the child, after setsid()
 
 
 def spawn(argv: Sequence[str], env: list[bytes], cwd: str, stdin: int, stdout: int,
-          stderr: int, *, tty: bool = False, fast: bool = FAST) -> int:
+          stderr: int, *, tty: bool = False, fast: bool = FAST,
+          pass_fds: Sequence[int] = ()) -> int:
     """Start argv[0] (a path) with these descriptors as 0, 1 and 2; its pid.
 
     `env` is the whole environment, encoded (`encode_env`). The caller reaps the child. With
     `tty`, stdin is a terminal the child takes as its controlling terminal: that needs code
     run in the child, so a full fork (page tables copied, ~1 ms here), through Popen.
+    `pass_fds` stay open in the child under their numbers (a sandbox launcher's pipes).
     """
     if tty or not fast:
         environ = dict(item.split(b"=", 1) for item in env)
         child = subprocess.Popen(list(argv), cwd=cwd, env=environ,
                                  stdin=stdin, stdout=stdout, stderr=stderr,
-                                 start_new_session=True,
+                                 start_new_session=True, pass_fds=tuple(pass_fds),
                                  preexec_fn=_make_controlling_tty if tty else None)
         child.returncode = 0  # reaped by the caller: Popen must never wait for it
         return child.pid
@@ -67,7 +69,8 @@ def spawn(argv: Sequence[str], env: list[bytes], cwd: str, stdin: int, stdout: i
             os.close(fd)
         try:
             pid: int = _posixsubprocess.fork_exec(
-                list(argv), (os.fsencode(argv[0]),), True, (err_write,), cwd, env,
+                list(argv), (os.fsencode(argv[0]),), True,
+                tuple(sorted({err_write, *pass_fds})), cwd, env,
                 stdin, -1, -1, stdout, -1, stderr, err_read, err_write,
                 True, True, -1, None, None, None, -1,
                 None,  # type: ignore[arg-type]  # no preexec_fn (the stub says one is needed)

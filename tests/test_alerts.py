@@ -169,7 +169,8 @@ async def test_last_lines_only(make_client, receiver):
 
 async def test_dedupe_folds_repeats_into_one_message(make_client, receiver):
     """Within dedupe_s, one message per script and event; the window's end sends the count."""
-    client = await make_client(alerts=(hook(receiver, "a", dedupe_s=1.5),))
+    # One worker: the tasks end in the order they were submitted (four at once may not).
+    client = await make_client(alerts=(hook(receiver, "a", dedupe_s=1.5),), workers=1)
     ids = [(await submit(client, "exit.sh", params={"code": 1}))["id"] for _ in range(4)]
     for task_id in ids:
         await wait_final(client, task_id)

@@ -20,16 +20,19 @@ MODULES = sorted(
 # imports sideways.
 LEAVES = {"config", "errors", "state", "logs", "wire", "spawn", "segments", "gzjoin"}
 # feed: the committed transitions, fanned out to GET /events (a leaf beside the hub)
-SERVICES = {"store", "runner", "archive", "catalogue", "compressor", "reaper"}
+SERVICES = {"store", "runner", "archive", "catalogue", "compressor", "reaper", "sandbox"}
 ALLOWED: dict[str, set[str]] = {
     **{leaf: set() for leaf in LEAVES},
     "segments": {"wire"},
     "store": set(LEAVES), "runner": set(LEAVES), "archive": set(LEAVES),
     "catalogue": set(LEAVES), "compressor": set(LEAVES), "reaper": set(LEAVES),
+    # sandbox: isolation around a run; limits (rlimits, cgroups) and docker (its `docker run`)
+    # are leaves beside it
+    "sandbox": LEAVES | {"limits", "docker"}, "limits": set(LEAVES), "docker": set(LEAVES),
     "hub": LEAVES | {"archive"},
     "pending": set(LEAVES),
     "feed": set(LEAVES),
-    "attempt": LEAVES | {"runner", "archive", "hub", "catalogue"},
+    "attempt": LEAVES | {"runner", "archive", "hub", "catalogue", "sandbox"},
     "scheduler": LEAVES | SERVICES | {"hub", "pending", "attempt", "metrics", "feed"},
     "auth": LEAVES | {"catalogue"},
     "metrics": set(LEAVES),

@@ -12,6 +12,9 @@ from remoterun.attempt import Attempt
 from remoterun.hub import TaskHub
 from remoterun.runner import Run
 from remoterun.scheduler import TaskState
+from remoterun.config import SandboxConfig
+
+UNSANDBOXED = SandboxConfig(mode="none")
 
 
 async def _running(client, task_id):
@@ -120,10 +123,12 @@ async def test_aging_bounds_the_wait_of_low_priority(make_client):
     assert low_done["started_at"] < high_done["started_at"]
 
 
-async def test_double_forked_daemon_is_killed(client):
-    """A daemon that escaped the process group with setsid dies with its task."""
+async def test_double_forked_daemon_is_killed(make_client):
+    """A daemon that escaped the process group with setsid dies with its task (unsandboxed:
+    the reaper finds it; test_sandbox.py has the sandbox's PID namespace do it)."""
     from test_runner import _alive
 
+    client = await make_client(sandbox=UNSANDBOXED)
     task = await submit(client, "daemon.sh")
     done = await wait_final(client, task["id"])
     assert done["status"] == "success"
@@ -133,10 +138,11 @@ async def test_double_forked_daemon_is_killed(client):
 
 
 async def test_a_running_tasks_daemon_is_left_alone_until_the_task_ends(make_client):
-    """Orphans are killed for tasks that ended, never for one still running."""
+    """Orphans are killed for tasks that ended, never for one still running (unsandboxed: the
+    daemon's pid is the server's to see)."""
     from test_runner import _alive
 
-    client = await make_client(flush_interval_s=0.1)
+    client = await make_client(flush_interval_s=0.1, sandbox=UNSANDBOXED)
     task = await submit(client, "daemon.sh", params={"stay": 1.5})
     url = f"/tasks/{task['id']}/output"
 

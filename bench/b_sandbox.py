@@ -1,0 +1,92 @@
+"""The sandbox's cost: trivial tasks/s and stream MB/s with mode none, bwrap and docker, side
+by side in one run (one server per mode, measured in turn)."""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import subprocess
+import sys
+from collections.abc import Awaitable, Callable
+
+from bench import client
+from bench.b_stream import remoterun_stream
+from bench.b_tasks import remoterun_trivial
+from bench.lib import BENCH, MB, Context, Row, interleave, median, progress
+from bench.server import CpuMeter, Server
+
+MODES = ("none", "bwrap", "docker")
+
+
+def docker_image() -> str | None:
+    """The test suite's locally built Debian image, with dockerd running; None if not here."""
+    sys.path.insert(0, str(BENCH.parent / "tests"))
+    try:
+        from debian_image import ensure_dockerd, imported
+
+        return imported(ensure_dockerd())
+    except (ImportError, OSError, RuntimeError, subprocess.SubprocessError) as exc:
+        progress(f"sandbox: no docker image ({exc}); the docker rows are skipped")
+        return None
+    finally:
+        sys.path.pop(0)
+
+
+async def sandbox(ctx: Context) -> list[Row]:
+    """Trivial tasks and one task's stream through each sandbox mode."""
+    image = await asyncio.to_thread(docker_image)
+    modes = [m for m in MODES if (m != "bwrap" or shutil.which("bwrap"))
+             and (m != "docker" or image)]
+    # The text streamed must be inside the scripts folder: the one a container mounts.
+    log_file = ctx.scripts / "sandbox-logtext.txt"
+    await asyncio.to_thread(shutil.copyfile, ctx.log_file, log_file)
+    times = ctx.size(3, 1)
+    expected = ctx.log_bytes * times
+    counts = {"none": ctx.size(600, 150), "bwrap": ctx.size(600, 150),
+              "docker": ctx.size(40, 16)}
+    servers = {m: Server(ctx, f"sandbox-{m}", workers=8, extra_config=(
+        f"[sandbox]\nmode = \"{m}\"\nimage = \"{image or ''}\"\n")) for m in modes}
+    for server in servers.values():
+        await server.start()
+    cpu = {m: CpuMeter(s) for m, s in servers.items()}
+    try:
+        async with client.session() as http:
+            for server in servers.values():
+                await remoterun_trivial(http, server.url, 8)  # warm-up
+
+            def trivial(mode: str) -> Callable[[], Awaitable[float]]:
+                async def measure() -> float:
+                    with cpu[mode]:
+                        return await remoterun_trivial(http, servers[mode].url, counts[mode])
+                return measure
+
+            def stream(mode: str) -> Callable[[], Awaitable[float]]:
+                async def measure() -> float:
+                    rate, _ = await remoterun_stream(http, servers[mode].url, log_file,
+                                                     expected, times)
+                    return rate
+                return measure
+
+            rates = await interleave(ctx.runs, *(trivial(m) for m in modes))
+            streams = await interleave(ctx.runs, *(stream(m) for m in modes))
+    finally:
+        for server in servers.values():
+            await server.stop()
+    tasks = dict(zip(modes, rates, strict=True))
+    mbs = dict(zip(modes, streams, strict=True))
+    rows = []
+    for mode in modes:
+        base = "none" if mode != "none" else None
+        note = (f"{counts[mode]} tasks, 8 concurrent clients, workers = 8; "
+                f"{cpu[mode].describe(counts[mode] * ctx.runs, 'task')}")
+        rows.append(Row(f"trivial tasks, sandbox {mode}", "tasks/s", median(tasks[mode]),
+                        median(tasks[base]) if base else None, f"sandbox {base}" if base else "",
+                        "-", runs=tasks[mode], baseline_runs=tasks[base] if base else [],
+                        notes=note))
+    for mode in modes:
+        base = "none" if mode != "none" else None
+        rows.append(Row(f"one task's stream, sandbox {mode}", "MB/s", median(mbs[mode]),
+                        median(mbs[base]) if base else None, f"sandbox {base}" if base else "",
+                        "-", runs=mbs[mode], baseline_runs=mbs[base] if base else [],
+                        notes=f"{expected / MB:.0f} MB of log text to one WS client"))
+    return rows

@@ -1,0 +1,102 @@
+"""Docker mode: an attempt's `docker run` command, and removing its container.
+
+`docker run --rm -i [-t] --init`: the client relays stdin, stdout/stderr (or the PTY) and the
+signals it gets (`--sig-proxy`, its default) to the container, whose init (`--init`) passes
+them on and reaps. A killed client (SIGKILL after the grace) does not stop its container: the
+attempt removes it by name (`docker rm -f`) whenever the run did not end by itself.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+from collections.abc import Mapping, Sequence
+
+import structlog
+
+from remoterun.config import ResourceLimits
+from remoterun.spawn import Children, spawn
+
+log = structlog.get_logger(__name__)
+CLIENT_ENV = ("DOCKER_HOST", "DOCKER_CONTEXT", "DOCKER_CONFIG", "DOCKER_CERT_PATH",
+              "DOCKER_TLS_VERIFY")  # the client's own settings, from the server's environment
+RM_TIMEOUT_S = 30.0
+
+
+def run_argv(docker: str, name: str, image: str, argv: Sequence[str], *,
+             env: Mapping[str, str], scripts: str, workdir: str, cwd: str, pty: bool,
+             network: bool, user: str, limits: ResourceLimits) -> list[str]:
+    """`docker run` of argv in `image`: the scripts folder read-only and the work folder
+    writable at their own paths, `env`'s names passed (their values stay in the client's
+    environment, never in argv where `ps` shows them), the limits as Docker's flags."""
+    out = [docker, "run", "--rm", "-i", *(["-t"] if pty else []), "--init", "--name", name,
+           "-v", f"{scripts}:{scripts}:ro", "-v", f"{workdir}:{workdir}", "-w", cwd]
+    if not network:
+        out += ["--network", "none"]
+    if user:
+        out += ["--user", user]
+    out += limit_flags(limits)
+    for key in env:
+        if key != "PATH":  # the image's own
+            out += ["-e", key]
+    return [*out, image, *argv]
+
+
+def limit_flags(limits: ResourceLimits) -> list[str]:
+    """The limits as `docker run` flags (memory and processes for the whole container)."""
+    out = []
+    if limits.memory_bytes:
+        out += [f"--memory={limits.memory_bytes}", f"--memory-swap={limits.memory_bytes}"]
+    if limits.processes:
+        out.append(f"--pids-limit={limits.processes}")
+    if limits.cpu_seconds:
+        out += ["--ulimit", f"cpu={limits.cpu_seconds}:{limits.cpu_seconds + 1}"]
+    if limits.file_bytes:
+        out += ["--ulimit", f"fsize={limits.file_bytes}:{limits.file_bytes}"]
+    if limits.open_files:
+        out += ["--ulimit", f"nofile={limits.open_files}:{limits.open_files}"]
+    return out
+
+
+def client_env(environ: Mapping[str, str]) -> dict[str, str]:
+    """What the docker client needs of the server's environment to find its daemon."""
+    return {k: v for k, v in environ.items() if k in CLIENT_ENV}
+
+
+async def remove(docker: str, name: str, children: Children, null: int) -> None:
+    """`docker rm -f NAME`, reaped as a task's process is (the registry, a pidfd callback),
+    never waited for on the loop; a failure is logged."""
+    loop = asyncio.get_running_loop()
+    children.spawning += 1
+    try:
+        pid = spawn([docker, "rm", "-f", name], [], "/", null, null, null)
+        children.spawned.add(pid)
+    except OSError as exc:
+        log.warning("docker_rm_failed", container=name, error=str(exc))
+        return
+    finally:
+        children.spawning -= 1
+    pidfd = os.pidfd_open(pid)
+    done: asyncio.Future[None] = loop.create_future()
+
+    def exited() -> None:  # a callback, as Run reaps: never a wait inside a coroutine
+        with contextlib.suppress(ChildProcessError):
+            if not os.waitpid(pid, os.WNOHANG)[0]:
+                return
+        if not done.done():
+            done.set_result(None)
+
+    loop.add_reader(pidfd, exited)
+    try:
+        async with asyncio.timeout(RM_TIMEOUT_S):
+            await done
+    except TimeoutError:
+        log.warning("docker_rm_slow", container=name)
+        with contextlib.suppress(OSError):
+            os.kill(pid, signal.SIGKILL)
+    finally:
+        loop.remove_reader(pidfd)
+        os.close(pidfd)
+        children.spawned.discard(pid)  # if not reaped here, the reaper's (tend_orphans)

@@ -1,0 +1,440 @@
+"""Isolation of a task's processes: bubblewrap or Docker around the script, its environment.
+
+`[sandbox] mode` (and a script's `sandbox` table) picks how an attempt runs: `bwrap` (the
+system read-only, a private /tmp and /run, the scripts folder read-only, a writable work
+folder of its own, the server's database, archive, config and work folders not there at all,
+its own PID namespace: every process of the task ends with it), `docker` (`docker run --rm` of
+`image`, the scripts folder mounted read-only), or `none` (the server's own view, rlimits
+only). `auto` is bwrap where `bwrap` works here, probed once at start. Whatever the mode, the
+environment is the allow-list (PATH, HOME, LANG, LC_*, TZ) plus `[engine] env`, the script's
+metadata `env` and the task's RR_* variables, never the server's own.
+
+bwrap is spawned with `--info-fd` and `--block-fd`: it reports its namespace's first process,
+which is placed into the task's cgroups and given its rlimits before it is let go to fork the
+script, so that nothing of the task runs unbounded. It runs with `--new-session`, so signals
+go to the script's process group, never to bwrap's monitor (which would die of a SIGTERM and
+take the script down without its grace); a PTY task's script takes the terminal as its own
+controlling terminal inside (`setsid --ctty`). Both bwrap and `docker run` report a death by
+signal N as exit 128 + N, which the run reads back as -N.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import json
+import os
+import pwd
+import shutil
+import subprocess
+import tempfile
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import structlog
+
+from remoterun import docker
+from remoterun.config import ResourceLimits, SandboxConfig, Settings
+from remoterun.limits import (
+    Cgroups,
+    Counters,
+    TaskCgroup,
+    apply_rlimits,
+    limit_error,
+    prlimit_argv,
+    rlimits,
+)
+from remoterun.spawn import Children
+
+log = structlog.get_logger(__name__)
+ALLOWED_ENV = ("PATH", "HOME", "LANG", "TZ")  # and every LC_*
+INFO_TIMEOUT_S = 30.0  # bwrap reports its child within milliseconds; a hung one is not waited on
+FORK_WAIT_S = 2.0  # bwrap's first process forks the script within a millisecond or two
+# Folders hidden file by file, never as a whole: hiding them would hide the system.
+SYSTEM_DIRS = frozenset({"/", "/usr", "/usr/local", "/etc", "/var", "/var/lib", "/opt", "/srv",
+                         "/home", "/root", "/tmp", "/mnt", "/media", "/run"})
+PROBE_ARGS = ["--unshare-pid", "--die-with-parent", "--new-session", "--ro-bind", "/", "/",
+              "--proc", "/proc", "--dev", "/dev", "--tmpfs", "/tmp"]
+
+
+def allowed_env(environ: Mapping[str, str]) -> dict[str, str]:
+    """The variables of the server's environment a task may see."""
+    return {k: v for k, v in environ.items() if k in ALLOWED_ENV or k.startswith("LC_")}
+
+
+@dataclass(frozen=True)
+class Policy:
+    """How one script's attempts run: the config's `[sandbox]`/`[limits]`/`env` under its own."""
+
+    mode: str  # bwrap, docker or none ("auto" resolved)
+    network: bool = True
+    image: str = ""
+    run_as: str = ""
+    limits: ResourceLimits = ResourceLimits()
+    env: Mapping[str, str] = field(default_factory=dict)
+
+
+@dataclass(eq=False)
+class Launch:
+    """One attempt's sandbox: what to spawn, what to do once it is spawned and after it ends."""
+
+    argv: list[str]
+    env: dict[str, str]
+    workdir: Path
+    policy: Policy
+    pass_fds: tuple[int, ...] = ()
+    take_ctty: bool = True
+    signal_exit_codes: bool = False
+    cgroup: TaskCgroup | None = None
+    pairs: list[tuple[int, int, int]] = field(default_factory=list)  # rlimits set after spawn
+    container: str | None = None
+    _fds: dict[str, int] = field(default_factory=dict)  # ours of bwrap's info and block pipes
+
+    async def started(self, pid: int) -> int | None:
+        """bwrap is spawned: bound its first process and let it start the script; the group
+        that signals go to (that process's)."""
+        for name in ("info_w", "block_r"):  # the child's ends: it has them now
+            os.close(self._fds.pop(name))
+        first = await _read_child_pid(self._fds["info_r"])
+        if first is None:  # bwrap failed (its error is in the output): let it end
+            os.close(self._fds.pop("block_w"))
+            return None
+        await asyncio.to_thread(self._go, first, self._fds.pop("block_w"))
+        return first
+
+    def _go(self, pid: int, block_w: int) -> None:
+        """Bound bwrap's first process, let it go, and wait (briefly) until it has forked the
+        script: a signal sent before would reach that process alone, which ignores it."""
+        try:
+            if self.cgroup is not None:
+                self.cgroup.place(pid)
+            apply_rlimits(pid, self.pairs)
+        finally:
+            os.close(block_w)  # its read returns: it goes on
+        children = Path(f"/proc/{pid}/task/{pid}/children")
+        deadline = time.monotonic() + FORK_WAIT_S
+        while time.monotonic() < deadline:
+            try:
+                if children.read_bytes().strip():
+                    return
+            except OSError:  # it is gone (bwrap failed): nothing to wait for
+                return
+            time.sleep(0.0005)
+
+
+class Sandbox:
+    """The server's isolation: probed once at start, then one Launch per attempt."""
+
+    def __init__(self, settings: Settings, children: Children):
+        self.settings = settings
+        self.children = children
+        self.base_env = {**allowed_env(os.environ), **settings.env}
+        self.bwrap: str | None = None  # its path, once it is known to work here
+        self.bwrap_network_off = False  # --unshare-net works too
+        self.docker = shutil.which("docker")
+        self.prlimit = shutil.which("prlimit")
+        self.setsid = shutil.which("setsid") or "setsid"
+        self.setpriv = shutil.which("setpriv")
+        self.cgroups = Cgroups({})
+        self.auto = "none"
+        self.work_root = settings.work_dir or Path(tempfile.gettempdir()) / "remoterun-work"
+        self.scripts = settings.scripts_dir  # resolved at start
+        self._head: list[str] = []  # bwrap's filesystem before the work folder, and after
+        self._tail: list[str] = []
+        self._null = -1
+
+    async def start(self) -> None:
+        """Probe bubblewrap and the cgroups (in a thread), and say which mode is in force."""
+        await asyncio.to_thread(self._probe)
+        mode = self.settings.sandbox.mode
+        resolved = self.auto if mode == "auto" else mode
+        details: dict[str, Any] = dict(mode=resolved, configured=mode,
+                                       cgroups=sorted(self.cgroups.controllers),
+                                       network_off=self.bwrap_network_off)
+        if resolved == "none":
+            log.warning("sandbox_mode", **details, detail="tasks run unsandboxed: they see "
+                        "what the server's user sees (install bubblewrap, or set [sandbox])")
+        else:
+            log.info("sandbox_mode", **details)
+        if resolved == "bwrap" and self.bwrap is None:
+            log.error("sandbox_unavailable", mode="bwrap", detail="bwrap does not work here: "
+                      "bwrap tasks fail at start")
+        limits = self.settings.limits
+        if os.geteuid() == 0 and limits.processes and "pids" not in self.cgroups.controllers:
+            log.warning("limit_not_enforced", limit="processes",
+                        detail="no pids cgroup, and RLIMIT_NPROC does not bound root")
+
+    def _probe(self) -> None:
+        self._null = os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC)
+        # Traversable but not listable: a run_as user reaches its own folder (0700, its own)
+        # by a name it is given, and lists nobody else's.
+        self.work_root.mkdir(mode=0o711, parents=True, exist_ok=True)
+        self.cgroups = Cgroups.find()
+        self.scripts = self.settings.scripts_dir.resolve()
+        path = shutil.which("bwrap")
+        if path is not None and _works([path, *PROBE_ARGS, "true"]):
+            self.bwrap = path
+            self.auto = "bwrap"
+            self.bwrap_network_off = _works([path, "--unshare-net", *PROBE_ARGS, "true"])
+        self._head, self._tail = self._filesystem()
+
+    async def close(self) -> None:
+        """Remove the server's cgroup folders; close what start() opened."""
+        await asyncio.to_thread(self.cgroups.close)
+        if self._null >= 0:
+            os.close(self._null)
+            self._null = -1
+
+    def policy(self, sandbox: Mapping[str, Any], limits: Mapping[str, int],
+               env: Mapping[str, str]) -> Policy:
+        """A script's policy from its metadata's `sandbox`, `limits` and `env` tables."""
+        config: SandboxConfig = self.settings.sandbox
+        mode = sandbox.get("mode", config.mode)
+        merged = ResourceLimits(**limits).over(self.settings.limits)  # its 0 lifts the config's
+        merged = ResourceLimits(**{k: v or None for k, v in vars(merged).items()})
+        return Policy(mode=self.auto if mode == "auto" else mode,
+                      network=sandbox.get("network", config.network),
+                      image=sandbox.get("image", config.image),
+                      run_as=sandbox.get("run_as", config.run_as),
+                      limits=merged, env=env)
+
+    # One attempt -----------------------------------------------------------------------------
+
+    async def prepare(self, policy: Policy, argv: Sequence[str], env: Mapping[str, str],
+                      cwd: Path, pty: bool, name: str) -> Launch:
+        """The launch of one attempt (`name`: task id and attempt): its work folder and cgroups
+        made, its argv and environment built. SandboxError when its mode cannot run here."""
+        if policy.mode == "bwrap" and self.bwrap is None:
+            raise SandboxError("the script's sandbox is bwrap, which does not work on this "
+                               "server")
+        if policy.mode == "bwrap" and not policy.network and not self.bwrap_network_off:
+            raise SandboxError("network = false needs a network namespace, which bwrap "
+                               "cannot create on this server")
+        if policy.mode == "docker" and (self.docker is None or not policy.image):
+            raise SandboxError("the script's sandbox is docker: it needs the docker command "
+                               "and an image (sandbox.image)")
+        user = _user(policy.run_as) if policy.run_as else None
+        workdir, cgroup = await asyncio.to_thread(self._make, name, policy, user, argv[0])
+        full = {**self.base_env, **policy.env, **env, "RR_WORKDIR": str(workdir)}
+        launch = Launch(list(argv), full, workdir, policy, cgroup=cgroup)
+        try:
+            if policy.mode == "bwrap":
+                self._bwrap(launch, cwd, pty, user)
+            elif policy.mode == "docker":
+                self._docker(launch, cwd, pty, name)
+            else:
+                pairs = rlimits(policy.limits, frozenset())
+                if pairs and self.prlimit is not None:
+                    launch.argv = [*prlimit_argv(self.prlimit, pairs), *launch.argv]
+                if user is not None and self.setpriv is not None:
+                    launch.argv = [*_setpriv(self.setpriv, user), *launch.argv]
+        except BaseException:
+            await self.finish(launch, None, None)
+            raise
+        return launch
+
+    def _make(self, name: str, policy: Policy, user: pwd.struct_passwd | None,
+              program: str) -> tuple[Path, TaskCgroup | None]:
+        _check_exec(program)
+        workdir = Path(tempfile.mkdtemp(prefix=f"{name}-", dir=self.work_root))
+        if user is not None:
+            os.chown(workdir, user.pw_uid, user.pw_gid)
+        cgroup = None
+        if policy.mode == "bwrap":
+            try:
+                cgroup = self.cgroups.create(name, policy.limits)
+            except OSError:
+                shutil.rmtree(workdir, ignore_errors=True)
+                raise
+        return workdir, cgroup
+
+    def _bwrap(self, launch: Launch, cwd: Path, pty: bool,
+               user: pwd.struct_passwd | None) -> None:
+        assert self.bwrap is not None
+        policy, wd = launch.policy, str(launch.workdir)
+        launch.env["HOME"] = wd
+        launch.pairs = rlimits(policy.limits, frozenset(launch.cgroup.paths)
+                               if launch.cgroup is not None else frozenset())
+        info_r, info_w = os.pipe()
+        block_r, block_w = os.pipe()
+        launch._fds = dict(info_r=info_r, info_w=info_w, block_r=block_r, block_w=block_w)
+        os.set_blocking(info_r, False)
+        argv = [self.bwrap, "--die-with-parent", "--unshare-pid", "--unshare-ipc",
+                "--new-session", "--cap-drop", "ALL", "--info-fd", str(info_w),
+                "--block-fd", str(block_r)]
+        if not policy.network:
+            argv.append("--unshare-net")
+        argv += [*self._head, "--bind", wd, wd, *self._tail, "--chdir", str(cwd), "--"]
+        if pty:  # the terminal becomes the script's, in a session of its own inside
+            argv += [self.setsid, "--ctty"]
+        launch.argv = [*argv, *launch.argv]
+        if user is not None and self.setpriv is not None:  # bwrap unprivileged, in a userns
+            launch.argv = [*_setpriv(self.setpriv, user), *launch.argv]
+        launch.pass_fds = (info_w, block_r)
+        launch.take_ctty = False
+        launch.signal_exit_codes = True
+
+    def _docker(self, launch: Launch, cwd: Path, pty: bool, name: str) -> None:
+        assert self.docker is not None
+        policy, wd = launch.policy, str(launch.workdir)
+        launch.env["HOME"] = wd
+        launch.container = f"rr-{name}"
+        launch.argv = docker.run_argv(
+            self.docker, launch.container, policy.image, launch.argv, env=launch.env,
+            scripts=str(self.scripts), workdir=wd, cwd=str(cwd), pty=pty,
+            network=policy.network, user=policy.run_as, limits=policy.limits)
+        launch.env.update(docker.client_env(os.environ))
+        launch.signal_exit_codes = True
+
+    async def finish(self, launch: Launch, exit_code: int | None, stopped: str | None
+                     ) -> str | None:
+        """Undo an attempt's launch (its container, cgroups, work folder); the limit its run
+        hit, named for the task's error, if it is known to have hit one."""
+        for fd in launch._fds.values():
+            os.close(fd)
+        launch._fds.clear()
+        if launch.container is not None and (exit_code is None or stopped or exit_code < 0):
+            assert self.docker is not None  # a killed client leaves its container running
+            await docker.remove(self.docker, launch.container, self.children, self._null)
+        counters = await asyncio.to_thread(_clean, launch)
+        if stopped is not None:
+            return None  # a timeout or a stop is what the task's error says
+        return limit_error(launch.policy.limits, exit_code, counters,
+                           in_container=launch.container is not None)
+
+    # bwrap's view of the filesystem ----------------------------------------------------------
+
+    def _filesystem(self) -> tuple[list[str], list[str]]:
+        """The mounts before the work folder's bind (system read-only, private /tmp and /run,
+        the server's folders hidden, the scripts read-only) and after it (hidden again where
+        the scripts or work folders hold them, hidden folders made read-only)."""
+        scripts = self.scripts
+        # bwrap leaves the new /proc's sys and sysrq-trigger writable, which a root task (no
+        # capabilities, but uid 0 owns them) could use to set the host's sysctls: cover them.
+        head = ["--ro-bind", "/", "/", "--dev", "/dev", "--proc", "/proc",
+                "--ro-bind", "/proc/sys", "/proc/sys",
+                "--ro-bind-try", "/proc/sysrq-trigger", "/proc/sysrq-trigger",
+                "--tmpfs", "/tmp", "--tmpfs", "/run"]
+        resolv = Path("/etc/resolv.conf").resolve()
+        if resolv.is_relative_to("/run") and resolv.is_file():  # systemd-resolved's stub
+            head += ["--ro-bind", str(resolv), str(resolv)]
+        dirs, files = self._hidden()
+        # A path needs a mount of its own where it is still visible: not under /tmp (a fresh
+        # tmpfs), not under a hidden folder; and again after the scripts' bind if under it.
+        def visible(path: Path, again: bool) -> bool:
+            if again:
+                return path.is_relative_to(scripts)
+            return not path.is_relative_to("/tmp") and not any(
+                path != d and path.is_relative_to(d) for d in dirs)
+
+        tail: list[str] = []
+        for mounts, again in ((head, False), (tail, True)):
+            for folder in dirs:
+                if visible(folder, again):
+                    mounts += ["--tmpfs", str(folder)]
+            for file in files:
+                if visible(file, again) and file.exists():
+                    mounts += ["--ro-bind", os.devnull, str(file)]
+            if not again:
+                head += ["--ro-bind", str(scripts), str(scripts)]
+        for folder in dirs:  # last: the binds above made their mount points in them
+            if visible(folder, False) or visible(folder, True):
+                tail += ["--remount-ro", str(folder)]
+        return head, tail
+
+    def _hidden(self) -> tuple[list[Path], list[Path]]:
+        """The server's folders and files no task may see: the archive, the work folders, the
+        database's and the config's folders (or the files alone, in a system folder), TLS."""
+        s = self.settings
+        dirs = [s.archive_dir.resolve(), self.work_root.resolve()]
+        files: list[Path] = []
+        for path in (s.db_path, s.config_path):
+            if path is None:
+                continue
+            path = path.resolve()
+            if str(path.parent) in SYSTEM_DIRS:
+                files += [path, *(path.parent / (path.name + x) for x in
+                                  ("-wal", "-shm", "-journal"))]
+            else:
+                dirs.append(path.parent)
+        files += [p.resolve() for p in (s.tls_cert, s.tls_key) if p is not None]
+        return sorted(set(dirs)), sorted(set(files))
+
+
+class SandboxError(Exception):
+    """An attempt cannot be sandboxed as its policy says; the message says why."""
+
+
+def _check_exec(path: str) -> None:
+    """OSError as exec would raise it for this file. A launcher's exec is execvp, which runs a
+    file without a #! line with /bin/sh instead of failing: refuse it here, as the kernel would.
+    """
+    with open(path, "rb") as fh:
+        head = fh.read(4)
+    if not os.access(path, os.X_OK):
+        raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), path)
+    if not head.startswith((b"#!", b"\x7fELF")):
+        raise OSError(errno.ENOEXEC, os.strerror(errno.ENOEXEC), path)
+
+
+def _works(argv: list[str]) -> bool:
+    try:
+        return subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True,
+                              timeout=30).returncode == 0
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+
+
+def _user(name: str) -> pwd.struct_passwd:
+    try:
+        return pwd.getpwnam(name)
+    except KeyError:
+        raise SandboxError(f"sandbox.run_as: no user named {name!r} here") from None
+
+
+def _setpriv(setpriv: str, user: pwd.struct_passwd) -> list[str]:
+    """util-linux `setpriv` running what follows as this user (uid, gid and groups)."""
+    return [setpriv, f"--reuid={user.pw_uid}", f"--regid={user.pw_gid}", "--init-groups", "--"]
+
+
+async def _read_child_pid(fd: int) -> int | None:
+    """bwrap's `--info-fd` report, read to its end: the pid of its namespace's first process
+    (None if bwrap failed before it, and said why on stderr)."""
+    loop = asyncio.get_running_loop()
+    done: asyncio.Future[None] = loop.create_future()
+    data = bytearray()
+
+    def readable() -> None:
+        try:
+            chunk = os.read(fd, 4096)
+        except BlockingIOError:
+            return
+        except OSError:
+            chunk = b""
+        data.extend(chunk)
+        if not chunk and not done.done():
+            done.set_result(None)
+
+    loop.add_reader(fd, readable)
+    try:
+        async with asyncio.timeout(INFO_TIMEOUT_S):
+            await done
+    except TimeoutError:
+        return None
+    finally:
+        loop.remove_reader(fd)
+    with contextlib.suppress(ValueError, TypeError):
+        pid = json.loads(data)["child-pid"]
+        return pid if isinstance(pid, int) and pid > 0 else None
+    return None
+
+
+def _clean(launch: Launch) -> Counters:
+    """The cgroups' counters once they are removed; the work folder removed (blocking)."""
+    counters = launch.cgroup.close() if launch.cgroup is not None else Counters()
+    shutil.rmtree(launch.workdir, ignore_errors=True)
+    return counters
