@@ -4,6 +4,7 @@ is a terminal), context variables merged first."""
 from __future__ import annotations
 
 import functools
+import importlib.util
 import json
 import logging
 import sys
@@ -49,7 +50,7 @@ def configure(level: str = "info", console: bool | None = None) -> None:
         # Tracebacks without their frames' locals (rich shows them by default): a local may
         # hold a task's secret params.
         formatter = structlog.dev.RichTracebackFormatter(show_locals=False) \
-            if structlog.dev.rich is not None else structlog.dev.plain_traceback
+            if importlib.util.find_spec("rich") else structlog.dev.plain_traceback
         tail = [structlog.dev.ConsoleRenderer(colors=True, exception_formatter=formatter)]
     else:
         tail = [structlog.processors.format_exc_info,

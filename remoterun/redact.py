@@ -69,7 +69,8 @@ def _spans(buf: bytes, secrets: Sequence[bytes]) -> list[tuple[int, int]]:
 
 def _replace(buf: bytes, spans: Sequence[tuple[int, int]], end: int) -> bytes:
     """`buf[:end]` with each span replaced by MASK."""
-    parts, at = [], 0
+    parts: list[bytes] = []
+    at = 0
     for start, stop in spans:
         parts += (buf[at:start], MASK)
         at = stop

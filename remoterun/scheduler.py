@@ -52,11 +52,11 @@ from remoterun.config import Settings
 from remoterun.errors import Conflict, IntegrityFailed, NotFound, QueueFull, Unavailable
 from remoterun.feed import TaskFeed
 from remoterun.hub import Subscription, TaskHub, replay_finished
-from remoterun.metrics import Metrics
 from remoterun.integrity import Integrity
+from remoterun.metrics import Metrics
 from remoterun.pending import PendingQueue
-from remoterun.redact import MIN_SECRET_CHARS, Redactor
 from remoterun.reaper import become_subreaper, kill_left_behind, tend_orphans
+from remoterun.redact import MIN_SECRET_CHARS, Redactor
 from remoterun.runner import RunResult, SpawnError
 from remoterun.spawn import Children, encode_env
 from remoterun.state import FINAL, TaskStatus, check_transition

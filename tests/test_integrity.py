@@ -141,11 +141,15 @@ async def test_the_checked_copy_is_what_runs(make_client, tmp_path, key):
     copy = Path(text.split("from ")[1].split()[0])
     run_dir = client.server.app[SETTINGS].db_path.parent / "run"
     assert copy.is_relative_to(run_dir) and copy.name == "two_parts.sh"
-    assert stat.S_IMODE(copy.stat().st_mode) == 0o500
-    assert stat.S_IMODE(copy.parent.stat().st_mode) == 0o700
-    original = script.read_bytes()
-    with script.open("r+b") as fh:  # same inode, same length: what bash would read next
-        fh.write(original.replace(b'echo "part two"', b'echo "PWNED!!!"'))
+    modes = await asyncio.to_thread(lambda: (copy.stat().st_mode, copy.parent.stat().st_mode))
+    assert [stat.S_IMODE(m) for m in modes] == [0o500, 0o700]
+
+    def rewrite() -> None:  # same inode, same length: what bash would read next
+        original = script.read_bytes()
+        with script.open("r+b") as fh:
+            fh.write(original.replace(b'echo "part two"', b'echo "PWNED!!!"'))
+
+    await asyncio.to_thread(rewrite)
     await ws.close()
     done = await wait_final(client, task["id"])
     assert done["status"] == "success", done

@@ -96,10 +96,12 @@ async def test_secret_is_not_an_argument_and_not_in_ps(client):
             text += msg.get("data", "") if msg["type"] == "output" else ""
     pid = int(text.split("pid=")[1].split()[0])
     assert "argv=['--label=plain', '--fail_first=false', '--sleep_s=30']" in text
-    cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+    cmdline, environ_bytes = await asyncio.to_thread(
+        lambda: (Path(f"/proc/{pid}/cmdline").read_bytes(),
+                 Path(f"/proc/{pid}/environ").read_bytes()))
     assert b"secret_split.py" in cmdline
     assert_clean(cmdline)
-    environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    environ = environ_bytes.split(b"\0")
     assert f"RR_PARAM_TOKEN={SECRET}".encode() in environ
     listing = await asyncio.to_thread(subprocess.run, ["ps", "-ww", "-eo", "pid,args"],
                                       capture_output=True, check=True)
