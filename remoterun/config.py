@@ -72,7 +72,7 @@ class Settings:
     heartbeat_s: float = 20.0
     log_level: str = "info"
     # Secrets and integrity (issue 13 B; SECURITY.md).
-    secret_key_path: Path | None = None  # None: secret.key beside the database
+    secret_key_path: Path | None = None  # None: remoterun-secret.key beside the database
     redaction_patterns: tuple[str, ...] = ()  # regexes masked as *** in every task's output
     integrity_public_keys: tuple[bytes, ...] = ()  # raw Ed25519 keys: every script signed
     # Access control and browser safety (issue 12; SECURITY.md).

@@ -4,8 +4,9 @@ A script's metadata may pin `sha256 = "<hex>"`; `[integrity] public_keys` requir
 file `<script>.sig` beside each script (Ed25519 over the script's bytes: 64 raw bytes, or their
 base64 or hex) that one of the keys verifies. Either check in force, the file is read once,
 checked, and the checked bytes are written to a private copy (a 0700 folder per attempt under the
-server's run folder, the file 0500) that is what runs: a script swapped or rewritten after the
-check is never what runs. A script under no check runs from its own path, as before.
+database's `<db>-run/` folder, the file 0500) that is what runs: a script swapped or rewritten
+after the check is never what runs. A script under no check runs from its own path, as before.
+A sandbox must make that copy visible where it is (RunSpec.argv[0]).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import contextlib
 import hashlib
 import hmac
 import os
+import re
 import shutil
 from collections.abc import Sequence
 from pathlib import Path
@@ -28,6 +30,7 @@ from remoterun.errors import IntegrityFailed
 SIG_SUFFIX = ".sig"
 SIG_BYTES = 64
 MAX_SIG_FILE_BYTES = 4096
+COPY_FOLDER_RE = re.compile(r"[0-9a-f-]{36}-[0-9]+")  # <task id>-<attempt>
 
 
 def read_signature(path: Path) -> bytes:
@@ -120,7 +123,8 @@ class Integrity:
         self.run_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         os.chmod(self.run_dir, 0o700)
         for child in self.run_dir.iterdir():
-            shutil.rmtree(child, ignore_errors=True)
+            if COPY_FOLDER_RE.fullmatch(child.name):  # only what private_copy makes
+                shutil.rmtree(child, ignore_errors=True)
 
 
 # Signing (`remoterun sign`) ----------------------------------------------------------------

@@ -126,8 +126,9 @@ class Scheduler:
         # Secrets and integrity (issue 13 B): the key is read (or made) by start().
         self.vault: Vault | None = None
         self.redactor = Redactor(settings.redaction_patterns)
-        self.integrity = Integrity(settings.integrity_public_keys,
-                                   settings.db_path.parent / "run")
+        # The checked copies that run: a folder of this database's own, as SQLite's -wal is.
+        self.integrity = Integrity(settings.integrity_public_keys, settings.db_path.with_name(
+            settings.db_path.name + "-run"))
         # The server's environment, less RR_* (ours to set) and TERM (a PTY task's is ours),
         # encoded once: every task's process starts from it.
         self._inherited_pty = encode_env({k: v for k, v in os.environ.items()
@@ -547,7 +548,8 @@ class Scheduler:
                 raise SpawnError("cancelled before it started")
             script = self.catalogue.resolve(row["script"])
             secrets, script, copy = await self._prepare(row, script)
-            attempt.masker = self.redactor.masker(param_value(v) for v in secrets.values())
+            attempt.masker = self.redactor.masker(  # booleans: masking "true" would be noise
+                param_value(v) for v in secrets.values() if not isinstance(v, bool))
             inherited = self._inherited_pty if row["pty"] else self._inherited
             run = await attempt.start(build_spec(row, script, self.catalogue.root, inherited,
                                                  secrets))
@@ -581,8 +583,13 @@ class Scheduler:
                      reason=f"shorter than {MIN_SECRET_CHARS} characters")
         if not self.integrity.required(script.sha256):
             return secrets, script, None
-        copy = await asyncio.to_thread(self.integrity.private_copy, script.name, script.path,
-                                       script.sha256, f"{row['id']}-{row['attempt']}")
+        try:
+            copy = await asyncio.to_thread(self.integrity.private_copy, script.name,
+                                           script.path, script.sha256,
+                                           f"{row['id']}-{row['attempt']}")
+        except OSError as exc:  # a full disk, a folder we may not write: retried as any spawn
+            raise SpawnError(f"the checked copy of {script.name!r} could not be written: "
+                             f"{exc.strerror or exc}") from exc
         return secrets, dataclasses.replace(script, path=copy), copy
 
     async def _check_integrity(self, script: Script, audit: dict[str, Any] | None) -> None:

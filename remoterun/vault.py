@@ -3,7 +3,7 @@
 A task's secret params are stored in its row as one AES-256-GCM box, bound to the task's id (the
 associated data), so a copy of the database alone reveals nothing and a box moved to another
 row does not open. The key is 32 random bytes the server makes on its first start, in a file
-only its user may read (`<database folder>/secret.key`, mode 0600, or `paths.secret_key`), or
+only its user may read (`<database folder>/remoterun-secret.key`, mode 0600, or `paths.secret_key`), or
 given in `REMOTERUN_SECRET_KEY` (base64 or hex). A box names its key by a short fingerprint, so a
 task sealed under another key fails with that said, not as a corrupt row.
 """
@@ -26,7 +26,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from remoterun.config import ConfigError
 
 KEY_ENV = "REMOTERUN_SECRET_KEY"
-KEY_FILE_NAME = "secret.key"
+KEY_FILE_NAME = "remoterun-secret.key"  # distinct: the folder may be shared (/var/lib)
 KEY_BYTES = 32
 NONCE_BYTES = 12
 PREFIX = "rr1"  # the box format: rr1:<key fingerprint>:<base64 of nonce + ciphertext>

@@ -139,7 +139,8 @@ async def test_the_checked_copy_is_what_runs(make_client, tmp_path, key):
             msg = json.loads((await ws.receive()).data)
             text += msg.get("data", "") if msg["type"] == "output" else ""
     copy = Path(text.split("from ")[1].split()[0])
-    run_dir = client.server.app[SETTINGS].db_path.parent / "run"
+    db = client.server.app[SETTINGS].db_path
+    run_dir = db.with_name(db.name + "-run")
     assert copy.is_relative_to(run_dir) and copy.name == "two_parts.sh"
     modes = await asyncio.to_thread(lambda: (copy.stat().st_mode, copy.parent.stat().st_mode))
     assert [stat.S_IMODE(m) for m in modes] == [0o500, 0o700]
