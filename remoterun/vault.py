@@ -3,9 +3,9 @@
 A task's secret params are stored in its row as one AES-256-GCM box, bound to the task's id (the
 associated data), so a copy of the database alone reveals nothing and a box moved to another
 row does not open. The key is 32 random bytes the server makes on its first start, in a file
-only its user may read (`<database folder>/remoterun-secret.key`, mode 0600, or `paths.secret_key`), or
-given in `REMOTERUN_SECRET_KEY` (base64 or hex). A box names its key by a short fingerprint, so a
-task sealed under another key fails with that said, not as a corrupt row.
+only its user may read (`<database folder>/remoterun-secret.key`, mode 0600, or
+`paths.secret_key`), or given in `REMOTERUN_SECRET_KEY` (base64 or hex). A box names its key by a
+short fingerprint, so a task sealed under another key fails with that said, not as a corrupt row.
 """
 
 from __future__ import annotations
