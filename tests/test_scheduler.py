@@ -3,9 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import time
 
 from conftest import output_of, submit, wait_final, wait_for, ws_collect
+
+from remoterun.attempt import Attempt
+from remoterun.hub import TaskHub
+from remoterun.runner import Run
+from remoterun.scheduler import TaskState
 
 
 async def _running(client, task_id):
@@ -177,3 +183,25 @@ async def test_reaper_records_a_lost_running_task(make_client):
     found = await wait_for(reaped, what="lost run reaped")
     assert "server stopped" in found["error"]
 
+
+
+async def test_a_finished_task_is_freed_by_reference_counting(client):
+    """A task's state, attempt, run and hub (its window of output) go once it has ended and
+    its followers have left, with the cycle collector off: the server's full collections are
+    rare (cli._tune_gc), and each task left to them held up to replay_memory_bytes."""
+    engine = (TaskState, Attempt, Run, TaskHub)
+    gc.collect()
+    gc.disable()
+    try:
+        streamed = await submit(client, "flood.py", params={"bytes": 300_000})
+        frames = await ws_collect(await client.ws_connect(f"/tasks/{streamed['id']}/ws"))
+        assert frames[-1]["type"] == "exit"
+        sleeper = await submit(client, "sleep.sh")
+        ws = await client.ws_connect(f"/tasks/{sleeper['id']}/ws")
+        await ws.receive(timeout=5)
+        await client.post(f"/tasks/{sleeper['id']}/cancel")
+        assert (await ws_collect(ws))[-1]["status"] == "cancelled"
+        await wait_for(lambda: not any(isinstance(o, engine) for o in gc.get_objects()),
+                       timeout=5, what="the tasks' engine objects to be freed")
+    finally:
+        gc.enable()
