@@ -19,9 +19,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ctypes
-import dataclasses
 import functools
-import json
 import os
 import random
 import signal
@@ -46,21 +44,20 @@ from remoterun.archive import (
     settle,
 )
 from remoterun.attempt import Attempt, Limits, build_spec, decide
-from remoterun.catalogue import Catalogue, Scalar, Script, param_value
+from remoterun.catalogue import Catalogue, Script
 from remoterun.compressor import Compressor
 from remoterun.config import Settings
 from remoterun.errors import Conflict, IntegrityFailed, NotFound, QueueFull, Unavailable
 from remoterun.feed import TaskFeed
 from remoterun.hub import Subscription, TaskHub, replay_finished
-from remoterun.integrity import Integrity
 from remoterun.metrics import Metrics
 from remoterun.pending import PendingQueue
+from remoterun.protect import Protection
 from remoterun.reaper import become_subreaper, kill_left_behind, tend_orphans
-from remoterun.redact import MIN_SECRET_CHARS, Redactor
 from remoterun.runner import RunResult, SpawnError
 from remoterun.spawn import Children, encode_env
 from remoterun.state import FINAL, TaskStatus, check_transition
-from remoterun.vault import KEY_FILE_NAME, NONE, SecretsUnavailable, Vault, load_key
+from remoterun.vault import NONE, SecretsUnavailable
 from remoterun.wire import Event, exit_event, rfc3339, task_json
 
 log = structlog.get_logger(__name__)
@@ -123,12 +120,7 @@ class Scheduler:
         self._loops: list[asyncio.Task[None]] = []
         self._logged: set[tuple[str, str]] = set()  # (failure kind, task) already logged
         self._next_num = 1
-        # Secrets and integrity (issue 13 B): the key is read (or made) by start().
-        self.vault: Vault | None = None
-        self.redactor = Redactor(settings.redaction_patterns)
-        # The checked copies that run: a folder of this database's own, as SQLite's -wal is.
-        self.integrity = Integrity(settings.integrity_public_keys, settings.db_path.with_name(
-            settings.db_path.name + "-run"))
+        self.protection = Protection(settings)  # secrets and integrity (issue 13 B)
         # The server's environment, less RR_* (ours to set) and TERM (a PTY task's is ours),
         # encoded once: every task's process starts from it.
         self._inherited_pty = encode_env({k: v for k, v in os.environ.items()
@@ -142,7 +134,11 @@ class Scheduler:
         """Recover what a previous server left, then start dispatching."""
         top = await self.db.fetch_one("SELECT MAX(num) AS n FROM tasks")
         self._next_num = (top["n"] or 0) + 1 if top else 1
-        await self._open_vault()
+        sealing = await self.protection.open(self.db)
+        if sealing:  # an older server's secrets in clear: sealed, and no copy left in the log
+            await self._commit(sealing)
+            await self.db.checkpoint(truncate=True)
+            log.warning("secrets_sealed", tasks=len(sealing))
         await self._recover()
         if not become_subreaper():
             log.warning("no_subreaper", detail="double-forked daemons may outlive their task")
@@ -288,17 +284,17 @@ class Scheduler:
             raise QueueFull(f"{len(self.queue)} tasks are already waiting (engine.max_pending)",
                             retry_after_s=5.0)
         params = script.validate(request.get("params", {}))
-        if self.integrity.required(script.sha256):
-            await self._check_integrity(script, audit)
-        secret = script.secret_keys
+        try:
+            await self.protection.check(script)
+        except IntegrityFailed as exc:
+            await self._refused(script, exc, audit)
+            raise
         now = time.time()
         task_id = str(uuid.uuid4())
-        assert self.vault is not None, "Scheduler.start() was not awaited"
+        shown, sealed = self.protection.seal(task_id, script, params)
         row: dict[str, Any] = {
             "num": self._next_num, "id": task_id, "script": script.name, "status": str(S.PENDING),
-            "params": json.dumps({k: "***" if k in secret else v for k, v in params.items()}),
-            "secret_params": self.vault.seal(task_id, {k: v for k, v in params.items()
-                                                       if k in secret}),
+            "params": shown, "secret_params": sealed,
             "priority": request.get("priority", 0), "timeout": request.get("timeout"),
             "max_retries": request.get("max_retries", 0), "attempt": 1,
             "pty": request.get("pty", False),
@@ -321,6 +317,15 @@ class Scheduler:
         log.info("task_submitted", task_id=task_id, script=script.name,
                  submitted_by=submitted_by)
         return task_json(full)
+
+    async def _refused(self, script: Script, exc: IntegrityFailed,
+                       audit: dict[str, Any] | None) -> None:
+        """Log and audit a submission refused by the script's integrity check."""
+        log.warning("integrity_failed", script=script.name, error=exc.message)
+        if audit is not None:
+            await self._commit([store.insert_audit(
+                {**audit, "result": exc.code, "detail": exc.message[:1000]},
+                script=script.name)], within_s=self._request_wait())
 
     def _request_wait(self) -> float:
         return min(self.settings.db_retry_s, REQUEST_DB_WAIT_S)
@@ -547,9 +552,8 @@ class Scheduler:
             if attempt.stop.done():
                 raise SpawnError("cancelled before it started")
             script = self.catalogue.resolve(row["script"])
-            secrets, script, copy = await self._prepare(row, script)
-            attempt.masker = self.redactor.masker(  # booleans: masking "true" would be noise
-                param_value(v) for v in secrets.values() if not isinstance(v, bool))
+            secrets, script, copy = await self.protection.prepare(row, script)
+            attempt.masker = self.protection.masker(secrets)
             inherited = self._inherited_pty if row["pty"] else self._inherited
             run = await attempt.start(build_spec(row, script, self.catalogue.root, inherited,
                                                  secrets))
@@ -568,42 +572,7 @@ class Scheduler:
             log.exception("run_crashed")
             return None, f"internal error: {exc}"
         finally:
-            if copy is not None:
-                await asyncio.to_thread(self.integrity.discard, copy)
-
-    async def _prepare(self, row: dict[str, Any], script: Script
-                       ) -> tuple[dict[str, Scalar], Script, Path | None]:
-        """The attempt's secret values, and the script to run: when an integrity rule applies,
-        a private copy of the bytes just checked (and that copy's path, to remove after)."""
-        assert self.vault is not None
-        secrets = self.vault.open(row["id"], row["secret_params"])
-        short = sorted(k for k, v in secrets.items() if len(param_value(v)) < MIN_SECRET_CHARS)
-        if short:
-            log.info("secret_not_masked", params=short,
-                     reason=f"shorter than {MIN_SECRET_CHARS} characters")
-        if not self.integrity.required(script.sha256):
-            return secrets, script, None
-        try:
-            copy = await asyncio.to_thread(self.integrity.private_copy, script.name,
-                                           script.path, script.sha256,
-                                           f"{row['id']}-{row['attempt']}")
-        except OSError as exc:  # a full disk, a folder we may not write: retried as any spawn
-            raise SpawnError(f"the checked copy of {script.name!r} could not be written: "
-                             f"{exc.strerror or exc}") from exc
-        return secrets, dataclasses.replace(script, path=copy), copy
-
-    async def _check_integrity(self, script: Script, audit: dict[str, Any] | None) -> None:
-        """IntegrityFailed (409) unless the script passes its checks; a refusal is audited."""
-        try:
-            await asyncio.to_thread(self.integrity.verified, script.name, script.path,
-                                    script.sha256)
-        except IntegrityFailed as exc:
-            log.warning("integrity_failed", script=script.name, error=exc.message)
-            if audit is not None:
-                await self._commit([store.insert_audit(
-                    {**audit, "result": exc.code, "detail": exc.message[:1000]},
-                    script=script.name)], within_s=self._request_wait())
-            raise
+            await self.protection.discard(copy)
 
     def _release(self, state: TaskState) -> None:
         """Give the worker slot back."""
@@ -770,24 +739,6 @@ class Scheduler:
             return await self._recover_running(row)
         except store.StaleWrite:  # it reached another state meanwhile: that one stands
             return await self.db.get_task(row["id"])
-
-    # Secrets at rest ------------------------------------------------------------------------
-
-    async def _open_vault(self) -> None:
-        """Read (or make, on first start) the secret key; seal what an older server stored in
-        clear, and empty the run folder of a previous server's private copies."""
-        path = self.settings.secret_key_path or self.settings.db_path.parent / KEY_FILE_NAME
-        key, source = await asyncio.to_thread(load_key, path)
-        self.vault = vault = Vault(key, source)
-        await asyncio.to_thread(self.integrity.clear)
-        rows = await self.db.secrets_in_clear()
-        if rows:
-            await self._commit([store.update_task(row["id"], {
-                "secret_params": NONE if row["status"] in FINAL else
-                vault.seal(row["id"], json.loads(row["secret_params"]))}) for row in rows])
-            await self.db.checkpoint(truncate=True)  # no copy of the clear text left in the log
-            log.warning("secrets_sealed", tasks=len(rows))
-        log.info("secret_key", source=source, fingerprint=vault.kid)
 
     # Recovery --------------------------------------------------------------------------------
 

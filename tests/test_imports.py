@@ -31,12 +31,13 @@ ALLOWED: dict[str, set[str]] = {
     "feed": set(LEAVES),
     "attempt": LEAVES | {"runner", "archive", "hub", "catalogue", "redact"},
     "scheduler": LEAVES | SERVICES | {"hub", "pending", "attempt", "metrics", "feed", "vault",
-                                      "redact", "integrity"},
+                                      "protect"},
     # Secrets and integrity (issue 13 B): masking is pure bytes work; the key and the checks
     # read files and name a leaf's error, nothing else of ours.
     "redact": set(),
     "vault": {"config"},
     "integrity": {"errors"},
+    "protect": LEAVES | {"vault", "redact", "integrity", "catalogue", "store", "runner"},
     "auth": LEAVES | {"catalogue"},
     "metrics": set(LEAVES),
     "alerts": LEAVES | {"metrics", "archive"},
