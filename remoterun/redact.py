@@ -7,7 +7,9 @@ read could still turn into a match is held back:
 
 - A secret: the end of a read that is the start of a secret value (at most its length less one
   byte) waits for the stream's next read, or the end of the run, whichever comes first; nothing
-  else waits. A value split across two reads is masked whatever the pause between them.
+  else waits. A value split across two reads is masked whatever the pause between them. A match
+  that reaches a read's end waits too when a secret overlaps itself ("abcabc" in "abcabcabc"),
+  up to SPAN_HOLD_BYTES, so however the reads cut the output it is masked as a whole would be.
 - A pattern: patterns match within a line, so the incomplete last line of a read waits for its
   end, at most LINE_HOLD_BYTES (past that, what is there is matched and sent) and LINE_HOLD_S
   (then it is matched and sent as it stands: a match split by a longer pause is missed). A
