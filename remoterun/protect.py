@@ -25,7 +25,7 @@ from remoterun.integrity import Integrity
 from remoterun.redact import MIN_SECRET_CHARS, Masker, Redactor
 from remoterun.runner import SpawnError
 from remoterun.state import FINAL
-from remoterun.vault import KEY_FILE_NAME, NONE, Vault, load_key
+from remoterun.vault import KEY_FILE_NAME, NONE, Vault, load_key, take_env_key
 
 log = structlog.get_logger(__name__)
 
@@ -40,6 +40,8 @@ class Protection:
         self.integrity = Integrity(settings.integrity_public_keys,
                                    settings.db_path.with_name(settings.db_path.name + "-run"))
         self._vault: Vault | None = None
+        # Now, before the scheduler encodes the environment its children inherit.
+        self._env_key = take_env_key()
 
     @property
     def vault(self) -> Vault:
@@ -51,7 +53,7 @@ class Protection:
         """Read (or make, on first start) the key, empty the run folder of a previous server's
         copies; the statements that seal what an older server stored in clear (dropping it for
         tasks that ended)."""
-        key, source = await asyncio.to_thread(load_key, self.key_path)
+        key, source = await asyncio.to_thread(load_key, self.key_path, self._env_key)
         self._vault = vault = Vault(key, source)
         await asyncio.to_thread(self.integrity.clear)
         log.info("secret_key", source=source, fingerprint=vault.kid)

@@ -120,7 +120,9 @@ class Scheduler:
         self._loops: list[asyncio.Task[None]] = []
         self._logged: set[tuple[str, str]] = set()  # (failure kind, task) already logged
         self._next_num = 1
-        self.protection = Protection(settings)  # secrets and integrity (issue 13 B)
+        # Secrets and integrity (issue 13 B); made first: it takes REMOTERUN_SECRET_KEY out
+        # of the environment encoded below.
+        self.protection = Protection(settings)
         # The server's environment, less RR_* (ours to set) and TERM (a PTY task's is ours),
         # encoded once: every task's process starts from it.
         self._inherited_pty = encode_env({k: v for k, v in os.environ.items()

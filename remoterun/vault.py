@@ -60,12 +60,18 @@ def parse_key(text: str, where: str) -> bytes:
     return raw
 
 
-def load_key(path: Path, environ: dict[str, str] | None = None) -> tuple[bytes, str]:
-    """The server's key and where it came from: `REMOTERUN_SECRET_KEY` if set, else the file
-    at `path`, created (0600, exclusively) on first start. Blocking: call it off the loop."""
-    env = os.environ if environ is None else environ
-    if env.get(KEY_ENV):
-        return parse_key(env[KEY_ENV], KEY_ENV), KEY_ENV
+def take_env_key() -> str | None:
+    """`REMOTERUN_SECRET_KEY`, taken out of the server's environment so that no task's process
+    (which starts from that environment unless a sandbox builds its own) ever inherits it."""
+    return os.environ.pop(KEY_ENV, None) or None
+
+
+def load_key(path: Path, env_key: str | None = None) -> tuple[bytes, str]:
+    """The server's key and where it came from: `env_key` (REMOTERUN_SECRET_KEY's value) if
+    given, else the file at `path`, created (0600, exclusively) on first start. Blocking: call
+    it off the loop."""
+    if env_key:
+        return parse_key(env_key, KEY_ENV), KEY_ENV
     path.parent.mkdir(parents=True, exist_ok=True)
     try:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)

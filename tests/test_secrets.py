@@ -282,10 +282,18 @@ def test_server_log_never_holds_a_secret(server):
 
 
 async def test_key_from_the_environment(make_client, monkeypatch, tmp_path):
-    """REMOTERUN_SECRET_KEY is used instead of a key file (none is made)."""
+    """REMOTERUN_SECRET_KEY is used instead of a key file (none is made), and no task's
+    environment inherits it."""
     key = os.urandom(32)
     monkeypatch.setenv(KEY_ENV, key.hex())
     client = await make_client()
+    env_sh = tmp_path / "scripts" / "env.sh"
+    await asyncio.to_thread(env_sh.write_text, "#!/bin/sh\nenv\n")
+    await asyncio.to_thread(env_sh.chmod, 0o755)
+    listed = await submit(client, "env.sh")
+    await wait_final(client, listed["id"])
+    env = await (await client.get(f"/tasks/{listed['id']}/output")).text()
+    assert "PATH=" in env and KEY_ENV not in env and key.hex() not in env
     task = await submit(client, "secret_split.py", params={"token": SECRET, "sleep_s": 30})
     box = sqlite3.connect(tmp_path / "rr.db").execute(
         "SELECT secret_params FROM tasks WHERE id = ?", (task["id"],)).fetchone()[0]
