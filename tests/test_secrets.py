@@ -11,6 +11,7 @@ import signal
 import sqlite3
 import stat
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -339,3 +340,17 @@ async def test_clear_secrets_of_an_older_server_are_sealed(aiohttp_client, tmp_p
     raw = db_bytes(settings.db_path)
     assert b"old-clear-value" not in raw
     assert_clean(raw)
+
+
+def test_a_malformed_key_in_the_environment_stops_serve(tmp_path):
+    """`serve` with a REMOTERUN_SECRET_KEY that is not 32 bytes exits 2 with one line naming
+    the variable, not its value."""
+    server = ServerProcess(tmp_path)
+    env = {**os.environ, KEY_ENV: "not-a-key-but-a-secret-value"}
+    argv = [sys.executable, "-m", "remoterun", "serve", "--config", str(server.config),
+            "--port", str(server.port)]
+    ran = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=60, cwd=tmp_path)
+    assert ran.returncode == 2, ran.stderr
+    assert KEY_ENV in ran.stderr and "not-a-key-but-a-secret-value" not in ran.stderr
+    assert not (tmp_path / "rr.db").exists()
+
