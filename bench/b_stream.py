@@ -153,18 +153,25 @@ async def stream_masked(ctx: Context) -> list[Row]:
             Server(ctx, "stream-masked", workers=8, extra_config=MASKED_CONFIG) as masked, \
             client.session() as http:
 
+        cpu_on, cpu_off = CpuMeter(masked), CpuMeter(plain)
+
         async def on() -> float:
-            rate, _ = await remoterun_stream(http, masked.url, ctx.log_file, expected, times,
-                                             TOKEN="hunter2-Sup3r-S3cret")
+            with cpu_on:
+                rate, _ = await remoterun_stream(http, masked.url, ctx.log_file, expected,
+                                                 times, TOKEN="hunter2-Sup3r-S3cret")
             return rate
 
         async def off() -> float:
-            return (await remoterun_stream(http, plain.url, ctx.log_file, expected, times))[0]
+            with cpu_off:
+                rate, _ = await remoterun_stream(http, plain.url, ctx.log_file, expected, times)
+            return rate
 
         got, base = await interleave(ctx.runs, on, off)
+    per = expected * ctx.runs / MB
     return [Row("1 GB to one WS client, a secret + 2 patterns masked (info)", "MB/s",
                 median(got), median(base), "nothing to mask", "-", runs=got,
-                baseline_runs=base, notes=f"{expected / MB:.0f} MB per run")]
+                baseline_runs=base, notes=f"{expected / MB:.0f} MB per run; masked: "
+                f"{cpu_on.describe(per, 'MB')}; nothing to mask: {cpu_off.describe(per, 'MB')}")]
 
 
 # Latency ---------------------------------------------------------------------------------------
