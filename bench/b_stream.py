@@ -22,10 +22,11 @@ READ_BYTES = 65536
 # One task, one client --------------------------------------------------------------------------
 
 async def remoterun_stream(http: aiohttp.ClientSession, url: str, file: Path, expected: int,
-                           times: int) -> tuple[float, client.Followed]:
+                           times: int, **secret: str) -> tuple[float, client.Followed]:
     """MB/s at the client: submit, attach, decode every frame until the exit frame."""
     began = time.perf_counter()
-    task_id = await client.submit(http, url, "stream.sh", {"FILE": str(file), "TIMES": times})
+    task_id = await client.submit(http, url, "stream.sh", {"FILE": str(file), "TIMES": times,
+                                                           **secret})
     async with asyncio.timeout(600):
         seen = await client.follow(http, url, task_id)
     elapsed = time.perf_counter() - began
@@ -124,6 +125,53 @@ async def stream(ctx: Context) -> list[Row]:
     peer.baseline = peer_rate
     rows.append(peer)
     return rows
+
+
+# Masking (issue 13 B): a secret param and two [redaction] patterns, none of which the log text
+# holds, so the bytes are the same and only the masking's cost differs.
+MASKED_CONFIG = """
+[redaction]
+patterns = ["AKIA[0-9A-Z]{16}", "password=\\\\S+"]
+[scripts."stream.sh".params.FILE]
+type = "string"
+[scripts."stream.sh".params.TIMES]
+type = "integer"
+[scripts."stream.sh".params.GATE]
+type = "string"
+[scripts."stream.sh".params.TOKEN]
+type = "string"
+secret = true
+"""
+
+
+async def stream_masked(ctx: Context) -> list[Row]:
+    """The stream benchmark's task with a secret param and two patterns to mask, against the
+    same task on a server with nothing to mask, alternately in one run."""
+    times = ctx.size(32, 3)
+    expected = ctx.log_bytes * times
+    async with Server(ctx, "stream-plain", workers=8) as plain, \
+            Server(ctx, "stream-masked", workers=8, extra_config=MASKED_CONFIG) as masked, \
+            client.session() as http:
+
+        cpu_on, cpu_off = CpuMeter(masked), CpuMeter(plain)
+
+        async def on() -> float:
+            with cpu_on:
+                rate, _ = await remoterun_stream(http, masked.url, ctx.log_file, expected,
+                                                 times, TOKEN="hunter2-Sup3r-S3cret")
+            return rate
+
+        async def off() -> float:
+            with cpu_off:
+                rate, _ = await remoterun_stream(http, plain.url, ctx.log_file, expected, times)
+            return rate
+
+        got, base = await interleave(ctx.runs, on, off)
+    per = expected * ctx.runs / MB
+    return [Row("1 GB to one WS client, a secret + 2 patterns masked (info)", "MB/s",
+                median(got), median(base), "nothing to mask", "-", runs=got,
+                baseline_runs=base, notes=f"{expected / MB:.0f} MB per run; masked: "
+                f"{cpu_on.describe(per, 'MB')}; nothing to mask: {cpu_off.describe(per, 'MB')}")]
 
 
 # Latency ---------------------------------------------------------------------------------------

@@ -35,6 +35,7 @@ GROUPS: dict[str, tuple[str, str]] = {
     "trivial": ("b_tasks", "trivial"),
     "submissions": ("b_tasks", "submissions"),
     "stream": ("b_stream", "stream"),
+    "stream_masked": ("b_stream", "stream_masked"),
     "latency": ("b_stream", "latency"),
     "fanout": ("b_fanout", "fanout"),
     "idle": ("b_fanout", "idle"),

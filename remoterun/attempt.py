@@ -14,15 +14,16 @@ import asyncio
 import dataclasses
 import json
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from remoterun.archive import TaskArchive
-from remoterun.catalogue import Script, param_value
+from remoterun.catalogue import Scalar, Script, param_value
 from remoterun.errors import BadRequest
 from remoterun.hub import TaskHub
+from remoterun.redact import LINE_HOLD_S, Masker
 from remoterun.runner import Run, RunResult, RunSpec, SpawnError, spawn_message
 from remoterun.sandbox import Launch, Policy, Sandbox, SandboxError
 from remoterun.spawn import Children
@@ -66,9 +67,10 @@ class Limits:
 
 def decide(row: dict[str, Any], result: RunResult | None, error: str | None,
            stop_reason: str | None, timeout_s: float | None,
-           limit: str | None = None) -> Outcome:
+           limit: str | None = None, retryable: bool = True) -> Outcome:
     """The outcome of an attempt from how its process ended and why it was stopped (`limit`:
-    the resource limit it is known to have hit, named)."""
+    the resource limit it is known to have hit, named; `retryable` False: refused before it
+    ran, which another attempt would be too)."""
     status, exit_code = S.FAILED, None
     if result is not None:
         exit_code = result.exit_code
@@ -89,16 +91,20 @@ def decide(row: dict[str, Any], result: RunResult | None, error: str | None,
             status = S.SUCCESS
     elif stop_reason == "cancel":
         status, error = S.CANCELLED, None
-    retry = status in (S.FAILED, S.TIMEOUT) and row["attempt"] <= row["max_retries"]
+    retry = status in (S.FAILED, S.TIMEOUT) and row["attempt"] <= row["max_retries"] \
+        and retryable
     return Outcome(status, exit_code, error, retry)
 
 
 def build_spec(row: dict[str, Any], script: Script, root: Path,
-               inherited: Sequence[bytes]) -> RunSpec:
-    """The process to start for the task's current attempt."""
-    params: dict[str, Any] = json.loads(row["params"])
-    params.update(json.loads(row["secret_params"]))
-    env = {f"RR_PARAM_{k.upper()}": param_value(v) for k, v in params.items()}
+               inherited: Sequence[bytes], secrets: Mapping[str, Scalar] | None = None
+               ) -> RunSpec:
+    """The process to start for the task's current attempt. Secret params (their values
+    opened from the row's box) go only into the environment, never into argv."""
+    secrets = secrets or {}
+    params = {k: v for k, v in json.loads(row["params"]).items() if k not in secrets}
+    env = {f"RR_PARAM_{k.upper()}": param_value(v) for k, v in (*params.items(),
+                                                                *secrets.items())}
     env.update(RR_TASK_ID=row["id"], RR_ATTEMPT=str(row["attempt"]))
     if row["pty"]:
         env["TERM"] = "xterm-256color"
@@ -137,6 +143,9 @@ class Attempt:
     sandbox: Sandbox | None = None  # isolation and limits (None: the spec as it is)
     launch: Launch | None = None
     limit_error: str | None = None  # the limit the run hit, named (sandbox.finish)
+    masker: Masker | None = None  # secrets and [redaction] patterns; None: nothing to mask
+    retryable: bool = True  # False: refused before it ran (integrity, secrets)
+    _hold_timer: asyncio.TimerHandle | None = None  # releases held incomplete lines
 
     def request_stop(self, reason: str) -> None:
         """Stop the process (its group: SIGTERM, then SIGKILL after the grace)."""
@@ -228,8 +237,42 @@ class Attempt:
                 self._timer.cancel()
                 self._timer = None
             await asyncio.shield(self._finish_launch(result))
+            self._flush_masker()
 
     def _on_output(self, stream: str, data: bytes) -> None:
+        masker = self.masker
+        if masker is not None:
+            data = masker.feed(stream, data)
+            if masker.holding_lines and self._hold_timer is None:
+                self._hold_timer = asyncio.get_running_loop().call_later(
+                    LINE_HOLD_S, self._release_lines)
+            if not data:
+                return
+        self._frame(stream, data)
+
+    def _release_lines(self) -> None:
+        """Frame the incomplete lines that waited LINE_HOLD_S; wake again for the others."""
+        self._hold_timer = None
+        masker = self.masker
+        if masker is None:
+            return
+        now = time.monotonic()
+        for stream, data in masker.release_lines(now):
+            self._frame(stream, data)
+        delay = masker.next_release(now)
+        if delay is not None:
+            self._hold_timer = asyncio.get_running_loop().call_later(delay, self._release_lines)
+
+    def _flush_masker(self) -> None:
+        """The run has ended: what masking held back is framed now, masked."""
+        if self._hold_timer is not None:
+            self._hold_timer.cancel()
+            self._hold_timer = None
+        if self.masker is not None:
+            for stream, data in self.masker.flush():
+                self._frame(stream, data)
+
+    def _frame(self, stream: str, data: bytes) -> None:
         row = self.row
         if self.archive.failure is not None:
             self.note_archive_failure()

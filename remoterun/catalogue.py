@@ -27,6 +27,8 @@ _PARAM_KEYS = {"type", "required", "default", "enum", "pattern", "secret", "desc
 _META_KEYS = {"description", "timeout_s", "max_concurrency", "roles", "cwd", "params",
               "max_retries", "retry_base_s", "max_output_bytes"}
 _ISOLATION_KEYS = {"sandbox": parse_sandbox, "limits": parse_limits, "env": parse_env}
+_META_KEYS |= {"sha256"}  # integrity (issue 13 B): the digest the script's bytes must have
+SIG_SUFFIX = ".sig"  # a script's signature file (integrity.py), never itself a script
 
 Scalar = str | int | float | bool
 
@@ -76,6 +78,7 @@ class Script:
     sandbox: Mapping[str, Any] = field(default_factory=dict)
     limits: Mapping[str, int] = field(default_factory=dict)
     env: Mapping[str, str] = field(default_factory=dict)
+    sha256: str | None = None  # pinned by its metadata: its bytes must have this digest
 
     def to_json(self) -> dict[str, Any]:
         """The entry of GET /scripts."""
@@ -168,8 +171,8 @@ def _check(p: Param, value: Any) -> str | None:
         ok = isinstance(value, int | float) and not isinstance(value, bool)
     else:
         ok = isinstance(value, str)
-    if not ok:
-        return f"expected {p.type}, got {json.dumps(value)}"
+    if not ok:  # a secret's value is never shown back, not even a wrong one
+        return f"expected {p.type}" if p.secret else f"expected {p.type}, got {json.dumps(value)}"
     problem = _scalar_problem(value)
     if problem is not None:
         return problem
@@ -244,6 +247,11 @@ def parse_metadata(where: str, raw: Mapping[str, Any]) -> dict[str, Any]:
                 out[key] = parser(f"{where}.{key}", raw[key])
             except ConfigError as exc:
                 raise MetadataError(str(exc)) from None
+    if "sha256" in raw:
+        if not isinstance(raw["sha256"], str) or not re.fullmatch(r"[0-9a-fA-F]{64}",
+                                                                    raw["sha256"]):
+            raise MetadataError(f"{where}.sha256: expected 64 hex digits, got {raw['sha256']!r}")
+        out["sha256"] = raw["sha256"].lower()
     out["extra"] = {k: raw[k] for k in ("max_retries", "retry_base_s") if k in raw}
     if "max_output_bytes" in out:
         out["extra"]["max_output_bytes"] = out.pop("max_output_bytes")
@@ -271,7 +279,8 @@ class Catalogue:
         if pure.is_absolute() or ".." in pure.parts:
             raise NotFound(f"{name!r} is outside the scripts directory", code="unknown_script")
         parts = [p for p in pure.parts if p != "."]
-        if not parts or any(p.startswith(".") for p in parts) or name.endswith(SIDECAR_SUFFIX):
+        if not parts or any(p.startswith(".") for p in parts) or name.endswith(
+                (SIDECAR_SUFFIX, SIG_SUFFIX)):
             raise NotFound(f"no script named {name!r}", code="unknown_script")
         clean = "/".join(parts)
         try:

@@ -37,6 +37,7 @@ def _is_loopback(host: str) -> bool:
 def serve(args: argparse.Namespace) -> int:
     """Run the server until SIGTERM/SIGINT."""
     from remoterun.api.app import create_app
+    from remoterun.vault import KEY_ENV, parse_key
 
     logs.configure()
     path = Path(args.config) if args.config else (Path("config.toml")
@@ -53,6 +54,8 @@ def serve(args: argparse.Namespace) -> int:
         if not settings.scripts_dir.is_dir():
             raise config.ConfigError(f"paths.scripts: {settings.scripts_dir} is not a directory")
         Catalogue(settings.scripts_dir, settings.scripts).check()
+        if os.environ.get(KEY_ENV):  # a malformed key stops here, before anything is opened
+            parse_key(os.environ[KEY_ENV], KEY_ENV)
         logs.configure(settings.log_level)
         from remoterun.api.listen import tls_context  # a bad certificate stops here
         tls_context(settings)
@@ -285,7 +288,40 @@ def parser() -> argparse.ArgumentParser:
     comp = sub.add_parser("completion", help="print a shell completion script")
     comp.add_argument("shell", choices=("bash", "zsh"))
     _token_parser(sub)
+    _sign_parser(sub)
     return p
+
+
+def _sign_parser(sub: Any) -> None:
+    g = sub.add_parser("sign", help="sign scripts for [integrity] public_keys (Ed25519)")
+    g.add_argument("scripts", nargs="*", metavar="SCRIPT", help="write SCRIPT.sig beside each")
+    mode = g.add_mutually_exclusive_group(required=True)
+    mode.add_argument("--key", metavar="PRIVATE_KEY", help="the PEM private key to sign with")
+    mode.add_argument("--new-key", metavar="PRIVATE_KEY",
+                      help="make a new private key file (0600) and print its public key")
+
+
+def sign_command(args: argparse.Namespace) -> int:
+    """`remoterun sign --new-key KEY` / `remoterun sign --key KEY SCRIPT...`."""
+    from remoterun.integrity import new_key, sign
+
+    try:
+        if args.new_key:
+            public = new_key(Path(args.new_key))
+            print(f"private key written to {args.new_key} (keep it off the server)")
+            print(f'\nadd to config.toml:\n\n[integrity]\npublic_keys = ["{public}"]')
+            for script in args.scripts:
+                print(f"signed {sign(Path(args.new_key), Path(script))[0]}")
+            return 0
+        if not args.scripts:
+            print("remoterun: sign: name the scripts to sign", file=sys.stderr)
+            return 2
+        for script in args.scripts:
+            print(f"signed {sign(Path(args.key), Path(script))[0]}")
+    except (OSError, ValueError, TypeError) as exc:
+        print(f"remoterun: sign: {exc}", file=sys.stderr)
+        return 1
+    return 0
 
 
 def _token_parser(sub: Any) -> None:
@@ -331,6 +367,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.verb == "token":
         return token_command(args)
+    if args.verb == "sign":
+        return sign_command(args)
     try:
         return asyncio.run(_client(args, commands.VERBS[args.verb]))
     except UsageError as exc:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import dataclasses
 import re
 import tomllib
@@ -146,6 +147,10 @@ class Settings:
     retention_interval_s: float = 300.0
     heartbeat_s: float = 20.0
     log_level: str = "info"
+    # Secrets and integrity (issue 13 B; SECURITY.md).
+    secret_key_path: Path | None = None  # None: remoterun-secret.key beside the database
+    redaction_patterns: tuple[str, ...] = ()  # regexes masked as *** in every task's output
+    integrity_public_keys: tuple[bytes, ...] = ()  # raw Ed25519 keys: every script signed
     # Access control and browser safety (issue 12; SECURITY.md).
     allowed_origins: tuple[str, ...] = ()  # besides the server's own origin
     allowed_hosts: tuple[str, ...] = ()  # Host names answered without tokens, besides loopback
@@ -283,6 +288,9 @@ _KEYS: dict[tuple[str, str], str] = {
     ("server", "header_timeout_s"): "header_timeout_s",
     ("server", "tls_cert"): "tls_cert",
     ("server", "tls_key"): "tls_key",
+    ("paths", "secret_key"): "secret_key_path",
+    ("redaction", "patterns"): "redaction_patterns",
+    ("integrity", "public_keys"): "integrity_public_keys",
     ("paths", "scripts"): "scripts_dir",
     ("paths", "archive"): "archive_dir",
     ("paths", "db"): "db_path",
@@ -348,8 +356,53 @@ def _coerce_security(key: str, name: str, value: Any) -> Any:
     return Path(value)
 
 
+# Ed25519 public keys in DER (SubjectPublicKeyInfo, as `openssl pkey -pubout` writes inside
+# its PEM) are this prefix and the 32 raw bytes.
+_ED25519_SPKI = bytes.fromhex("302a300506032b6570032100")
+
+
+def _public_key(where: str, text: Any) -> bytes:
+    """An Ed25519 public key given as base64 or hex of its 32 bytes, or its PEM / DER form."""
+    raw: bytes | None = None
+    if isinstance(text, str):
+        body = "".join(line for line in text.strip().splitlines() if not line.startswith("-----"))
+        try:
+            raw = bytes.fromhex(body) if re.fullmatch(r"[0-9a-fA-F]{64}", body) \
+                else base64.b64decode(body, validate=True)
+        except ValueError:
+            raw = None
+    if raw is not None and len(raw) == 44 and raw.startswith(_ED25519_SPKI):
+        raw = raw[len(_ED25519_SPKI):]
+    if raw is None or len(raw) != 32:
+        raise ConfigError(f"{where}: expected an Ed25519 public key (base64 or hex of 32 bytes, "
+                          f"or PEM), got {str(text)[:80]!r}")
+    return raw
+
+
+def _coerce_secrets(key: str, name: str, value: Any) -> Any:
+    """[paths] secret_key, [redaction] patterns, [integrity] public_keys."""
+    if name == "secret_key_path":
+        if not isinstance(value, str) or not value:
+            raise ConfigError(f"{key}: expected a path string, got {value!r}")
+        return Path(value)
+    items = _strings(key, value)
+    if name == "integrity_public_keys":
+        return tuple(_public_key(f"{key}[{i}]", item) for i, item in enumerate(items))
+    for i, pattern in enumerate(items):
+        try:
+            compiled = re.compile(pattern.encode())
+        except re.error as exc:
+            raise ConfigError(f"{key}[{i}]: not a regular expression: {exc}") from None
+        if compiled.search(b"") is not None:
+            raise ConfigError(f"{key}[{i}]: {pattern!r} matches the empty string, so it would "
+                              f"mask between every byte")
+    return items
+
+
 def _coerce(key: str, name: str, value: Any) -> Any:
     kind = _FIELD_TYPES[name]
+    if name in ("secret_key_path", "redaction_patterns", "integrity_public_keys"):
+        return _coerce_secrets(key, name, value)
     if name in ("metrics_public", "public_url"):
         return _coerce_monitoring(key, name, value)
     if name in ("allowed_origins", "allowed_hosts", "tls_cert", "tls_key"):
@@ -469,7 +522,8 @@ def parse(data: Mapping[str, Any], base: Path) -> Settings:
             if name is None:
                 raise ConfigError(f"{section}.{key}: unknown key")
             values[name] = _coerce(f"{section}.{key}", name, value)
-    for name in ("scripts_dir", "archive_dir", "db_path", "tls_cert", "tls_key", "work_dir"):
+    for name in ("scripts_dir", "archive_dir", "db_path", "tls_cert", "tls_key", "work_dir",
+                 "secret_key_path"):
         if name in values and not values[name].is_absolute():
             values[name] = base / values[name]
     if ("tls_cert" in values) != ("tls_key" in values):

@@ -50,6 +50,12 @@ class Conflict(RemoteRunError):
     code = "conflict"
 
 
+class IntegrityFailed(Conflict):
+    """The script failed its integrity check (its pinned sha256, its signature): refused."""
+
+    code = "integrity_failed"
+
+
 class Unauthorized(RemoteRunError):
     """No token, or one the server does not know."""
 

@@ -4,6 +4,7 @@ is a terminal), context variables merged first."""
 from __future__ import annotations
 
 import functools
+import importlib.util
 import json
 import logging
 import sys
@@ -46,7 +47,11 @@ def configure(level: str = "info", console: bool | None = None) -> None:
         console = sys.stderr.isatty()
     tail: list[Any]
     if console:
-        tail = [structlog.dev.ConsoleRenderer(colors=True)]
+        # Tracebacks without their frames' locals (rich shows them by default): a local may
+        # hold a task's secret params.
+        formatter = structlog.dev.RichTracebackFormatter(show_locals=False) \
+            if importlib.util.find_spec("rich") else structlog.dev.plain_traceback
+        tail = [structlog.dev.ConsoleRenderer(colors=True, exception_formatter=formatter)]
     else:
         tail = [structlog.processors.format_exc_info,
                 structlog.processors.JSONRenderer(serializer=_serialize)]

@@ -20,7 +20,6 @@ import asyncio
 import contextlib
 import ctypes
 import functools
-import json
 import random
 import signal
 import time
@@ -29,6 +28,7 @@ from collections.abc import Callable, Collection, Coroutine, Iterable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from enum import StrEnum
+from pathlib import Path
 from typing import Any
 
 import structlog
@@ -46,16 +46,18 @@ from remoterun.attempt import Attempt, Limits, build_spec, decide
 from remoterun.catalogue import Catalogue, Script
 from remoterun.compressor import Compressor
 from remoterun.config import Settings
-from remoterun.errors import Conflict, NotFound, QueueFull, Unavailable
+from remoterun.errors import Conflict, IntegrityFailed, NotFound, QueueFull, Unavailable
 from remoterun.feed import TaskFeed
 from remoterun.hub import Subscription, TaskHub, replay_finished
 from remoterun.metrics import Metrics
 from remoterun.pending import PendingQueue
+from remoterun.protect import Protection
 from remoterun.reaper import become_subreaper, kill_left_behind, tend_orphans
 from remoterun.runner import RunResult, SpawnError
 from remoterun.sandbox import Sandbox
 from remoterun.spawn import Children
 from remoterun.state import FINAL, TaskStatus, check_transition
+from remoterun.vault import NONE, SecretsUnavailable
 from remoterun.wire import Event, exit_event, rfc3339, task_json
 
 log = structlog.get_logger(__name__)
@@ -118,6 +120,9 @@ class Scheduler:
         self._loops: list[asyncio.Task[None]] = []
         self._logged: set[tuple[str, str]] = set()  # (failure kind, task) already logged
         self._next_num = 1
+        # Secrets and integrity (issue 13 B); made first: it takes REMOTERUN_SECRET_KEY out
+        # of the server's environment before the sandbox reads its allow-list from it.
+        self.protection = Protection(settings)
         # Isolation, limits and each task's environment (the allow-list, never ours).
         self.sandbox = Sandbox(settings, children)
 
@@ -127,6 +132,11 @@ class Scheduler:
         """Recover what a previous server left, then start dispatching."""
         top = await self.db.fetch_one("SELECT MAX(num) AS n FROM tasks")
         self._next_num = (top["n"] or 0) + 1 if top else 1
+        sealing = await self.protection.open(self.db)
+        if sealing:  # an older server's secrets in clear: sealed, and no copy left in the log
+            await self._commit(sealing)
+            await self.db.checkpoint(truncate=True)
+            log.warning("secrets_sealed", tasks=len(sealing))
         await self._recover()
         await self.sandbox.start()
         if not become_subreaper():
@@ -244,6 +254,8 @@ class Scheduler:
         old = S(row["status"])
         check_transition(old, new)
         fields["updated_at"] = time.time()
+        if new in FINAL and row.get("secret_params", NONE) != NONE:
+            fields["secret_params"] = NONE  # its secrets are not needed any more: dropped
         attempt = fields.get("attempt", row["attempt"])
         statements = store.transition(row["id"], old, new, attempt, dict(fields),
                                       detail=fields.get("error"))
@@ -272,13 +284,17 @@ class Scheduler:
             raise QueueFull(f"{len(self.queue)} tasks are already waiting (engine.max_pending)",
                             retry_after_s=5.0)
         params = script.validate(request.get("params", {}))
-        secret = script.secret_keys
+        try:
+            await self.protection.check(script)
+        except IntegrityFailed as exc:
+            await self._refused(script, exc, audit)
+            raise
         now = time.time()
         task_id = str(uuid.uuid4())
+        shown, sealed = self.protection.seal(task_id, script, params)
         row: dict[str, Any] = {
             "num": self._next_num, "id": task_id, "script": script.name, "status": str(S.PENDING),
-            "params": json.dumps({k: "***" if k in secret else v for k, v in params.items()}),
-            "secret_params": json.dumps({k: v for k, v in params.items() if k in secret}),
+            "params": shown, "secret_params": sealed,
             "priority": request.get("priority", 0), "timeout": request.get("timeout"),
             "max_retries": request.get("max_retries", 0), "attempt": 1,
             "pty": request.get("pty", False),
@@ -301,6 +317,15 @@ class Scheduler:
         log.info("task_submitted", task_id=task_id, script=script.name,
                  submitted_by=submitted_by)
         return task_json(full)
+
+    async def _refused(self, script: Script, exc: IntegrityFailed,
+                       audit: dict[str, Any] | None) -> None:
+        """Log and audit a submission refused by the script's integrity check."""
+        log.warning("integrity_failed", script=script.name, error=exc.message)
+        if audit is not None:
+            await self._commit([store.insert_audit(
+                {**audit, "result": exc.code, "detail": exc.message[:1000]},
+                script=script.name)], within_s=self._request_wait())
 
     def _request_wait(self) -> float:
         return min(self.settings.db_retry_s, REQUEST_DB_WAIT_S)
@@ -523,15 +548,23 @@ class Scheduler:
                        ) -> tuple[RunResult | None, str | None]:
         """Start the process and wait for its end; (result, None) or (None, why not)."""
         row = state.row
+        copy: Path | None = None
         try:
             if attempt.stop.done():
                 raise SpawnError("cancelled before it started")
             script = self.catalogue.resolve(row["script"])
+            secrets, script, copy = await self.protection.prepare(row, script)
+            attempt.masker = self.protection.masker(secrets)
             policy = self.sandbox.policy(script.sandbox, script.limits, script.env)
-            run = await attempt.start(build_spec(row, script, self.catalogue.root, ()), policy)
+            run = await attempt.start(build_spec(row, script, self.catalogue.root, (), secrets),
+                                      policy)
             row["pid"] = run.pid  # persisted by the next flush tick
             log.debug("task_started", pid=run.pid, script=row["script"])
             return await attempt.wait(), None
+        except (IntegrityFailed, SecretsUnavailable) as exc:  # another attempt would be too
+            attempt.retryable = False
+            log.warning("attempt_refused", script=row["script"], error=str(exc))
+            return None, str(exc)
         except NotFound as exc:
             return None, f"script {row['script']!r} is no longer runnable: {exc.message}"
         except SpawnError as exc:
@@ -539,6 +572,8 @@ class Scheduler:
         except Exception as exc:  # a bug of ours must not leave the task running
             log.exception("run_crashed")
             return None, f"internal error: {exc}"
+        finally:
+            await self.protection.discard(copy)
 
     def _release(self, state: TaskState) -> None:
         """Give the worker slot back."""
@@ -564,7 +599,7 @@ class Scheduler:
             self.problems["archive"] = error
             self._log_once("archive_write_failed", row["id"], error=error)
         outcome = decide(row, result, error, attempt.stop_reason, attempt.limits.timeout_s,
-                         attempt.limit_error)
+                         attempt.limit_error, attempt.retryable)
         common = dict(exit_code=outcome.exit_code, error=outcome.error, pid=None,
                       output_bytes=row["output_bytes"], last_seq=row["last_seq"],
                       seq_reserved=attempt.hub.next_seq - 1)

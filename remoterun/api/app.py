@@ -204,7 +204,7 @@ async def services(app: web.Application) -> AsyncIterator[None]:
     """Open the database, the compressor thread, the scheduler and the retention sweeper;
     close them in reverse."""
     settings = app[SETTINGS]
-    settings.archive_dir.mkdir(parents=True, exist_ok=True)
+    settings.archive_dir.mkdir(mode=0o700, parents=True, exist_ok=True)  # the server's alone
     db = app[DB] = Database(settings.db_path, observe_write=app[METRICS].db_write.observe)
     await db.open()
     compressor = Compressor()

@@ -80,8 +80,8 @@ def _refuse_constant(name: str) -> Any:
 
 def _finite(text: str) -> float:
     value = float(text)
-    if not math.isfinite(value):  # 1e999
-        raise ValueError(f"{text[:40]} is out of range")
+    if not math.isfinite(value):  # 1e999; not echoed: it may be a secret param's value
+        raise ValueError("a number is out of range")
     return value
 
 

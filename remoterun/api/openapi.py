@@ -24,7 +24,8 @@ ERROR_TEXT = {
     401: "no token, or an unknown one (auth on)",
     403: "the token's role or script list does not allow it; or a foreign Origin",
     404: "no such task or script",
-    409: "the task already ended",
+    409: "the task already ended; at submit, integrity_failed: the script failed its "
+         "sha256 pin or signature check",
     410: "the output was deleted by retention",
     413: "the body is over server.max_body_bytes",
     415: "a POST body that is not application/json",
@@ -269,7 +270,7 @@ def _paths() -> dict[str, Any]:
                         "headers": {"Location": {"schema": {"type": "string"}}},
                     }
                 },
-                (400, 404, 413, 415, 422, 503),
+                (400, 404, 409, 413, 415, 422, 503),
                 body=_ref("Submit"),
             ),
             "get": _op(

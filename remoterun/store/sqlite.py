@@ -33,7 +33,9 @@ from __future__ import annotations
 import asyncio
 import functools
 import operator
+import os
 import sqlite3
+import stat
 import time
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
@@ -75,7 +77,9 @@ class Task(_Base):
     id = pw.CharField(unique=True)
     script = pw.CharField()
     params = pw.TextField(default="{}")  # JSON, secrets as "***"
-    secret_params = pw.TextField(default="{}")  # JSON, the real values of secret params
+    # The real values of secret params, sealed (vault.py: "rr1:..."); "{}" for none, and once
+    # the task has ended.
+    secret_params = pw.TextField(default="{}")
     status = pw.CharField(index=True)
     priority = pw.IntegerField(default=0)
     timeout = pw.FloatField(null=True)
@@ -265,6 +269,7 @@ class Database:
     async def open(self) -> None:
         """Open (creating or migrating) the database and start the writer."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        await asyncio.to_thread(_private, self.path)
         self._conn = await aiosqlite.connect(self.path, isolation_level=None)
         self._conn.row_factory = sqlite3.Row
         for pragma in ("journal_mode=WAL", "synchronous=NORMAL", "foreign_keys=ON",
@@ -272,8 +277,10 @@ class Database:
             await self.conn.execute(f"PRAGMA {pragma}")
         await self._migrate()
         self._writer = sqlite3.connect(self.path, isolation_level=None)
+        # secure_delete=FAST: what a write frees (a finished task's sealed secrets) is zeroed
+        # where that costs no extra I/O.
         for pragma in ("synchronous=NORMAL", "foreign_keys=ON", "busy_timeout=0",
-                       "wal_autocheckpoint=0"):
+                       "wal_autocheckpoint=0", "secure_delete=FAST"):
             self._writer.execute(f"PRAGMA {pragma}")
 
     async def close(self) -> None:
@@ -372,13 +379,14 @@ class Database:
             return str(exc)
         return None
 
-    async def checkpoint(self) -> None:
+    async def checkpoint(self, truncate: bool = False) -> None:
         """Copy the write-ahead log into the database file, on aiosqlite's thread (if anything
-        was written since the last time)."""
+        was written since the last time); `truncate`: and empty the log file."""
         if not self._unchecked:
             return
         self._unchecked = False
-        await self.conn.execute_fetchall("PRAGMA wal_checkpoint(PASSIVE)")
+        mode = "TRUNCATE" if truncate else "PASSIVE"
+        await self.conn.execute_fetchall(f"PRAGMA wal_checkpoint({mode})")
 
     async def fetch_all(self, sql: str, params: Sequence[Any] = ()) -> list[dict[str, Any]]:
         """Rows as dicts, the statement stepped to its end in one hop (see the module's
@@ -428,6 +436,13 @@ class Database:
             TaskEvent.exit_code.alias("event_exit_code"), Task)
             .join(Task, on=(Task.id == TaskEvent.task_id))
             .where(TaskEvent.id > since).order_by(TaskEvent.id).limit(limit))
+        return await self.fetch_all(*query.sql())
+
+    async def secrets_in_clear(self) -> list[dict[str, Any]]:
+        """Tasks whose secret params an older server stored in clear JSON: id, status, the
+        JSON (for the scheduler to seal, or drop once final)."""
+        query = Task.select(Task.id, Task.status, Task.secret_params).where(
+            Task.secret_params.startswith("{") & (Task.secret_params != "{}"))
         return await self.fetch_all(*query.sql())
 
     async def tasks_in(self, *statuses: TaskStatus) -> list[dict[str, Any]]:
@@ -511,6 +526,24 @@ class Database:
     async def ping(self) -> None:
         """Raise if the database is not usable."""
         await self.fetch_one("SELECT 1 AS ok")
+
+
+def _private(path: Path) -> None:
+    """Create the database file 0600 (SQLite gives its -wal and -shm files the database's
+    mode), and take group and other access from one that exists. Start-up, once."""
+    try:
+        os.close(os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600))
+        return
+    except FileExistsError:
+        pass
+    for each in (path, path.with_name(path.name + "-wal"), path.with_name(path.name + "-shm")):
+        try:
+            mode = each.stat().st_mode
+            if mode & (stat.S_IRWXG | stat.S_IRWXO):
+                os.chmod(each, stat.S_IMODE(mode) & 0o700)
+                log.warning("database_mode_tightened", path=str(each), was=oct(mode & 0o777))
+        except FileNotFoundError:
+            continue
 
 
 def _task_filter(*, status: str | None = None, script: str | None = None,
