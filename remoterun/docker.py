@@ -27,12 +27,13 @@ RM_TIMEOUT_S = 30.0
 
 def run_argv(docker: str, name: str, image: str, argv: Sequence[str], *,
              env: Mapping[str, str], scripts: str, workdir: str, cwd: str, pty: bool,
-             network: bool, user: str, limits: ResourceLimits) -> list[str]:
+             network: bool, user: str, limits: ResourceLimits,
+             program: Sequence[str] = ()) -> list[str]:
     """`docker run` of argv in `image`: the scripts folder read-only and the work folder
     writable at their own paths, `env`'s names passed (their values stay in the client's
     environment, never in argv where `ps` shows them), the limits as Docker's flags."""
     out = [docker, "run", "--rm", "-i", *(["-t"] if pty else []), "--init", "--name", name,
-           "-v", f"{scripts}:{scripts}:ro", "-v", f"{workdir}:{workdir}", "-w", cwd]
+           "-v", f"{scripts}:{scripts}:ro", "-v", f"{workdir}:{workdir}", *program, "-w", cwd]
     if not network:
         out += ["--network", "none"]
     if user:

@@ -268,7 +268,8 @@ class Sandbox:
                 "--block-fd", str(block_r)]
         if not policy.network:
             argv.append("--unshare-net")
-        argv += [*self._head, "--bind", wd, wd, *self._tail, "--chdir", str(cwd), "--"]
+        argv += [*self._head, "--bind", wd, wd, *self._outside(launch.argv[0], "--ro-bind"),
+                 *self._tail, "--chdir", str(cwd), "--"]
         if pty:  # the terminal becomes the script's, in a session of its own inside
             argv += [self.setsid, "--ctty"]
         launch.argv = [*argv, *launch.argv]
@@ -286,9 +287,19 @@ class Sandbox:
         launch.argv = docker.run_argv(
             self.docker, launch.container, policy.image, launch.argv, env=launch.env,
             scripts=str(self.scripts), workdir=wd, cwd=str(cwd), pty=pty,
+            program=self._outside(launch.argv[0], "-v"),
             network=policy.network, user=policy.run_as, limits=policy.limits)
         launch.env.update(docker.client_env(os.environ))
         launch.signal_exit_codes = True
+
+    def _outside(self, program: str, flag: str) -> list[str]:
+        """The mount that shows a program outside the scripts folder (an integrity check's
+        private copy, under the database's hidden folder) read-only at its own path."""
+        if Path(program).is_relative_to(self.scripts):
+            return []
+        if flag == "-v":
+            return [flag, f"{program}:{program}:ro"]
+        return [flag, program, program]
 
     async def finish(self, launch: Launch, exit_code: int | None, stopped: str | None
                      ) -> str | None:

@@ -95,8 +95,12 @@ async def test_secret_is_not_an_argument_and_not_in_ps(client):
         while "sha=" not in text:
             msg = json.loads((await ws.receive()).data)
             text += msg.get("data", "") if msg["type"] == "output" else ""
-    pid = int(text.split("pid=")[1].split()[0])
     assert "argv=['--label=plain', '--fail_first=false', '--sleep_s=30']" in text
+    # The script's pid as this host sees it (in a sandbox it prints its PID namespace's).
+    listing = await asyncio.to_thread(subprocess.run, ["ps", "-ww", "-eo", "pid,args"],
+                                      capture_output=True, check=True)
+    pid = next(int(line.split()[0]) for line in listing.stdout.decode().splitlines()
+               if "secret_split.py --label=plain" in line and "bwrap" not in line)
     cmdline, environ_bytes = await asyncio.to_thread(
         lambda: (Path(f"/proc/{pid}/cmdline").read_bytes(),
                  Path(f"/proc/{pid}/environ").read_bytes()))
