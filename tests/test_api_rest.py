@@ -223,10 +223,10 @@ async def test_unknown_and_escaping_scripts(client, tmp_path):
     outside = tmp_path / "outside.sh"
     outside.write_text("#!/bin/sh\necho escaped\n")
     outside.chmod(0o755)
-    os.symlink(outside, scripts / "escape.sh")
+    os.symlink(outside, scripts / "link_out.sh")
     os.symlink(tmp_path, scripts / "escape_dir")
     for name in ("nope.sh", "../outside.sh", "../../etc/passwd", "/etc/passwd",
-                 str(outside), "escape.sh", "escape_dir/outside.sh", "notexec.sh",
+                 str(outside), "link_out.sh", "escape_dir/outside.sh", "notexec.sh",
                  "schema.sh.toml", "sub/../../outside.sh", "", ".", "sub"):
         await _expect_error(client, 404, {"script": name}, "unknown_script")
     assert await _count(client) == 0
