@@ -38,6 +38,7 @@ from remoterun import store
 from remoterun.archive import (
     Segment,
     TaskArchive,
+    deflate_of,
     logs_path_for,
     next_number,
     recover,
@@ -433,7 +434,7 @@ class Scheduler:
         row = state.row
         settings = self.settings
         archive = TaskArchive(settings.archive_dir, row["logs_path"], self.compressor,
-                              level=settings.gzip_level,
+                              deflate=deflate_of(settings),
                               segment_max_bytes=settings.segment_max_bytes,
                               segment_max_age_s=settings.segment_max_age_s or None,
                               first_number=state.next_segment)
@@ -589,7 +590,8 @@ class Scheduler:
             attempt.stop_reason = "archive"
         segs = archive.segments
         found: list[Segment] = await asyncio.to_thread(
-            settle, self.settings.archive_dir, [s.path for s in segs], self.settings.gzip_level)
+            settle, self.settings.archive_dir, [s.path for s in segs],
+            deflate_of(self.settings))
         row = state.row
         row["output_bytes"] -= sum(s.raw_bytes for s in segs) - sum(s.raw_bytes for s in found)
         if segs:
@@ -755,7 +757,7 @@ async def _trim_memory() -> None:
 
 def _finalize_archive(settings: Settings, row: dict[str, Any]) -> list[Segment]:
     """Make whole the segments a dead server left open, and describe them all for their rows."""
-    found, scans = recover(settings.archive_dir, row["logs_path"], settings.gzip_level)
+    found, scans = recover(settings.archive_dir, row["logs_path"], deflate_of(settings))
     for scan in scans:
         if not scan.complete:
             log.warning("archive_segment_finalized", task_id=row["id"], path=str(scan.path),
