@@ -363,6 +363,12 @@ class Scheduler:
         return state.attempt if state is not None and state.where is not Where.FINISHING \
             else None
 
+    def live_row(self, task_id: str) -> dict[str, Any] | None:
+        """The row of a task this scheduler holds (queued to finishing), else None; the
+        caller only reads it."""
+        state = self.tasks.get(task_id)
+        return state.row if state is not None else None
+
     def _hub(self, state: TaskState) -> TaskHub:
         if state.hub is None:
             row = state.row

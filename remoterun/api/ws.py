@@ -295,7 +295,7 @@ async def ws_submit(request: web.Request) -> web.WebSocketResponse:
 @routes.get("/tasks/{id}/ws")
 async def ws_attach(request: web.Request) -> web.WebSocketResponse:
     """Attach to a task: replay after `since`, then live."""
-    row = await task_row(request)  # 404 or 403 before the upgrade
+    row = await task_row(request, live=True)  # 404 or 403 before the upgrade
     since = parse_since(request.query.get("since"))
     await record(request, "attach", task_id=row["id"], script=row["script"], detail="ws")
     return await _serve(request, row, since)
