@@ -125,14 +125,16 @@ class Session:
             if size >= WRITE_BYTES:
                 transport.write(b"".join(chunk))
                 chunk, size = [], 0
-                await self._drain(sub)
+                await self._drain(sub, transport)
         if chunk:
             transport.write(b"".join(chunk))
-            await self._drain(sub)
+            await self._drain(sub, transport)
 
-    async def _drain(self, sub: Subscription) -> None:
+    async def _drain(self, sub: Subscription, transport: asyncio.WriteTransport) -> None:
         """Wait for the client to take what was written; one that takes nothing for
         `stream.stall_timeout_s` is too slow (it holds memory, and maybe a replay slot)."""
+        if transport.get_write_buffer_size() <= transport.get_write_buffer_limits()[0]:
+            return  # under the low-water mark writing is not paused: no timer to arm
         try:
             async with asyncio.timeout(self.request.app[SETTINGS].stall_timeout_s):
                 await self.writer.drain()
