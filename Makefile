@@ -2,7 +2,7 @@
 PYTHON ?= python3
 APT_PACKAGES = chromium bubblewrap prometheus openssl docker.io debootstrap
 
-.PHONY: serve test screenshot bench install install-python install-node install-system vendor dist image
+.PHONY: serve test screenshot bench bench-install install install-python install-node install-system vendor dist image
 
 serve: install-python install-node
 	$(PYTHON) -m remoterun serve --config config.toml
@@ -16,6 +16,20 @@ screenshot: install
 	  tests/test_page_stats.py -k "screenshot or 360"
 
 install: install-system install-node install-python
+
+# The benchmarks (bench/README.md), the peer they measure against installed first: webhook
+# (Debian package) and py-spy for `--profile`. BENCH_ARGS, e.g. BENCH_ARGS="--quick".
+BENCH_APT = webhook
+bench: bench-install
+	$(PYTHON) bench/run.py $(BENCH_ARGS)
+
+bench-install: install-python
+	@missing=""; for p in $(BENCH_APT); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then \
+	  echo "installing:$$missing"; \
+	  apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q $$missing; \
+	fi
+	$(PYTHON) -m pip install --quiet --disable-pip-version-check py-spy==0.4.3
 
 # Copy the pinned xterm.js packages from node_modules into remoterun/page/vendor (a wheel or
 # sdist build does this itself; the server serves that copy first, then node_modules).

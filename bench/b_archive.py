@@ -24,7 +24,7 @@ def archive_rate(root: Path, chunks: list[bytes]) -> float:
     """MB/s of TaskArchive.write for 64 KiB frames, closed at the end (as a task's end does)."""
     shutil.rmtree(root, ignore_errors=True)
     compressor = Compressor()
-    archive = TaskArchive(root, "bench/task", compressor, level=1,
+    archive = TaskArchive(root, "bench/task", compressor,
                           segment_max_bytes=64 * 1024 * 1024)
     total = sum(map(len, chunks))
     began = time.perf_counter()

@@ -83,7 +83,8 @@ async def webhook_stream(ctx: Context, times: int) -> float | None:
 
 
 async def stream(ctx: Context) -> list[Row]:
-    """1 GB (quick: 96 MiB) of log text to one WebSocket client, archive on."""
+    """1 GB (quick: 96 MiB) of log text to one WebSocket client, archive on; then the
+    print-to-client latency of a tick task beside a task streaming to one client."""
     times = ctx.size(32, 3)
     expected = ctx.log_bytes * times
     script = ctx.scripts / "stream.sh"
@@ -105,23 +106,29 @@ async def stream(ctx: Context) -> list[Row]:
             lambda: pipe_stream(script, ctx.log_file, expected, times, compress=True),
             lambda: pipe_stream(script, ctx.log_file, expected, times, compress=False))
         peak_kb = server.peak_rss_kb() or 0
+        beside, beside_p50, beside_rate = await latency_beside_stream(http, server.url, ctx)
     notes = (f"{expected / MB:.0f} MB per run; 1013 reconnects per run {reconnects}; "
              f"{cpu.describe(expected * ctx.runs / MB, 'MB')}")
     rows = [
-        Row("1 GB to one WS client, archive on", "MB/s", median(got), median(floor),
-            "pipe read + gzip -1", ">= 0.5 of floor", runs=got, baseline_runs=floor, notes=notes),
-        Row("  same, vs raw pipe read (info)", "MB/s", median(got), median(raw),
-            "pipe read only", "-", runs=got, baseline_runs=raw),
+        Row("1 GB to one WS client, archive on", "MB/s", median(got), median(raw),
+            "pipe read only", ">= 0.3 of raw pipe", runs=got, baseline_runs=raw, notes=notes),
+        Row("  same, vs the zlib floor", "MB/s", median(got), median(floor),
+            "pipe read + zlib gzip -1", ">= 2.5x floor", runs=got, baseline_runs=floor),
         Row("  server peak RSS during it", "MB", peak_kb / 1024, idle_kb / 1024,
             "RSS at start", "< 150 MB", higher_is_better=False),
+        Row("  latency p99 beside that stream (info)", "ms", beside, None, "", "-",
+            higher_is_better=False,
+            notes=f"tick.py at 50 lines/s beside one task streaming to one client "
+                  f"({beside_rate:.0f} MB/s meanwhile); p50 {beside_p50:.1f} ms"),
     ]
-    rows[0].met = rows[0].ratio is not None and rows[0].ratio >= 0.5
+    rows[0].met = rows[0].ratio is not None and rows[0].ratio >= 0.3
+    rows[1].met = rows[1].ratio is not None and rows[1].ratio >= 2.5
     rows[2].met = peak_kb / 1024 < 150
     peer = Row("  same bytes via webhook (info)", "MB/s", median(got), None, "webhook",
                "-", notes="webhook buffers the whole output and answers at the end")
     peer_rate = await webhook_stream(ctx, times)
     if peer_rate is None:
-        peer.notes = "peer not available (apt-get install webhook)"
+        peer.notes = "peer not available (make bench installs it: apt-get install webhook)"
     peer.baseline = peer_rate
     rows.append(peer)
     return rows
@@ -172,6 +179,28 @@ async def stream_masked(ctx: Context) -> list[Row]:
                 median(got), median(base), "nothing to mask", "-", runs=got,
                 baseline_runs=base, notes=f"{expected / MB:.0f} MB per run; masked: "
                 f"{cpu_on.describe(per, 'MB')}; nothing to mask: {cpu_off.describe(per, 'MB')}")]
+
+
+async def latency_beside_stream(http: aiohttp.ClientSession, url: str, ctx: Context
+                                ) -> tuple[float, float, float]:
+    """p99 and p50 ms of tick.py's lines while one task streams log text as fast as it can to
+    one WebSocket client (archive on), and that stream's MB/s meanwhile: what the stream's
+    reading, framing and the compressor thread's GIL hand-backs cost the loop."""
+    lines = ctx.size(250, 50)
+    p50s: list[float] = []
+    flood_id = await client.submit(http, url, "flood.sh", {"FILE": str(ctx.log_file)})
+    seen = client.Followed()
+    following = asyncio.create_task(client.follow(http, url, flood_id, seen=seen))
+    try:
+        await asyncio.sleep(0.5)  # the stream up to speed (and tick.py waits 0.5 s more)
+        began, before = time.perf_counter(), seen.data_bytes
+        p99 = await remoterun_latency(http, url, lines, p50s)
+        rate = (seen.data_bytes - before) / (time.perf_counter() - began) / MB
+    finally:
+        await client.cancel(http, url, flood_id)
+        async with asyncio.timeout(60):
+            await following
+    return p99, p50s[0], rate
 
 
 # Latency ---------------------------------------------------------------------------------------

@@ -17,10 +17,11 @@ recompressing (`gzjoin.py`). The price: two files per segment, whose ends may di
 crash; readers pair records with bytes and stop at whichever ends first, and `finalize` rewrites
 both. A running task's open segment has no gzip end yet, so its downloads are sent uncompressed.
 
-Writing. Deflating costs the event loop ~0.5 ms per 64 KiB at level 1, time taken from every
-other task's output and client; zlib releases the GIL, so the deflating and the file writes run
-on one compressor thread (the app's `compressor.Compressor`), which takes the frames every task
-wrote in a loop iteration as one job. One thread running jobs in order keeps each file's bytes in
+Writing. Deflating costs the event loop ~0.5 ms per 64 KiB with zlib at level 1 (~0.15 ms with
+ISA-L, the default: `segments.Deflate`), time taken from every other task's output and client;
+both release the GIL, so the deflating and the file writes run on one compressor thread (the
+app's `compressor.Compressor`), which takes the frames every task wrote in a loop iteration as
+one job. One thread running jobs in order keeps each file's bytes in
 order; past 16 MiB handed over and not yet written the loop waits for it (backpressure, no unbounded
 queue). So the files lag the loop by what the thread has not done yet: `flush()` and `close()`
 return a future done once everything written before them is on disk; readers of a running
@@ -56,19 +57,22 @@ from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
 from remoterun import gzjoin, segments
+from remoterun.config import Settings
 from remoterun.segments import (
+    DEFAULT_DEFLATE,
     LOG_SUFFIX,
     STREAMS,
     Backlog,
+    Deflate,
     MemberWriter,
     Sink,
     list_segments,
 )
 from remoterun.wire import Frame
 
-__all__ = ["STREAMS", "Frame", "Segment", "TaskArchive", "aread_frames", "in_thread",
+__all__ = ["STREAMS", "Deflate", "Frame", "Segment", "TaskArchive", "aread_frames", "in_thread",
            "read_frames", "read_raw", "joined_gzip", "finalize", "recover",
-           "logs_path_for", "next_number", "settle", "Writer"]
+           "logs_path_for", "next_number", "settle", "Writer", "deflate_of"]
 T = TypeVar("T")
 
 
@@ -93,6 +97,11 @@ class Segment:
     gz_bytes: int = 0  # bytes on disk, log and index together
     opened_at: float = field(default_factory=time.time)
     closed_at: float | None = None
+
+
+def deflate_of(settings: Settings) -> Deflate:
+    """How the settings have segments compressed."""
+    return Deflate(settings.archive_compressor, settings.gzip_level)
 
 
 def logs_path_for(task_id: str, created: float) -> str:
@@ -130,8 +139,8 @@ class _SegmentFiles:
         try:
             if self.log is None or self.index is None:
                 self.path.parent.mkdir(parents=True, exist_ok=True)
-                self.log = MemberWriter(self.path, self.archive.level)
-                self.index = MemberWriter(segments.index_path(self.path), self.archive.level)
+                self.log = MemberWriter(self.path, self.archive.deflate)
+                self.index = MemberWriter(segments.index_path(self.path), self.archive.deflate)
             self.segment.gz_bytes += work(self.log, self.index)
         except Exception as exc:  # the thread's boundary: the loop raises it
             self.archive.failure = exc
@@ -172,7 +181,8 @@ class TaskArchive:
     is listed when the first segment opens, on the caller's thread.
     """
 
-    def __init__(self, root: Path, logs_path: str, compressor: Writer, *, level: int = 1,
+    def __init__(self, root: Path, logs_path: str, compressor: Writer, *,
+                 deflate: Deflate = DEFAULT_DEFLATE,
                  segment_max_bytes: int = 64 * 1024 * 1024,
                  segment_max_age_s: float | None = None, fresh: bool = False,
                  first_number: int | None = None):
@@ -180,7 +190,7 @@ class TaskArchive:
         self.logs_path = logs_path
         self.compressor = compressor
         self.folder = root / logs_path
-        self.level = level
+        self.deflate = deflate
         self.segment_max_bytes = segment_max_bytes
         self.segment_max_age_s = segment_max_age_s
         self.segments: list[Segment] = []
@@ -306,7 +316,7 @@ class TaskArchive:
         if held and self._files is not None:
             try:
                 self.segments[-1].gz_bytes += segments.write_whole(self._files.path, held,
-                                                                   self.level)
+                                                                   self.deflate)
             except OSError as exc:  # as the thread would: kept, raised by the next write
                 self.failure = exc
             self._files = None
@@ -428,7 +438,8 @@ async def aread_frames(root: Path, logs_path: str, since: int = 0, until: int | 
 
 # Repair -------------------------------------------------------------------------------------
 
-def finalize(root: Path, rel_path: str, level: int = 1) -> tuple[Segment, segments.Scan]:
+def finalize(root: Path, rel_path: str, deflate: Deflate = DEFAULT_DEFLATE
+             ) -> tuple[Segment, segments.Scan]:
     """Make a segment whole, keeping every frame that reads back; describe it for its row.
 
     A segment missing a file is left as it is: a log without its index has no seq to replay by.
@@ -437,7 +448,7 @@ def finalize(root: Path, rel_path: str, level: int = 1) -> tuple[Segment, segmen
     found = segments.scan(log_path)
     opened = log_path.stat().st_mtime if log_path.exists() else time.time()
     if not found.complete and not found.missing:
-        segments.rewrite(log_path, level)
+        segments.rewrite(log_path, deflate)
     pair = (log_path, segments.index_path(log_path))
     segment = Segment(path=rel_path, first_seq=found.first_seq, last_seq=found.last_seq,
                       raw_bytes=found.raw_bytes,
@@ -453,13 +464,13 @@ def next_number(root: Path, logs_path: str) -> int:
     return existing[-1][0] + 1 if existing else 1
 
 
-def settle(root: Path, rel_paths: list[str], level: int = 1) -> list[Segment]:
+def settle(root: Path, rel_paths: list[str], deflate: Deflate = DEFAULT_DEFLATE) -> list[Segment]:
     """Describe segments as the disk really has them after a failed write, made whole where
     the disk allows (else left as they are, truncated, which every reader tolerates)."""
     found = []
     for rel_path in rel_paths:
         try:
-            segment, _ = finalize(root, rel_path, level)
+            segment, _ = finalize(root, rel_path, deflate)
         except OSError:
             log_path = root / rel_path
             scan = segments.scan(log_path)
@@ -471,9 +482,9 @@ def settle(root: Path, rel_paths: list[str], level: int = 1) -> list[Segment]:
     return found
 
 
-def recover(root: Path, logs_path: str, level: int = 1
+def recover(root: Path, logs_path: str, deflate: Deflate = DEFAULT_DEFLATE
             ) -> tuple[list[Segment], list[segments.Scan]]:
     """Finalize every segment of a run a dead server left; describe them all for their rows."""
-    results = [finalize(root, path.relative_to(root).as_posix(), level)
+    results = [finalize(root, path.relative_to(root).as_posix(), deflate)
                for _, _, path in list_segments(root / logs_path)]
     return [segment for segment, _ in results], [found for _, found in results]

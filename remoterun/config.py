@@ -141,6 +141,7 @@ class Settings:
     segment_max_age_s: float = 3600.0  # 0: rotate by size only
     flush_interval_s: float = 1.0
     gzip_level: int = 1
+    archive_compressor: str = "isal"  # or "zlib": both write standard gzip members
     max_output_bytes: int = 0  # per task; 0: no cap
     retention_max_age_days: float = 0.0  # 0: keep forever
     retention_max_total_bytes: int = 0  # 0: no limit
@@ -316,6 +317,7 @@ _KEYS: dict[tuple[str, str], str] = {
     ("archive", "segment_max_bytes"): "segment_max_bytes",
     ("archive", "flush_interval_s"): "flush_interval_s",
     ("archive", "gzip_level"): "gzip_level",
+    ("archive", "compressor"): "archive_compressor",
     ("archive", "segment_max_age_s"): "segment_max_age_s",
     ("archive", "max_output_bytes"): "max_output_bytes",
     ("retention", "max_age_days"): "retention_max_age_days",
@@ -324,6 +326,7 @@ _KEYS: dict[tuple[str, str], str] = {
 }
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
+COMPRESSORS = ("isal", "zlib")  # segments.COMPRESSORS: a leaf does not import another
 _FIELD_TYPES = {f.name: f.type for f in dataclasses.fields(Settings)}
 # Limits that 0 turns off.
 _OFF_AT_ZERO = frozenset({"segment_max_age_s", "max_output_bytes", "retention_max_age_days",
@@ -418,6 +421,10 @@ def _coerce(key: str, name: str, value: Any) -> Any:
     if name == "log_level":
         if value not in LOG_LEVELS:
             raise ConfigError(f"{key}: one of {list(LOG_LEVELS)}, got {value!r}")
+        return value
+    if name == "archive_compressor":
+        if value not in COMPRESSORS:
+            raise ConfigError(f"{key}: one of {list(COMPRESSORS)}, got {value!r}")
         return value
     if name == "default_timeout_s" and value in (0, False):
         return None

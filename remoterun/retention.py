@@ -170,7 +170,7 @@ class _Verifier:
 
     def __init__(self, settings: Settings, db: dbm.Database, repair: bool, live: bool):
         self.root = settings.archive_dir
-        self.level = settings.gzip_level
+        self.deflate = archive.deflate_of(settings)
         self.db = db
         self.repair = repair
         self.live = live
@@ -212,7 +212,7 @@ class _Verifier:
             self.note("missing", path, "; ".join(found.problems))
         elif not found.complete:
             if self.repair:
-                segment, _ = archive.finalize(self.root, path, self.level)
+                segment, _ = archive.finalize(self.root, path, self.deflate)
                 self.statements.append(dbm.upsert_segment(row["task_id"], segment))
             self.note("incomplete", path, "; ".join(found.problems), self.repair)
         elif (found.last_seq, found.raw_bytes) != (row["last_seq"], row["raw_bytes"]) \
@@ -221,7 +221,7 @@ class _Verifier:
                       f"{', open' if row['closed_at'] is None else ''}; the files hold "
                       f"{found.last_seq}, {found.raw_bytes} bytes")
             if self.repair:
-                segment, _ = archive.finalize(self.root, path, self.level)
+                segment, _ = archive.finalize(self.root, path, self.deflate)
                 self.statements.append(dbm.upsert_segment(row["task_id"], segment))
             self.note("stale_row", path, detail, self.repair)
 
@@ -250,7 +250,7 @@ class _Verifier:
                  and segments.index_path(path).exists())
         if adopt:
             assert owner is not None
-            segment, _ = archive.finalize(self.root, rel, self.level)
+            segment, _ = archive.finalize(self.root, rel, self.deflate)
             self.statements.append(dbm.upsert_segment(owner[0], segment))
         who = f"task {owner[0]}'s folder" if owner else "no task's folder"
         self.note("stray", rel, f"no row records this file ({who})", adopt)

@@ -157,7 +157,9 @@ class Run:
         self.on_output = on_output
         self.read_chunk = read_chunk
         self.coalesce_s = coalesce_s
-        self._held: list[tuple[str, bytearray]] = []  # output read but not yet handed on
+        # Output read but not yet handed on: each stream's run of reads, joined only when a
+        # frame gathers several (a read handed on alone is passed as it is, not copied twice).
+        self._held: list[tuple[str, list[bytes]]] = []
         self._held_bytes = 0
         self._timer: asyncio.TimerHandle | None = None
         self._last_flush = 0.0
@@ -305,9 +307,9 @@ class Run:
 
     def _hold(self, stream: str, data: bytes) -> None:
         if self._held and self._held[-1][0] == stream:
-            self._held[-1][1].extend(data)
+            self._held[-1][1].append(data)
         else:
-            self._held.append((stream, bytearray(data)))
+            self._held.append((stream, [data]))
         self._held_bytes += len(data)
         if self._timer is not None and self._held_bytes < self.read_chunk:
             return
@@ -324,8 +326,8 @@ class Run:
             self._timer = None
         held, self._held, self._held_bytes = self._held, [], 0
         self._last_flush = asyncio.get_running_loop().time()
-        for stream, data in held:
-            self.on_output(stream, bytes(data))
+        for stream, parts in held:
+            self.on_output(stream, parts[0] if len(parts) == 1 else b"".join(parts))
 
     def _finish(self, reader: _Reader) -> None:
         if reader.eof:

@@ -37,6 +37,7 @@ from remoterun import store
 from remoterun.archive import (
     Segment,
     TaskArchive,
+    deflate_of,
     logs_path_for,
     next_number,
     recover,
@@ -385,6 +386,12 @@ class Scheduler:
         return state.attempt if state is not None and state.where is not Where.FINISHING \
             else None
 
+    def live_row(self, task_id: str) -> dict[str, Any] | None:
+        """The row of a task this scheduler holds (queued to finishing), else None; the
+        caller only reads it."""
+        state = self.tasks.get(task_id)
+        return state.row if state is not None else None
+
     def _hub(self, state: TaskState) -> TaskHub:
         if state.hub is None:
             row = state.row
@@ -456,7 +463,7 @@ class Scheduler:
         row = state.row
         settings = self.settings
         archive = TaskArchive(settings.archive_dir, row["logs_path"], self.compressor,
-                              level=settings.gzip_level,
+                              deflate=deflate_of(settings),
                               segment_max_bytes=settings.segment_max_bytes,
                               segment_max_age_s=settings.segment_max_age_s or None,
                               first_number=state.next_segment)
@@ -624,7 +631,8 @@ class Scheduler:
             attempt.stop_reason = "archive"
         segs = archive.segments
         found: list[Segment] = await asyncio.to_thread(
-            settle, self.settings.archive_dir, [s.path for s in segs], self.settings.gzip_level)
+            settle, self.settings.archive_dir, [s.path for s in segs],
+            deflate_of(self.settings))
         row = state.row
         row["output_bytes"] -= sum(s.raw_bytes for s in segs) - sum(s.raw_bytes for s in found)
         if segs:
@@ -790,7 +798,7 @@ async def _trim_memory() -> None:
 
 def _finalize_archive(settings: Settings, row: dict[str, Any]) -> list[Segment]:
     """Make whole the segments a dead server left open, and describe them all for their rows."""
-    found, scans = recover(settings.archive_dir, row["logs_path"], settings.gzip_level)
+    found, scans = recover(settings.archive_dir, row["logs_path"], deflate_of(settings))
     for scan in scans:
         if not scan.complete:
             log.warning("archive_segment_finalized", task_id=row["id"], path=str(scan.path),

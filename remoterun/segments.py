@@ -8,7 +8,10 @@ bytes of the log. Readers inflate a bounded piece at a time (a well-packed membe
 memory), pair records with bytes, and stop at whichever member ends first; how each ended (whole,
 truncated by a crash, corrupt) is kept for `scan`, never raised.
 
-The server's writers hand their work to the app's compressor thread (`compressor.py`).
+Both members are deflated by ISA-L's igzip (`isal`, the default) or zlib (`Deflate`): either
+writes standard gzip members that end the same way, so `zcat`, Python's `gzip`, these readers
+and `gzjoin` take either, and one task's segments may mix them. The server's writers hand their
+work to the app's compressor thread (`compressor.py`).
 """
 
 from __future__ import annotations
@@ -23,6 +26,8 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, BinaryIO
 
+from isal import isal_zlib
+
 from remoterun.wire import Frame
 
 RECORD = struct.Struct("<QBdI")  # an index record: seq, stream code, ts, length
@@ -34,6 +39,31 @@ _READ_BYTES = 256 * 1024  # compressed bytes read at a time
 _PIECE_BYTES = 1024 * 1024  # inflated bytes returned at a time, at most
 _MAX_FRAME = 1 << 30  # a record claiming more is corrupt
 _BATCH_BYTES = 64 * 1024
+COMPRESSORS = ("isal", "zlib")
+
+
+@dataclass(frozen=True)
+class Deflate:
+    """How segments are compressed: the library and the level (`archive.compressor`,
+    `archive.gzip_level`).
+
+    ISA-L's igzip deflates varied log text ~3.6x as fast as zlib at level 1, at a better ratio
+    (0.273 against 0.285), and releases the GIL as zlib does. Its levels are 0..3: `level`
+    (zlib's 1..9) maps 1-3 to 1, 4-6 to 2, 7-9 to 3. Never 0, whose members end in a final
+    block of their own rather than the sync flush and `03 00` that gzjoin relies on.
+    """
+
+    compressor: str = "isal"
+    level: int = 1
+
+    def compressobj(self, mem_level: int = 8) -> Any:
+        """A gzip-member compressor (wbits 31)."""
+        if self.compressor == "isal":
+            return isal_zlib.compressobj((self.level + 2) // 3, zlib.DEFLATED, 31, mem_level)
+        return zlib.compressobj(self.level, zlib.DEFLATED, 31, mem_level)
+
+
+DEFAULT_DEFLATE = Deflate()  # the settings' defaults: ISA-L, level 1
 
 
 def index_path(log_path: Path) -> Path:
@@ -72,9 +102,9 @@ class MemberWriter:
     zlib costs about as much as deflating a few hundred bytes, and index records are 21.
     """
 
-    def __init__(self, path: Path, level: int):
+    def __init__(self, path: Path, deflate: Deflate):
         self.file: BinaryIO = open(path, "wb")  # noqa: SIM115 - closed in finish()
-        self.zip: Any = zlib.compressobj(level, zlib.DEFLATED, 31)
+        self.zip: Any = deflate.compressobj()
         self._batch = bytearray()
 
     def _put(self, out: bytes) -> int:
@@ -253,15 +283,16 @@ def write_frames(log: MemberWriter, index: MemberWriter, frames: list[Frame]) ->
     return log.write(b"".join(f.data for f in frames)) + index.write(_records(frames))
 
 
-def _whole_member(data: bytes, level: int) -> bytes:
+def _whole_member(data: bytes, deflate: Deflate) -> bytes:
     # Ended as MemberWriter.finish ends a member (gzjoin relies on it). memLevel 6: for the
     # at most HOLD_BYTES written this way it packs as well as the default 8, whose larger
-    # hash table costs ~8 us to set up, twice per task.
-    zip_ = zlib.compressobj(level, zlib.DEFLATED, 31, 6)
-    return zip_.compress(data) + zip_.flush(zlib.Z_SYNC_FLUSH) + zip_.flush(zlib.Z_FINISH)
+    # hash table costs zlib ~8 us to set up, twice per task.
+    zip_ = deflate.compressobj(6)
+    member: bytes = zip_.compress(data) + zip_.flush(zlib.Z_SYNC_FLUSH) + zip_.flush(zlib.Z_FINISH)
+    return member
 
 
-def write_whole(log_path: Path, frames: list[Frame], level: int) -> int:
+def write_whole(log_path: Path, frames: list[Frame], deflate: Deflate) -> int:
     """Write a complete segment of frames at once, its folder made if missing; bytes on disk.
 
     For a short task's output, held in memory until its end: one write per file, no buffered
@@ -270,7 +301,7 @@ def write_whole(log_path: Path, frames: list[Frame], level: int) -> int:
     size = 0
     for path, data in ((log_path, b"".join(f.data for f in frames)),
                        (index_path(log_path), _records(frames))):
-        member = _whole_member(data, level)
+        member = _whole_member(data, deflate)
         flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC
         try:
             fd = os.open(path, flags, 0o666)
@@ -340,11 +371,11 @@ def scan(log_path: Path) -> Scan:
     return found
 
 
-def rewrite(log_path: Path, level: int) -> None:
+def rewrite(log_path: Path, deflate: Deflate) -> None:
     """Rewrite a segment as two whole members holding every frame that reads back."""
     tmp_log = log_path.with_name(log_path.name + ".tmp")
     tmp_index = log_path.with_name(index_path(log_path).name + ".tmp")
-    log, index = MemberWriter(tmp_log, level), MemberWriter(tmp_index, level)
+    log, index = MemberWriter(tmp_log, deflate), MemberWriter(tmp_index, deflate)
     reader = SegmentReader(log_path)
     try:
         try:

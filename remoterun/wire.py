@@ -121,10 +121,15 @@ def encoded(item: Item, form: str, make: Callable[[Item], Any]) -> Any:
     return value
 
 
-def _ws_text(item: Item) -> str:
+def _ws_payload(item: Item) -> bytes:
     if isinstance(item, Frame):
-        return '{"type":"output",' + sse_data(item)[1:]
-    return dumps({"type": item.kind, **item.body})
+        # One dict, one orjson call: the output decoded once and copied once into its JSON
+        # (building it from the SSE body as text, sliced, joined and encoded again, made four
+        # more copies and one more UTF-8 pass: ~0.2 ms per MB of output, on the loop).
+        return orjson.dumps({"type": "output", "seq": item.seq, "stream": item.stream,
+                             "ts": rfc3339(item.ts),
+                             "data": item.data.decode("utf-8", "replace")})
+    return dumps({"type": item.kind, **item.body}).encode()
 
 
 def _json_body(item: Item) -> str:
@@ -133,9 +138,9 @@ def _json_body(item: Item) -> str:
     return dumps(item.body)
 
 
-def ws_text(item: Item) -> str:
-    """The item as a WebSocket text frame's JSON."""
-    return str(encoded(item, "ws", _ws_text))
+def ws_payload(item: Item) -> bytes:
+    """The item as a WebSocket text frame's JSON, UTF-8 encoded."""
+    return bytes(encoded(item, "ws", _ws_payload))
 
 
 def sse_data(item: Item) -> str:

@@ -267,7 +267,7 @@ async def test_a_task_that_outruns_the_compressor_is_paused_not_the_server(make_
 
     monkeypatch.setattr(attempt, "BACKLOG_HIGH", 64 * 1024)
     monkeypatch.setattr(attempt, "BACKLOG_LOW", 16 * 1024)
-    client = await make_client(gzip_level=9)  # the slowest deflate: easy to outrun
+    client = await make_client(gzip_level=9, archive_compressor="zlib")  # easy to outrun
     total = 8_000_000
     task = await submit(client, "flood.py", params={"bytes": total})
     done = await wait_final(client, task["id"], timeout=60)

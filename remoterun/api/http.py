@@ -99,13 +99,20 @@ async def read_json(request: web.Request) -> Any:
     return loads(await request.read())
 
 
-async def task_row(request: web.Request, role: str = "viewer") -> dict[str, Any]:
+async def task_row(request: web.Request, role: str = "viewer", live: bool = False
+                   ) -> dict[str, Any]:
     """The {id} task's row, once the caller's role and script list allow `role`'s actions on
-    it: 404 for no such task, 403 for a task of a script outside the token's list."""
+    it: 404 for no such task, 403 for a task of a script outside the token's list.
+
+    `live`: a task the scheduler holds gives its in-memory row (read only; fresher than the
+    database's), sparing a read on aiosqlite's thread and the hop back to the loop.
+    """
     who = identity(request)
     who.require(role)
     task_id = task_id_of(request)
-    row = await request.app[DB].get_task(task_id)
+    row = request.app[SCHEDULER].live_row(task_id) if live else None
+    if row is None:
+        row = await request.app[DB].get_task(task_id)
     if row is None:
         raise NotFound(f"no task {task_id!r}")
     who.require_task(row["script"], role)

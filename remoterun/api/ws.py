@@ -17,7 +17,7 @@ from remoterun.api.http import loads, submit, task_row
 from remoterun.attempt import Attempt
 from remoterun.errors import BadRequest, Forbidden, RemoteRunError
 from remoterun.hub import SlowConsumer, Subscription
-from remoterun.wire import SIGNALS, Item, dumps, encoded, ws_text
+from remoterun.wire import SIGNALS, Item, dumps, encoded, ws_payload
 
 log = structlog.get_logger(__name__)
 routes = web.RouteTableDef()
@@ -42,19 +42,25 @@ def parse_since(raw: str | None) -> int:
 WRITE_BYTES = 256 * 1024  # frames joined into one socket write, at most (about)
 
 
-def text_frame(payload: bytes) -> bytes:
-    """A server-to-client WebSocket text frame (FIN, unmasked, no extension: compress=False)."""
-    size = len(payload)
+def frame_header(size: int) -> bytes:
+    """A server-to-client WebSocket text frame's header (FIN, unmasked, no extension:
+    compress=False) for a payload of `size` bytes."""
     if size < 126:
-        return bytes((0x81, size)) + payload
+        return bytes((0x81, size))
     if size < 1 << 16:
-        return struct.pack("!BBH", 0x81, 126, size) + payload
-    return struct.pack("!BBQ", 0x81, 127, size) + payload
+        return struct.pack("!BBH", 0x81, 126, size)
+    return struct.pack("!BBQ", 0x81, 127, size)
 
 
-def wire_frame(item: Item) -> bytes:
+def text_frame(payload: bytes) -> tuple[bytes, bytes]:
+    """A text frame as its header and payload, joined only into the socket write."""
+    return frame_header(len(payload)), payload
+
+
+def wire_frame(item: Item) -> tuple[bytes, bytes]:
     """The item framed for the wire, made once and shared by every client."""
-    return bytes(encoded(item, "frame", lambda i: text_frame(ws_text(i).encode())))
+    framed: tuple[bytes, bytes] = encoded(item, "frame", lambda i: text_frame(ws_payload(i)))
+    return framed
 
 
 class Session:
@@ -107,26 +113,28 @@ class Session:
             sub.close()
         await close_socket(self.request, self.ws, code, reason)
 
-    async def _send(self, sub: Subscription, frames: list[bytes]) -> None:
+    async def _send(self, sub: Subscription, frames: list[tuple[bytes, bytes]]) -> None:
         transport = self.request.transport
         if self.ws.closed or transport is None or transport.is_closing():
             raise ConnectionResetError("the client went away")
         chunk: list[bytes] = []
         size = 0
-        for frame in frames:
-            chunk.append(frame)
-            size += len(frame)
+        for header, payload in frames:  # joined once, into the write: the only copy
+            chunk += (header, payload)
+            size += len(header) + len(payload)
             if size >= WRITE_BYTES:
                 transport.write(b"".join(chunk))
                 chunk, size = [], 0
-                await self._drain(sub)
+                await self._drain(sub, transport)
         if chunk:
             transport.write(b"".join(chunk))
-            await self._drain(sub)
+            await self._drain(sub, transport)
 
-    async def _drain(self, sub: Subscription) -> None:
+    async def _drain(self, sub: Subscription, transport: asyncio.WriteTransport) -> None:
         """Wait for the client to take what was written; one that takes nothing for
         `stream.stall_timeout_s` is too slow (it holds memory, and maybe a replay slot)."""
+        if transport.get_write_buffer_size() <= transport.get_write_buffer_limits()[0]:
+            return  # under the low-water mark writing is not paused: no timer to arm
         try:
             async with asyncio.timeout(self.request.app[SETTINGS].stall_timeout_s):
                 await self.writer.drain()
@@ -300,7 +308,7 @@ async def ws_submit(request: web.Request) -> web.WebSocketResponse:
 @routes.get("/tasks/{id}/ws")
 async def ws_attach(request: web.Request) -> web.WebSocketResponse:
     """Attach to a task: replay after `since`, then live."""
-    row = await task_row(request)  # 404 or 403 before the upgrade
+    row = await task_row(request, live=True)  # 404 or 403 before the upgrade
     since = parse_since(request.query.get("since"))
     await record(request, "attach", task_id=row["id"], script=row["script"], detail="ws")
     return await _serve(request, row, since)
