@@ -234,6 +234,10 @@ BLOCKS_ALLOWED: list[tuple[str, set[str], tuple[str, ...]]] = [
     ("structlog/dev.py", {"__call__"}, _FILE_CALLS),
     # /proc files (a process's children, environ, stat): procfs reads never wait on a disk.
     ("remoterun/reaper.py", {"_children", "tend_orphans", "kill_task_processes"}, _FILE_CALLS),
+    # asyncpg looks for ~/.pgpass (a stat, maybe a read) as it opens a connection: once per
+    # pooled connection at start and after PostgreSQL restarts, never per query (cluster mode).
+    ("asyncpg/connect_utils.py", {"_read_password_file", "_read_password_from_pgpass",
+                                  "_parse_connect_dsn_and_args"}, _FILE_CALLS),
 ]
 
 

@@ -2,7 +2,7 @@
 
 Debian's `postgresql` and `redis-server` packages give the binaries (the Makefile installs them);
 no system service is used. PostgreSQL refuses to run as root, so as root (CI) its commands run
-as the `postgres` user through `runuser`, in a folder that user owns. Each server can be stopped
+as the `postgres` user through `setpriv`, in a folder that user owns. Each server can be stopped
 and started again on the same port, for the fault tests.
 """
 
@@ -68,7 +68,10 @@ class PostgresServer:
                    "--auth=trust", "-E", "UTF8", "--no-sync"])
 
     def _argv(self, argv: list[str]) -> list[str]:
-        return ["runuser", "-u", "postgres", "--", *argv] if self.as_root else argv
+        # setpriv execs (runuser would fork and stay the parent, between us and postgres's
+        # signals)
+        return ["setpriv", "--reuid=postgres", "--regid=postgres", "--init-groups", *argv] \
+            if self.as_root else argv
 
     def _run(self, argv: list[str]) -> None:
         subprocess.run(self._argv(argv), check=True, capture_output=True, timeout=120)
