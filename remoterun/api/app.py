@@ -205,11 +205,17 @@ async def services(app: web.Application) -> AsyncIterator[None]:
     close them in reverse."""
     settings = app[SETTINGS]
     settings.archive_dir.mkdir(parents=True, exist_ok=True)
-    db = app[DB] = Database(settings.db_path, observe_write=app[METRICS].db_write.observe)
-    await db.open()
     compressor = Compressor()
-    scheduler = app[SCHEDULER] = Scheduler(settings, db, app[CATALOGUE], app[METRICS],
-                                           compressor, Children())
+    if settings.cluster is None:
+        db = app[DB] = Database(settings.db_path, observe_write=app[METRICS].db_write.observe)
+        await db.open()
+        scheduler = app[SCHEDULER] = Scheduler(settings, db, app[CATALOGUE], app[METRICS],
+                                               compressor, Children())
+    else:  # issue 16: PostgreSQL and Redis, imported only here
+        from remoterun import cluster
+        db, scheduler = await cluster.open_node(settings, app[CATALOGUE], app[METRICS],
+                                                compressor)
+        app[DB], app[SCHEDULER] = db, scheduler
     scheduler.on_transition = monitor.observer(app)
     try:
         await scheduler.start()
@@ -257,6 +263,9 @@ def create_app(settings: Settings) -> web.Application:
     app.router.add_routes(ws.routes)
     app.router.add_routes(sse.routes)
     events.setup(app)  # GET /events, GET /tasks/{id}/events (issue 18)
+    if settings.cluster is not None:  # GET /nodes, the redis readiness check (issue 16)
+        from remoterun.api import nodes
+        nodes.setup(app)
     app.router.add_routes(monitor.routes)
     app.router.add_routes(openapi.routes)
     app.router.add_get("/", index)

@@ -302,12 +302,13 @@ class PostgresDatabase(Database):
 
     # Cluster: nodes, claims, lost nodes ----------------------------------------------------
 
-    async def _transaction(self, work: Callable[[asyncpg.Connection], Any]) -> Any:
+    async def _transaction(self, work: Callable[[asyncpg.Connection], Any],
+                           fenced: bool = True) -> Any:
         """Run `work(conn)` in one transaction behind this node's fence; DatabaseBusy when
         PostgreSQL cannot be reached (nothing done), Fenced when the node was declared lost."""
         try:
             async with self.pool.acquire() as conn, conn.transaction():
-                if self.fence is not None:
+                if self.fence is not None and fenced:
                     sql, params = self.fence()
                     status = await conn.execute(pg_sql(sql)[0], *params)
                     if _rows_changed(status) != 1:
@@ -329,7 +330,7 @@ class PostgresDatabase(Database):
                 f'UPDATE SET epoch = $2, labels = $3, scripts = $4, workers = $5, url = $6, '
                 f'started_at = {NOW}, seen_at = {NOW}, lost_at = NULL, lost_by = NULL',
                 name, epoch, list(labels), list(scripts), workers, url)
-        await self._transaction(work)
+        await self._transaction(work, fenced=False)
 
     async def heartbeat(self, name: str, epoch: str, scripts: Sequence[str]) -> bool:
         """Say this node is alive (and which scripts it has); False once declared lost."""
@@ -338,11 +339,7 @@ class PostgresDatabase(Database):
                 f"UPDATE nodes SET seen_at = {NOW}, scripts = $3 WHERE name = $1 AND "
                 f"epoch = $2 AND lost_at IS NULL", name, epoch, list(scripts))
             return _rows_changed(status) == 1
-        fence, self.fence = self.fence, None  # the heartbeat is its own fence
-        try:
-            return bool(await self._transaction(work))
-        finally:
-            self.fence = fence
+        return bool(await self._transaction(work, fenced=False))  # its own fence
 
     async def nodes(self, timeout_s: float) -> list[dict[str, Any]]:
         """Every node known, with `alive` (seen within timeout_s, not lost), by name."""
