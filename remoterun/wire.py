@@ -48,8 +48,9 @@ def _second(second: int) -> str:
 
 
 def task_json(row: dict[str, Any]) -> dict[str, Any]:
-    """A task row as REST and WebSocket show it."""
-    return {
+    """A task row as REST and WebSocket show it (in cluster mode, with the node it runs or
+    ran on: its row's `owner`)."""
+    out = {
         "id": row["id"],
         "script": row["script"],
         "params": json.loads(row["params"]),
@@ -72,6 +73,9 @@ def task_json(row: dict[str, Any]) -> dict[str, Any]:
         "output_bytes": row["output_bytes"],
         "last_seq": row["last_seq"],
     }
+    if "owner" in row:
+        out["node"] = row["owner"]
+    return out
 
 
 @dataclass(slots=True)

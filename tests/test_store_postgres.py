@@ -37,8 +37,8 @@ async def db(engines):
 
 
 async def _add(db, row, **place):
-    await db.commit([*store.insert_task(row), pg.placement(row["id"], place.get("node"),
-                                                            place.get("labels"))], 5)
+    insert, event = store.insert_task(row)
+    await db.commit([pg.placed(insert, place.get("node"), place.get("labels")), event], 5)
     return row
 
 

@@ -21,7 +21,6 @@ import asyncio
 import contextlib
 import contextvars
 import functools
-import re
 import signal
 import time
 import uuid
@@ -36,7 +35,7 @@ from remoterun.cluster.follow import RemoteControl, RemoteSubscription
 from remoterun.cluster.relay import Relay, RelaySink
 from remoterun.compressor import Compressor
 from remoterun.config import Settings
-from remoterun.errors import BadRequest, Conflict, InvalidParams, NotFound, QueueFull
+from remoterun.errors import BadRequest, Conflict, InvalidParams, NotFound, QueueFull, Unavailable
 from remoterun.hub import Subscription, TaskHub, replay_finished
 from remoterun.metrics import Metrics
 from remoterun.reaper import become_subreaper, kill_left_behind
@@ -50,17 +49,12 @@ log = structlog.get_logger(__name__)
 S = TaskStatus
 POLL_S = 1.0  # the dispatcher looks at the queue at least this often (a NOTIFY may be lost)
 SCAN_S = 10.0  # how often the node lists its scripts/ again for its row
+REQUEST_SLOW_S = 15.0  # beyond the wait for PostgreSQL, what a request's write may queue
+PENDING_COUNT_S = 0.5  # engine.max_pending is checked against a count this fresh
 CONTROL_RETRY_S = 1.0  # a cancel may reach the owner a moment before its claim is held
 # The placement of the submission being committed (see `_commit`).
 _PLACING: contextvars.ContextVar[tuple[str | None, list[str] | None] | None] = \
     contextvars.ContextVar("placing", default=None)
-
-
-@functools.lru_cache(maxsize=64)
-def _id_index(sql: str) -> int:
-    names = re.match(r'INSERT INTO "tasks" \(([^)]*)\)', sql)
-    assert names is not None
-    return [n.strip().strip('"') for n in names.group(1).split(",")].index("id")
 
 
 class ClusterScheduler(Scheduler):
@@ -82,6 +76,7 @@ class ClusterScheduler(Scheduler):
         self.remote_rows: dict[str, dict[str, Any]] = {}  # followed here, run elsewhere
         self._followers: Counter[str] = Counter()
         self._listener: Any = None
+        self._pending_n, self._pending_at = 0, -PENDING_COUNT_S
         db.fence = lambda: pg.node_fence(self.node, self.epoch)
 
     # Life ------------------------------------------------------------------------------------
@@ -134,13 +129,23 @@ class ClusterScheduler(Scheduler):
                       ) -> int | None:
         """A single node's commit; a submission's carries its placement and a NOTIFY."""
         placing = _PLACING.get()
-        if placing is not None and statements and any(
-                s[0].startswith('INSERT INTO "tasks"') for s in statements):
-            insert = next(s for s in statements if s[0].startswith('INSERT INTO "tasks"'))
-            task_id = insert[1][_id_index(insert[0])]
-            statements = [*statements, pg.placement(task_id, *placing), pg.notify()]
+        if placing is not None:
+            statements = [pg.placed(s, *placing) if s[0].startswith('INSERT INTO "tasks"')
+                          else s for s in statements]
+            statements.append(pg.notify())
             _PLACING.set(None)
-        return await super()._commit(statements, within_s)
+        if within_s is None:
+            return await super()._commit(statements)
+        # A request's write (a submission, an audit row) need not queue behind the engine's:
+        # PostgreSQL takes them side by side, and their order among this node's writes
+        # tells nothing (other nodes write too).
+        # It waits `within_s` for an unreachable PostgreSQL, longer for a merely busy one.
+        try:
+            async with asyncio.timeout(within_s + REQUEST_SLOW_S):
+                return await self.db.commit(statements, within_s)
+        except (TimeoutError, store.DatabaseUnavailable) as exc:
+            raise Unavailable("the database cannot be reached; try again",
+                              code="database_unavailable", retry_after_s=1.0) from exc
 
     async def _transition(self, state: TaskState, new: TaskStatus,
                           extra: Any = (), **fields: Any) -> None:
@@ -176,7 +181,7 @@ class ClusterScheduler(Scheduler):
         """A single node's submit, with a cluster-wide number, bound and placement."""
         node, labels = request.get("node"), request.get("labels")
         await self._check_placement(script.name, node, labels)
-        if await self.db.pending_count() >= self.settings.max_pending:
+        if await self._pending() >= self.settings.max_pending:
             raise QueueFull(f"{self.settings.max_pending} tasks are already waiting in the "
                             f"cluster (engine.max_pending)", retry_after_s=5.0)
         self._next_num = await self.db.next_num()
@@ -186,6 +191,15 @@ class ClusterScheduler(Scheduler):
         finally:
             _PLACING.reset(token)
         return task
+
+    async def _pending(self) -> int:
+        """The cluster's waiting tasks, counted at most every PENDING_COUNT_S (a soft bound)."""
+        now = time.monotonic()
+        if now - self._pending_at > PENDING_COUNT_S:
+            self._pending_n = await self.db.pending_count()
+            self._pending_at = now
+        self._pending_n += 1
+        return self._pending_n - 1
 
     async def _check_placement(self, script: str, node: str | None,
                                labels: list[str] | None) -> None:

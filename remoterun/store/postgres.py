@@ -41,6 +41,7 @@ from remoterun.store.sqlite import (
     Guarded,
     StaleWrite,
     Statement,
+    Task,
 )
 
 log = structlog.get_logger(__name__)
@@ -68,6 +69,7 @@ class Fenced(StaleWrite):
 
 
 _PLACEHOLDER = re.compile(r"\?")
+_TASK_COLUMNS = ", ".join(f'"t1"."{f.column_name}"' for f in Task._meta.sorted_fields)
 
 
 @functools.lru_cache(maxsize=2048)
@@ -86,6 +88,7 @@ def pg_sql(sql: str) -> tuple[str, bool]:
         return f"${count}"
 
     out = _PLACEHOLDER.sub(mark, sql)
+    out = out.replace(_TASK_COLUMNS, '"t1".*', 1)  # a task's row with its cluster columns
     out = re.sub(r" GLOB (\$\d+)", r" ~ rr_glob(\1)", out)
     out = out.replace(" LIKE ", " ILIKE ")
     returns = bool(re.match(r'INSERT INTO "(task_events|audit|task_logs)"', out))
@@ -250,6 +253,8 @@ class PostgresDatabase(Database):
             except DatabaseBusy as exc:
                 if time.monotonic() + pause > deadline:
                     raise DatabaseUnavailable(str(exc)) from exc
+                if pause == 0.05:
+                    log.warning("postgres_unreachable", error=str(exc))
             await asyncio.sleep(pause)
             pause = min(pause * 2, 0.5)
 
@@ -493,10 +498,16 @@ def cancel_unclaimed(task_id: str) -> Guarded:
                     "'pending' AND \"owner\" IS NULL", [task_id]))
 
 
-def placement(task_id: str, node: str | None, labels: Sequence[str] | None) -> Statement:
-    """A statement that records where a new task may run."""
-    return ('UPDATE tasks SET "node" = ?, "labels" = ? WHERE "id" = ?',
-            [node, None if labels is None else list(labels), task_id])
+@functools.lru_cache(maxsize=64)
+def _placed_sql(sql: str) -> str:
+    head, values = sql.split(") VALUES (", 1)
+    return f'{head}, "node", "labels") VALUES ({values.removesuffix(")")}, ?, ?)'
+
+
+def placed(insert: Statement, node: str | None, labels: Sequence[str] | None) -> Statement:
+    """A task's insert statement that also records where it may run."""
+    return _placed_sql(insert[0]), [*insert[1], node,
+                                    None if labels is None else list(labels)]
 
 
 def notify() -> Statement:
