@@ -60,9 +60,9 @@ async def post(http: aiohttp.ClientSession, node: Node, path: str, body: Any = N
         return response.status, await response.json()
 
 
-async def submit(http: aiohttp.ClientSession, node: Node, **fields: Any) -> dict[str, Any]:
-    """Submit through a node; the task."""
-    status, body = await post(http, node, "/tasks", fields)
+async def submit(http: aiohttp.ClientSession, via: Node, **fields: Any) -> dict[str, Any]:
+    """Submit through a node (`via`); the task."""
+    status, body = await post(http, via, "/tasks", fields)
     assert status == 201, body
     return body
 
@@ -99,7 +99,7 @@ async def ws_follow(http: aiohttp.ClientSession, node: Node, task_id: str, since
     `stop_after_output` output frames, then disconnect)."""
     got: list[dict[str, Any]] = []
     outputs = 0
-    async with http.ws_connect(f"{node.url}/ws/tasks/{task_id}?since={since}") as ws:
+    async with http.ws_connect(f"{node.url}/tasks/{task_id}/ws?since={since}") as ws:
         async with asyncio.timeout(60):
             async for message in ws:
                 if message.type != aiohttp.WSMsgType.TEXT:
@@ -240,7 +240,7 @@ async def test_cancel_and_stdin_reach_the_owner_through_a_third_node(cluster, ht
     """stdin and eof sent to n3 reach the task on n1; a cancel through n3 (REST) stops a task
     running on n2."""
     task = await submit(http, cluster[0], script="echo_stdin.sh", node="n1", interactive=True)
-    async with http.ws_connect(f"{cluster[2].url}/ws/tasks/{task['id']}") as ws:
+    async with http.ws_connect(f"{cluster[2].url}/tasks/{task['id']}/ws") as ws:
         got: list[dict[str, Any]] = []
         async with asyncio.timeout(20):
             async for message in ws:
@@ -267,8 +267,7 @@ async def _status(http: aiohttp.ClientSession, node: Node, task_id: str, wanted:
 async def test_a_killed_node_is_recorded_once_and_its_task_retried_elsewhere(cluster, http):
     """SIGKILL of the node running two tasks: a survivor records each once, "node X was lost
     during attempt 1"; the one with a retry left runs again on another node."""
-    retried = await submit(http, cluster[0], script="sleep.sh", node=None, labels=None,
-                           max_retries=1, params={"seconds": 3})
+    retried = await submit(http, cluster[0], script="sleep.sh", max_retries=1, params={"seconds": 3})
     await wait_for(lambda: _status(http, cluster[0], retried["id"], "running"), 15)
     owner = (await get_json(http, f"{cluster[0].url}/tasks/{retried['id']}"))["node"]
     victim = next(n for n in cluster if n.name == owner)
