@@ -77,6 +77,7 @@ class ClusterScheduler(Scheduler):
         self._followers: Counter[str] = Counter()
         self._listener: Any = None
         self._pending_n, self._pending_at = 0, -PENDING_COUNT_S
+        self._healthy_since: float | None = None  # monotonic: beating since (None: not now)
         db.fence = lambda: pg.node_fence(self.node, self.epoch)
 
     # Life ------------------------------------------------------------------------------------
@@ -379,11 +380,23 @@ class ClusterScheduler(Scheduler):
                 self._log_once("heartbeat_failed", "", error=str(exc))
 
     async def _beat(self) -> None:
-        if not await self.db.heartbeat(self.node, self.epoch, self.scripts):
+        try:
+            alive = await self.db.heartbeat(self.node, self.epoch, self.scripts)
+        except store.DatabaseBusy:
+            self._healthy_since = None
+            raise
+        if not alive:
             await self._fenced_out()
         if self._listener is None or self._listener.is_closed():
             with contextlib.suppress(*pg.CONNECTION_ERRORS):
                 self._listener = await self.db.listen(self._wake.set)
+        now = time.monotonic()
+        if self._healthy_since is None:
+            self._healthy_since = now
+        # Judge others only after beating steadily for a whole timeout: when PostgreSQL was
+        # away every node fell silent at once, and each needs a beat to show it is alive.
+        if now - self._healthy_since < self.cluster.node_timeout_s:
+            return
         timeout = self.cluster.node_timeout_s
         for node in await self.db.silent_nodes(timeout):
             if node["name"] != self.node and await self.db.declare_lost(
