@@ -6,7 +6,10 @@ import asyncio
 import contextlib
 import os
 import signal
+import subprocess
+import sys
 import time
+import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -34,10 +37,14 @@ class Node(ServerProcess):
             + extra)
 
     def start(self) -> None:
-        """Start and wait until /readyz answers 200 (joined the cluster)."""
-        super().start()
-        deadline = time.monotonic() + 30
-        import urllib.request
+        """Start and wait until /healthz answers 200 (joined the cluster); a minute at most,
+        for a loaded machine."""
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        with self.log.open("ab") as log:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "remoterun", "serve", "--config", str(self.config),
+                 "--port", str(self.port)], cwd=self.tmp_path, env=env, stdout=log, stderr=log)
+        deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
             try:
                 with urllib.request.urlopen(self.url + "/healthz", timeout=2) as r:
@@ -45,7 +52,7 @@ class Node(ServerProcess):
                         return
             except OSError:
                 pass
-            if self.proc is not None and self.proc.poll() is not None:
+            if self.proc.poll() is not None:
                 raise AssertionError(f"node exited: {self.log.read_text()}")
             time.sleep(0.1)
         raise AssertionError(f"node {self.name} never became healthy: {self.log.read_text()}")
@@ -78,8 +85,13 @@ def make_nodes(tmp_path: Path, engines: tuple[Any, Any, str], count: int = 3,
 
 
 async def start_all(nodes: list[Node]) -> None:
-    """Start the nodes side by side."""
-    await asyncio.gather(*(asyncio.to_thread(n.start) for n in nodes))
+    """Start the nodes side by side (if one fails, stop them all)."""
+    try:
+        await asyncio.gather(*(asyncio.to_thread(n.start) for n in nodes))
+    except BaseException:
+        for node in nodes:
+            node.stop()
+        raise
 
 
 def kill_task_leftovers(task_ids: list[str]) -> None:

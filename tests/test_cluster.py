@@ -9,7 +9,6 @@ from typing import Any
 
 import aiohttp
 import pytest
-
 from cluster_nodes import Node, get_json, kill_task_leftovers, make_nodes, start_all
 from conftest import wait_for
 
@@ -269,7 +268,8 @@ async def _status(http: aiohttp.ClientSession, node: Node, task_id: str, wanted:
 async def test_a_killed_node_is_recorded_once_and_its_task_retried_elsewhere(cluster, http):
     """SIGKILL of the node running two tasks: a survivor records each once, "node X was lost
     during attempt 1"; the one with a retry left runs again on another node."""
-    retried = await submit(http, cluster[0], script="sleep.sh", max_retries=1, params={"seconds": 3})
+    retried = await submit(http, cluster[0], script="sleep.sh", max_retries=1,
+                           params={"seconds": 3})
     await wait_for(lambda: _status(http, cluster[0], retried["id"], "running"), 15)
     owner = (await get_json(http, f"{cluster[0].url}/tasks/{retried['id']}"))["node"]
     victim = next(n for n in cluster if n.name == owner)

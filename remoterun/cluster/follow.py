@@ -93,7 +93,7 @@ class RemoteSubscription(Subscription):
         deadline = time.monotonic() + GAP_WAIT_S
         while self._next <= upto:
             settled = row is not None and (row["last_seq"] >= upto or row["status"] in FINAL)
-            async with self.slots or contextlib.nullcontext(), contextlib.aclosing(
+            async with self.slots or contextlib.nullcontext(), contextlib.aclosing(  # type: ignore[type-var]
                     aread_frames(self.archive_root, self.task["logs_path"], self._next - 1,
                                  upto)) as read:
                 async for frames in read:

@@ -20,7 +20,7 @@ import contextlib
 import struct
 from collections import deque
 from collections.abc import AsyncIterator, Callable
-from typing import Any
+from typing import Any, cast
 
 import orjson
 import redis.asyncio as aioredis
@@ -174,7 +174,8 @@ class Relay:
     async def _send(self, batch: list[tuple[str, int, int | None, dict[str, bytes]]]) -> None:
         async with self.redis.pipeline(transaction=False) as pipe:
             for key, seq, min_seq, fields in batch:
-                pipe.xadd(key, fields, id=f"{seq}-*", minid=min_seq, approximate=True)
+                pipe.xadd(key, cast(Any, fields), id=f"{seq}-*", minid=min_seq,
+                          approximate=True)
                 if fields.get("e", b"").startswith(b'{"kind":"exit"'):
                     pipe.expire(key, STREAM_TTL_S)
             results = await pipe.execute(raise_on_error=False)
@@ -187,7 +188,7 @@ class Relay:
         after whatever it holds."""
         key = stream_key(task_id)
         try:
-            top = await self.redis.xrevrange(key, count=1)
+            top: Any = await self.redis.xrevrange(key, count=1)
             seq = entry_seq(top[0][0]) if top else 0
             for item in items:
                 await self.redis.xadd(key, {"e": orjson.dumps(
@@ -203,7 +204,7 @@ class Relay:
         """Entries after the id `after`, waiting up to `block_ms` for one; [] if none came.
         Unavailable while Redis cannot be reached."""
         try:
-            got = await self.redis.xread({stream_key(task_id): after}, count=count,
+            got: Any = await self.redis.xread({stream_key(task_id): after}, count=count,
                                          block=block_ms)
         except (RedisError, OSError) as exc:
             self.last_error = str(exc) or type(exc).__name__

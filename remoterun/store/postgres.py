@@ -27,7 +27,7 @@ import time
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
-import asyncpg
+import asyncpg  # type: ignore[import-untyped]
 import peewee as pw
 import structlog
 
@@ -103,8 +103,9 @@ def _ddl() -> list[str]:
     with pg.bind_ctx(MODELS):
         for model in MODELS:
             schema = model._schema  # type: ignore[attr-defined]  # peewee's schema manager
-            out.append(pg.get_sql_context().sql(schema._create_table(safe=True)).query()[0])
-            out.extend(pg.get_sql_context().sql(index).query()[0]
+            out.append(pg.get_sql_context().sql(  # type: ignore[no-untyped-call]
+                schema._create_table(safe=True)).query()[0])
+            out.extend(pg.get_sql_context().sql(index).query()[0]  # type: ignore[no-untyped-call]
                        for index in schema._create_indexes(safe=True))
     widened = []
     for sql in out:
