@@ -42,6 +42,7 @@ GROUPS: dict[str, tuple[str, str]] = {
     "archive": ("b_archive", "archive"),
     "replay": ("b_replay", "replay"),
     "soak": ("b_soak", "soak"),
+    "cluster": ("b_cluster", "cluster"),  # PostgreSQL + Redis, 1 and 3 nodes (issue 16)
 }
 
 

@@ -48,8 +48,7 @@ def _second(second: int) -> str:
 
 
 def task_json(row: dict[str, Any]) -> dict[str, Any]:
-    """A task row as REST and WebSocket show it (in cluster mode, with the node it runs or
-    ran on: its row's `owner`)."""
+    """A task row as REST and WebSocket show it."""
     out = {
         "id": row["id"],
         "script": row["script"],
@@ -73,8 +72,8 @@ def task_json(row: dict[str, Any]) -> dict[str, Any]:
         "output_bytes": row["output_bytes"],
         "last_seq": row["last_seq"],
     }
-    if "owner" in row:
-        out["node"] = row["owner"]
+    # The node of its latest attempt: a cluster row's owner; "local" on a single server.
+    out["node"] = row["owner"] if "owner" in row else "local" if row["started_at"] else None
     return out
 
 

@@ -94,20 +94,30 @@ async def start_all(nodes: list[Node]) -> None:
         raise
 
 
-def kill_task_leftovers(task_ids: list[str]) -> None:
-    """SIGKILL processes a SIGKILLed node's tasks left running (found by RR_TASK_ID)."""
+def task_processes(task_ids: list[str]) -> list[int]:
+    """The pids of processes of these tasks (found by RR_TASK_ID), on this host."""
     wanted = {f"RR_TASK_ID={t}".encode() for t in task_ids}
+    found = []
     for entry in os.scandir("/proc"):
         if not entry.name.isdigit():
             continue
         try:
             with open(f"/proc/{entry.name}/environ", "rb") as fh:
                 env = set(fh.read().split(b"\0"))
+            with open(f"/proc/{entry.name}/stat") as fh:
+                zombie = fh.read().rsplit(")", 1)[1].split()[0] == "Z"
         except OSError:
             continue
-        if env & wanted:
-            with contextlib.suppress(OSError):
-                os.kill(int(entry.name), signal.SIGKILL)
+        if env & wanted and not zombie:
+            found.append(int(entry.name))
+    return found
+
+
+def kill_task_leftovers(task_ids: list[str]) -> None:
+    """SIGKILL processes a SIGKILLed node's tasks left running (found by RR_TASK_ID)."""
+    for pid in task_processes(task_ids):
+        with contextlib.suppress(OSError):
+            os.kill(pid, signal.SIGKILL)
 
 
 async def get_json(http: aiohttp.ClientSession, url: str) -> Any:

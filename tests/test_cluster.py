@@ -9,7 +9,14 @@ from typing import Any
 
 import aiohttp
 import pytest
-from cluster_nodes import Node, get_json, kill_task_leftovers, make_nodes, start_all
+from cluster_nodes import (
+    Node,
+    get_json,
+    kill_task_leftovers,
+    make_nodes,
+    start_all,
+    task_processes,
+)
 from conftest import wait_for
 
 pytestmark = pytest.mark.slow
@@ -277,7 +284,6 @@ async def test_a_killed_node_is_recorded_once_and_its_task_retried_elsewhere(clu
     doomed = await submit(http, survivor, script="sleep.sh", node=owner, params={"seconds": 60})
     await wait_for(lambda: _status(http, survivor, doomed["id"], "running"), 15)
     victim.kill(signal.SIGKILL)
-    kill_task_leftovers([retried["id"], doomed["id"]])
     lost = f"node {owner} was lost during attempt 1"
     ended = await final(http, survivor, doomed["id"], 30)
     assert (ended["status"], ended["error"]) == ("failed", lost)
@@ -286,6 +292,14 @@ async def test_a_killed_node_is_recorded_once_and_its_task_retried_elsewhere(clu
     for task_id in (retried["id"], doomed["id"]):
         details = [e["detail"] for e in await events(http, survivor, task_id)]
         assert details.count(lost) == 1, details
+    assert task_processes([doomed["id"]]), "the killed node's task process should outlive it"
+    try:
+        await asyncio.to_thread(victim.start)  # it returns: kills what it left, writes nothing
+        await wait_for(lambda: not task_processes([doomed["id"]]), 20,
+                       what="the returning node to kill its leftover task processes")
+        assert (await get_json(http, f"{survivor.url}/tasks/{doomed['id']}"))["error"] == lost
+    finally:
+        kill_task_leftovers([retried["id"], doomed["id"]])
 
 
 @pytest.mark.timeout(180)

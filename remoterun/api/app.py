@@ -31,6 +31,7 @@ from remoterun.api import (
     http,
     json_response,
     monitor,
+    nodes,
     openapi,
     sse,
     ws,
@@ -263,9 +264,9 @@ def create_app(settings: Settings) -> web.Application:
     app.router.add_routes(ws.routes)
     app.router.add_routes(sse.routes)
     events.setup(app)  # GET /events, GET /tasks/{id}/events (issue 18)
-    if settings.cluster is not None:  # GET /nodes, the redis readiness check (issue 16)
-        from remoterun.api import nodes
-        nodes.setup(app)
+    app.router.add_routes(nodes.routes)  # GET /nodes (issue 16)
+    if settings.cluster is not None:
+        nodes.setup_cluster(app)  # the redis readiness check
     app.router.add_routes(monitor.routes)
     app.router.add_routes(openapi.routes)
     app.router.add_get("/", index)

@@ -21,6 +21,7 @@ import asyncio
 import contextlib
 import contextvars
 import functools
+import os
 import signal
 import time
 import uuid
@@ -428,6 +429,14 @@ class ClusterScheduler(Scheduler):
         for row in await self.db.owned(self.node, S.RUNNING):
             await self._end_interrupted(row, f"the server stopped during attempt "
                                              f"{row['attempt']}", kill=True)
+        # Runs of this node that a survivor recorded while it was down may still have
+        # processes on this host: kill those too (found by RR_TASK_ID, owned by this node).
+        found = await asyncio.to_thread(_task_ids_on_host)
+        if found:
+            for row in await self.db.fetch_all(
+                    "SELECT id FROM tasks WHERE id = ANY(?) AND owner = ? AND status <> ?",
+                    [sorted(found), self.node, str(S.RUNNING)]):
+                await asyncio.to_thread(kill_left_behind, row["id"])
         for row in await self.db.owned(self.node, S.PENDING):
             with contextlib.suppress(store.StaleWrite):
                 await self._commit([pg.task_fence(row["id"], row["attempt"], self.node, None,
@@ -438,7 +447,7 @@ class ClusterScheduler(Scheduler):
         """Record a run whose node stopped or was lost (exactly once: the write is fenced by
         its attempt and owner), or queue its retry; then tell its followers."""
         if kill:
-            kill_left_behind(row["id"])
+            await asyncio.to_thread(kill_left_behind, row["id"])
         found = await asyncio.to_thread(_finalize_archive, self.settings, row)
         total = sum(segment.raw_bytes for segment in found)
         last_seq = max([row["last_seq"], *(segment.last_seq for segment in found)])
@@ -459,3 +468,19 @@ class ClusterScheduler(Scheduler):
             return  # recorded by another node meanwhile: that record stands
         log.warning("recovered_interrupted_run", task_id=row["id"], status=row["status"],
                     error=error)
+
+
+def _task_ids_on_host() -> set[str]:
+    """The RR_TASK_ID of every process on this host that has one (a /proc scan)."""
+    found = set()
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry.name}/environ", "rb") as fh:
+                env = fh.read().split(b"\0")
+        except OSError:
+            continue
+        found.update(v[len(b"RR_TASK_ID="):].decode() for v in env
+                     if v.startswith(b"RR_TASK_ID="))
+    return found

@@ -352,7 +352,9 @@ class PostgresDatabase(Database):
         try:
             async with self.pool.acquire() as conn:
                 rows = await conn.fetch(
-                    f"SELECT *, {NOW} AS now FROM nodes ORDER BY name")
+                    f"SELECT n.*, {NOW} AS now, (SELECT count(*) FROM tasks t WHERE "
+                    f"t.owner = n.name AND t.status = 'running') AS running "
+                    f"FROM nodes n ORDER BY n.name")
         except CONNECTION_ERRORS as exc:
             self.last_error = str(exc) or type(exc).__name__
             raise Unavailable(f"the database cannot be reached: {self.last_error}",
