@@ -1,6 +1,6 @@
 # The two commands of the README: `make serve` and `make test`. Each installs what it needs first.
 PYTHON ?= python3
-APT_PACKAGES = chromium bubblewrap prometheus openssl docker.io debootstrap
+APT_PACKAGES = chromium bubblewrap prometheus openssl docker.io debootstrap postgresql redis-server
 
 .PHONY: serve test screenshot bench bench-install install install-python install-node install-system vendor dist image
 
@@ -53,7 +53,8 @@ install-python:
 install-node:
 	@if [ -f package-lock.json ]; then npm ci --no-audit --no-fund --loglevel=error; fi
 
-# Debian packages for the browser tests, the sandbox and the dashboard test (prometheus);
+# Debian packages for the browser tests, the sandbox, the dashboard test (prometheus) and the
+# cluster tests (postgresql, redis-server: started by the tests themselves, never as services);
 # skipped when already there.
 install-system:
 	@missing=""; for p in $(APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \

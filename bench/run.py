@@ -44,6 +44,7 @@ GROUPS: dict[str, tuple[str, str]] = {
     "replay": ("b_replay", "replay"),
     "soak": ("b_soak", "soak"),
     "sandbox": ("b_sandbox", "sandbox"),
+    "cluster": ("b_cluster", "cluster"),  # PostgreSQL + Redis, 1 and 3 nodes (issue 16)
 }
 
 

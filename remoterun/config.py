@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import dataclasses
 import re
+import socket
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -176,11 +177,58 @@ class Settings:
     env: Mapping[str, str] = field(default_factory=dict)  # [engine] env, added for every task
     work_dir: Path | None = None  # per-attempt work folders go under it; None: the temp folder
     config_path: Path | None = None  # the file these came from (hidden from sandboxed tasks)
+    cluster: Cluster | None = None  # [cluster] (issue 16); None: one node on SQLite
 
     @property
     def auth_enabled(self) -> bool:
         """Whether any token is configured."""
         return bool(self.tokens)
+
+
+# Cluster mode (issue 16) ----------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Cluster:
+    """`[cluster]`: the shared PostgreSQL and Redis, and this node's name and labels."""
+
+    database_url: str
+    redis_url: str
+    node: str = field(default_factory=socket.gethostname)
+    labels: tuple[str, ...] = ()
+    node_timeout_s: float = 15.0  # a node silent this long is lost; its running tasks end
+
+
+_NODE_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,62}")
+
+
+def _cluster(body: Any) -> Cluster:
+    if not isinstance(body, dict):
+        raise ConfigError(f"cluster: expected a table, got {body!r}")
+    unknown = set(body) - {"database_url", "redis_url", "node", "labels", "node_timeout_s"}
+    if unknown:
+        raise ConfigError(f"cluster.{sorted(unknown)[0]}: unknown key")
+    values: dict[str, Any] = {}
+    for key, schemes in (("database_url", ("postgresql://", "postgres://")),
+                         ("redis_url", ("redis://", "rediss://", "unix://"))):
+        value = body.get(key)
+        if not isinstance(value, str) or not value.startswith(schemes):
+            raise ConfigError(f"cluster.{key}: expected a URL starting {' or '.join(schemes)}, "
+                              f"got {value!r}")
+        values[key] = value
+    if "node" in body:
+        if not isinstance(body["node"], str) or not _NODE_RE.fullmatch(body["node"]):
+            raise ConfigError(f"cluster.node: expected a name of letters, digits, '.', '_' or "
+                              f"'-', got {body['node']!r}")
+        values["node"] = body["node"]
+    if "labels" in body:
+        values["labels"] = tuple(sorted(set(_strings("cluster.labels", body["labels"]))))
+    if "node_timeout_s" in body:
+        value = body["node_timeout_s"]
+        if isinstance(value, bool) or not isinstance(value, int | float) or value < 1:
+            raise ConfigError(f"cluster.node_timeout_s: expected seconds (at least 1), "
+                              f"got {value!r}")
+        values["node_timeout_s"] = float(value)
+    return Cluster(**values)
 
 
 # Monitoring and alerts (issue 14) -------------------------------------------------------------
@@ -517,6 +565,9 @@ def parse(data: Mapping[str, Any], base: Path) -> Settings:
         if section == "engine" and isinstance(body, dict) and "env" in body:
             body = dict(body)
             values["env"] = parse_env("engine.env", body.pop("env"))
+        if section == "cluster":
+            values["cluster"] = _cluster(body)
+            continue
         if section == "scripts":
             if not isinstance(body, dict) or not all(isinstance(v, dict) for v in body.values()):
                 raise ConfigError("scripts: expected tables such as [scripts.\"name.sh\"]")

@@ -49,7 +49,7 @@ def _second(second: int) -> str:
 
 def task_json(row: dict[str, Any]) -> dict[str, Any]:
     """A task row as REST and WebSocket show it."""
-    return {
+    out = {
         "id": row["id"],
         "script": row["script"],
         "params": json.loads(row["params"]),
@@ -72,6 +72,9 @@ def task_json(row: dict[str, Any]) -> dict[str, Any]:
         "output_bytes": row["output_bytes"],
         "last_seq": row["last_seq"],
     }
+    # The node of its latest attempt: a cluster row's owner; "local" on a single server.
+    out["node"] = row["owner"] if "owner" in row else "local" if row["started_at"] else None
+    return out
 
 
 @dataclass(slots=True)

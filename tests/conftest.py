@@ -234,6 +234,10 @@ BLOCKS_ALLOWED: list[tuple[str, set[str], tuple[str, ...]]] = [
     ("structlog/dev.py", {"__call__"}, _FILE_CALLS),
     # /proc files (a process's children, environ, stat): procfs reads never wait on a disk.
     ("remoterun/reaper.py", {"_children", "tend_orphans", "kill_task_processes"}, _FILE_CALLS),
+    # asyncpg looks for ~/.pgpass (a stat, maybe a read) as it opens a connection: once per
+    # pooled connection at start and after PostgreSQL restarts, never per query (cluster mode).
+    ("asyncpg/connect_utils.py", {"_read_password_file", "_read_password_from_pgpass",
+                                  "_parse_connect_dsn_and_args"}, _FILE_CALLS),
 ]
 
 
@@ -248,3 +252,37 @@ def no_blocking_in_the_loop() -> Iterator[None]:
                 if function is not None:
                     function.can_block_in(filename, functions)
         yield
+
+
+# Cluster mode (issue 16): one PostgreSQL and one Redis for the whole session, each test on a
+# database of its own and an emptied Redis. Started only by tests that ask for them.
+
+@pytest.fixture(scope="session")
+def pg_server() -> Iterator[Any]:
+    """A real PostgreSQL on loopback in a temporary folder (tests/engines.py)."""
+    from engines import PostgresServer
+    server = PostgresServer()
+    server.start()
+    yield server
+    server.close()
+
+
+@pytest.fixture(scope="session")
+def redis_server() -> Iterator[Any]:
+    """A real redis-server on loopback, without persistence."""
+    from engines import RedisServer
+    server = RedisServer()
+    server.start()
+    yield server
+    server.close()
+
+
+@pytest.fixture
+def engines(pg_server: Any, redis_server: Any) -> Iterator[tuple[Any, Any, str]]:
+    """Both engines up (a fault test may have left one down), a fresh database, an empty
+    Redis: (postgres, redis, database_url)."""
+    for engine in (pg_server, redis_server):
+        if engine.proc is None or engine.proc.poll() is not None:
+            engine.start()
+    redis_server.flush()
+    yield pg_server, redis_server, pg_server.new_database()

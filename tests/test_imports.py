@@ -45,6 +45,10 @@ ALLOWED: dict[str, set[str]] = {
     "metrics": set(LEAVES),
     "alerts": LEAVES | {"metrics", "archive"},
     "retention": LEAVES | {"store", "archive"},
+    # cluster mode (issue 16): a node's scheduler over PostgreSQL and Redis, composed of the
+    # engine's parts as scheduler is, and of the scheduler itself
+    "cluster": LEAVES | SERVICES | {"hub", "pending", "attempt", "metrics", "feed",
+                                    "scheduler", "catalogue"},
 }
 
 

@@ -31,6 +31,7 @@ from remoterun.api import (
     http,
     json_response,
     monitor,
+    nodes,
     openapi,
     sse,
     ws,
@@ -205,11 +206,17 @@ async def services(app: web.Application) -> AsyncIterator[None]:
     close them in reverse."""
     settings = app[SETTINGS]
     settings.archive_dir.mkdir(mode=0o700, parents=True, exist_ok=True)  # the server's alone
-    db = app[DB] = Database(settings.db_path, observe_write=app[METRICS].db_write.observe)
-    await db.open()
     compressor = Compressor()
-    scheduler = app[SCHEDULER] = Scheduler(settings, db, app[CATALOGUE], app[METRICS],
-                                           compressor, Children())
+    if settings.cluster is None:
+        db = app[DB] = Database(settings.db_path, observe_write=app[METRICS].db_write.observe)
+        await db.open()
+        scheduler = app[SCHEDULER] = Scheduler(settings, db, app[CATALOGUE], app[METRICS],
+                                               compressor, Children())
+    else:  # issue 16: PostgreSQL and Redis, imported only here
+        from remoterun import cluster
+        db, scheduler = await cluster.open_node(settings, app[CATALOGUE], app[METRICS],
+                                                compressor)
+        app[DB], app[SCHEDULER] = db, scheduler
     scheduler.on_transition = monitor.observer(app)
     try:
         await scheduler.start()
@@ -257,6 +264,9 @@ def create_app(settings: Settings) -> web.Application:
     app.router.add_routes(ws.routes)
     app.router.add_routes(sse.routes)
     events.setup(app)  # GET /events, GET /tasks/{id}/events (issue 18)
+    app.router.add_routes(nodes.routes)  # GET /nodes (issue 16)
+    if settings.cluster is not None:
+        nodes.setup_cluster(app)  # the redis readiness check
     app.router.add_routes(monitor.routes)
     app.router.add_routes(openapi.routes)
     app.router.add_get("/", index)

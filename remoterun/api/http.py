@@ -32,6 +32,7 @@ _SUBMIT_TYPES: dict[str, tuple[type, ...]] = {
     "script": (str,), "script_path": (str,), "params": (dict,), "priority": (int,),
     "timeout": (int, float, type(None)), "max_retries": (int,), "pty": (bool,),
     "interactive": (bool,), "stdin": (str,),
+    "node": (str,), "labels": (list,),  # placement, in cluster mode (docs/cluster.md)
 }
 
 

@@ -222,7 +222,7 @@ def script_glob_clause(patterns: tuple[str, ...]) -> Any:
     (SQLite's GLOB has the same `*`, `?` and `[...]`, but negates with `^` where fnmatch
     uses `!`); an empty list matches nothing."""
     if not patterns:
-        return pw.SQL("0")
+        return pw.SQL("1 = 0")  # (SQLite and PostgreSQL alike)
     clause = None
     for pattern in patterns:
         glob = pw.Expression(Task.script, "GLOB", pattern.replace("[!", "[^"))

@@ -1,0 +1,126 @@
+"""Cluster nodes as real server processes (`python -m remoterun serve`) sharing one archive."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+from conftest import ServerProcess, make_settings
+
+
+class Node(ServerProcess):
+    """One node: its own scripts/ copy, the shared archive, PostgreSQL and Redis."""
+
+    def __init__(self, folder: Path, name: str, archive: Path, database_url: str,
+                 redis_url: str, labels: tuple[str, ...] = (), workers: int = 4,
+                 node_timeout_s: float = 3.0, extra: str = ""):
+        folder.mkdir(parents=True, exist_ok=True)
+        super().__init__(folder)
+        self.name = name
+        labels_toml = ", ".join(f'"{label}"' for label in labels)
+        self.config.write_text(
+            f'[paths]\nscripts = "scripts"\narchive = "{archive}"\ndb = "unused.db"\n'
+            f"[engine]\nkill_grace_s = 1.0\nworkers = {workers}\nretry_base_s = 0.05\n"
+            f"retry_cap_s = 0.2\n[archive]\nflush_interval_s = 0.2\n"
+            f"[server]\nshutdown_grace_s = 2.0\n"
+            f'[cluster]\ndatabase_url = "{database_url}"\nredis_url = "{redis_url}"\n'
+            f'node = "{name}"\nlabels = [{labels_toml}]\nnode_timeout_s = {node_timeout_s}\n'
+            + extra)
+
+    def start(self) -> None:
+        """Start and wait until /healthz answers 200 (joined the cluster); a minute at most,
+        for a loaded machine."""
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        with self.log.open("ab") as log:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "remoterun", "serve", "--config", str(self.config),
+                 "--port", str(self.port)], cwd=self.tmp_path, env=env, stdout=log, stderr=log)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            try:
+                with urllib.request.urlopen(self.url + "/healthz", timeout=2) as r:
+                    if r.status == 200:
+                        return
+            except OSError:
+                pass
+            if self.proc.poll() is not None:
+                raise AssertionError(f"node exited: {self.log.read_text()}")
+            time.sleep(0.1)
+        raise AssertionError(f"node {self.name} never became healthy: {self.log.read_text()}")
+
+    def pause(self) -> None:
+        """SIGSTOP: the node stops answering and beating (a frozen or cut-off host)."""
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGSTOP)
+
+    def resume(self) -> None:
+        """SIGCONT."""
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGCONT)
+
+
+def make_nodes(tmp_path: Path, engines: tuple[Any, Any, str], count: int = 3,
+               **options: Any) -> list[Node]:
+    """`count` nodes named n1.. (not started), each with the test scripts."""
+    _, redis_server, url = engines
+    archive = tmp_path / "shared-archive"
+    archive.mkdir(exist_ok=True)
+    nodes = []
+    for i in range(1, count + 1):
+        per = options.get(f"n{i}", {})
+        common = {k: v for k, v in options.items() if not k.startswith("n")}
+        nodes.append(Node(tmp_path / f"n{i}", f"n{i}", archive, url, redis_server.url,
+                          **{**common, **per}))
+        make_settings(tmp_path / f"n{i}")
+    return nodes
+
+
+async def start_all(nodes: list[Node]) -> None:
+    """Start the nodes side by side (if one fails, stop them all)."""
+    try:
+        await asyncio.gather(*(asyncio.to_thread(n.start) for n in nodes))
+    except BaseException:
+        for node in nodes:
+            node.stop()
+        raise
+
+
+def task_processes(task_ids: list[str]) -> list[int]:
+    """The pids of processes of these tasks (found by RR_TASK_ID), on this host."""
+    wanted = {f"RR_TASK_ID={t}".encode() for t in task_ids}
+    found = []
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry.name}/environ", "rb") as fh:
+                env = set(fh.read().split(b"\0"))
+            with open(f"/proc/{entry.name}/stat") as fh:
+                zombie = fh.read().rsplit(")", 1)[1].split()[0] == "Z"
+        except OSError:
+            continue
+        if env & wanted and not zombie:
+            found.append(int(entry.name))
+    return found
+
+
+def kill_task_leftovers(task_ids: list[str]) -> None:
+    """SIGKILL processes a SIGKILLed node's tasks left running (found by RR_TASK_ID)."""
+    for pid in task_processes(task_ids):
+        with contextlib.suppress(OSError):
+            os.kill(pid, signal.SIGKILL)
+
+
+async def get_json(http: aiohttp.ClientSession, url: str) -> Any:
+    """GET a JSON body (any status)."""
+    async with http.get(url) as response:
+        return await response.json()
