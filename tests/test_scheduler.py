@@ -9,10 +9,10 @@ import time
 from conftest import output_of, submit, wait_final, wait_for, ws_collect
 
 from remoterun.attempt import Attempt
+from remoterun.config import SandboxConfig
 from remoterun.hub import TaskHub
 from remoterun.runner import Run
 from remoterun.scheduler import TaskState
-from remoterun.config import SandboxConfig
 
 UNSANDBOXED = SandboxConfig(mode="none")
 
