@@ -135,10 +135,10 @@ class Sandbox:
         self.base_env = {**allowed_env(os.environ), **settings.env}
         self.bwrap: str | None = None  # its path, once it is known to work here
         self.bwrap_network_off = False  # --unshare-net works too
-        self.docker = shutil.which("docker")
-        self.prlimit = shutil.which("prlimit")
-        self.setsid = shutil.which("setsid") or "setsid"
-        self.setpriv = shutil.which("setpriv")
+        self.docker: str | None = None  # the programs' paths, found at start
+        self.prlimit: str | None = None
+        self.setsid = "setsid"
+        self.setpriv: str | None = None
         self.cgroups = Cgroups({})
         self.auto = "none"
         self.work_root = settings.work_dir or Path(tempfile.gettempdir()) / "remoterun-work"
@@ -174,6 +174,9 @@ class Sandbox:
         # by a name it is given, and lists nobody else's.
         self.work_root.mkdir(mode=0o711, parents=True, exist_ok=True)
         self.cgroups = Cgroups.find()
+        self.docker, self.prlimit, self.setpriv = map(shutil.which, ("docker", "prlimit",
+                                                                     "setpriv"))
+        self.setsid = shutil.which("setsid") or "setsid"
         self.scripts = self.settings.scripts_dir.resolve()
         path = shutil.which("bwrap")
         if path is not None and _works([path, *PROBE_ARGS, "true"]):
