@@ -11,6 +11,7 @@ scheduler records.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import json
 import time
@@ -180,9 +181,9 @@ class Attempt:
     async def start(self, spec: RunSpec, policy: Policy | None = None) -> Run:
         """Spawn the process (in its sandbox, by `policy`) and hand it the controls that came
         early; SpawnError if not."""
-        if self.sandbox is not None and policy is not None:
-            spec = await self._sandboxed(spec, policy)
         try:
+            if self.sandbox is not None and policy is not None:
+                spec = await self._sandboxed(spec, policy)
             return await self._start(spec)
         except BaseException:
             await asyncio.shield(self._finish_launch(None))
@@ -190,10 +191,15 @@ class Attempt:
 
     async def _sandboxed(self, spec: RunSpec, policy: Policy) -> RunSpec:
         assert self.sandbox is not None
+        preparing = asyncio.ensure_future(self.sandbox.prepare(
+            policy, spec.argv, spec.env, spec.cwd, spec.pty,
+            f"{self.row['id']}-{self.row['attempt']}"))
         try:
-            self.launch = launch = await self.sandbox.prepare(
-                policy, spec.argv, spec.env, spec.cwd, spec.pty,
-                f"{self.row['id']}-{self.row['attempt']}")
+            self.launch = launch = await asyncio.shield(preparing)
+        except asyncio.CancelledError:  # it goes on in its thread: keep what it made, to undo
+            with contextlib.suppress(Exception):
+                self.launch = await preparing
+            raise
         except SandboxError as exc:
             raise SpawnError(f"cannot start its sandbox ({policy.mode}): {exc}") from exc
         except OSError as exc:  # the script checked before bwrap's exec (see sandbox.prepare)

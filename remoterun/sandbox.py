@@ -9,21 +9,20 @@ only). `auto` is bwrap where `bwrap` works here, probed once at start. Whatever 
 environment is the allow-list (PATH, HOME, LANG, LC_*, TZ) plus `[engine] env`, the script's
 metadata `env` and the task's RR_* variables, never the server's own.
 
-bwrap is spawned with `--info-fd` and `--block-fd`: it reports its namespace's first process,
-which is placed into the task's cgroups and given its rlimits before it is let go to fork the
-script, so that nothing of the task runs unbounded. It runs with `--new-session`, so signals
-go to the script's process group, never to bwrap's monitor (which would die of a SIGTERM and
-take the script down without its grace); a PTY task's script takes the terminal as its own
-controlling terminal inside (`setsid --ctty`). Both bwrap and `docker run` report a death by
+bwrap (its view of the filesystem: bwrap.py) is spawned with `--info-fd` and `--block-fd`:
+it reports its namespace's first process, which is placed into the task's cgroups and given
+its rlimits before it is let go to fork the script, so that nothing of the task runs
+unbounded. It runs with `--new-session`, so signals go to the script's process group, never
+to bwrap's monitor (which would die of a SIGTERM and take the script down without its
+grace); a PTY task's script takes the terminal as its own controlling terminal inside
+(`setsid --ctty`). Both bwrap and `docker run` report a death by
 signal N as exit 128 + N, which the run reads back as -N.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import errno
-import json
 import os
 import pwd
 import shutil
@@ -37,7 +36,7 @@ from typing import Any
 
 import structlog
 
-from remoterun import docker
+from remoterun import bwrap, docker
 from remoterun.config import ResourceLimits, SandboxConfig, Settings
 from remoterun.limits import (
     Cgroups,
@@ -52,15 +51,7 @@ from remoterun.spawn import Children
 
 log = structlog.get_logger(__name__)
 ALLOWED_ENV = ("PATH", "HOME", "LANG", "TZ")  # and every LC_*
-INFO_TIMEOUT_S = 30.0  # bwrap reports its child within milliseconds; a hung one is not waited on
 FORK_WAIT_S = 2.0  # bwrap's first process forks the script within a millisecond or two
-# Folders hidden file by file, never as a whole: hiding them would hide the system.
-SYSTEM_DIRS = frozenset({"/", "/usr", "/usr/local", "/etc", "/var", "/var/lib", "/opt", "/srv",
-                         "/home", "/root", "/tmp", "/mnt", "/media", "/run"})
-PROBE_ARGS = ["--unshare-pid", "--die-with-parent", "--new-session", "--ro-bind", "/", "/",
-              "--proc", "/proc", "--dev", "/dev", "--tmpfs", "/tmp"]
-
-
 def allowed_env(environ: Mapping[str, str]) -> dict[str, str]:
     """The variables of the server's environment a task may see."""
     return {k: v for k, v in environ.items() if k in ALLOWED_ENV or k.startswith("LC_")}
@@ -99,7 +90,7 @@ class Launch:
         that signals go to (that process's)."""
         for name in ("info_w", "block_r"):  # the child's ends: it has them now
             os.close(self._fds.pop(name))
-        first = await _read_child_pid(self._fds["info_r"])
+        first = await bwrap.read_child_pid(self._fds["info_r"])
         if first is None:  # bwrap failed (its error is in the output): let it end
             os.close(self._fds.pop("block_w"))
             return None
@@ -135,13 +126,13 @@ class Sandbox:
         self.base_env = {**allowed_env(os.environ), **settings.env}
         self.bwrap: str | None = None  # its path, once it is known to work here
         self.bwrap_network_off = False  # --unshare-net works too
-        self.docker = shutil.which("docker")
-        self.prlimit = shutil.which("prlimit")
-        self.setsid = shutil.which("setsid") or "setsid"
-        self.setpriv = shutil.which("setpriv")
+        self.docker: str | None = None  # the programs' paths, found at start
+        self.prlimit: str | None = None
+        self.setsid = "setsid"
+        self.setpriv: str | None = None
         self.cgroups = Cgroups({})
         self.auto = "none"
-        self.work_root = settings.work_dir or Path(tempfile.gettempdir()) / "remoterun-work"
+        self.work_root = settings.work_dir or Path("remoterun-work")  # in the temp folder
         self.scripts = settings.scripts_dir  # resolved at start
         self._head: list[str] = []  # bwrap's filesystem before the work folder, and after
         self._tail: list[str] = []
@@ -170,17 +161,25 @@ class Sandbox:
 
     def _probe(self) -> None:
         self._null = os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC)
+        if self.settings.work_dir is None:  # gettempdir() tries candidate folders: not on the loop
+            self.work_root = Path(tempfile.gettempdir()) / "remoterun-work"
         # Traversable but not listable: a run_as user reaches its own folder (0700, its own)
         # by a name it is given, and lists nobody else's.
         self.work_root.mkdir(mode=0o711, parents=True, exist_ok=True)
         self.cgroups = Cgroups.find()
+        self.docker, self.prlimit, self.setpriv = map(shutil.which, ("docker", "prlimit",
+                                                                     "setpriv"))
+        self.setsid = shutil.which("setsid") or "setsid"
         self.scripts = self.settings.scripts_dir.resolve()
         path = shutil.which("bwrap")
-        if path is not None and _works([path, *PROBE_ARGS, "true"]):
+        if path is not None and _works([path, *bwrap.PROBE_ARGS, "true"]):
             self.bwrap = path
             self.auto = "bwrap"
-            self.bwrap_network_off = _works([path, "--unshare-net", *PROBE_ARGS, "true"])
-        self._head, self._tail = self._filesystem()
+            self.bwrap_network_off = _works([path, "--unshare-net", *bwrap.PROBE_ARGS, "true"])
+        s = self.settings
+        dirs, files = bwrap.hidden(s.archive_dir, self.work_root, s.db_path, s.config_path,
+                                   s.tls_cert, s.tls_key)
+        self._head, self._tail = bwrap.filesystem(self.scripts, dirs, files)
 
     async def close(self) -> None:
         """Remove the server's cgroup folders; close what start() opened."""
@@ -217,8 +216,7 @@ class Sandbox:
         if policy.mode == "docker" and (self.docker is None or not policy.image):
             raise SandboxError("the script's sandbox is docker: it needs the docker command "
                                "and an image (sandbox.image)")
-        user = _user(policy.run_as) if policy.run_as else None
-        workdir, cgroup = await asyncio.to_thread(self._make, name, policy, user, argv[0])
+        workdir, cgroup, user = await asyncio.to_thread(self._make, name, policy, argv[0])
         full = {**self.base_env, **policy.env, **env, "RR_WORKDIR": str(workdir)}
         launch = Launch(list(argv), full, workdir, policy, cgroup=cgroup)
         try:
@@ -228,18 +226,29 @@ class Sandbox:
                 self._docker(launch, cwd, pty, name)
             else:
                 pairs = rlimits(policy.limits, frozenset())
-                if pairs and self.prlimit is not None:
-                    launch.argv = [*prlimit_argv(self.prlimit, pairs), *launch.argv]
-                if user is not None and self.setpriv is not None:
-                    launch.argv = [*_setpriv(self.setpriv, user), *launch.argv]
+                if pairs:
+                    launch.argv = [*prlimit_argv(self._needs(self.prlimit, "prlimit"), pairs),
+                                   *launch.argv]
+                if user is not None:
+                    launch.argv = [*_setpriv(self._needs(self.setpriv, "setpriv"), user),
+                                   *launch.argv]
         except BaseException:
             await self.finish(launch, None, None)
             raise
         return launch
 
-    def _make(self, name: str, policy: Policy, user: pwd.struct_passwd | None,
-              program: str) -> tuple[Path, TaskCgroup | None]:
+    @staticmethod
+    def _needs(path: str | None, program: str) -> str:
+        if path is None:
+            raise SandboxError(f"util-linux {program} is not installed, and this task's "
+                               f"limits or run_as need it")
+        return path
+
+    def _make(self, name: str, policy: Policy, program: str
+              ) -> tuple[Path, TaskCgroup | None, pwd.struct_passwd | None]:
+        """The blocking part of a launch: the checks, the work folder, the cgroups."""
         _check_exec(program)
+        user = _user(policy.run_as) if policy.run_as else None
         workdir = Path(tempfile.mkdtemp(prefix=f"{name}-", dir=self.work_root))
         if user is not None:
             os.chown(workdir, user.pw_uid, user.pw_gid)
@@ -250,7 +259,7 @@ class Sandbox:
             except OSError:
                 shutil.rmtree(workdir, ignore_errors=True)
                 raise
-        return workdir, cgroup
+        return workdir, cgroup, user
 
     def _bwrap(self, launch: Launch, cwd: Path, pty: bool,
                user: pwd.struct_passwd | None) -> None:
@@ -273,8 +282,9 @@ class Sandbox:
         if pty:  # the terminal becomes the script's, in a session of its own inside
             argv += [self.setsid, "--ctty"]
         launch.argv = [*argv, *launch.argv]
-        if user is not None and self.setpriv is not None:  # bwrap unprivileged, in a userns
-            launch.argv = [*_setpriv(self.setpriv, user), *launch.argv]
+        if user is not None:  # bwrap then runs unprivileged, in a user namespace
+            launch.argv = [*_setpriv(self._needs(self.setpriv, "setpriv"), user),
+                           *launch.argv]
         launch.pass_fds = (info_w, block_r)
         launch.take_ctty = False
         launch.signal_exit_codes = True
@@ -317,65 +327,6 @@ class Sandbox:
         return limit_error(launch.policy.limits, exit_code, counters,
                            in_container=launch.container is not None)
 
-    # bwrap's view of the filesystem ----------------------------------------------------------
-
-    def _filesystem(self) -> tuple[list[str], list[str]]:
-        """The mounts before the work folder's bind (system read-only, private /tmp and /run,
-        the server's folders hidden, the scripts read-only) and after it (hidden again where
-        the scripts or work folders hold them, hidden folders made read-only)."""
-        scripts = self.scripts
-        # bwrap leaves the new /proc's sys and sysrq-trigger writable, which a root task (no
-        # capabilities, but uid 0 owns them) could use to set the host's sysctls: cover them.
-        head = ["--ro-bind", "/", "/", "--dev", "/dev", "--proc", "/proc",
-                "--ro-bind", "/proc/sys", "/proc/sys",
-                "--ro-bind-try", "/proc/sysrq-trigger", "/proc/sysrq-trigger",
-                "--tmpfs", "/tmp", "--tmpfs", "/run"]
-        resolv = Path("/etc/resolv.conf").resolve()
-        if resolv.is_relative_to("/run") and resolv.is_file():  # systemd-resolved's stub
-            head += ["--ro-bind", str(resolv), str(resolv)]
-        dirs, files = self._hidden()
-        # A path needs a mount of its own where it is still visible: not under /tmp (a fresh
-        # tmpfs), not under a hidden folder; and again after the scripts' bind if under it.
-        def visible(path: Path, again: bool) -> bool:
-            if again:
-                return path.is_relative_to(scripts)
-            return not path.is_relative_to("/tmp") and not any(
-                path != d and path.is_relative_to(d) for d in dirs)
-
-        tail: list[str] = []
-        for mounts, again in ((head, False), (tail, True)):
-            for folder in dirs:
-                if visible(folder, again):
-                    mounts += ["--tmpfs", str(folder)]
-            for file in files:
-                if visible(file, again) and file.exists():
-                    mounts += ["--ro-bind", os.devnull, str(file)]
-            if not again:
-                head += ["--ro-bind", str(scripts), str(scripts)]
-        for folder in dirs:  # last: the binds above made their mount points in them
-            if visible(folder, False) or visible(folder, True):
-                tail += ["--remount-ro", str(folder)]
-        return head, tail
-
-    def _hidden(self) -> tuple[list[Path], list[Path]]:
-        """The server's folders and files no task may see: the archive, the work folders, the
-        database's and the config's folders (or the files alone, in a system folder), TLS."""
-        s = self.settings
-        dirs = [s.archive_dir.resolve(), self.work_root.resolve()]
-        files: list[Path] = []
-        for path in (s.db_path, s.config_path):
-            if path is None:
-                continue
-            path = path.resolve()
-            if str(path.parent) in SYSTEM_DIRS:
-                files += [path, *(path.parent / (path.name + x) for x in
-                                  ("-wal", "-shm", "-journal"))]
-            else:
-                dirs.append(path.parent)
-        files += [p.resolve() for p in (s.tls_cert, s.tls_key) if p is not None]
-        return sorted(set(dirs)), sorted(set(files))
-
-
 class SandboxError(Exception):
     """An attempt cannot be sandboxed as its policy says; the message says why."""
 
@@ -410,38 +361,6 @@ def _user(name: str) -> pwd.struct_passwd:
 def _setpriv(setpriv: str, user: pwd.struct_passwd) -> list[str]:
     """util-linux `setpriv` running what follows as this user (uid, gid and groups)."""
     return [setpriv, f"--reuid={user.pw_uid}", f"--regid={user.pw_gid}", "--init-groups", "--"]
-
-
-async def _read_child_pid(fd: int) -> int | None:
-    """bwrap's `--info-fd` report, read to its end: the pid of its namespace's first process
-    (None if bwrap failed before it, and said why on stderr)."""
-    loop = asyncio.get_running_loop()
-    done: asyncio.Future[None] = loop.create_future()
-    data = bytearray()
-
-    def readable() -> None:
-        try:
-            chunk = os.read(fd, 4096)
-        except BlockingIOError:
-            return
-        except OSError:
-            chunk = b""
-        data.extend(chunk)
-        if not chunk and not done.done():
-            done.set_result(None)
-
-    loop.add_reader(fd, readable)
-    try:
-        async with asyncio.timeout(INFO_TIMEOUT_S):
-            await done
-    except TimeoutError:
-        return None
-    finally:
-        loop.remove_reader(fd)
-    with contextlib.suppress(ValueError, TypeError):
-        pid = json.loads(data)["child-pid"]
-        return pid if isinstance(pid, int) and pid > 0 else None
-    return None
 
 
 def _clean(launch: Launch) -> Counters:

@@ -26,9 +26,10 @@ ALLOWED: dict[str, set[str]] = {
     "segments": {"wire"},
     "store": set(LEAVES), "runner": set(LEAVES), "archive": set(LEAVES),
     "catalogue": set(LEAVES), "compressor": set(LEAVES), "reaper": set(LEAVES),
-    # sandbox: isolation around a run; limits (rlimits, cgroups) and docker (its `docker run`)
-    # are leaves beside it
-    "sandbox": LEAVES | {"limits", "docker"}, "limits": set(LEAVES), "docker": set(LEAVES),
+    # sandbox: isolation around a run; limits (rlimits, cgroups), bwrap (its view of the
+    # filesystem) and docker (its `docker run`) are leaves beside it
+    "sandbox": LEAVES | {"limits", "bwrap", "docker"}, "limits": set(LEAVES),
+    "bwrap": set(LEAVES), "docker": set(LEAVES),
     "hub": LEAVES | {"archive"},
     "pending": set(LEAVES),
     "feed": set(LEAVES),

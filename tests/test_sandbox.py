@@ -176,7 +176,7 @@ async def test_escaping_daemon_ends_with_its_task(make_client):
     the PID namespace goes with the task, whatever the reaper can find."""
     client = await make_client(sandbox=BWRAP)
     mark = f"{random.randint(10**6, 10**7)}"
-    task = await submit(client, "escape.sh", params={"mark": mark})
+    task = await submit(client, "detach.sh", params={"mark": mark})
     done = await wait_final(client, task["id"])
     assert done["status"] == "success"
     await wait_for(lambda: not _marked(mark), 5, what="the daemon gone")
@@ -186,7 +186,7 @@ async def test_escaping_daemon_ends_on_cancel(make_client):
     """Cancelled while its daemon runs, nothing of the task is left."""
     client = await make_client(sandbox=BWRAP)
     mark = f"{random.randint(10**6, 10**7)}"
-    task = await submit(client, "escape.sh", params={"mark": mark})
+    task = await submit(client, "detach.sh", params={"mark": mark})
     await wait_for(lambda: _marked(mark), 5, what="the daemon started")
     await client.post(f"/tasks/{task['id']}/cancel")
     await wait_final(client, task["id"])
