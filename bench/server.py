@@ -96,7 +96,9 @@ class Server:
         self.hwm_kb: int | None = None
         self.config = self.folder / "config.toml"
         self.config.write_text(
-            "[server]\nshutdown_grace_s = 1.0\nheartbeat_s = 20.0\n"
+            # max_connections: the guard's 1,000 (issue 12) would refuse the idle group's
+            # 10,000 sockets with 503; what is measured here is the engine, not that cap.
+            "[server]\nshutdown_grace_s = 1.0\nheartbeat_s = 20.0\nmax_connections = 20000\n"
             f"[engine]\nworkers = {workers}\nkill_grace_s = 1.0\n"
             f"[stream]\nclient_queue_bytes = {client_queue_bytes}\n" + extra_config)
 
