@@ -136,8 +136,8 @@ class ClusterScheduler(Scheduler):
                           else s for s in statements]
             statements.append(pg.notify())
             _PLACING.set(None)
-        if within_s is None:
-            return await super()._commit(statements)
+        if within_s is None:  # the engine's: its segment rows name this node
+            return await super()._commit([pg.by_node(s, self.node) for s in statements])
         # A request's write (a submission, an audit row) need not queue behind the engine's:
         # PostgreSQL takes them side by side, and their order among this node's writes
         # tells nothing (other nodes write too).
