@@ -360,12 +360,15 @@ async def test_postgres_restarting_mid_run(cluster, http, engines):
 
 @pytest.mark.timeout(180)
 async def test_redis_restarting_mid_run(cluster, http, engines):
-    """Redis down for a few seconds while a client follows a task on another node: /readyz
-    names redis; the task ends as it really did and a follower resuming gets the exact text."""
+    """Redis down for a few seconds while clients follow a task on another node: /readyz
+    names redis; the task ends as it really did, a follower connected throughout and one
+    resuming with since= each get the exact text."""
     redis_server = engines[1]
     task = await submit(http, cluster[0], script="lines.py", node="n1",
                         params={"n": 100, "delay": 0.05})
     first = await ws_follow(http, cluster[1], task["id"], stop_after_output=10)
+    through = asyncio.create_task(ws_follow(http, cluster[2], task["id"]))  # across the outage
+    await asyncio.sleep(0.5)
     await asyncio.to_thread(redis_server.stop)
     try:
         async def not_ready() -> bool:
@@ -381,6 +384,9 @@ async def test_redis_restarting_mid_run(cluster, http, engines):
     assert rest[-1]["type"] == "exit" and rest[-1]["status"] == "success"
     assert text_of(seen) + text_of(rest) == "".join(f"line {i}\n" for i in range(1, 101))
     assert (await final(http, cluster[0], task["id"]))["status"] == "success"
+    kept = await through
+    assert kept[-1]["type"] == "exit" and kept[-1]["status"] == "success"
+    assert text_of(kept) == "".join(f"line {i}\n" for i in range(1, 101))
 
 
 async def test_segment_rows_name_their_node_and_archive_verify_sees_them_all(cluster, http,
