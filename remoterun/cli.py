@@ -177,7 +177,7 @@ def archive_command(args: argparse.Namespace) -> int:
     except config.ConfigError as exc:
         print(f"remoterun: config error: {exc}", file=sys.stderr)
         return 2
-    if not settings.db_path.is_file():
+    if settings.cluster is None and not settings.db_path.is_file():
         print(f"remoterun: no database at {settings.db_path}", file=sys.stderr)
         return 2
     report = asyncio.run(_verify(settings, args.repair))
@@ -197,6 +197,9 @@ async def _verify(settings: config.Settings, repair: bool) -> Report:
     from remoterun.store import Database
 
     db = Database(settings.db_path)
+    if settings.cluster is not None:  # the cluster's rows against the shared archive
+        from remoterun.store.postgres import PostgresDatabase
+        db = PostgresDatabase(settings.cluster.database_url)
     await db.open()
     try:
         return await verify(settings, db, repair=repair)

@@ -5,9 +5,11 @@ from __future__ import annotations
 import asyncio
 import json
 import signal
+import sys
 from typing import Any
 
 import aiohttp
+import asyncpg
 import pytest
 from cluster_nodes import (
     Node,
@@ -358,12 +360,15 @@ async def test_postgres_restarting_mid_run(cluster, http, engines):
 
 @pytest.mark.timeout(180)
 async def test_redis_restarting_mid_run(cluster, http, engines):
-    """Redis down for a few seconds while a client follows a task on another node: /readyz
-    names redis; the task ends as it really did and a follower resuming gets the exact text."""
+    """Redis down for a few seconds while clients follow a task on another node: /readyz
+    names redis; the task ends as it really did, a follower connected throughout and one
+    resuming with since= each get the exact text."""
     redis_server = engines[1]
     task = await submit(http, cluster[0], script="lines.py", node="n1",
                         params={"n": 100, "delay": 0.05})
     first = await ws_follow(http, cluster[1], task["id"], stop_after_output=10)
+    through = asyncio.create_task(ws_follow(http, cluster[2], task["id"]))  # across the outage
+    await asyncio.sleep(0.5)
     await asyncio.to_thread(redis_server.stop)
     try:
         async def not_ready() -> bool:
@@ -379,3 +384,30 @@ async def test_redis_restarting_mid_run(cluster, http, engines):
     assert rest[-1]["type"] == "exit" and rest[-1]["status"] == "success"
     assert text_of(seen) + text_of(rest) == "".join(f"line {i}\n" for i in range(1, 101))
     assert (await final(http, cluster[0], task["id"]))["status"] == "success"
+    kept = await through
+    assert kept[-1]["type"] == "exit" and kept[-1]["status"] == "success"
+    assert text_of(kept) == "".join(f"line {i}\n" for i in range(1, 101))
+
+
+async def test_segment_rows_name_their_node_and_archive_verify_sees_them_all(cluster, http,
+                                                                            engines):
+    """Each archive segment row names the node that wrote it, and `archive verify` on one node
+    checks every node's segments in the shared folder."""
+    tasks = [await submit(http, cluster[i % 3], script="hello.sh", node=f"n{i % 3 + 1}")
+             for i in range(6)]
+    for task in tasks:
+        assert (await final(http, cluster[0], task["id"]))["status"] == "success"
+    conn = await asyncpg.connect(engines[2])
+    try:
+        rows = await conn.fetch("SELECT t.owner, l.node FROM task_logs l JOIN tasks t ON "
+                                "t.id = l.task_id")
+    finally:
+        await conn.close()
+    assert len(rows) >= 6 and all(r["owner"] == r["node"] for r in rows)
+    assert {r["node"] for r in rows} == {"n1", "n2", "n3"}
+    verify = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "remoterun", "archive", "verify", "--config",
+        str(cluster[1].config), stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT)
+    out, _ = await verify.communicate()
+    assert verify.returncode == 0, out.decode()

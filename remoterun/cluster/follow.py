@@ -21,6 +21,7 @@ from typing import Any
 
 from remoterun.archive import aread_frames
 from remoterun.cluster.relay import Relay, decode_entry
+from remoterun.errors import Unavailable
 from remoterun.hub import Subscription
 from remoterun.state import FINAL
 from remoterun.wire import Event, Frame, Item, exit_event
@@ -48,7 +49,11 @@ class RemoteSubscription(Subscription):
         self._next = self.since + 1
         after = f"{self.since}-0"
         while True:
-            entries = await self.relay.read(task_id, after, BLOCK_MS)
+            try:
+                entries = await self.relay.read(task_id, after, BLOCK_MS)
+            except Unavailable:  # Redis away: follow through the archive meanwhile
+                await asyncio.sleep(BLOCK_MS / 2000)
+                entries = []
             if not entries:
                 row = await self.get_task(task_id)
                 if row is None:

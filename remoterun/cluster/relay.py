@@ -102,6 +102,7 @@ class Relay:
         self.last_error: str | None = None  # the latest failure to reach Redis
         self.on_control: Callable[[dict[str, Any]], None] = lambda message: None
         self._loops: list[asyncio.Task[None]] = []
+        self._control_order = asyncio.Lock()  # one publish at a time, in call order
 
     async def start(self) -> None:
         """Start the writer and the control listener."""
@@ -223,7 +224,8 @@ class Relay:
                                             else a for a in args],
                                    "bytes": [isinstance(a, bytes) for a in args]}
         try:
-            await self.redis.publish(CONTROL_CHANNEL, orjson.dumps(message))
+            async with self._control_order:  # FIFO: stdin then eof arrive in that order
+                await self.redis.publish(CONTROL_CHANNEL, orjson.dumps(message))
         except (RedisError, OSError) as exc:
             raise Unavailable(f"redis cannot be reached: {exc}", code="redis_unavailable",
                               retry_after_s=1.0) from exc

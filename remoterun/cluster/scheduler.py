@@ -136,8 +136,8 @@ class ClusterScheduler(Scheduler):
                           else s for s in statements]
             statements.append(pg.notify())
             _PLACING.set(None)
-        if within_s is None:
-            return await super()._commit(statements)
+        if within_s is None:  # the engine's: its segment rows name this node
+            return await super()._commit([pg.by_node(s, self.node) for s in statements])
         # A request's write (a submission, an audit row) need not queue behind the engine's:
         # PostgreSQL takes them side by side, and their order among this node's writes
         # tells nothing (other nodes write too).
@@ -333,12 +333,11 @@ class ClusterScheduler(Scheduler):
             rows = await self.db.claim(self.node, self.scripts, self.cluster.labels, slots,
                                        self.settings.aging_s, self.limits, now)
             due = None if len(rows) == slots else await self.db.next_due(self.scripts, now)
-        except (store.DatabaseBusy, store.StaleWrite, NotImplementedError) as exc:
+        except Exception as exc:  # busy, fenced, unreachable: the next look may do better
             self.problems["database"] = str(exc)
+            self._log_once("claim_failed", "", error=str(exc))
             return POLL_S / 2
-        except Exception as exc:  # noqa: BLE001  (Unavailable from next_due, say)
-            self.problems["database"] = str(exc)
-            return POLL_S / 2
+        self._logged.discard(("claim_failed", ""))
         for row in rows:
             state = TaskState(row, next_segment=1 if row["attempt"] == 1 else None)
             self.tasks[row["id"]] = state

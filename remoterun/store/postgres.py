@@ -518,6 +518,14 @@ def notify() -> Statement:
     return (f"SELECT pg_notify('{NOTIFY_CHANNEL}', '')", [])
 
 
-def segment_node(path: str, node: str) -> Statement:
-    """A statement that names the node that wrote an archive segment."""
-    return ('UPDATE task_logs SET "node" = ? WHERE "path" = ?', [node, path])
+@functools.lru_cache(maxsize=16)
+def _by_node_sql(sql: str) -> str:
+    return sql.replace('INSERT INTO "task_logs" (', 'INSERT INTO "task_logs" ("node", ', 1) \
+        .replace(") VALUES (", ") VALUES (?, ", 1)
+
+
+def by_node(statement: Statement, node: str) -> Statement:
+    """A segment row's upsert that also names the node that wrote the segment."""
+    if not statement[0].startswith('INSERT INTO "task_logs" ('):
+        return statement
+    return _by_node_sql(statement[0]), [node, *statement[1]]
