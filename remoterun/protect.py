@@ -49,14 +49,20 @@ class Protection:
         assert self._vault is not None, "Protection.open() was not awaited"
         return self._vault
 
-    async def open(self, db: store.Database) -> list[store.Statement]:
-        """Read (or make, on first start) the key, empty the run folder of a previous server's
-        copies; the statements that seal what an older server stored in clear (dropping it for
-        tasks that ended)."""
+    async def open_key(self) -> Vault:
+        """Read (or make, on first start) the key and empty the run folder of a previous
+        server's copies (a cluster node's start: every node must be given the same key)."""
         key, source = await asyncio.to_thread(load_key, self.key_path, self._env_key)
         self._vault = vault = Vault(key, source)
         await asyncio.to_thread(self.integrity.clear)
         log.info("secret_key", source=source, fingerprint=vault.kid)
+        return vault
+
+    async def open(self, db: store.Database) -> list[store.Statement]:
+        """Read (or make, on first start) the key, empty the run folder of a previous server's
+        copies; the statements that seal what an older server stored in clear (dropping it for
+        tasks that ended)."""
+        vault = await self.open_key()
         return [store.update_task(row["id"], {
             "secret_params": NONE if row["status"] in FINAL else
             vault.seal(row["id"], json.loads(row["secret_params"]))})

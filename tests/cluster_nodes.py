@@ -32,6 +32,8 @@ class Node(ServerProcess):
             f"[engine]\nkill_grace_s = 1.0\nworkers = {workers}\nretry_base_s = 0.05\n"
             f"retry_cap_s = 0.2\n[archive]\nflush_interval_s = 0.2\n"
             f"[server]\nshutdown_grace_s = 2.0\n"
+            # The test scripts leave marks in the test's folder, which a sandbox's /tmp hides.
+            f'[sandbox]\nmode = "none"\n'
             f'[cluster]\ndatabase_url = "{database_url}"\nredis_url = "{redis_url}"\n'
             f'node = "{name}"\nlabels = [{labels_toml}]\nnode_timeout_s = {node_timeout_s}\n'
             + extra)

@@ -87,7 +87,9 @@ class ClusterScheduler(Scheduler):
         """Join the cluster, record what an earlier run of this node left, start the loops."""
         await self._scan()
         await self._register()
+        await self.protection.open_key()
         await self._recover()
+        await self.sandbox.start()
         if not become_subreaper():
             log.warning("no_subreaper", detail="double-forked daemons may outlive their task")
         await self.relay.start()
