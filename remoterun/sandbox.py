@@ -120,9 +120,10 @@ class Launch:
 class Sandbox:
     """The server's isolation: probed once at start, then one Launch per attempt."""
 
-    def __init__(self, settings: Settings, children: Children):
+    def __init__(self, settings: Settings, children: Children, secret_files: tuple[Path, ...] = ()):
         self.settings = settings
         self.children = children
+        self.secret_files = secret_files  # hidden too, wherever they are (the secret key)
         self.base_env = {**allowed_env(os.environ), **settings.env}
         self.bwrap: str | None = None  # its path, once it is known to work here
         self.bwrap_network_off = False  # --unshare-net works too
@@ -178,7 +179,7 @@ class Sandbox:
             self.bwrap_network_off = _works([path, "--unshare-net", *bwrap.PROBE_ARGS, "true"])
         s = self.settings
         dirs, files = bwrap.hidden(s.archive_dir, self.work_root, s.db_path, s.config_path,
-                                   s.tls_cert, s.tls_key)
+                                   s.tls_cert, s.tls_key, *self.secret_files)
         self._head, self._tail = bwrap.filesystem(self.scripts, dirs, files)
 
     async def close(self) -> None:

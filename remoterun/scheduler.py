@@ -125,7 +125,7 @@ class Scheduler:
         # of the server's environment before the sandbox reads its allow-list from it.
         self.protection = Protection(settings)
         # Isolation, limits and each task's environment (the allow-list, never ours).
-        self.sandbox = Sandbox(settings, children)
+        self.sandbox = Sandbox(settings, children, (self.protection.key_path,))
 
     # Life ------------------------------------------------------------------------------------
 

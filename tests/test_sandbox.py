@@ -289,3 +289,22 @@ def test_metadata_sandbox_keys_are_checked(tmp_path):
         settings = make_settings(tmp_path, scripts={"hello.sh": meta})
         with pytest.raises(MetadataError, match=key.replace(".", r"\.")):
             Catalogue(settings.scripts_dir, settings.scripts).resolve("hello.sh")
+
+
+async def test_the_secret_key_is_hidden_wherever_it_is(aiohttp_client, outside_tmp):
+    """The key that seals secret params cannot be read by a task even when it lives in a
+    folder of its own that nothing else of the server's hides."""
+    data, keys = outside_tmp / "data", outside_tmp / "keys"
+    data.mkdir()
+    keys.mkdir()
+    key = keys / "rr.key"
+    settings = make_settings(data, sandbox=BWRAP, secret_key_path=key,
+                             work_dir=outside_tmp / "work")
+    client = await aiohttp_client(create_app(settings))
+    task = await submit(client, "readfile.sh", params={"path": str(key)})
+    await wait_final(client, task["id"])
+    out = await (await client.get(f"/tasks/{task['id']}/output")).read()
+    secret = key.read_bytes().strip()
+    assert secret, "the server made its key"
+    assert secret not in out, "the task read the key"
+    await client.close()
