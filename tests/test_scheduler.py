@@ -208,6 +208,6 @@ async def test_a_finished_task_is_freed_by_reference_counting(client):
         await client.post(f"/tasks/{sleeper['id']}/cancel")
         assert (await ws_collect(ws))[-1]["status"] == "cancelled"
         await wait_for(lambda: not any(isinstance(o, engine) for o in gc.get_objects()),
-                       timeout=5, what="the tasks' engine objects to be freed")
+                       timeout=15, what="the tasks' engine objects to be freed")
     finally:
         gc.enable()
