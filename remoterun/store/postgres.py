@@ -211,7 +211,7 @@ class PostgresDatabase(Database):
 
     def write(self, statements: Iterable[Statement]) -> int | None:
         """Not on PostgreSQL: every write is a network round trip, so `commit` it."""
-        raise NotImplementedError("PostgresDatabase writes are async: use commit()")
+        raise TypeError("PostgresDatabase writes are async: use commit()")
 
     async def write_async(self, statements: Iterable[Statement]) -> int | None:
         """Run statements in one transaction; the id of the last INSERT that returns one.
