@@ -358,6 +358,33 @@ async def test_postgres_restarting_mid_run(cluster, http, engines):
         assert await response.text() == "".join(f"line {i}\n" for i in range(1, 41))
 
 
+@pytest.mark.timeout(120)
+async def test_a_claim_whose_reply_was_lost_is_handed_back(cluster, http, engines):
+    """A claim that committed while its node saw the connection break (PostgreSQL stopping
+    around the COMMIT: seen in CI, the task stayed pending, claimed by n1, forever): once a
+    claim of the node failed, its next one hands back what it holds unawares, and the task
+    runs."""
+    busy = [await submit(http, cluster[0], script="lines.py", node="n1",
+                         params={"n": 10, "delay": 0.1}) for _ in range(4)]  # n1's 4 workers
+    for task in busy:
+        await wait_for(lambda t=task: _status(http, cluster[0], t["id"], "running"), 15)
+    stranded = await submit(http, cluster[1], script="hello.sh", node="n1")
+    conn = await asyncpg.connect(engines[2])
+    try:  # n1's claim of it committed, but its answer never reached n1
+        assert await conn.execute("UPDATE tasks SET owner = 'n1' WHERE id = $1 AND owner IS "
+                                  "NULL AND status = 'pending'", stranded["id"]) == "UPDATE 1"
+    finally:
+        await conn.close()
+    for task in busy:  # n1 has free workers again: its dispatcher claims
+        assert (await final(http, cluster[2], task["id"], 30))["status"] == "success"
+    await asyncio.to_thread(engines[0].stop)
+    await asyncio.sleep(2)  # n1's dispatcher fails a claim or two meanwhile
+    await asyncio.to_thread(engines[0].start)
+    assert (await final(http, cluster[2], stranded["id"], 60))["status"] == "success"
+    kinds = [e["new_status"] for e in await events(http, cluster[0], stranded["id"])]
+    assert kinds == ["pending", "running", "success"], kinds
+
+
 @pytest.mark.timeout(180)
 async def test_redis_restarting_mid_run(cluster, http, engines):
     """Redis down for a few seconds while clients follow a task on another node: /readyz

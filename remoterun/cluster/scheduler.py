@@ -79,6 +79,7 @@ class ClusterScheduler(Scheduler):
         self._listener: Any = None
         self._pending_n, self._pending_at = 0, -PENDING_COUNT_S
         self._healthy_since: float | None = None  # monotonic: beating since (None: not now)
+        self._claim_unsure = False  # a claim failed: it may have committed all the same
         db.fence = lambda: pg.node_fence(self.node, self.epoch)
 
     # Life ------------------------------------------------------------------------------------
@@ -331,11 +332,15 @@ class ClusterScheduler(Scheduler):
         if slots <= 0:
             return POLL_S
         now = time.time()
+        held = list(self.tasks) if self._claim_unsure else None
         try:
             rows = await self.db.claim(self.node, self.scripts, self.cluster.labels, slots,
-                                       self.settings.aging_s, self.limits, now)
-            due = None if len(rows) == slots else await self.db.next_due(self.scripts, now)
+                                       self.settings.aging_s, self.limits, now, held)
+            self._claim_unsure = False
         except Exception as exc:  # busy, fenced, unreachable: the next look may do better
+            # A connection that broke around the COMMIT leaves the claim's outcome unknown:
+            # the next claim hands back whatever this node holds in the database unawares.
+            self._claim_unsure = self._claim_unsure or not isinstance(exc, pg.Fenced)
             self.problems["database"] = str(exc)
             self._log_once("claim_failed", "", error=str(exc))
             return POLL_S / 2
@@ -347,6 +352,10 @@ class ClusterScheduler(Scheduler):
             self._launch(state)
         if len(rows) == slots:
             return None
+        try:
+            due = await self.db.next_due(self.scripts, now)
+        except Exception:  # the claims above stand; the next look asks again
+            return POLL_S / 2
         return POLL_S if due is None else max(0.0, min(POLL_S, due - time.time()))
 
     async def _run(self, state: TaskState) -> None:

@@ -55,6 +55,9 @@ CONNECTION_ERRORS: tuple[type[BaseException], ...] = (
     asyncpg.AdminShutdownError, asyncpg.CannotConnectNowError,
     asyncpg.ConnectionDoesNotExistError, asyncpg.CrashShutdownError,
     asyncpg.TooManyConnectionsError, TimeoutError,
+    # A connection cut mid-operation can leave asyncpg's protocol in a state it refuses to
+    # go on from ("cannot switch to state 15; another operation (2) is in progress").
+    asyncpg.InternalClientError,
 )
 
 
@@ -403,8 +406,8 @@ class PostgresDatabase(Database):
             [node, list(statuses)])
 
     async def claim(self, node: str, scripts: Sequence[str], labels: Sequence[str],
-                    slots: int, aging_s: float, limits: dict[str, int], now: float
-                    ) -> list[dict[str, Any]]:
+                    slots: int, aging_s: float, limits: dict[str, int], now: float,
+                    held: Sequence[str] | None = None) -> list[dict[str, Any]]:
         """Take up to `slots` pending tasks this node may run, best first (aged priority,
         then submission), skipping rows other nodes are claiming (SKIP LOCKED) and scripts at
         their max_concurrency across the cluster; each is marked owned by this node.
@@ -412,11 +415,19 @@ class PostgresDatabase(Database):
         The running count of a limited script is read under an advisory lock per script
         (taken in one order, so two nodes never wait on each other in a cycle): a second node
         claiming the same script waits for this transaction and then counts what it took.
+
+        `held` (after a claim whose outcome is unknown: its connection broke around the
+        COMMIT) names the tasks the node knows it holds: its other pending claims are handed
+        back first, in the same transaction, so none stays claimed by a node that does not
+        know it (nothing else would ever start it).
         """
         order = '"created_at" / $7 - "priority", "num"' if aging_s else '-"priority", "num"'
         mine = sorted(s for s in limits if s in set(scripts))
 
         async def work(conn: asyncpg.Connection) -> list[dict[str, Any]]:
+            if held is not None:
+                await conn.execute("UPDATE tasks SET owner = NULL WHERE owner = $1 AND "
+                                   "status = 'pending' AND id <> ALL($2)", node, list(held))
             room: dict[str, int] = {}
             if mine:
                 await conn.execute("SELECT pg_advisory_xact_lock(hashtext(s)) FROM "
