@@ -30,6 +30,7 @@ from remoterun.spawn import Children, encode_env, spawn
 OnOutput = Callable[[str, bytes], None]
 TIOCGSID = getattr(termios, "TIOCGSID", 0x5429)  # a terminal's session (Linux's number)
 MAX_SIGNAL = 64
+GROUP_WAIT_S = 2.0  # a sandbox forks the script within a few ms: signals wait this long at most
 
 
 class SpawnError(Exception):
@@ -52,10 +53,12 @@ class RunSpec:
     inherited: Sequence[bytes] = ()  # encoded once (spawn.encode_env); names nothing `env` does
     # A sandbox launcher (bwrap, docker run) as argv[0]: the descriptors it is handed, a step
     # run once it is spawned (given its pid; returns the process group that signals go to),
-    # whether it takes the PTY as its controlling terminal (bwrap does not: the script's
-    # session inside does), and whether it reports a death by signal N as exit 128 + N.
+    # whether that group holds the script yet (signals wait until it does), whether it takes
+    # the PTY as its controlling terminal (bwrap does not: the script's session inside does),
+    # and whether it reports a death by signal N as exit 128 + N.
     pass_fds: Sequence[int] = ()
     started: Callable[[int], Awaitable[int | None]] | None = None
+    group_ready: Callable[[], bool] | None = None
     take_ctty: bool = True
     signal_exit_codes: bool = False
 
@@ -167,6 +170,8 @@ class Run:
         self.drain_grace_s = drain_grace_s
         self._pid: int | None = None
         self._group: int | None = None  # where signals go, if not the main process's group
+        self._deferred: list[int] = []  # signals held until the sandbox's group holds the script
+        self._deferred_until = 0.0
         self.exited: asyncio.Future[int] | None = None  # the exit code, once reaped
         self.readers: list[_Reader] = []
         self.stdin: _Writer | None = None
@@ -382,9 +387,36 @@ class Run:
                 set_winsize(self.master_fd, cols, rows)
 
     def signal(self, signum: int) -> None:
-        """Send a signal to the whole process group (in a sandbox, the script's)."""
+        """Send a signal to the whole process group (in a sandbox, the script's). A sandbox's
+        group that does not hold the script yet (bwrap forks it a few ms after it starts) gets
+        it, and the signals after it, in order, once it does; SIGKILL goes at once (it ends
+        bwrap's first process, and with it every process of its namespace)."""
+        ready = self.spec.group_ready
+        if signum != signal.SIGKILL and (self._deferred or (ready is not None and not ready())):
+            self._deferred.append(signum)
+            if len(self._deferred) == 1:
+                self._deferred_until = asyncio.get_running_loop().time() + GROUP_WAIT_S
+                self._retry_deferred()
+            return
+        self._deferred.clear()
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(self._target(), signum)
+
+    def _retry_deferred(self) -> None:
+        """Send the held signals once the group holds the script (or it waited long enough,
+        or the process is gone), else look again in a millisecond."""
+        if not self._deferred:
+            return
+        loop = asyncio.get_running_loop()
+        ready = self.spec.group_ready
+        if ((ready is not None and not ready()) and loop.time() < self._deferred_until
+                and not (self.exited is not None and self.exited.done())):
+            loop.call_later(0.001, self._retry_deferred)
+            return
+        held, self._deferred = self._deferred, []
+        for signum in held:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(self._target(), signum)
 
     def _target(self) -> int:
         if self.spec.pty and not self.spec.take_ctty and self.master_fd is not None:

@@ -22,13 +22,13 @@ signal N as exit 128 + N, which the run reads back as -N.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import os
 import pwd
 import shutil
 import subprocess
 import tempfile
-import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -51,7 +51,6 @@ from remoterun.spawn import Children
 
 log = structlog.get_logger(__name__)
 ALLOWED_ENV = ("PATH", "HOME", "LANG", "TZ")  # and every LC_*
-FORK_WAIT_S = 2.0  # bwrap's first process forks the script within a millisecond or two
 def allowed_env(environ: Mapping[str, str]) -> dict[str, str]:
     """The variables of the server's environment a task may see."""
     return {k: v for k, v in environ.items() if k in ALLOWED_ENV or k.startswith("LC_")}
@@ -84,6 +83,8 @@ class Launch:
     pairs: list[tuple[int, int, int]] = field(default_factory=list)  # rlimits set after spawn
     container: str | None = None
     _fds: dict[str, int] = field(default_factory=dict)  # ours of bwrap's info and block pipes
+    _first: int | None = None  # bwrap's first process, once it reported it
+    _forked: bool = False  # that process has forked the script
 
     async def started(self, pid: int) -> int | None:
         """bwrap is spawned: bound its first process and let it start the script; the group
@@ -94,27 +95,28 @@ class Launch:
         if first is None:  # bwrap failed (its error is in the output): let it end
             os.close(self._fds.pop("block_w"))
             return None
-        await asyncio.to_thread(self._go, first, self._fds.pop("block_w"))
+        block_w = self._fds.pop("block_w")
+        try:  # a cgroupfs write and prlimit(2) calls: microseconds, no disk behind them
+            if self.cgroup is not None:
+                self.cgroup.place(first)
+            apply_rlimits(first, self.pairs)
+        finally:
+            os.close(block_w)  # its read returns: it goes on and forks the script
+        self._first = first
         return first
 
-    def _go(self, pid: int, block_w: int) -> None:
-        """Bound bwrap's first process, let it go, and wait (briefly) until it has forked the
-        script: a signal sent before would reach that process alone, which ignores it."""
+    def group_ready(self) -> bool:
+        """Whether bwrap's first process has forked the script (or is gone): until then a
+        signal would reach that process alone, which ignores it, so the run holds signals
+        back until this says yes (a procfs read, no disk behind it)."""
+        if self._forked or self._first is None:
+            return True
         try:
-            if self.cgroup is not None:
-                self.cgroup.place(pid)
-            apply_rlimits(pid, self.pairs)
-        finally:
-            os.close(block_w)  # its read returns: it goes on
-        children = Path(f"/proc/{pid}/task/{pid}/children")
-        deadline = time.monotonic() + FORK_WAIT_S
-        while time.monotonic() < deadline:
-            try:
-                if children.read_bytes().strip():
-                    return
-            except OSError:  # it is gone (bwrap failed): nothing to wait for
-                return
-            time.sleep(0.0005)
+            with open(f"/proc/{self._first}/task/{self._first}/children", "rb") as fh:
+                self._forked = bool(fh.read().strip())
+        except OSError:  # it is gone: nothing to wait for
+            self._forked = True
+        return self._forked
 
 
 class Sandbox:
@@ -217,7 +219,14 @@ class Sandbox:
         if policy.mode == "docker" and (self.docker is None or not policy.image):
             raise SandboxError("the script's sandbox is docker: it needs the docker command "
                                "and an image (sandbox.image)")
-        workdir, cgroup, user = await asyncio.to_thread(self._make, name, policy, argv[0])
+        if policy.run_as or (policy.mode == "bwrap" and self._wants_cgroup(policy.limits)):
+            workdir, cgroup, user = await asyncio.to_thread(self._make, name, policy, argv[0])
+        else:
+            # The common case, here on the loop: a 4-byte read of the script, one mkdir in
+            # the work root (the temp folder): tens of microseconds, where a hop to a worker
+            # thread and back cost ~15 ms per attempt beside 8 busy clients (GIL hand-overs,
+            # bench `trivial`). A user's lookup and cgroup folders stay on a thread.
+            workdir, cgroup, user = self._make(name, policy, argv[0])
         full = {**self.base_env, **policy.env, **env, "RR_WORKDIR": str(workdir)}
         launch = Launch(list(argv), full, workdir, policy, cgroup=cgroup)
         try:
@@ -244,6 +253,10 @@ class Sandbox:
             raise SandboxError(f"util-linux {program} is not installed, and this task's "
                                f"limits or run_as need it")
         return path
+
+    def _wants_cgroup(self, limits: ResourceLimits) -> bool:
+        return bool((limits.processes and "pids" in self.cgroups.bases)
+                    or (limits.memory_bytes and "memory" in self.cgroups.bases))
 
     def _make(self, name: str, policy: Policy, program: str
               ) -> tuple[Path, TaskCgroup | None, pwd.struct_passwd | None]:
@@ -322,7 +335,13 @@ class Sandbox:
         if launch.container is not None and (exit_code is None or stopped or exit_code < 0):
             assert self.docker is not None  # a killed client leaves its container running
             await docker.remove(self.docker, launch.container, self.children, self._null)
-        counters = await asyncio.to_thread(_clean, launch)
+        counters = None
+        if launch.cgroup is None:  # an empty work folder goes at once, here (one rmdir)
+            with contextlib.suppress(OSError):
+                os.rmdir(launch.workdir)
+                counters = Counters()
+        if counters is None:  # what the task left there, and its cgroups: on a thread
+            counters = await asyncio.to_thread(_clean, launch)
         if stopped is not None:
             return None  # a timeout or a stop is what the task's error says
         return limit_error(launch.policy.limits, exit_code, counters,

@@ -234,6 +234,15 @@ BLOCKS_ALLOWED: list[tuple[str, set[str], tuple[str, ...]]] = [
     ("structlog/dev.py", {"__call__"}, _FILE_CALLS),
     # /proc files (a process's children, environ, stat): procfs reads never wait on a disk.
     ("remoterun/reaper.py", {"_children", "tend_orphans", "kill_task_processes"}, _FILE_CALLS),
+    # A sandboxed run: whether bwrap's first process has forked the script yet (its procfs
+    # children file), looked at only while a signal waits for it; and that process placed
+    # into the task's cgroups (a cgroupfs write), once per attempt with limits set.
+    ("remoterun/sandbox.py", {"group_ready"}, _FILE_CALLS),
+    # An attempt's launch without a user or cgroups to make: the script's first 4 bytes read
+    # and one mkdir in the work root, and at its end one rmdir of that folder if the task left
+    # it empty (sandbox.prepare and finish say why a thread hop cost more).
+    ("remoterun/sandbox.py", {"_make", "_check_exec", "finish"}, (*_FILE_CALLS, "os.rmdir")),
+    ("remoterun/limits.py", {"place"}, _FILE_CALLS),
     # asyncpg looks for ~/.pgpass (a stat, maybe a read) as it opens a connection: once per
     # pooled connection at start and after PostgreSQL restarts, never per query (cluster mode).
     ("asyncpg/connect_utils.py", {"_read_password_file", "_read_password_from_pgpass",

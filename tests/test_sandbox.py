@@ -9,6 +9,7 @@ import os
 import pwd
 import random
 import shutil
+import signal
 import socket
 import tempfile
 from collections.abc import Iterator
@@ -210,6 +211,21 @@ async def test_signals_reach_the_script_not_bwrap(make_client):
         frames = await ws_collect(ws)
     assert frames[-1]["type"] == "exit" and frames[-1]["status"] == "cancelled"
     assert frames[-1]["exit_code"] == -15
+
+
+async def test_a_signal_sent_as_the_sandbox_starts_reaches_the_script(make_client):
+    """A TERM sent the moment the attempt exists (bwrap forks the script a few ms after it
+    starts; until then its first process, which ignores TERM, is the group's only member)
+    is held until the script is there, and ends it: -15, not a 30 s sleep to the end."""
+    client = await make_client(sandbox=BWRAP)
+    scheduler = client.server.app[SCHEDULER]
+    for _ in range(3):
+        task = await submit(client, "sleep.sh", params={"seconds": 30})
+        while (attempt := scheduler.attempt(task["id"])) is None:
+            await asyncio.sleep(0)
+        attempt.control("signal", signal.SIGTERM)
+        ended = await wait_final(client, task["id"], timeout=10)
+        assert ended["status"] == "failed" and ended["exit_code"] == -15, ended
 
 
 async def test_pty_task_owns_its_terminal(make_client):
