@@ -74,7 +74,9 @@ def _verify(views: list[client.Followed], expected: int) -> None:
 async def fanout(ctx: Context) -> list[Row]:
     """Aggregate MB/s to N subscribers of one task vs one client's MB/s."""
     subscribers = ctx.size(1000, 100)
-    piece = ctx.work / "piece.log"  # 2 MiB of the log text per fan-out run
+    # 2 MiB of the log text per fan-out run, and its gate file beside it: in the scripts folder,
+    # which a sandbox shows its task (the scratch folder is under /tmp, which bwrap replaces).
+    piece = ctx.scripts / "piece.log"
     size = 2 * 1024 * 1024
     piece.write_bytes(ctx.log_file.read_bytes()[:size])
     reconnects: list[int] = []

@@ -45,7 +45,7 @@ async def _mix(http: client.aiohttp.ClientSession, url: str, file: str, until: f
 async def soak(ctx: Context) -> list[Row]:
     """Idle RSS after a soak of mixed tasks vs the idle RSS before it."""
     seconds = ctx.size(180, 30)
-    piece = ctx.work / "soak-piece.log"
+    piece = ctx.scripts / "soak-piece.log"  # where a sandboxed task sees it
     piece.write_bytes(ctx.log_file.read_bytes()[: 1024 * 1024])
     async with Server(ctx, "soak", workers=8) as server, client.session() as http:
         await client.follow_submitted(http, server.url, "trivial.sh")  # warm
