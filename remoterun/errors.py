@@ -114,3 +114,12 @@ class QueueFull(Unavailable):
     """`engine.max_pending` tasks already wait: the client should retry later."""
 
     code = "queue_full"
+
+
+class Relayed(RemoteRunError):
+    """Another node's error answer to a request passed on to it, given back as it came."""
+
+    def __init__(self, status: int, body: dict[str, Any]):
+        super().__init__(str(body.get("message", "")), code=str(body.get("error", "error")),
+                         details=body.get("details"))
+        self.status = status

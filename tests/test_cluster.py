@@ -180,6 +180,8 @@ async def test_placement_pins_tasks_to_a_node_or_labels(tmp_path, engines, http)
     one node has runs there; a placement no known node could take is 422 no_such_node."""
     nodes = make_nodes(tmp_path, engines, 3, n2={"labels": ("gpu", "eu")})
     add_script(nodes[2:], "only-n3.sh", "#!/bin/sh\necho n3 only\n")
+    add_script(nodes[2:], "only-n3-schema.sh", '#!/bin/sh\necho "hello $RR_PARAM_NAME"\n',
+               '[params.name]\ntype = "string"\nrequired = true\npattern = "[a-z]+"\n')
     await start_all(nodes)
     try:
         pinned = [await submit(http, nodes[0], script="hello.sh", node="n3") for _ in range(4)]
@@ -199,9 +201,60 @@ async def test_placement_pins_tasks_to_a_node_or_labels(tmp_path, engines, http)
         assert (status, body["error"]) == (422, "no_such_node")
         only = await submit(http, nodes[2], script="only-n3.sh")
         assert (await final(http, nodes[0], only["id"]))["node"] == "n3"
+        # Any node takes it: n1 lacks the script and passes the submission on to n3, which
+        # checks it against its own copy (its 422 comes back as it was) and records it.
+        passed = await submit(http, nodes[0], script="only-n3.sh")
+        assert (await final(http, nodes[1], passed["id"]))["node"] == "n3"
+        status, body = await post(http, nodes[0], "/tasks", {"script": "only-n3-schema.sh",
+                                                             "params": {"name": "BAD!"}})
+        assert (status, body["error"]) == (422, "invalid_params"), body
+        assert body["details"][0]["field"] == "params.name", body
+        status, body = await post(http, nodes[0], "/tasks", {"script": "on-no-node.sh"})
+        assert (status, body["error"]) == (404, "unknown_script"), body
+        async with http.ws_connect(nodes[1].url + "/ws") as ws:  # over one socket too
+            await ws.send_json({"type": "submit", "script": "only-n3-schema.sh",
+                                "params": {"name": "abc"}})
+            got = [json.loads(m.data) async for m in ws]
+        assert got[0]["type"] == "task" and got[0]["task"]["script"] == "only-n3-schema.sh"
+        assert "".join(m["data"] for m in got if m["type"] == "output") == "hello abc\n"
+        assert got[-1]["type"] == "exit" and got[-1]["status"] == "success", got[-1]
         listed = await get_json(http, nodes[1].url + "/nodes")
         assert [(n["name"], n["alive"], n["labels"]) for n in listed["nodes"]] == [
             ("n1", True, []), ("n2", True, ["eu", "gpu"]), ("n3", True, [])]
+    finally:
+        for node in nodes:
+            node.stop()
+
+
+async def test_a_passed_on_submission_carries_the_callers_token(tmp_path, engines, http):
+    """With tokens on, a submission n1 passes on to n2 (the only node with the script) is
+    n2's to check with the caller's own token: it runs as that token's name; a token whose
+    list lacks the script is refused on n1 (403) and nothing leaves; no token is 401."""
+    tokens = ('[[tokens]]\nname = "ops"\ntoken = "ops-token-0123456789"\nrole = "operator"\n'
+              'scripts = ["only-n2.sh"]\n[[tokens]]\nname = "other"\n'
+              'token = "other-token-0123456789"\nrole = "operator"\nscripts = ["hello.sh"]\n')
+    nodes = make_nodes(tmp_path, engines, 2, extra=tokens)
+    add_script(nodes[1:], "only-n2.sh", "#!/bin/sh\necho n2 only\n")
+    await start_all(nodes)
+    try:
+        def as_(token: str) -> dict[str, str]:
+            return {"Authorization": f"Bearer {token}"}
+        async with http.post(nodes[0].url + "/tasks", json={"script": "only-n2.sh"},
+                             headers=as_("ops-token-0123456789")) as response:
+            assert response.status == 201, await response.text()
+            task = await response.json()
+        async def ended() -> dict[str, Any] | None:
+            async with http.get(f"{nodes[0].url}/tasks/{task['id']}",
+                                headers=as_("ops-token-0123456789")) as response:
+                body = await response.json()
+            return body if body.get("status") in FINAL else None
+        done = await wait_for(ended, 30, what="the passed-on task to end")
+        assert (done["status"], done["node"], done["submitted_by"]) == ("success", "n2", "ops")
+        async with http.post(nodes[0].url + "/tasks", json={"script": "only-n2.sh"},
+                             headers=as_("other-token-0123456789")) as response:
+            assert response.status == 403, await response.text()
+        async with http.post(nodes[0].url + "/tasks", json={"script": "only-n2.sh"}) as response:
+            assert response.status == 401, await response.text()
     finally:
         for node in nodes:
             node.stop()

@@ -72,6 +72,8 @@ STATUS: dict[type[errors.RemoteRunError], int] = {
 
 def status_of(exc: errors.RemoteRunError) -> int:
     """The HTTP status of one of our exceptions."""
+    if isinstance(exc, errors.Relayed):
+        return exc.status
     return next((STATUS[k] for k in type(exc).__mro__ if k in STATUS), 400)
 
 

@@ -19,6 +19,7 @@ from aiohttp import web
 
 from remoterun import archive
 from remoterun.api import CATALOGUE, DB, SCHEDULER, SETTINGS, identity, json_response
+from remoterun.api import nodes
 from remoterun.api.guard import asked, audit_entry, record
 from remoterun.errors import BadRequest, Gone, NotFound
 from remoterun.scheduler import Scheduler
@@ -134,7 +135,14 @@ async def submit(request: web.Request, body: Any) -> dict[str, Any]:
     app = request.app
     settings = app[SETTINGS]
     fields = parse_submit(body, str(app[CATALOGUE].root), settings.max_retries_limit)
-    script = app[CATALOGUE].resolve(fields["script"])
+    try:
+        script = app[CATALOGUE].resolve(fields["script"])
+    except NotFound:
+        # In a cluster, a node whose scripts/ has it takes the submission (api/nodes.py).
+        task = await nodes.pass_on_submission(request, body, fields["script"])
+        if task is None:
+            raise
+        return task
     who = identity(request)
     who.require_script(script)
     return await app[SCHEDULER].submit(script, fields, who.name,

@@ -1,19 +1,25 @@
-"""GET /nodes (the cluster's nodes, or this server alone as "local"), and /readyz's `redis`
-check in cluster mode (issue 16)."""
+"""GET /nodes (the cluster's nodes, or this server alone as "local"), /readyz's `redis`
+check in cluster mode (issue 16), and a submission passed on to a node that has its script."""
 
 from __future__ import annotations
 
+import random
 import time
 from typing import Any
 
+import aiohttp
 from aiohttp import web
 
-from remoterun.api import DB, READINESS, SCHEDULER, SETTINGS, identity, json_response
+from remoterun.api import AUTH, DB, READINESS, SCHEDULER, SETTINGS, identity, json_response
+from remoterun.api.guard import presented_token
 from remoterun.api.monitor import NotReady
+from remoterun.errors import Relayed, Unavailable
 from remoterun.state import TaskStatus
 from remoterun.wire import rfc3339
 
 routes = web.RouteTableDef()
+PASSED_ON = "X-RemoteRun-Passed-On"  # set by the node that passed a submission on: never again
+PASS_ON_TIMEOUT_S = 30.0
 
 
 def node_json(row: dict[str, Any]) -> dict[str, Any]:
@@ -51,3 +57,50 @@ def setup_cluster(app: web.Application) -> None:
         except Exception as exc:
             raise NotReady(f"redis cannot be reached: {exc}") from exc
     app[READINESS].add("redis", redis)
+
+
+async def pass_on_submission(request: web.Request, body: dict[str, Any], script: str
+                             ) -> dict[str, Any] | None:
+    """A submission of a script this node's scripts/ lacks, passed on to a live node that has
+    it (the one it is pinned to first, else one at random), with the caller's token: that
+    node checks and records it as its own, and its answer is this one's (201: the task; an
+    error: raised as it came). None (this node's 404 stands) without [cluster], for a
+    submission that was passed on already, when no live node has the script, or for a caller
+    known here by a session cookie (sessions are each node's own: a token is passed on)."""
+    app = request.app
+    cluster = app[SETTINGS].cluster
+    if cluster is None or PASSED_ON in request.headers:
+        return None
+    who = identity(request)
+    who.require_task(script, "operator")  # the token's list is checked before anything leaves
+    token, _ = presented_token(request)
+    if app[AUTH].enabled and token is None:
+        return None
+    rows = await app[DB].nodes(cluster.node_timeout_s)  # type: ignore[attr-defined]
+    having = [r for r in rows if r["alive"] and r["name"] != cluster.node
+              and script in r["scripts"] and r["url"]]
+    random.shuffle(having)
+    having.sort(key=lambda r: r["name"] != body.get("node"))
+    headers = {PASSED_ON: cluster.node}
+    if token is not None:
+        headers["Authorization"] = f"Bearer {token}"
+    timeout = aiohttp.ClientTimeout(total=PASS_ON_TIMEOUT_S)
+    problem = ""
+    async with aiohttp.ClientSession(timeout=timeout) as http:
+        for row in having:
+            try:
+                async with http.post(f"{row['url'].rstrip('/')}/tasks", json=body,
+                                     headers=headers) as response:
+                    answer = await response.json(content_type=None)
+            except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
+                problem = f"node {row['name']} has it but could not be reached: {exc}"
+                continue
+            if response.status == 201 and isinstance(answer, dict):
+                return answer
+            if not isinstance(answer, dict):
+                answer = {"error": "bad_gateway", "message": f"node {row['name']} answered "
+                          f"{response.status} without a JSON error"}
+            raise Relayed(response.status, answer)
+    if problem:
+        raise Unavailable(problem, code="node_unreachable", retry_after_s=1.0)
+    return None
