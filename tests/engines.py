@@ -109,12 +109,6 @@ class PostgresServer:
                 self.proc.wait()
         self.proc = None
 
-    def restart(self, down_s: float = 0.0) -> None:
-        """Stop, stay down for `down_s`, start again on the same port."""
-        self.stop()
-        time.sleep(down_s)
-        self.start()
-
     def new_database(self) -> str:
         """A fresh, empty database; its URL."""
         name = "t_" + uuid.uuid4().hex[:12]
@@ -162,12 +156,6 @@ class RedisServer:
             self.proc.kill()
             self.proc.wait()
         self.proc = None
-
-    def restart(self, down_s: float = 0.0) -> None:
-        """Stop, stay down for `down_s`, start again on the same port."""
-        self.stop()
-        time.sleep(down_s)
-        self.start()
 
     def flush(self) -> None:
         """Forget every key (between tests)."""

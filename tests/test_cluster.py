@@ -381,6 +381,13 @@ async def _node_alive(http: aiohttp.ClientSession, node: Node, name: str) -> boo
     return any(n["name"] == name and n["alive"] for n in listed["nodes"])
 
 
+async def _names_missing(http: aiohttp.ClientSession, node: Node, engine: str) -> bool:
+    """Whether the node's /readyz answers 503 and names `engine` as not ok."""
+    async with http.get(node.url + "/readyz") as response:
+        body = await response.json()
+        return response.status == 503 and not body["checks"][engine]["ok"]
+
+
 @pytest.mark.timeout(180)
 async def test_postgres_restarting_mid_run(cluster, http, engines):
     """PostgreSQL down for a few seconds while tasks run: reads answer 503 JSON and /readyz
@@ -394,11 +401,8 @@ async def test_postgres_restarting_mid_run(cluster, http, engines):
         async with http.get(f"{cluster[1].url}/tasks/{tasks[0]['id']}") as response:
             assert response.status == 503
             assert (await response.json())["error"] == "database_unavailable"
-        async def not_ready() -> bool:
-            async with http.get(cluster[2].url + "/readyz") as response:
-                body = await response.json()
-                return response.status == 503 and not body["checks"]["database"]["ok"]
-        await wait_for(not_ready, 10, what="/readyz to name the database")
+        await wait_for(lambda: _names_missing(http, cluster[2], "database"), 10,
+                       what="/readyz to name the database")
         await asyncio.sleep(2)
     finally:
         await asyncio.to_thread(server.start)
@@ -451,11 +455,8 @@ async def test_redis_restarting_mid_run(cluster, http, engines):
     await asyncio.sleep(0.5)
     await asyncio.to_thread(redis_server.stop)
     try:
-        async def not_ready() -> bool:
-            async with http.get(cluster[2].url + "/readyz") as response:
-                body = await response.json()
-                return response.status == 503 and not body["checks"]["redis"]["ok"]
-        await wait_for(not_ready, 10, what="/readyz to name redis")
+        await wait_for(lambda: _names_missing(http, cluster[2], "redis"), 10,
+                       what="/readyz to name redis")
         await asyncio.sleep(1)
     finally:
         await asyncio.to_thread(redis_server.start)
