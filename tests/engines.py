@@ -8,6 +8,8 @@ and started again on the same port, for the fault tests.
 
 from __future__ import annotations
 
+import abc
+
 import contextlib
 import glob
 import os
@@ -48,7 +50,25 @@ def postgres_bin() -> Path | None:
     return Path(found[-1]).parent if found else None
 
 
-class PostgresServer:
+class _Engine(abc.ABC):
+    """What both engines share: a restart on the same port (start and stop are each's own)."""
+
+    @abc.abstractmethod
+    def start(self) -> None:
+        """Start; return once it serves."""
+
+    @abc.abstractmethod
+    def stop(self) -> None:
+        """Stop at once."""
+
+    def restart(self, down_s: float = 0.0) -> None:
+        """Stop, stay down for `down_s`, start again on the same port."""
+        self.stop()
+        time.sleep(down_s)
+        self.start()
+
+
+class PostgresServer(_Engine):
     """One PostgreSQL cluster: initdb once, then start/stop/restart on a fixed port."""
 
     def __init__(self) -> None:
@@ -123,7 +143,7 @@ class PostgresServer:
         shutil.rmtree(self.folder, ignore_errors=True)
 
 
-class RedisServer:
+class RedisServer(_Engine):
     """One redis-server without persistence on a loopback port."""
 
     def __init__(self) -> None:
