@@ -9,7 +9,6 @@ and started again on the same port, for the fault tests.
 from __future__ import annotations
 
 import abc
-
 import contextlib
 import glob
 import os
