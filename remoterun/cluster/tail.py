@@ -35,7 +35,8 @@ class CommittedFeed(TaskFeed):
 
     def publish(self, event_id: int | None, row: dict[str, Any], old_status: str | None,
                 fields: dict[str, Any] | None = None) -> None:
-        """Nothing: a commit's draft id is not its event id (see the module's docstring)."""
+        """Nothing: on PostgreSQL a commit does not know its event id (it is given at COMMIT;
+        the id a commit returns is another row's), the tail reads it back."""
 
 
 class EventTail:

@@ -85,7 +85,8 @@ def pg_sql(sql: str) -> tuple[str, bool]:
 
     `?` marks become `$1..$n`; GLOB (a token's script patterns) becomes a regex match through
     rr_glob(); LIKE (the `q` filter) becomes ILIKE, case-insensitive as SQLite's is; an INSERT
-    into a table with an id returns it (the event id of GET /events, as SQLite's lastrowid).
+    into audit or task_logs returns its id, as SQLite's lastrowid. One into task_events does
+    not: its id is given at COMMIT (`rr_number_event`), so the commit cannot know it.
     """
     count = 0
 
@@ -98,7 +99,7 @@ def pg_sql(sql: str) -> tuple[str, bool]:
     out = out.replace(_TASK_COLUMNS, '"t1".*', 1)  # a task's row with its cluster columns
     out = re.sub(r" GLOB (\$\d+)", r" ~ rr_glob(\1)", out)
     out = out.replace(" LIKE ", " ILIKE ")
-    returns = bool(re.match(r'INSERT INTO "(task_events|audit|task_logs)"', out))
+    returns = bool(re.match(r'INSERT INTO "(audit|task_logs)"', out))
     if returns:
         out += ' RETURNING "id"'
     return out, returns
