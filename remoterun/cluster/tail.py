@@ -6,15 +6,16 @@ has read every event that will ever have an id at or below N. The tail keeps one
 reads after it whenever a NOTIFY on `rr_events` says a transition was committed (anywhere),
 and at least every POLL_S (a NOTIFY sent while the listener reconnects is lost), handing each
 change to this node's feed, this node's own commits included. While no client follows here
-it reads only the newest id. While PostgreSQL cannot be reached the reads fail and the tail
-tries again after the same cursor: once it is back, followers get what was committed
-meanwhile, in order, with no gap and no repeat.
+it reads only the newest id, at most every POLL_S. While PostgreSQL cannot be reached the
+reads fail and the tail tries again after the same cursor: once it is back, followers get
+what was committed meanwhile, in order, with no gap and no repeat.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from typing import Any
 
 import structlog
@@ -48,6 +49,7 @@ class EventTail:
         self.cursor = 0  # the id of the last event read
         self._wake = asyncio.Event()
         self._failing = False
+        self._idle_read = -POLL_S  # time.monotonic() of the last read without followers
 
     async def start(self) -> None:
         """Start from the newest event (before the node serves: no follower is older)."""
@@ -81,6 +83,9 @@ class EventTail:
         """Deliver every event committed after the cursor, and move it to the last one."""
         while True:
             if not self.feed.followers:
+                if time.monotonic() - self._idle_read < POLL_S:
+                    return  # nobody to tell: a follower that comes replays past the cursor
+                self._idle_read = time.monotonic()
                 newest = await self.db.last_event_id()
                 # Looked at after the read: a follower that came before it replays from the
                 # database past `newest` (ids are visible in order), so skipping is safe;
