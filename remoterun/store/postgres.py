@@ -146,7 +146,8 @@ CLUSTER_DDL = (
             RETURN NULL;
         END $$""",
     """DO $$ BEGIN
-        IF NOT EXISTS (SELECT 1 FROM pg_trigger WHERE tgname = 'rr_number_event') THEN
+        IF NOT EXISTS (SELECT 1 FROM pg_trigger WHERE tgname = 'rr_number_event'
+                       AND tgrelid = 'task_events'::regclass) THEN
             CREATE SEQUENCE IF NOT EXISTS rr_event_draft;
             ALTER TABLE task_events ALTER COLUMN id SET DEFAULT -nextval('rr_event_draft');
             CREATE CONSTRAINT TRIGGER rr_number_event AFTER INSERT ON task_events
