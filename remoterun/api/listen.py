@@ -119,7 +119,7 @@ def _release(transport: asyncio.BaseTransport) -> None:
     arenas, keep those arenas resident: 2,000 replays that left held ~50 MB (bench replay).
     """
     if getattr(transport, "_sock", True) is None and hasattr(transport, "_read_ready_cb"):
-        transport._read_ready_cb = None  # type: ignore[attr-defined]
+        transport._read_ready_cb = None
 
 
 class GuardedSite(web.TCPSite):
