@@ -107,7 +107,10 @@ class Session:
                 current.uncancel()
             self.request.app[METRICS].slow_clients.inc()
             code, reason = TRY_AGAIN_LATER, b"client too slow: reconnect with ?since="
-        except ConnectionResetError:
+        except ConnectionError as exc:  # reset, or aiohttp's "Connection lost" waking a drain
+            # Its traceback holds the drain's frame, whose waiter holds it: a cycle that kept
+            # each reader's last batch (~2 MB of replay) until a full collection.
+            _drop_tracebacks(exc)
             return
         finally:
             sub.close()
@@ -289,13 +292,34 @@ async def _serve(request: web.Request, task: dict[str, Any] | None, since: int
 
 
 def _unhook(request: web.Request, ws: _Socket) -> None:
-    """Break the cycle a dropped connection leaves: its protocol keeps the socket's data
-    callback (aiohttp 3.14.5 clears it only on a clean close), the socket its request, the
-    request its protocol. Left to a full collection, 2,000 replays that vanished kept ~60 MB
-    (bench replay)."""
+    """Break the cycles a dropped connection leaves, so that its memory goes when it does.
+
+    Left to a full collection (rare: see cli._tune_gc), each of 2,000 replays that vanished
+    kept its request, transport and buffers: ~90 MB after they left (bench replay). aiohttp
+    3.14.5 leaves three: the protocol keeps the socket's data callback (cleared only on a clean
+    close), the socket its request, the request its protocol; and the socket and its reader
+    keep the exceptions that ended them (the reset, the failed close frame), whose tracebacks
+    hold the frames of the socket's own methods, and so the socket.
+    """
     protocol = request.protocol
     if protocol is not None and getattr(protocol, "_data_received_cb", None) is not None:
         protocol._data_received_cb = None  # type: ignore[attr-defined]
+    reader = getattr(ws, "_reader", None)
+    for exc in (ws.exception(), reader.exception() if reader is not None else None):
+        _drop_tracebacks(exc)
+
+
+def _drop_tracebacks(exc: BaseException | None) -> None:
+    """Clear the tracebacks of an exception and of those it was raised from or during."""
+    seen: set[int] = set()
+    todo = [exc]
+    while todo:
+        one = todo.pop()
+        if one is None or id(one) in seen:
+            continue
+        seen.add(id(one))
+        one.__traceback__ = None
+        todo += (one.__cause__, one.__context__)
 
 
 @routes.get("/ws")
