@@ -1,11 +1,9 @@
 """Every task transition, to any number of `/events` followers: bounded queues, slow ones dropped.
 
 The scheduler publishes each transition once it is committed, with the id of its `task_events`
-row; publishing never awaits. (In a cluster a node's own commits are not published: every
-node's transitions come from the database in commit order, `cluster.tail`.) Each follower has
-its own queue, bounded in events: a follower that falls that far behind is dropped (its stream
-is cut) and resumes from the database with `Last-Event-ID`, losing nothing, so one slow client
-never holds the engine or the others.
+row; publishing never awaits. Each follower has its own queue, bounded in events: a follower
+that falls that far behind is dropped (its stream is cut) and resumes from the database with
+`Last-Event-ID`, losing nothing, so one slow client never holds the engine or the others.
 """
 
 from __future__ import annotations
@@ -16,7 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from remoterun.wire import rfc3339, task_json
+from remoterun.wire import task_json
 
 DEFAULT_QUEUE_EVENTS = 10_000
 
@@ -29,22 +27,6 @@ class TaskChange:
     task: dict[str, Any]
     event: dict[str, Any]
     encoded: bytes | None = None  # the wire form, made once for every follower
-
-
-def event_json(row: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    """A task_events row as the API shows it (its columns named with `prefix`)."""
-    return {"id": row[f"{prefix}id"], "ts": rfc3339(row[f"{prefix}ts"]),
-            "old_status": row[f"{prefix}old_status"], "new_status": row[f"{prefix}new_status"],
-            "attempt": row[f"{prefix}attempt"], "detail": row[f"{prefix}detail"],
-            "exit_code": row[f"{prefix}exit_code"]}
-
-
-def stored_change(row: dict[str, Any]) -> TaskChange:
-    """A change read back from the database (a row of `Database.events_after`): the task as
-    it is now, with the status and attempt the transition gave it."""
-    event = event_json(row, "event_")
-    task = {**task_json(row), "status": event["new_status"], "attempt": event["attempt"]}
-    return TaskChange(event["id"], task, event)
 
 
 class Dropped(Exception):
@@ -109,10 +91,7 @@ class TaskFeed:
         event = {"id": event_id, "ts": task["updated_at"], "old_status": old_status,
                  "new_status": task["status"], "attempt": task["attempt"],
                  "detail": fields.get("error"), "exit_code": fields.get("exit_code")}
-        self.deliver(TaskChange(event_id, task, event))
-
-    def deliver(self, change: TaskChange) -> None:
-        """Hand a change to every follower (changes come in event id order)."""
+        change = TaskChange(event_id, task, event)
         for follower in list(self._followers):
             if not follower.put(change):
                 self._followers.discard(follower)

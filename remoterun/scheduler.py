@@ -374,7 +374,7 @@ class Scheduler:
         self._finish(state)
         return task_json(state.row)
 
-    async def queue_positions(self, task_ids: Collection[str]) -> dict[str, int]:
+    def queue_positions(self, task_ids: Collection[str]) -> dict[str, int]:
         """The 1-based place in dispatch order of each of `task_ids` that waits in the queue."""
         return self.queue.positions(task_ids)
 

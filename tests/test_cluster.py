@@ -21,8 +21,6 @@ from cluster_nodes import (
 )
 from conftest import wait_for
 
-from remoterun.store.postgres import PostgresDatabase
-
 pytestmark = pytest.mark.slow
 FINAL = ("success", "failed", "timeout", "cancelled")
 
@@ -30,10 +28,6 @@ ONCE = """#!/bin/sh
 # Appends this run's task id and attempt to a shared file, then ends.
 echo "$RR_TASK_ID $RR_ATTEMPT" >> "$RR_PARAM_OUT"
 echo "ran $RR_TASK_ID"
-"""
-GATE = """#!/bin/sh
-# Holds its script's only slot (max_concurrency = 1) for a while.
-sleep "${RR_PARAM_SECONDS:-30}"
 """
 SPAN = """#!/bin/sh
 # Records when it started and ended (to measure overlap) and its priority tag.
@@ -59,7 +53,6 @@ async def cluster(tmp_path, engines):
     nodes = make_nodes(tmp_path, engines, 3)
     add_script(nodes, "once.sh", ONCE)
     add_script(nodes, "span.sh", SPAN, "max_concurrency = 2\n")
-    add_script(nodes, "gate.sh", GATE, "max_concurrency = 1\n")
     await start_all(nodes)
     yield nodes
     for node in nodes:
@@ -499,170 +492,3 @@ async def test_segment_rows_name_their_node_and_archive_verify_sees_them_all(clu
         stderr=asyncio.subprocess.STDOUT)
     out, _ = await verify.communicate()
     assert verify.returncode == 0, out.decode()
-
-
-# GET /events and queue_position across the cluster -------------------------------------------
-
-SseEvent = tuple[int, str, dict[str, Any]]
-
-
-async def sse_until(response: aiohttp.ClientResponse, done: Any, got: list[SseEvent],
-                    timeout: float = 30.0) -> list[SseEvent]:
-    """Parse a GET /events stream into `got` as (id, event, data) until `done(got)`."""
-    fields: dict[str, str] = {}
-    async with asyncio.timeout(timeout):
-        while not done(got):
-            raw = await response.content.readline()
-            assert raw, "the stream ended"
-            line = raw.decode().rstrip("\n")
-            if not line:
-                if "event" in fields:
-                    got.append((int(fields.get("id", "0")), fields["event"],
-                                json.loads(fields["data"])))
-                fields = {}
-            elif not line.startswith(":"):
-                key, _, value = line.partition(": ")
-                fields[key] = value
-    return got
-
-
-def ready(got: list[SseEvent]) -> bool:
-    """The stream's replay is over (its `ready` event came)."""
-    return any(kind == "ready" for _, kind, _ in got)
-
-
-def finished(task_ids: set[str]) -> Any:
-    """A `done` predicate: every one of the tasks' final transitions arrived."""
-    return lambda got: task_ids <= {d["id"] for _, k, d in got
-                                    if k == "task" and d["status"] in FINAL}
-
-
-async def stored_events(url: str, after: int) -> list[tuple[int, str, str]]:
-    """(id, task, new status) of every transition recorded after the id, by id."""
-    conn = await asyncpg.connect(url)
-    try:
-        rows = await conn.fetch("SELECT id, task_id, new_status FROM task_events WHERE id > $1 "
-                                "ORDER BY id", after)
-    finally:
-        await conn.close()
-    return [(r["id"], r["task_id"], r["new_status"]) for r in rows]
-
-
-async def test_events_on_one_node_carry_what_another_node_commits(cluster, http):
-    """A GET /events client on n2 gets, live on the one stream, pending, running and success
-    of a task submitted to and run by n1, ids increasing."""
-    got: list[SseEvent] = []
-    async with http.get(f"{cluster[1].url}/events") as response:
-        await sse_until(response, ready, got)
-        task = await submit(http, cluster[0], script="hello.sh", node="n1")
-        await sse_until(response, finished({task["id"]}), got)
-    mine = [(i, d) for i, k, d in got if k == "task" and d["id"] == task["id"]]
-    assert [d["status"] for _, d in mine] == ["pending", "running", "success"]
-    assert all(d["node"] == "n1" for _, d in mine[1:])
-    ids = [i for i, _ in mine]
-    assert ids == sorted(set(ids)) and all(d["event"]["id"] == i for i, d in mine)
-
-
-@pytest.mark.timeout(180)
-async def test_events_resumed_on_another_node_arrive_exactly_once(cluster, http, engines):
-    """60 tasks submitted to the three nodes at once (their commits interleave): a client
-    reads /events on n3, leaves part-way, resumes with since= on n2; together the two
-    streams hold every transition recorded, each once, in id order."""
-    first: list[SseEvent] = []
-    async with http.get(f"{cluster[2].url}/events") as response:
-        await sse_until(response, ready, first)
-        start = first[-1][0]
-        submitting = asyncio.create_task(submit_many(
-            http, cluster, 60, in_flight=12, script="once.sh", params={"out": "/dev/null"}))
-        await sse_until(response, lambda got: sum(k == "task" for _, k, _ in got) >= 50, first)
-    tasks = await submitting
-    since = first[-1][0]
-    rest: list[SseEvent] = []
-    async with http.get(f"{cluster[1].url}/events?since={since}") as response:
-        all_ended = finished({t["id"] for t in tasks})
-        await sse_until(response, lambda got: all_ended(first + got), rest, timeout=90)
-    seen = [(i, d["id"], d["status"]) for i, k, d in first + rest if k == "task"]
-    ids = [i for i, _, _ in seen]
-    assert ids == sorted(set(ids)), "an event came twice or out of order"
-    mine = {t["id"] for t in tasks}
-    stored = [e for e in await stored_events(engines[2], start) if e[1] in mine]
-    assert [e for e in seen if e[1] in mine] == stored
-    assert len(stored) == 3 * len(tasks)
-
-
-async def test_events_resume_after_postgres_restarts(cluster, http, engines):
-    """PostgreSQL down for a few seconds under a GET /events stream on n2 while a task runs
-    on n1: the stream stays open, and once PostgreSQL is back it carries what was committed
-    since, the task's end included, without gap or repeat."""
-    got: list[SseEvent] = []
-    async with http.get(f"{cluster[1].url}/events") as response:
-        await sse_until(response, ready, got)
-        start = got[-1][0]
-        task = await submit(http, cluster[0], script="lines.py", node="n1",
-                            params={"n": 30, "delay": 0.1})
-        await sse_until(response, lambda g: any(d.get("status") == "running"
-                                                for _, k, d in g if k == "task"), got)
-        await asyncio.to_thread(engines[0].stop)
-        try:
-            await asyncio.sleep(3)
-        finally:
-            await asyncio.to_thread(engines[0].start)
-        await sse_until(response, finished({task["id"]}), got, timeout=60)
-    seen = [(i, d["id"], d["status"]) for i, k, d in got if k == "task"]
-    assert seen == await stored_events(engines[2], start)
-    assert [s for _, _, s in seen] == ["pending", "running", "success"]
-
-
-async def test_event_ids_are_given_in_commit_order(engines):
-    """Two transactions record an event each; the one that inserted first commits last: its
-    event still gets the higher id (a cursor never skips an event committed late), and an
-    open transaction holds back no other commit."""
-    db = PostgresDatabase(engines[2])
-    await db.open()  # the cluster's schema
-    await db.close()
-    early, late = await asyncpg.connect(engines[2]), await asyncpg.connect(engines[2])
-    insert = ("INSERT INTO task_events (task_id, ts, new_status, attempt) VALUES ($1, 0, "
-              "'pending', 1)")
-    try:
-        slow = early.transaction()
-        await slow.start()
-        await early.execute(insert, "first-inserted")
-        async with asyncio.timeout(5):  # not blocked by the open transaction
-            async with late.transaction():
-                await late.execute(insert, "first-committed")
-        await slow.commit()
-        rows = await late.fetch("SELECT task_id FROM task_events ORDER BY id")
-    finally:
-        await early.close()
-        await late.close()
-    assert [r["task_id"] for r in rows] == ["first-committed", "first-inserted"]
-
-
-
-async def test_queue_position_in_the_cluster(cluster, http):
-    """Tasks waiting behind a script's max_concurrency of 1 have their queue_position on every
-    node, in claim order (priority, then submission); it moves up when the head starts."""
-    head = await submit(http, cluster[0], script="gate.sh")
-    await wait_for(lambda: _status(http, cluster[0], head["id"], "running"), 15)
-    waiting = [await submit(http, cluster[i % 3], script="gate.sh", priority=p)
-               for i, p in enumerate((0, 0, 5, 1))]
-    order = [waiting[2]["id"], waiting[3]["id"], waiting[0]["id"], waiting[1]["id"]]
-    try:
-        for place, task_id in enumerate(order, 1):
-            for node in cluster:
-                got = await get_json(http, f"{node.url}/tasks/{task_id}")
-                assert got.get("queue_position") == place, (node.name, place, got)
-        listed = await get_json(http, f"{cluster[1].url}/tasks?status=pending")
-        assert {t["id"]: t.get("queue_position") for t in listed["tasks"]} == {
-            task_id: place for place, task_id in enumerate(order, 1)}
-        assert "queue_position" not in await get_json(http, f"{cluster[2].url}/tasks/"
-                                                            f"{head['id']}")
-        status, _ = await post(http, cluster[2], f"/tasks/{head['id']}/cancel")
-        assert status == 200
-        await wait_for(lambda: _status(http, cluster[0], order[0], "running"), 15)
-        for place, task_id in enumerate(order[1:], 1):
-            got = await get_json(http, f"{cluster[1].url}/tasks/{task_id}")
-            assert got.get("queue_position") == place, (place, got)
-    finally:
-        for task_id in [head["id"], *order]:
-            await post(http, cluster[0], f"/tasks/{task_id}/cancel")

@@ -16,6 +16,7 @@ import contextlib
 import functools
 from collections.abc import Callable
 from fnmatch import fnmatchcase
+from typing import Any
 
 from aiohttp import web
 
@@ -24,9 +25,9 @@ from remoterun.api.http import task_id_of
 from remoterun.api.ws import parse_since
 from remoterun.auth import Identity
 from remoterun.errors import Forbidden, NotFound
-from remoterun.feed import Dropped, Follower, TaskChange, event_json, stored_change
+from remoterun.feed import Dropped, Follower, TaskChange
 from remoterun.store import Database
-from remoterun.wire import dumps
+from remoterun.wire import dumps, rfc3339, task_json
 
 routes = web.RouteTableDef()
 REPLAY_BATCH = 500
@@ -53,12 +54,28 @@ def sees(who: Identity) -> Callable[[str], bool]:
     return lambda script: any(fnmatchcase(script, pattern) for pattern in patterns)
 
 
+def event_json(row: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """A task_events row as the API shows it."""
+    return {"id": row[f"{prefix}id"], "ts": rfc3339(row[f"{prefix}ts"]),
+            "old_status": row[f"{prefix}old_status"], "new_status": row[f"{prefix}new_status"],
+            "attempt": row[f"{prefix}attempt"], "detail": row[f"{prefix}detail"],
+            "exit_code": row[f"{prefix}exit_code"]}
+
+
 def _sse(change: TaskChange) -> bytes:
     """The change as one SSE event, encoded once for every follower."""
     if change.encoded is None:
         body = dumps({**change.task, "event": change.event})
         change.encoded = f"id: {change.event_id}\nevent: task\ndata: {body}\n\n".encode()
     return change.encoded
+
+
+def _replayed(row: dict[str, Any]) -> TaskChange:
+    """A change read back from the database: the task as it is now, with the status and
+    attempt the transition gave it."""
+    event = event_json(row, "event_")
+    task = {**task_json(row), "status": event["new_status"], "attempt": event["attempt"]}
+    return TaskChange(event["id"], task, event)
 
 
 @routes.get("/events")
@@ -116,7 +133,7 @@ async def _replay(response: web.StreamResponse, db: Database, since: int,
         if not rows:
             return last
         last = int(rows[-1]["event_id"])
-        body = b"".join(_sse(stored_change(row)) for row in rows if visible(row["script"]))
+        body = b"".join(_sse(_replayed(row)) for row in rows if visible(row["script"]))
         if body:
             await response.write(body)
         if len(rows) < REPLAY_BATCH:

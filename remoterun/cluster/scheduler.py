@@ -13,8 +13,6 @@ It is the single-node `Scheduler` with these parts replaced:
   recorded failed, "node X was lost during attempt N", or queued again per their retries.
 - Clients follow any task through its Redis stream (`cluster.follow`), and controls for a task
   another node runs go to it through Redis (`cluster.relay`).
-- `GET /events` here carries every node's transitions, read from PostgreSQL in commit order
-  (`cluster.tail`); `queue_position` is the task's place in the cluster's queue.
 """
 
 from __future__ import annotations
@@ -28,7 +26,6 @@ import signal
 import time
 import uuid
 from collections import Counter
-from collections.abc import Collection
 from typing import Any
 
 import structlog
@@ -37,7 +34,6 @@ from remoterun import store
 from remoterun.catalogue import Catalogue, Script
 from remoterun.cluster.follow import RemoteControl, RemoteSubscription
 from remoterun.cluster.relay import Relay, RelaySink
-from remoterun.cluster.tail import CommittedFeed, EventTail
 from remoterun.compressor import Compressor
 from remoterun.config import Settings
 from remoterun.errors import BadRequest, Conflict, InvalidParams, NotFound, QueueFull, Unavailable
@@ -85,8 +81,6 @@ class ClusterScheduler(Scheduler):
         self._healthy_since: float | None = None  # monotonic: beating since (None: not now)
         self._claim_unsure = False  # a claim failed: it may have committed all the same
         db.fence = lambda: pg.node_fence(self.node, self.epoch)
-        self.feed = CommittedFeed()  # every node's transitions, for GET /events
-        self.tail = EventTail(db, self.feed)
 
     # Life ------------------------------------------------------------------------------------
 
@@ -100,12 +94,11 @@ class ClusterScheduler(Scheduler):
         if not become_subreaper():
             log.warning("no_subreaper", detail="double-forked daemons may outlive their task")
         await self.relay.start()
-        await self.tail.start()
-        await self._listen()
+        with contextlib.suppress(*pg.CONNECTION_ERRORS):
+            self._listener = await self.db.listen(self._wake.set)
         self._loops = [asyncio.create_task(self._dispatch_loop(), name="dispatcher"),
                        asyncio.create_task(self._flush_loop(), name="archive-flusher"),
-                       asyncio.create_task(self._nodes_loop(), name="node-heartbeat"),
-                       asyncio.create_task(self.tail.run(), name="event-tail")]
+                       asyncio.create_task(self._nodes_loop(), name="node-heartbeat")]
         log.info("node_joined", node=self.node, labels=list(self.cluster.labels),
                  scripts=len(self.scripts))
 
@@ -116,14 +109,6 @@ class ClusterScheduler(Scheduler):
             with contextlib.suppress(Exception):
                 await self._listener.close()
         await self.relay.close()
-
-    async def _listen(self) -> None:
-        """(Re)connect the listener: claimable tasks wake the dispatcher, committed
-        transitions the event tail (which reads at once: it may have missed some)."""
-        with contextlib.suppress(*pg.CONNECTION_ERRORS):
-            self._listener = await self.db.listen({pg.NOTIFY_CHANNEL: self._wake.set,
-                                                   pg.EVENTS_CHANNEL: self.tail.notified})
-            self.tail.notified()
 
     async def _scan(self) -> None:
         """The scripts this node has, and their max_concurrency (off the loop)."""
@@ -266,12 +251,9 @@ class ClusterScheduler(Scheduler):
         await self.relay.send_control(task_id, "cancel")
         return task_json(row)
 
-    async def queue_positions(self, task_ids: Collection[str]) -> dict[str, int]:
-        """The place of each waiting task in the cluster's queue, in claim order (aged
-        priority, then submission; docs/cluster.md says what placement does to it)."""
-        if not task_ids:
-            return {}
-        return await self.db.queue_positions(list(task_ids), self.settings.aging_s)
+    def queue_positions(self, task_ids: Any) -> dict[str, int]:
+        """Not known here: the queue is the cluster's (see docs/cluster.md)."""
+        return {}
 
     # Streams and controls --------------------------------------------------------------------
 
@@ -417,7 +399,8 @@ class ClusterScheduler(Scheduler):
         if not alive:
             await self._fenced_out()
         if self._listener is None or self._listener.is_closed():
-            await self._listen()
+            with contextlib.suppress(*pg.CONNECTION_ERRORS):
+                self._listener = await self.db.listen(self._wake.set)
         now = time.monotonic()
         if self._healthy_since is None:
             self._healthy_since = now

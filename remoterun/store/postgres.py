@@ -47,10 +47,6 @@ from remoterun.store.sqlite import (
 log = structlog.get_logger(__name__)
 MIGRATION_LOCK = 0x52520016  # pg_advisory_xact_lock key: one node migrates at a time
 NOTIFY_CHANNEL = "rr_tasks"  # a task became claimable (new, retried, released)
-EVENTS_CHANNEL = "rr_events"  # transitions were committed (GET /events on every node)
-# pg_advisory_xact_lock(key1, key2) of event numbering: two int keys, a lock space apart
-# from the one-key locks of the migration and of the claims' per-script limits.
-EVENT_LOCK = (0x5252, 18)
 
 # asyncpg's errors that mean "no usable connection now": the server is down, restarting,
 # or ended our session; the statement did not run (or its transaction is rolled back).
@@ -85,8 +81,7 @@ def pg_sql(sql: str) -> tuple[str, bool]:
 
     `?` marks become `$1..$n`; GLOB (a token's script patterns) becomes a regex match through
     rr_glob(); LIKE (the `q` filter) becomes ILIKE, case-insensitive as SQLite's is; an INSERT
-    into audit or task_logs returns its id, as SQLite's lastrowid. One into task_events does
-    not: its id is given at COMMIT (`rr_number_event`), so the commit cannot know it.
+    into a table with an id returns it (the event id of GET /events, as SQLite's lastrowid).
     """
     count = 0
 
@@ -99,7 +94,7 @@ def pg_sql(sql: str) -> tuple[str, bool]:
     out = out.replace(_TASK_COLUMNS, '"t1".*', 1)  # a task's row with its cluster columns
     out = re.sub(r" GLOB (\$\d+)", r" ~ rr_glob(\1)", out)
     out = out.replace(" LIKE ", " ILIKE ")
-    returns = bool(re.match(r'INSERT INTO "(audit|task_logs)"', out))
+    returns = bool(re.match(r'INSERT INTO "(task_events|audit|task_logs)"', out))
     if returns:
         out += ' RETURNING "id"'
     return out, returns
@@ -134,26 +129,6 @@ CLUSTER_DDL = (
         "scripts" TEXT[] NOT NULL, "workers" BIGINT NOT NULL, "url" TEXT,
         "started_at" DOUBLE PRECISION NOT NULL, "seen_at" DOUBLE PRECISION NOT NULL,
         "lost_at" DOUBLE PRECISION, "lost_by" TEXT)""",
-    # Events numbered in commit order (docs/cluster.md, "GET /events"): a row is inserted
-    # with a draft id below zero, and at COMMIT (a deferred trigger) takes its real id under
-    # one lock held until the commit is visible. So every transaction that commits later
-    # gets a higher id, and an id once seen is a cursor that skips nothing.
-    f"""CREATE OR REPLACE FUNCTION rr_number_event() RETURNS trigger LANGUAGE plpgsql AS $$
-        BEGIN
-            PERFORM pg_advisory_xact_lock({EVENT_LOCK[0]}, {EVENT_LOCK[1]});
-            UPDATE task_events SET id = nextval('task_events_id_seq') WHERE id = NEW.id;
-            PERFORM pg_notify('{EVENTS_CHANNEL}', '');
-            RETURN NULL;
-        END $$""",
-    """DO $$ BEGIN
-        IF NOT EXISTS (SELECT 1 FROM pg_trigger WHERE tgname = 'rr_number_event'
-                       AND tgrelid = 'task_events'::regclass) THEN
-            CREATE SEQUENCE IF NOT EXISTS rr_event_draft;
-            ALTER TABLE task_events ALTER COLUMN id SET DEFAULT -nextval('rr_event_draft');
-            CREATE CONSTRAINT TRIGGER rr_number_event AFTER INSERT ON task_events
-                DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION rr_number_event();
-        END IF;
-    END $$""",
     # A token's script globs (fnmatch, `[!` already turned into `[^`) as an anchored regex.
     r"""CREATE OR REPLACE FUNCTION rr_glob(p text) RETURNS text LANGUAGE sql IMMUTABLE AS $$
         SELECT '^' || replace(replace(regexp_replace(p, '([.+(){}|$\\])', '\\\1', 'g'),
@@ -334,15 +309,6 @@ class PostgresDatabase(Database):
         sql += " GROUP BY t.num ORDER BY ended, t.num"
         return await self.fetch_all(sql, params)
 
-    async def events_after(self, since: int, limit: int) -> list[dict[str, Any]]:
-        """As SQLite's, with the task's whole row (its cluster columns: `node` is `owner`)."""
-        return await self.fetch_all(
-            'SELECT e."id" AS event_id, e."ts" AS event_ts, e."old_status" AS '
-            'event_old_status, e."new_status" AS event_new_status, e."attempt" AS '
-            'event_attempt, e."detail" AS event_detail, e."exit_code" AS event_exit_code, t.* '
-            'FROM task_events e JOIN tasks t ON t."id" = e."task_id" WHERE e."id" > ? '
-            'ORDER BY e."id" LIMIT ?', [since, limit])
-
     # Cluster: nodes, claims, lost nodes ----------------------------------------------------
 
     async def _transaction(self, work: Callable[[asyncpg.Connection], Any],
@@ -518,41 +484,12 @@ class PostgresDatabase(Database):
         return int(await self.fetch_value(
             "SELECT nextval(pg_get_serial_sequence('tasks', 'num'))"))
 
-    async def queue_positions(self, task_ids: Sequence[str], aging_s: float) -> dict[str, int]:
-        """The 1-based place of each of `task_ids` that waits unclaimed, among every task
-        waiting unclaimed in the cluster, in the order the claim takes them (aged priority,
-        then submission): a count for one task, one sort for several."""
-        def key(alias: str) -> str:  # the claim's ORDER BY
-            return (f"{alias}.created_at / $2 - {alias}.priority" if aging_s
-                    else f"-{alias}.priority")
-        if len(task_ids) == 1:
-            sql = (f"SELECT m.id, 1 + (SELECT count(*) FROM tasks o WHERE o.status = 'pending' "
-                   f"AND o.owner IS NULL AND ({key('o')}, o.num) < ({key('m')}, m.num)) AS "
-                   f"place FROM tasks m WHERE m.id = ANY($1) AND m.status = 'pending' AND "
-                   f"m.owner IS NULL")
-        else:
-            sql = (f"SELECT id, place FROM (SELECT t.id, row_number() OVER (ORDER BY "
-                   f"{key('t')}, t.num) AS place FROM tasks t WHERE t.status = 'pending' AND "
-                   f"t.owner IS NULL) q WHERE id = ANY($1)")
-        rows = await self.fetch_all(sql, [list(task_ids), *([float(aging_s)] if aging_s else [])])
-        return {row["id"]: int(row["place"]) for row in rows}
-
-    async def last_event_id(self) -> int:
-        """The id of the newest committed transition (0: none yet)."""
-        return int(await self.fetch_value("SELECT coalesce(max(id), 0) FROM task_events"))
-
-    async def listen(self, callbacks: dict[str, Callable[[], None]]) -> asyncpg.Connection:
-        """A connection of its own that calls `callbacks[channel]` on every NOTIFY of that
-        channel (NOTIFY_CHANNEL: a claimable task; EVENTS_CHANNEL: committed transitions);
-        close it to stop."""
+    async def listen(self, on_notify: Callable[[], None]) -> asyncpg.Connection:
+        """A connection of its own that calls `on_notify` on every NOTIFY of a claimable
+        task; close it to stop."""
         conn = await asyncpg.connect(self.url)
-        for channel, callback in callbacks.items():
-            await conn.add_listener(channel, functools.partial(_notified, callback))
+        await conn.add_listener(NOTIFY_CHANNEL, lambda *args: on_notify())
         return conn
-
-
-def _notified(callback: Callable[[], None], *args: Any) -> None:
-    callback()
 
 
 def node_fence(name: str, epoch: str) -> Fence:
