@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import dataclasses
 import json
 import os
@@ -295,3 +296,16 @@ def engines(pg_server: Any, redis_server: Any) -> Iterator[tuple[Any, Any, str]]
             engine.start()
     redis_server.flush()
     yield pg_server, redis_server, pg_server.new_database()
+
+
+def silent_ws(port: int, path: str) -> socket.socket:
+    """A WebSocket client that upgrades and then never reads (a tiny receive buffer: it fills
+    at once)."""
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.connect(("127.0.0.1", port))
+    key = base64.b64encode(os.urandom(16)).decode()
+    sock.sendall((f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nUpgrade: websocket\r\n"
+                  f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\n"
+                  "Sec-WebSocket-Version: 13\r\n\r\n").encode())
+    return sock

@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 import asyncio
-import base64
 import os
-import socket
 
-from conftest import make_settings, submit, wait_final, wait_for, ws_collect
+from conftest import make_settings, silent_ws, submit, wait_final, wait_for, ws_collect
 
 from remoterun.api import DB, SCHEDULER
 from remoterun.api.app import create_app
@@ -81,18 +79,6 @@ async def test_a_nul_byte_in_a_param_is_refused_and_leaks_nothing(make_client):
     assert (await wait_final(client, ok["id"]))["status"] == "success"
 
 
-def _silent_ws(port: int, path: str) -> socket.socket:
-    """A WebSocket client that upgrades and then never reads (a tiny receive buffer)."""
-    sock = socket.socket()
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-    sock.connect(("127.0.0.1", port))
-    key = base64.b64encode(os.urandom(16)).decode()
-    sock.sendall((f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nUpgrade: websocket\r\n"
-                  f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\n"
-                  "Sec-WebSocket-Version: 13\r\n\r\n").encode())
-    return sock
-
-
 async def test_replays_share_bounded_readers_and_stalled_clients_are_closed(make_client):
     """Clients that replay a big task and never read hold at most `replay_readers` archive
     readers, are closed once they took nothing for `stall_timeout_s`, and a client that
@@ -102,7 +88,7 @@ async def test_replays_share_bounded_readers_and_stalled_clients_are_closed(make
     task = await submit(client, "noise.py", params={"bytes": total})
     await wait_final(client, task["id"], timeout=30)
     silent = await asyncio.gather(*(asyncio.to_thread(
-        _silent_ws, client.port, f"/tasks/{task['id']}/ws") for _ in range(6)))
+        silent_ws, client.port, f"/tasks/{task['id']}/ws") for _ in range(6)))
     try:
         slots = client.app[SCHEDULER].replay_slots
         await wait_for(lambda: slots.locked(), what="the readers taken")

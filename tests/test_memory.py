@@ -4,15 +4,12 @@ at the next full garbage collection (cycles kept 2,000 replays' ~90 MB: bench re
 from __future__ import annotations
 
 import asyncio
-import base64
 import gc
-import os
-import socket
 from pathlib import Path
 
 import aiohttp
 from aiohttp import web
-from conftest import make_settings, wait_for
+from conftest import make_settings, silent_ws, wait_for
 
 from remoterun.api import SOCKETS
 from remoterun.api.app import create_app
@@ -20,18 +17,6 @@ from remoterun.api.listen import GuardedSite
 from remoterun.cli import listen
 
 CLIENTS = 20
-
-
-def _silent(port: int, path: str) -> socket.socket:
-    """A WebSocket upgrade, then never a read (a small receive buffer: it fills at once)."""
-    sock = socket.socket()
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-    sock.connect(("127.0.0.1", port))
-    key = base64.b64encode(os.urandom(16)).decode()
-    sock.sendall((f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\n"
-                  f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\n"
-                  "Sec-WebSocket-Version: 13\r\n\r\n").encode())
-    return sock
 
 
 def _alive(kind: type) -> int:
@@ -71,7 +56,7 @@ async def test_replay_clients_that_vanish_are_freed_without_a_collection(tmp_pat
         before_ws = _alive(web.WebSocketResponse)
         before_transports = _closed_transports()
         sockets = await asyncio.gather(*(asyncio.to_thread(
-            _silent, port, f"/tasks/{task_id}/ws") for _ in range(CLIENTS)))
+            silent_ws, port, f"/tasks/{task_id}/ws") for _ in range(CLIENTS)))
         app = runner.app
         await wait_for(lambda: len(app[SOCKETS]) == CLIENTS, what="every client to attach")
         for one in sockets:
