@@ -225,12 +225,14 @@ class Scheduler:
                 raise Unavailable("the database is busy or cannot be written; try again",
                                   code="database_unavailable", retry_after_s=1.0) from exc
         async with self._write_lock:
+            unsure = None  # a try whose outcome is unknown: looked up before the next
             while True:
                 try:
-                    rowid = await self.db.commit(statements, self.settings.db_retry_s)
+                    rowid = await self.db.commit(statements, self.settings.db_retry_s, unsure)
                     self.problems.pop("database", None)
                     return rowid
                 except store.DatabaseUnavailable as exc:
+                    unsure = exc.unsure
                     self.problems["database"] = str(exc)
                     self._log_once("database_unavailable", "", error=str(exc))
                     if self._closing:

@@ -126,3 +126,128 @@ async def get_json(http: aiohttp.ClientSession, url: str) -> Any:
     """GET a JSON body (any status)."""
     async with http.get(url) as response:
         return await response.json()
+
+
+STARTUP = 196608  # protocol 3.0
+
+
+class _Frontend:
+    """What one client connection sends, message by message (PostgreSQL's protocol 3): which
+    of its transactions wrote a task event (a Parse of SQL naming task_events, or a Bind of
+    a statement so parsed: asyncpg sends a prepared statement's text only once)."""
+
+    def __init__(self) -> None:
+        self.buffer = b""
+        self.started = False
+        self.event_statements: set[bytes] = set()
+        self.wrote_event = False
+
+    def feed(self, data: bytes) -> int | None:
+        """Take bytes; the end offset (in `data`) of a COMMIT of a transaction that wrote an
+        event, if they hold one."""
+        base = len(self.buffer)
+        self.buffer += data
+        offset = 0
+        found = None
+        while True:
+            if not self.started:
+                if len(self.buffer) - offset < 8:
+                    break
+                length = int.from_bytes(self.buffer[offset:offset + 4], "big")
+                code = int.from_bytes(self.buffer[offset + 4:offset + 8], "big")
+                if len(self.buffer) - offset < length:
+                    break
+                self.started = code == STARTUP  # else an SSL or GSS request, answered
+                offset += length
+                continue
+            if len(self.buffer) - offset < 5:
+                break
+            kind = self.buffer[offset:offset + 1]
+            length = int.from_bytes(self.buffer[offset + 1:offset + 5], "big")
+            if len(self.buffer) - offset < 1 + length:
+                break
+            body = self.buffer[offset + 5:offset + 1 + length]
+            offset += 1 + length
+            if kind == b"P":
+                name, rest = body.split(b"\0", 1)
+                if b"task_events" in rest.split(b"\0", 1)[0]:
+                    self.event_statements.add(name)
+            elif kind == b"B":
+                statement = body.split(b"\0", 2)[1]
+                self.wrote_event = self.wrote_event or statement in self.event_statements
+            elif kind == b"Q":
+                if body.startswith(b"COMMIT") and self.wrote_event and found is None:
+                    found = offset - base
+                if body.startswith((b"COMMIT", b"ROLLBACK")):
+                    self.wrote_event = False
+        self.buffer = self.buffer[offset:]
+        return found
+
+
+class CommitCutter:
+    """A TCP relay in front of PostgreSQL that, while `cuts` > 0, lets the COMMIT of a
+    transaction that wrote a task event reach the server and then breaks the client's
+    connection before the server's answer gets back: a write whose outcome the node cannot
+    know (the network or PostgreSQL failing around a COMMIT, as seen in CI)."""
+
+    def __init__(self, upstream: tuple[str, int]):
+        self.upstream = upstream
+        self.cuts = 0
+        self.cut = 0  # COMMITs cut so far
+        self.server: asyncio.Server | None = None
+        self.port = 0
+        self._transports: set[asyncio.BaseTransport] = set()
+
+    async def start(self) -> CommitCutter:
+        self.server = await asyncio.start_server(self._relay, "127.0.0.1", 0)
+        self.port = self.server.sockets[0].getsockname()[1]
+        return self
+
+    async def close(self) -> None:
+        if self.server is not None:
+            self.server.close()
+            for transport in list(self._transports):
+                transport.abort()
+            await self.server.wait_closed()
+
+    async def _relay(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            up_reader, up_writer = await asyncio.open_connection(*self.upstream)
+        except OSError:  # PostgreSQL is down: so is the way to it
+            writer.transport.abort()
+            return
+        self._transports |= {writer.transport, up_writer.transport}
+        cutting = asyncio.Event()
+        frontend = _Frontend()
+
+        async def client_to_server() -> None:
+            while data := await reader.read(65536):
+                end = frontend.feed(data)
+                if end is not None and self.cuts > 0:
+                    self.cuts -= 1
+                    self.cut += 1
+                    cutting.set()  # the answer is not relayed
+                    up_writer.write(data[:end])
+                    await up_writer.drain()
+                    await asyncio.sleep(0.3)  # the server commits
+                    return
+                up_writer.write(data)
+                await up_writer.drain()
+
+        async def server_to_client() -> None:
+            while data := await up_reader.read(65536):
+                if cutting.is_set():
+                    return
+                writer.write(data)
+                await writer.drain()
+
+        sides = [asyncio.ensure_future(side()) for side in (client_to_server, server_to_client)]
+        try:
+            await asyncio.wait(sides, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for side in sides:
+                side.cancel()
+            await asyncio.gather(*sides, return_exceptions=True)
+            writer.transport.abort()
+            up_writer.transport.abort()
+            self._transports -= {writer.transport, up_writer.transport}

@@ -6,12 +6,14 @@ import asyncio
 import json
 import signal
 import sys
+import urllib.parse
 from typing import Any
 
 import aiohttp
 import asyncpg
 import pytest
 from cluster_nodes import (
+    CommitCutter,
     Node,
     get_json,
     kill_task_leftovers,
@@ -19,7 +21,7 @@ from cluster_nodes import (
     start_all,
     task_processes,
 )
-from conftest import wait_for
+from conftest import make_settings, wait_for
 
 pytestmark = pytest.mark.slow
 FINAL = ("success", "failed", "timeout", "cancelled")
@@ -440,6 +442,37 @@ async def test_a_claim_whose_reply_was_lost_is_handed_back(cluster, http, engine
     assert (await final(http, cluster[2], stranded["id"], 60))["status"] == "success"
     kinds = [e["new_status"] for e in await events(http, cluster[0], stranded["id"])]
     assert kinds == ["pending", "running", "success"], kinds
+
+
+@pytest.mark.timeout(150)
+async def test_a_transition_whose_commit_answer_was_lost_stands(cluster, http, engines, tmp_path):
+    """A transition that committed while its node's connection broke before the answer came
+    back (seen in CI, PostgreSQL restarting around a COMMIT: the retried write met its own
+    result, took it for another node's, and the task was left `running` for ever): the retry
+    asks PostgreSQL what became of the first try. Here a relay cuts n4's connection after
+    the COMMIT of its pending -> running and of its running -> success; the task runs, its
+    follower gets the exit frame, and each transition is recorded once."""
+    url = urllib.parse.urlsplit(engines[2])
+    cutter = await CommitCutter((url.hostname, url.port)).start()
+    via_cutter = url._replace(netloc=f"{url.username}@127.0.0.1:{cutter.port}").geturl()
+    node = Node(tmp_path / "n4", "n4", tmp_path / "shared-archive", via_cutter, engines[1].url)
+    make_settings(tmp_path / "n4")
+    try:
+        await asyncio.to_thread(node.start)
+        cutter.cuts = 2
+        task = await submit(http, cluster[0], script="lines.py", node="n4",
+                            params={"n": 5, "delay": 0.1})
+        frames = await ws_follow(http, node, task["id"])
+        assert cutter.cut == 2
+        assert frames[-1]["type"] == "exit" and frames[-1]["status"] == "success", frames[-1]
+        assert text_of(frames) == "".join(f"line {i}\n" for i in range(1, 6))
+        assert (await final(http, cluster[1], task["id"]))["status"] == "success"
+        kinds = [e["new_status"] for e in await events(http, cluster[1], task["id"])]
+        assert kinds == ["pending", "running", "success"], kinds
+        assert "write_outcome_found" in node.log.read_text()
+    finally:
+        node.stop()
+        await cutter.close()
 
 
 @pytest.mark.timeout(180)

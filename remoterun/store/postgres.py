@@ -16,6 +16,12 @@ and changes nothing: a node that comes back cannot overwrite what others recorde
 Unavailability. A connection refused, dropped or reset (PostgreSQL restarting) raises
 `DatabaseBusy` from a write, as a locked SQLite file does, so the scheduler's commits retry
 until it is back; reads raise `errors.Unavailable` (503 JSON with `database_unavailable`).
+
+Unknown outcomes. A connection that breaks around the COMMIT leaves the write's outcome unknown:
+it may have committed while the reply was lost. Each write's transaction therefore learns its
+own id (`txid_current()`, in the fence's round trip), and a retry first asks PostgreSQL what
+became of it (`txid_status`): a committed write is not written again (its guard would then
+find its own result and call it stale), an aborted one is.
 """
 
 from __future__ import annotations
@@ -69,6 +75,23 @@ class Fence(Guarded):
 
 class Fenced(StaleWrite):
     """A write of a node that another node has declared lost: nothing was written."""
+
+
+class Unsure(DatabaseBusy):
+    """A write whose connection broke after its transaction began: it may have committed.
+    `xid` is its transaction's id (txid_status tells what became of it); `rowid` what it
+    would return."""
+
+    def __init__(self, message: str, xid: int, rowid: int | None):
+        super().__init__(message)
+        self.xid = xid
+        self.rowid = rowid
+
+
+@functools.lru_cache(maxsize=8)
+def _with_xid(sql: str) -> str:
+    """A fence's UPDATE that also returns its transaction's id (None: fenced out)."""
+    return pg_sql(sql)[0] + " RETURNING txid_current()"
 
 
 _PLACEHOLDER = re.compile(r"\?")
@@ -223,12 +246,11 @@ class PostgresDatabase(Database):
         transaction is rolled back. DatabaseBusy when no connection could be had or it broke.
         """
         started = time.perf_counter()
-        statements = list(statements)
-        if self.fence is not None:
-            statements.insert(0, self.fence())
         rowid: int | None = None
+        xid: int | None = None
         try:
             async with self.pool.acquire() as conn, conn.transaction():
+                xid = await self._begin(conn)
                 for statement in statements:
                     sql, returns = pg_sql(statement[0])
                     if returns:
@@ -240,23 +262,61 @@ class PostgresDatabase(Database):
                         raise (Fenced if isinstance(statement, Fence) else StaleWrite)(sql)
         except CONNECTION_ERRORS as exc:
             self.last_error = str(exc) or type(exc).__name__
-            raise DatabaseBusy(self.last_error) from exc
+            if xid is None:  # no transaction began: nothing of it can stand
+                raise DatabaseBusy(self.last_error) from exc
+            raise Unsure(self.last_error, xid, rowid) from exc
         self.last_error = None
         if self.observe_write is not None:
             self.observe_write(time.perf_counter() - started)
         return rowid
 
-    async def commit(self, statements: Sequence[Statement], within_s: float) -> int | None:
+    async def _begin(self, conn: Any) -> int:
+        """This transaction's id, taken in the node's fence's round trip (Fenced when the
+        fence fails: the node was declared lost)."""
+        if self.fence is None:
+            return int(await conn.fetchval("SELECT txid_current()"))
+        sql, params = self.fence()
+        xid = await conn.fetchval(_with_xid(sql), *params)
+        if xid is None:
+            raise Fenced(sql)
+        return int(xid)
+
+    async def _outcome(self, xid: int) -> str | None:
+        """What became of a transaction: 'committed', 'aborted', 'in progress' (None: too old
+        to tell). DatabaseBusy while PostgreSQL cannot be asked."""
+        try:
+            async with self.pool.acquire() as conn:
+                return await conn.fetchval("SELECT txid_status($1)", xid)  # type: ignore[no-any-return]
+        except CONNECTION_ERRORS as exc:
+            self.last_error = str(exc) or type(exc).__name__
+            raise DatabaseBusy(self.last_error) from exc
+
+    async def commit(self, statements: Sequence[Statement], within_s: float,
+                     unsure: DatabaseBusy | None = None) -> int | None:
         """`write_async`, tried again with a growing pause while PostgreSQL cannot be reached,
-        for up to `within_s` seconds; DatabaseUnavailable after that (nothing written)."""
+        for up to `within_s` seconds; DatabaseUnavailable after that. A try whose connection
+        broke mid-transaction is looked up before the next (`txid_status`): if it committed,
+        that stands and is not written again. DatabaseUnavailable's `unsure` is such a try
+        still unresolved (it may have committed), for the caller to pass back as `unsure`."""
         deadline = time.monotonic() + within_s
         pause = 0.05
+        pending = unsure if isinstance(unsure, Unsure) else None
         while True:
             try:
+                if pending is not None:
+                    outcome = await self._outcome(pending.xid)
+                    if outcome == "committed":
+                        log.info("write_outcome_found", outcome=outcome, xid=pending.xid)
+                        return pending.rowid
+                    if outcome == "in progress":
+                        raise DatabaseBusy("an earlier try of this write has not ended yet")
+                    pending = None  # aborted (or forgotten): nothing of it stands
                 return await self.write_async(statements)
             except DatabaseBusy as exc:
+                if isinstance(exc, Unsure):
+                    pending = exc
                 if time.monotonic() + pause > deadline:
-                    raise DatabaseUnavailable(str(exc)) from exc
+                    raise DatabaseUnavailable(str(exc), unsure=pending) from exc
                 if pause == 0.05:
                     log.warning("postgres_unreachable", error=str(exc))
             await asyncio.sleep(pause)

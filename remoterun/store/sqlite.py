@@ -248,7 +248,12 @@ class DatabaseBusy(Exception):
 
 
 class DatabaseUnavailable(Exception):
-    """The database stayed unwritable for longer than the caller could wait."""
+    """The database stayed unwritable for longer than the caller could wait. `unsure`: a
+    try of the write whose outcome is unknown (PostgreSQL's; pass it back to `commit`)."""
+
+    def __init__(self, message: str, unsure: DatabaseBusy | None = None):
+        super().__init__(message)
+        self.unsure = unsure
 
 
 _BUSY_MESSAGES = ("locked", "readonly", "read-only", "busy", "disk I/O error")
@@ -362,9 +367,11 @@ class Database:
             self.observe_write(time.perf_counter() - started)
         return rowid
 
-    async def commit(self, statements: Sequence[Statement], within_s: float) -> int | None:
+    async def commit(self, statements: Sequence[Statement], within_s: float,
+                     unsure: DatabaseBusy | None = None) -> int | None:
         """`write`, tried again with a growing pause while the database is busy, for up to
-        `within_s` seconds; DatabaseUnavailable after that (nothing written)."""
+        `within_s` seconds; DatabaseUnavailable after that (nothing written). `unsure` is
+        PostgreSQL's: a failed SQLite write's outcome is always known (rolled back)."""
         deadline = time.monotonic() + within_s
         pause = 0.005
         while True:
