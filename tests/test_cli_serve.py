@@ -5,6 +5,7 @@ from __future__ import annotations
 import socket
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from conftest import TEST_SCRIPTS
@@ -74,3 +75,24 @@ def test_unreadable_scripts(tmp_path):
     assert ran.returncode == 2
     assert ran.stderr.splitlines() == [
         f"remoterun: config error: paths.scripts: {tmp_path}/scripts is not a directory"]
+
+
+def _environ(pid):
+    raw = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    return dict(item.decode().split("=", 1) for item in raw if b"=" in item)
+
+
+def test_serve_runs_on_libc_malloc(server):
+    """`serve` re-executes itself (same PID) on glibc's malloc, whose trim hands freed pages
+    back: on pymalloc, a few survivors pin whole arenas after many clients leave."""
+    server.start()
+    env = _environ(server.proc.pid)
+    assert env.get("PYTHONMALLOC") == "malloc"
+    assert server.proc.poll() is None
+
+
+def test_serve_keeps_a_chosen_allocator(server, monkeypatch):
+    """A PYTHONMALLOC the operator set is theirs: no re-exec, the value kept."""
+    monkeypatch.setenv("PYTHONMALLOC", "pymalloc")
+    server.start()
+    assert _environ(server.proc.pid).get("PYTHONMALLOC") == "pymalloc"
