@@ -23,6 +23,13 @@ log = structlog.get_logger(__name__)
 CLIENT_ENV = ("DOCKER_HOST", "DOCKER_CONTEXT", "DOCKER_CONFIG", "DOCKER_CERT_PATH",
               "DOCKER_TLS_VERIFY")  # the client's own settings, from the server's environment
 RM_TIMEOUT_S = 30.0
+# A daemon older than API 1.42 (Debian's docker.io 20.10) ignores the console size the client
+# sends with `create` and sets it only by a resize after the start, so a script could read
+# 0x0 at its first line. In a PTY the script is started by this fixed program, which waits
+# (at most ~1 s) until the terminal has a size and then execs the script's argv as given: no
+# parameter ever passes through the shell. Without `stty` in the image it starts at once.
+TTY_WAIT = ('n=0; while [ "$(stty size 2>/dev/null)" = "0 0" ] && [ "$n" -lt 100 ]; '
+            'do sleep 0.01; n=$((n+1)); done; exec "$@"')
 
 
 def run_argv(docker: str, name: str, image: str, argv: Sequence[str], *,
@@ -42,6 +49,8 @@ def run_argv(docker: str, name: str, image: str, argv: Sequence[str], *,
     for key in env:
         if key != "PATH":  # the image's own
             out += ["-e", key]
+    if pty:
+        argv = ["sh", "-c", TTY_WAIT, "sh", *argv]
     return [*out, image, *argv]
 
 

@@ -89,6 +89,27 @@ async def test_runs_in_a_pty(docker_client):
     assert frames[-1]["status"] == "success"
 
 
+async def test_pty_size_is_set_before_the_script_starts(docker_client):
+    """A daemon older than API 1.42 ignores `docker run -t`'s console size and resizes only
+    after the start: the script must still see its size from its first line (seen: `size 0 0`
+    in 1 of 6 runs of the test above). Eight at once make the race likely."""
+    tasks = [await submit(docker_client, "tty_size.py", pty=True) for _ in range(8)]
+
+    async def first_line(task_id: str) -> str:
+        async with docker_client.ws_connect(f"/tasks/{task_id}/ws") as ws:
+            text = ""
+            async with asyncio.timeout(120):
+                while "\n" not in text:
+                    text += (await ws.receive_json()).get("data", "")
+            await ws.send_json({"type": "eof"})
+            frames = await ws_collect(ws, timeout=60)
+        assert frames[-1]["status"] == "success", frames[-1]
+        return text.splitlines()[0].strip()
+
+    firsts = await asyncio.gather(*(first_line(task["id"]) for task in tasks))
+    assert firsts == ["size 24 80"] * len(tasks)
+
+
 async def test_timeout_stops_the_container(docker_client):
     """Past its timeout the task ends `timeout`, and its container is gone."""
     task = await submit(docker_client, "sleep.sh", timeout=3)
