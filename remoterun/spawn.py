@@ -17,9 +17,11 @@ import _posixsubprocess
 import builtins
 import fcntl
 import os
+import signal
 import subprocess
 import sys
 import termios
+import threading
 from collections.abc import Mapping, Sequence
 
 FAST = sys.version_info[:2] == (3, 11)  # the fork_exec signature below is 3.11's
@@ -37,6 +39,29 @@ def encode_env(env: Mapping[str, str]) -> list[bytes]:
     return out
 
 
+INHERITED_IGNORES = (signal.SIGINT, signal.SIGQUIT)
+_unignored = False
+
+
+def _unignore_inherited() -> None:
+    """A server started as a background job (`remoterun serve &`, nohup) begins with SIGINT
+    and SIGQUIT ignored, and an ignored signal stays ignored across exec: every task would
+    shrug off ^C and `signal INT`. Here such a signal gets a handler that does nothing, which
+    keeps the server deaf to it and lets exec give each child the default. Once, from the
+    main thread (where the loop that spawns runs)."""
+    global _unignored
+    if threading.current_thread() is not threading.main_thread():
+        return
+    _unignored = True
+    for sig in INHERITED_IGNORES:
+        if signal.getsignal(sig) == signal.SIG_IGN:
+            signal.signal(sig, _ignore)
+
+
+def _ignore(signum: int, frame: object) -> None:
+    """The server's reaction to a signal it was started ignoring: none."""
+
+
 def _make_controlling_tty() -> None:  # runs in the child, after setsid()
     fcntl.ioctl(0, termios.TIOCSCTTY, 0)
 
@@ -51,6 +76,8 @@ def spawn(argv: Sequence[str], env: list[bytes], cwd: str, stdin: int, stdout: i
     run in the child, so a full fork (page tables copied, ~1 ms here), through Popen.
     `pass_fds` stay open in the child under their numbers (a sandbox launcher's pipes).
     """
+    if not _unignored:
+        _unignore_inherited()
     if tty or not fast:
         environ = dict(item.split(b"=", 1) for item in env)
         child = subprocess.Popen(list(argv), cwd=cwd, env=environ,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -175,3 +176,23 @@ async def test_paused_output_blocks_the_process_until_resumed():
     run.resume()
     result = await run.wait(10, asyncio.get_running_loop().create_future())
     assert result.exit_code == 0 and sum(len(d) for _, d in out.chunks) == total
+
+
+def test_a_server_started_ignoring_sigint_gives_tasks_the_default():
+    """Started as a background job (`remoterun serve &`), the server begins with SIGINT
+    ignored; its children must not inherit that (seen: ^C and `signal INT` did nothing to a
+    PTY task when the suite ran as `pytest &`). The shell kills itself with SIGINT: it dies by
+    it only if the disposition it got was the default. The server itself stays deaf to it."""
+    program = (
+        "import os, signal, sys\n"
+        "from remoterun.spawn import spawn, encode_env\n"
+        "assert signal.getsignal(signal.SIGINT) == signal.SIG_IGN\n"
+        "pid = spawn(['/bin/sh', '-c', 'kill -INT $$; exit 7'], encode_env(os.environ), '/', 0, 1, 2)\n"
+        "status = os.waitpid(pid, 0)[1]\n"
+        "os.kill(os.getpid(), signal.SIGINT)\n"
+        "print(os.WIFSIGNALED(status) and os.WTERMSIG(status))\n")
+    done = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True,
+                          timeout=30, preexec_fn=lambda: signal.signal(signal.SIGINT,
+                                                                       signal.SIG_IGN))
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == str(int(signal.SIGINT)), done.stdout
