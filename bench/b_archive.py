@@ -10,7 +10,7 @@ from pathlib import Path
 
 from bench.lib import MB, Context, Row, interleave, median
 from remoterun.archive import TaskArchive, read_frames
-from remoterun.compressor import Compressor
+from remoterun.archive.compressor import Compressor
 from remoterun.wire import Frame
 
 FRAME_BYTES = 64 * 1024

@@ -1,5 +1,5 @@
 """`python -m remoterun`: the same program as the `remoterun` command."""
 
-from remoterun.cli import main
+from remoterun.cli.main import main
 
 raise SystemExit(main())

@@ -26,8 +26,9 @@ from typing import Any
 
 import structlog
 
-from remoterun import archive, segments
+from remoterun import archive
 from remoterun import store as dbm
+from remoterun.archive import segments
 from remoterun.config import Settings
 from remoterun.state import FINAL
 from remoterun.wire import rfc3339

@@ -23,7 +23,7 @@ from aiohttp.test_utils import TestClient
 from blockbuster import blockbuster_ctx
 
 from remoterun.api.app import create_app
-from remoterun.compressor import Compressor
+from remoterun.archive.compressor import Compressor
 from remoterun.config import Settings, Token
 
 HERE = Path(__file__).resolve().parent
@@ -227,7 +227,7 @@ BLOCKS_ALLOWED: list[tuple[str, set[str], tuple[str, ...]]] = [
     # exec'd (~0.1 ms), cheaper than a hop to a thread and back (bench/README.md).
     ("remoterun/spawn.py", {"spawn"}, ("os.read",)),
     # A short run's whole segment is written once at its end (~0.1 ms: archive.py docstring).
-    ("remoterun/archive.py", {"close"}, ("os.mkdir", "os.write", "io.open", "builtins.open")),
+    ("remoterun/archive/writer.py", {"close"}, ("os.mkdir", "os.write", "io.open", "builtins.open")),
     # Resolving a script: a realpath walk and a few stats of the scripts folder, cached for
     # catalogue.RESOLVE_CACHE_S per name.
     ("remoterun/catalogue.py", {"_confine", "_metadata", "resolve"}, _FILE_CALLS),
@@ -238,12 +238,12 @@ BLOCKS_ALLOWED: list[tuple[str, set[str], tuple[str, ...]]] = [
     # A sandboxed run: whether bwrap's first process has forked the script yet (its procfs
     # children file), looked at only while a signal waits for it; and that process placed
     # into the task's cgroups (a cgroupfs write), once per attempt with limits set.
-    ("remoterun/sandbox.py", {"group_ready"}, _FILE_CALLS),
+    ("remoterun/isolation/sandbox.py", {"group_ready"}, _FILE_CALLS),
     # An attempt's launch without a user or cgroups to make: the script's first 4 bytes read
     # and one mkdir in the work root, and at its end one rmdir of that folder if the task left
     # it empty (sandbox.prepare and finish say why a thread hop cost more).
-    ("remoterun/sandbox.py", {"_make", "_check_exec", "finish"}, (*_FILE_CALLS, "os.rmdir")),
-    ("remoterun/limits.py", {"place"}, _FILE_CALLS),
+    ("remoterun/isolation/sandbox.py", {"_make", "_check_exec", "finish"}, (*_FILE_CALLS, "os.rmdir")),
+    ("remoterun/isolation/limits.py", {"place"}, _FILE_CALLS),
     # asyncpg looks for ~/.pgpass (a stat, maybe a read) as it opens a connection: once per
     # pooled connection at start and after PostgreSQL restarts, never per query (cluster mode).
     ("asyncpg/connect_utils.py", {"_read_password_file", "_read_password_from_pgpass",

@@ -22,9 +22,9 @@ from conftest import output_of, submit, wait_final, wait_for, ws_collect
 from hypothesis import given
 from hypothesis import strategies as st
 
-from remoterun import archive, gzjoin, segments
+from remoterun import archive
 from remoterun.api import DB
-from remoterun.archive import Frame, TaskArchive
+from remoterun.archive import Frame, TaskArchive, gzjoin, segments
 
 
 def flood_bytes(total: int) -> bytes:
@@ -262,8 +262,8 @@ async def test_a_task_that_outruns_the_compressor_is_paused_not_the_server(make_
                                                                            monkeypatch):
     """Past its backlog bound a task's reads pause until the archive catches up; nothing is
     lost."""
-    from remoterun import attempt
     from remoterun.api import METRICS
+    from remoterun.engine import attempt
 
     monkeypatch.setattr(attempt, "BACKLOG_HIGH", 64 * 1024)
     monkeypatch.setattr(attempt, "BACKLOG_LOW", 16 * 1024)

@@ -13,8 +13,9 @@ from conftest import submit, wait_final
 from test_archive import flood_bytes
 from test_retention import _rows, verify
 
-from remoterun import archive, gzjoin, segments
+from remoterun import archive
 from remoterun.api import DB, SETTINGS
+from remoterun.archive import gzjoin, segments
 from remoterun.config import COMPRESSORS, ConfigError, parse
 from remoterun.wire import Frame
 

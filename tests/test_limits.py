@@ -12,7 +12,7 @@ from conftest import submit, wait_final
 
 from remoterun.api import SCHEDULER
 from remoterun.config import ConfigError, ResourceLimits, SandboxConfig, parse
-from remoterun.limits import Cgroups
+from remoterun.isolation.limits import Cgroups
 
 BWRAP = SandboxConfig(mode="bwrap")
 NONE = SandboxConfig(mode="none")

@@ -10,8 +10,8 @@ import time
 
 from conftest import output_of, submit, wait_final, wait_for, ws_collect
 
-from remoterun import segments
 from remoterun.api import DB, SETTINGS
+from remoterun.archive import segments
 from remoterun.store import sqlite as dbm
 
 

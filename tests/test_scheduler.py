@@ -8,11 +8,11 @@ import time
 
 from conftest import output_of, submit, wait_final, wait_for, ws_collect
 
-from remoterun.attempt import Attempt
 from remoterun.config import SandboxConfig
-from remoterun.hub import TaskHub
+from remoterun.engine.attempt import Attempt
+from remoterun.engine.hub import TaskHub
+from remoterun.engine.scheduler import TaskState
 from remoterun.runner import Run
-from remoterun.scheduler import TaskState
 
 UNSANDBOXED = SandboxConfig(mode="none")
 

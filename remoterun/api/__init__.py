@@ -11,8 +11,8 @@ from remoterun.alerts import Alerts
 from remoterun.auth import Authenticator, FailureLimiter, Identity, Sessions
 from remoterun.catalogue import Catalogue
 from remoterun.config import Settings
+from remoterun.engine.scheduler import Scheduler
 from remoterun.metrics import Metrics
-from remoterun.scheduler import Scheduler
 from remoterun.store import Database
 from remoterun.wire import dumps
 

@@ -36,13 +36,13 @@ from remoterun.api import (
     sse,
     ws,
 )
+from remoterun.archive.compressor import Compressor
 from remoterun.auth import COOKIE, Authenticator, FailureLimiter, Sessions, digest
 from remoterun.catalogue import Catalogue
-from remoterun.compressor import Compressor
 from remoterun.config import Settings
+from remoterun.engine.scheduler import Scheduler
 from remoterun.metrics import Metrics
 from remoterun.retention import Sweeper
-from remoterun.scheduler import Scheduler
 from remoterun.spawn import Children
 from remoterun.store import Database
 

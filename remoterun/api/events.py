@@ -24,8 +24,8 @@ from remoterun.api import DB, METRICS, SCHEDULER, SETTINGS, identity, json_respo
 from remoterun.api.http import task_id_of
 from remoterun.api.ws import parse_since
 from remoterun.auth import Identity
+from remoterun.engine.feed import Dropped, Follower, TaskChange
 from remoterun.errors import Forbidden, NotFound
-from remoterun.feed import Dropped, Follower, TaskChange
 from remoterun.store import Database
 from remoterun.wire import dumps, rfc3339, task_json
 

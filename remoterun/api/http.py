@@ -18,11 +18,10 @@ import structlog
 from aiohttp import web
 
 from remoterun import archive
-from remoterun.api import CATALOGUE, DB, SCHEDULER, SETTINGS, identity, json_response
-from remoterun.api import nodes
+from remoterun.api import CATALOGUE, DB, SCHEDULER, SETTINGS, identity, json_response, nodes
 from remoterun.api.guard import asked, audit_entry, record
+from remoterun.engine.scheduler import Scheduler
 from remoterun.errors import BadRequest, Gone, NotFound
-from remoterun.scheduler import Scheduler
 from remoterun.state import TaskStatus
 from remoterun.wire import sse_data, task_json
 

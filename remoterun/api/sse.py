@@ -16,7 +16,7 @@ from remoterun.api import METRICS, SCHEDULER, SETTINGS
 from remoterun.api.guard import record
 from remoterun.api.http import task_row
 from remoterun.api.ws import parse_since
-from remoterun.hub import SlowConsumer, Subscription
+from remoterun.engine.hub import SlowConsumer, Subscription
 from remoterun.state import FINAL
 from remoterun.wire import Event, Item, dumps, sse_text
 

@@ -14,9 +14,9 @@ from aiohttp.abc import AbstractStreamWriter
 from remoterun.api import METRICS, SCHEDULER, SETTINGS, SOCKETS, identity
 from remoterun.api.guard import audit_entry, record, record_denied
 from remoterun.api.http import loads, submit, task_row
-from remoterun.attempt import Attempt
+from remoterun.engine.attempt import Attempt
+from remoterun.engine.hub import SlowConsumer, Subscription
 from remoterun.errors import BadRequest, Forbidden, RemoteRunError
-from remoterun.hub import SlowConsumer, Subscription
 from remoterun.wire import SIGNALS, Item, dumps, encoded, ws_payload
 
 log = structlog.get_logger(__name__)

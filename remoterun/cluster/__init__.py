@@ -3,10 +3,10 @@ controls) and the archive folder; see docs/cluster.md."""
 
 from __future__ import annotations
 
+from remoterun.archive.compressor import Compressor
 from remoterun.catalogue import Catalogue
 from remoterun.cluster.relay import Relay
 from remoterun.cluster.scheduler import ClusterScheduler
-from remoterun.compressor import Compressor
 from remoterun.config import Settings
 from remoterun.metrics import Metrics
 from remoterun.spawn import Children

@@ -21,8 +21,8 @@ from typing import Any
 
 from remoterun.archive import aread_frames
 from remoterun.cluster.relay import Relay, decode_entry
+from remoterun.engine.hub import Subscription
 from remoterun.errors import Unavailable
-from remoterun.hub import Subscription
 from remoterun.state import FINAL
 from remoterun.wire import Event, Frame, Item, exit_event
 

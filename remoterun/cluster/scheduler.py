@@ -31,16 +31,16 @@ from typing import Any
 import structlog
 
 from remoterun import store
+from remoterun.archive.compressor import Compressor
 from remoterun.catalogue import Catalogue, Script
 from remoterun.cluster.follow import RemoteControl, RemoteSubscription
 from remoterun.cluster.relay import Relay, RelaySink
-from remoterun.compressor import Compressor
 from remoterun.config import Settings
+from remoterun.engine.hub import Subscription, TaskHub, replay_finished
+from remoterun.engine.scheduler import Scheduler, TaskState, Where, _finalize_archive
 from remoterun.errors import BadRequest, Conflict, InvalidParams, NotFound, QueueFull, Unavailable
-from remoterun.hub import Subscription, TaskHub, replay_finished
 from remoterun.metrics import Metrics
 from remoterun.reaper import become_subreaper, kill_left_behind
-from remoterun.scheduler import Scheduler, TaskState, Where, _finalize_archive
 from remoterun.spawn import Children
 from remoterun.state import FINAL, TaskStatus
 from remoterun.store import postgres as pg

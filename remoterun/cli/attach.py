@@ -23,7 +23,7 @@ from typing import Any
 
 import aiohttp
 
-from remoterun.remote import EXIT_REMOTERUN, Remote, RemoteError, exit_code
+from remoterun.cli.remote import EXIT_REMOTERUN, Remote, RemoteError, exit_code
 
 RECONNECT_S = 60.0  # give up after this long without a connection
 DETACH_WINDOW_S = 1.0

@@ -43,19 +43,19 @@ from remoterun.archive import (
     recover,
     settle,
 )
-from remoterun.attempt import Attempt, Limits, build_spec, decide
+from remoterun.archive.compressor import Compressor
 from remoterun.catalogue import Catalogue, Script
-from remoterun.compressor import Compressor
 from remoterun.config import Settings
+from remoterun.engine.attempt import Attempt, Limits, build_spec, decide
+from remoterun.engine.feed import TaskFeed
+from remoterun.engine.hub import Subscription, TaskHub, replay_finished
+from remoterun.engine.pending import PendingQueue
+from remoterun.engine.protect import Protection
 from remoterun.errors import Conflict, IntegrityFailed, NotFound, QueueFull, Unavailable
-from remoterun.feed import TaskFeed
-from remoterun.hub import Subscription, TaskHub, replay_finished
+from remoterun.isolation.sandbox import Sandbox
 from remoterun.metrics import Metrics
-from remoterun.pending import PendingQueue
-from remoterun.protect import Protection
 from remoterun.reaper import become_subreaper, kill_left_behind, tend_orphans
 from remoterun.runner import RunResult, SpawnError
-from remoterun.sandbox import Sandbox
 from remoterun.spawn import Children
 from remoterun.state import FINAL, TaskStatus, check_transition
 from remoterun.vault import NONE, SecretsUnavailable

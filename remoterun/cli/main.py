@@ -372,8 +372,8 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of `remoterun` and `python -m remoterun`."""
     if argv is None and sys.argv[1:2] == ["serve"]:
         _use_libc_malloc()
-    from remoterun import commands, completion
-    from remoterun.remote import EXIT_REMOTERUN, EXIT_USAGE, RemoteError, UsageError, say
+    from remoterun.cli import commands, completion
+    from remoterun.cli.remote import EXIT_REMOTERUN, EXIT_USAGE, RemoteError, UsageError, say
 
     p = parser()
     args = p.parse_args(argv)
@@ -404,7 +404,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 async def _client(args: argparse.Namespace, verb: Any) -> int:
-    from remoterun.remote import Remote, resolve_target
+    from remoterun.cli.remote import Remote, resolve_target
 
     url, token = resolve_target(getattr(args, "url", None), getattr(args, "token", None))
     remote = Remote.open(url, token)

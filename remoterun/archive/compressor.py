@@ -11,7 +11,7 @@ from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 
-from remoterun.segments import Backlog, Sink
+from remoterun.archive.segments import Backlog, Sink
 from remoterun.wire import Frame
 
 

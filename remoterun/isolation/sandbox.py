@@ -36,9 +36,9 @@ from typing import Any
 
 import structlog
 
-from remoterun import bwrap, docker
 from remoterun.config import ResourceLimits, SandboxConfig, Settings
-from remoterun.limits import (
+from remoterun.isolation import bwrap, docker
+from remoterun.isolation.limits import (
     Cgroups,
     Counters,
     TaskCgroup,

@@ -13,8 +13,8 @@ from urllib.parse import urlencode
 
 import aiohttp
 
-from remoterun.attach import Output, follow
-from remoterun.remote import Remote, RemoteError, UsageError, error_of, say
+from remoterun.cli.attach import Output, follow
+from remoterun.cli.remote import Remote, RemoteError, UsageError, error_of, say
 
 
 def params(pairs: list[str]) -> dict[str, Any]:

@@ -22,11 +22,11 @@ from typing import Any
 
 from remoterun.archive import TaskArchive
 from remoterun.catalogue import Scalar, Script, param_value
+from remoterun.engine.hub import TaskHub
 from remoterun.errors import BadRequest
-from remoterun.hub import TaskHub
+from remoterun.isolation.sandbox import Launch, Policy, Sandbox, SandboxError
 from remoterun.redact import LINE_HOLD_S, Masker
 from remoterun.runner import Run, RunResult, RunSpec, SpawnError, spawn_message
-from remoterun.sandbox import Launch, Policy, Sandbox, SandboxError
 from remoterun.spawn import Children
 from remoterun.state import TaskStatus
 from remoterun.wire import Frame
