@@ -148,6 +148,9 @@ class Settings:
     retention_max_total_bytes: int = 0  # 0: no limit
     retention_interval_s: float = 300.0
     heartbeat_s: float = 20.0
+    # An SSE stream ends after this long; EventSource resumes at once with Last-Event-ID, so a
+    # follower loses nothing, and no proxy or fuzzer holds a stream for ever.
+    stream_max_s: float = 3600.0
     log_level: str = "info"
     # Secrets and integrity (issue 13 B; SECURITY.md).
     secret_key_path: Path | None = None  # None: remoterun-secret.key beside the database
@@ -324,6 +327,7 @@ _KEYS: dict[tuple[str, str], str] = {
     ("server", "max_ws_message_bytes"): "max_ws_message_bytes",
     ("server", "shutdown_grace_s"): "shutdown_grace_s",
     ("server", "heartbeat_s"): "heartbeat_s",
+    ("server", "stream_max_s"): "stream_max_s",
     ("server", "log_level"): "log_level",
     ("server", "metrics_public"): "metrics_public",
     ("server", "min_free_bytes"): "min_free_bytes",
