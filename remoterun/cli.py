@@ -53,7 +53,8 @@ def serve(args: argparse.Namespace) -> int:
                                      f"got {settings.port}")
         if not settings.scripts_dir.is_dir():
             raise config.ConfigError(f"paths.scripts: {settings.scripts_dir} is not a directory")
-        Catalogue(settings.scripts_dir, settings.scripts).check()
+        Catalogue(settings.scripts_dir, settings.scripts, settings.sandbox,
+                  settings.limits).check()
         if os.environ.get(KEY_ENV):  # a malformed key stops here, before anything is opened
             parse_key(os.environ[KEY_ENV], KEY_ENV)
         logs.configure(settings.log_level)
@@ -297,7 +298,8 @@ def parser() -> argparse.ArgumentParser:
 
 def _sign_parser(sub: Any) -> None:
     g = sub.add_parser("sign", help="sign scripts for [integrity] public_keys (Ed25519)")
-    g.add_argument("scripts", nargs="*", metavar="SCRIPT", help="write SCRIPT.sig beside each")
+    g.add_argument("scripts", nargs="*", metavar="SCRIPT",
+                   help="write SCRIPT.sig beside each (covering SCRIPT.toml too, if present)")
     mode = g.add_mutually_exclusive_group(required=True)
     mode.add_argument("--key", metavar="PRIVATE_KEY", help="the PEM private key to sign with")
     mode.add_argument("--new-key", metavar="PRIVATE_KEY",
@@ -314,17 +316,22 @@ def sign_command(args: argparse.Namespace) -> int:
             print(f"private key written to {args.new_key} (keep it off the server)")
             print(f'\nadd to config.toml:\n\n[integrity]\npublic_keys = ["{public}"]')
             for script in args.scripts:
-                print(f"signed {sign(Path(args.new_key), Path(script))[0]}")
+                _say_signed(*sign(Path(args.new_key), Path(script)))
             return 0
         if not args.scripts:
             print("remoterun: sign: name the scripts to sign", file=sys.stderr)
             return 2
         for script in args.scripts:
-            print(f"signed {sign(Path(args.key), Path(script))[0]}")
+            _say_signed(*sign(Path(args.key), Path(script)))
     except (OSError, ValueError, TypeError) as exc:
         print(f"remoterun: sign: {exc}", file=sys.stderr)
         return 1
     return 0
+
+
+def _say_signed(sig: Path, public: str, sidecar: Path | None) -> None:
+    """One line per signed script: its signature, and the sidecar it covers."""
+    print(f"signed {sig}" + (f" (with its metadata {sidecar})" if sidecar else ""))
 
 
 def _token_parser(sub: Any) -> None:

@@ -249,7 +249,8 @@ def create_app(settings: Settings) -> web.Application:
                           middlewares=[monitor.observe_middleware, error_middleware,
                                        guard.guard_middleware])
     app[SETTINGS] = settings
-    app[CATALOGUE] = Catalogue(settings.scripts_dir, settings.scripts)
+    app[CATALOGUE] = Catalogue(settings.scripts_dir, settings.scripts, settings.sandbox,
+                               settings.limits)
     app[METRICS] = Metrics()
     app[AUTH] = Authenticator(settings.tokens)
     app[SESSIONS] = Sessions(settings.session_ttl_s)
