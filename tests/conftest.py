@@ -154,9 +154,10 @@ class ServerProcess:
         self.proc: subprocess.Popen[bytes] | None = None
         self.log = tmp_path / "server.log"
 
-    def start(self) -> None:
-        """Start the server and wait until /healthz answers."""
-        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    def start(self, env: dict[str, str] | None = None) -> None:
+        """Start the server (its environment ours, with `env` added) and wait until it
+        listens."""
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
         with self.log.open("ab") as log:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "remoterun", "serve", "--config", str(self.config),

@@ -358,3 +358,38 @@ def test_a_malformed_key_in_the_environment_stops_serve(tmp_path):
     assert KEY_ENV in ran.stderr and "not-a-key-but-a-secret-value" not in ran.stderr
     assert not (tmp_path / "rr.db").exists()
 
+
+
+@pytest.mark.parametrize("malloc_chosen", [False, True])
+def test_server_environment_block_holds_no_secret(tmp_path, malloc_chosen):
+    """Issue 26, attack 2: with `mode = "none"`, a task reads the server's environment block
+    (/proc/$PPID/environ): REMOTERUN_SECRET_KEY and the operator's cloud keys are not in it
+    (before: both were), yet the server uses the key (no key file is made). With or without
+    the PYTHONMALLOC re-exec the server does anyway."""
+    server = ServerProcess(tmp_path, '[sandbox]\nmode = "none"\n')
+    script = tmp_path / "scripts" / "parent_env.sh"
+    script.write_text("#!/bin/sh\necho \"ppid=$PPID\"\ntr '\\0' '\\n' < /proc/$PPID/environ\n")
+    script.chmod(0o755)
+    cloud = "aws-Secret-Value-0123456789"
+    env = {KEY_ENV: os.urandom(32).hex(), "AWS_SECRET_ACCESS_KEY": cloud,
+           "SOME_PLAIN_SETTING": "plain-value"}
+    if malloc_chosen:
+        env["PYTHONMALLOC"] = "malloc"
+    server.start(env)
+    try:
+        task = _rest(server, "POST", "/tasks", {"script": "parent_env.sh"})
+        assert _wait_task(server, task["id"], ("success", "failed"))["status"] == "success"
+        out = asyncio.run(_output(server, task["id"]))
+    finally:
+        server.stop()
+    assert server.proc is not None and f"ppid={server.proc.pid}\n" in out
+    assert "PATH=" in out  # the block was read
+    assert env[KEY_ENV] not in out and KEY_ENV not in out
+    assert cloud not in out and "plain-value" not in out
+    assert not (tmp_path / KEY_FILE_NAME).exists()  # the key still reached the server
+
+
+async def _output(server: ServerProcess, task_id: str) -> str:
+    async with aiohttp.ClientSession() as http, http.get(
+            f"{server.url}/tasks/{task_id}/output") as response:
+        return await response.text()
