@@ -393,3 +393,41 @@ async def _output(server: ServerProcess, task_id: str) -> str:
     async with aiohttp.ClientSession() as http, http.get(
             f"{server.url}/tasks/{task_id}/output") as response:
         return await response.text()
+
+
+def _modes(root: Path) -> dict[str, int]:
+    """Every folder and file under root (root included), relative name -> permission bits."""
+    found = {".": stat.S_IMODE(root.stat().st_mode)}
+    for path in root.rglob("*"):
+        found[str(path.relative_to(root))] = stat.S_IMODE(path.lstat().st_mode)
+    return found
+
+
+async def test_data_folders_are_private_whatever_existed(make_client, tmp_path):
+    """Issue 26, attack 3: an archive folder that exists before the first start, 0755 with a
+    0644 .gitkeep (as the repository ships it), holding a folder and segment an older server
+    left 0755/0644, and a 0755 work folder: once the server has started and run a short and
+    a long task, every folder of the archive is 0700 and every file 0600 (before: segments
+    0644 in 0755 folders), the database's folder it made 0700, the work root 0711 (not
+    listable) and the key, database and checked-copy folder private."""
+    archive, work = tmp_path / "archive", tmp_path / "work"
+    old = archive / "2020" / "01" / "02" / "00000000-0000-0000-0000-000000000000"
+    old.mkdir(parents=True)
+    work.mkdir()
+    for path in (archive / ".gitkeep", old / "0000000001-0000000001.log.gz"):
+        path.write_bytes(b"")
+    for path in (work, archive, *archive.rglob("*")):
+        path.chmod(0o755 if path.is_dir() else 0o644)
+    data = tmp_path / "data"
+    client = await make_client(db_path=data / "rr.db", work_dir=work)
+    for script, params in (("hello.sh", {}), ("lines.py", {"n": 10_000})):
+        task = await submit(client, script, params=params)
+        assert (await wait_final(client, task["id"]))["status"] == "success"
+    modes = await asyncio.to_thread(_modes, archive)
+    assert len(modes) > 12  # today's year/month/day, two task folders of segments, the old
+    assert {name: mode for name, mode in modes.items()
+            if mode != (0o700 if (archive / name).is_dir() else 0o600)} == {}
+    data_modes = await asyncio.to_thread(_modes, data)
+    assert data_modes["."] == 0o700 and data_modes["rr.db-run"] == 0o700
+    assert data_modes["rr.db"] == data_modes[KEY_FILE_NAME] == 0o600
+    assert stat.S_IMODE(work.stat().st_mode) == 0o711

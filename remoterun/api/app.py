@@ -43,6 +43,7 @@ from remoterun.config import Settings
 from remoterun.metrics import Metrics
 from remoterun.retention import Sweeper
 from remoterun.scheduler import Scheduler
+from remoterun.segments import make_private
 from remoterun.spawn import Children
 from remoterun.store import Database
 
@@ -207,7 +208,8 @@ async def services(app: web.Application) -> AsyncIterator[None]:
     """Open the database, the compressor thread, the scheduler and the retention sweeper;
     close them in reverse."""
     settings = app[SETTINGS]
-    settings.archive_dir.mkdir(mode=0o700, parents=True, exist_ok=True)  # the server's alone
+    # The server's alone, even where it existed before (the repository ships archive/).
+    await asyncio.to_thread(make_private, settings.archive_dir)
     compressor = Compressor()
     if settings.cluster is None:
         db = app[DB] = Database(settings.db_path, observe_write=app[METRICS].db_write.observe)
