@@ -95,6 +95,24 @@ def parse_sandbox(where: str, raw: Any) -> dict[str, Any]:
     return dict(raw)
 
 
+# Variables that change what a program loads or runs before its own code: the dynamic loader's,
+# shells' start-up files and search paths, interpreters' module paths and options. Only
+# config.toml may set them for a task (a sidecar beside a script may not: issue 26).
+LOADER_ENV = frozenset({
+    "BASH_ENV", "ENV", "PATH", "HOME", "IFS", "CDPATH", "SHELLOPTS", "BASHOPTS", "PS4",
+    "GLOBIGNORE", "ZDOTDIR", "GCONV_PATH", "LOCPATH", "NLSPATH", "GLIBC_TUNABLES",
+    "HOSTALIASES", "CLASSPATH"})
+LOADER_ENV_PREFIXES = ("LD_", "DYLD_", "PYTHON", "PERL", "RUBY", "GEM_", "BUNDLE_", "NODE_",
+                       "NPM_CONFIG_", "JAVA_", "_JAVA_", "JDK_JAVA_", "LUA_", "BASH_FUNC_",
+                       "MALLOC_", "GIT_", "OPENSSL_", "SSL_", "TCL", "R_LIBS")
+
+
+def loader_variable(name: str) -> bool:
+    """Whether setting `name` changes what programs load or run (LOADER_ENV)."""
+    upper = name.upper()
+    return upper in LOADER_ENV or upper.startswith(LOADER_ENV_PREFIXES)
+
+
 def parse_env(where: str, raw: Any) -> dict[str, str]:
     """An `env` table: variable names to string values, added to a task's environment."""
     if not isinstance(raw, dict):

@@ -72,7 +72,7 @@ def load_key(path: Path, env_key: str | None = None) -> tuple[bytes, str]:
     it off the loop."""
     if env_key:
         return parse_key(env_key, KEY_ENV), KEY_ENV
-    path.parent.mkdir(parents=True, exist_ok=True)
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     try:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     except FileExistsError:

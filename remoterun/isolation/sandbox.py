@@ -169,6 +169,11 @@ class Sandbox:
         # Traversable but not listable: a run_as user reaches its own folder (0700, its own)
         # by a name it is given, and lists nobody else's.
         self.work_root.mkdir(mode=0o711, parents=True, exist_ok=True)
+        if self.work_root.stat().st_uid == os.geteuid():  # found open (it existed): closed
+            os.chmod(self.work_root, 0o711)
+        else:
+            log.warning("work_root_not_ours", path=str(self.work_root),
+                        hint="another user owns it: set paths.work to a folder of the server's")
         self.cgroups = Cgroups.find()
         self.docker, self.prlimit, self.setpriv = map(shutil.which, ("docker", "prlimit",
                                                                      "setpriv"))
