@@ -151,11 +151,24 @@ def _sweep(parent: Path) -> None:
                 old.rmdir()
 
 
+# Unsandboxed, nothing stands between the server's spawn and the script to place it in its
+# cgroups (bwrap's --block-fd does it for bwrap): this fixed program writes its own pid into
+# each cgroup.procs named before `--`, then execs what follows, so the script and all it forks
+# start inside. A write that fails ends it with 125 and the shell's message on stderr.
+JOIN = ('for f; do shift; [ "$f" = -- ] && break; echo $$ > "$f" || exit 125; done; '
+        'exec "$@"')
+
+
 class TaskCgroup:
     """One attempt's cgroup folders."""
 
     def __init__(self, paths: dict[str, Path]):
         self.paths = paths
+
+    def join_argv(self, sh: str) -> list[str]:
+        """The argv prefix that joins these folders, then execs what follows it."""
+        procs = [str(path / "cgroup.procs") for path in self.paths.values()]
+        return [sh, "-c", JOIN, "sh", *procs, "--"]
 
     def place(self, pid: int) -> None:
         """Move a process (before it forks the task's others) into every folder."""

@@ -132,6 +132,7 @@ class Sandbox:
         self.docker: str | None = None  # the programs' paths, found at start
         self.prlimit: str | None = None
         self.setsid = "setsid"
+        self.sh = "/bin/sh"
         self.setpriv: str | None = None
         self.cgroups = Cgroups({})
         self.auto = "none"
@@ -173,6 +174,7 @@ class Sandbox:
         self.docker, self.prlimit, self.setpriv = map(shutil.which, ("docker", "prlimit",
                                                                      "setpriv"))
         self.setsid = shutil.which("setsid") or "setsid"
+        self.sh = shutil.which("sh") or "/bin/sh"
         self.scripts = self.settings.scripts_dir.resolve()
         path = shutil.which("bwrap")
         if path is not None and _works([path, *bwrap.PROBE_ARGS, "true"]):
@@ -219,7 +221,7 @@ class Sandbox:
         if policy.mode == "docker" and (self.docker is None or not policy.image):
             raise SandboxError("the script's sandbox is docker: it needs the docker command "
                                "and an image (sandbox.image)")
-        if policy.run_as or (policy.mode == "bwrap" and self._wants_cgroup(policy.limits)):
+        if policy.run_as or (policy.mode != "docker" and self._wants_cgroup(policy.limits)):
             workdir, cgroup, user = await asyncio.to_thread(self._make, name, policy, argv[0])
         else:
             # The common case, here on the loop: a 4-byte read of the script, one mkdir in
@@ -235,13 +237,7 @@ class Sandbox:
             elif policy.mode == "docker":
                 self._docker(launch, cwd, pty, name)
             else:
-                pairs = rlimits(policy.limits, frozenset())
-                if pairs:
-                    launch.argv = [*prlimit_argv(self._needs(self.prlimit, "prlimit"), pairs),
-                                   *launch.argv]
-                if user is not None:
-                    launch.argv = [*_setpriv(self._needs(self.setpriv, "setpriv"), user),
-                                   *launch.argv]
+                self._unsandboxed(launch, user)
         except BaseException:
             await self.finish(launch, None, None)
             raise
@@ -267,7 +263,7 @@ class Sandbox:
         if user is not None:
             os.chown(workdir, user.pw_uid, user.pw_gid)
         cgroup = None
-        if policy.mode == "bwrap":
+        if policy.mode != "docker":  # Docker's own cgroups bound its containers
             try:
                 cgroup = self.cgroups.create(name, policy.limits)
             except OSError:
@@ -302,6 +298,20 @@ class Sandbox:
         launch.pass_fds = (info_w, block_r)
         launch.take_ctty = False
         launch.signal_exit_codes = True
+
+    def _unsandboxed(self, launch: Launch, user: pwd.struct_passwd | None) -> None:
+        """Mode none: the script behind its rlimits (prlimit), its user (setpriv) and, first,
+        the join of its cgroups, all made by exec'ing one program after the other."""
+        cgroup = launch.cgroup
+        pairs = rlimits(launch.policy.limits,
+                        frozenset(cgroup.paths) if cgroup is not None else frozenset())
+        if pairs:
+            launch.argv = [*prlimit_argv(self._needs(self.prlimit, "prlimit"), pairs),
+                           *launch.argv]
+        if user is not None:
+            launch.argv = [*_setpriv(self._needs(self.setpriv, "setpriv"), user), *launch.argv]
+        if cgroup is not None:
+            launch.argv = [*cgroup.join_argv(self.sh), *launch.argv]
 
     def _docker(self, launch: Launch, cwd: Path, pty: bool, name: str) -> None:
         assert self.docker is not None

@@ -78,12 +78,31 @@ async def test_memory_hog_is_killed_at_memory_bytes(make_client):
     await still_serves(client)
 
 
+@needs_cgroups
+async def test_memory_hog_unsandboxed_is_killed_by_its_cgroup(make_client, tmp_path):
+    """Without a sandbox, as root, memory_bytes is the task's memory cgroup too (not RLIMIT_AS,
+    whose MemoryError ended the task with exit 1 and no error): the OOM killer ends it, the
+    error names the limit, and the task's cgroup folder is gone after."""
+    client = await make_client(sandbox=NONE, limits=ResourceLimits(memory_bytes=64 << 20),
+                               work_dir=tmp_path / "work")
+    done, out = await run(client, "memhog.py", mb=1024)
+    assert done["status"] == "failed" and done["exit_code"] == -9, (done, out[-200:])
+    assert done["error"] == ("killed by the out-of-memory killer: memory_bytes limit of "
+                             f"{64 << 20} bytes")
+    assert "MemoryError" not in out and "8 MiB" in out
+    base = client.server.app[SCHEDULER].sandbox.cgroups.bases["memory"]
+    assert not [p for p in base.iterdir() if p.is_dir()]
+    await still_serves(client)
+
+
 @needs_bwrap
 @needs_cgroups
-async def test_fork_storm_is_bounded_by_processes(make_client):
-    """Forks past `processes` are refused (as root too: a pids cgroup), the storm's script
-    fails, and the error names the limit."""
-    client = await make_client(sandbox=BWRAP, limits=ResourceLimits(processes=20))
+@pytest.mark.parametrize("mode", [BWRAP, NONE], ids=["bwrap", "none"])
+async def test_fork_storm_is_bounded_by_processes(make_client, mode, tmp_path):
+    """Forks past `processes` are refused (as root too, unsandboxed too: a pids cgroup), the
+    storm's script fails, and the error names the limit."""
+    client = await make_client(sandbox=mode, limits=ResourceLimits(processes=20),
+                               work_dir=tmp_path / "work")
     done, out = await run(client, "forks.py", n=500)
     assert done["status"] == "failed" and done["exit_code"] == 3, (done, out)
     assert "refused" in out and "forked 500" not in out
