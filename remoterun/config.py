@@ -35,7 +35,8 @@ class Token:
 # Isolation and limits (issue 13: sandbox.py) ---------------------------------------------------
 
 SANDBOX_MODES = ("auto", "bwrap", "docker", "none")
-LIMIT_KEYS = ("memory_bytes", "processes", "cpu_seconds", "file_bytes", "open_files")
+LIMIT_KEYS = ("memory_bytes", "processes", "cpu_seconds", "file_bytes", "open_files",
+              "disk_bytes")
 ENV_NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
 
 
@@ -48,6 +49,7 @@ class ResourceLimits:
     cpu_seconds: int | None = None  # per process (RLIMIT_CPU)
     file_bytes: int | None = None  # largest file a process may write (RLIMIT_FSIZE)
     open_files: int | None = None  # descriptors per process (RLIMIT_NOFILE)
+    disk_bytes: int | None = None  # the work folder and /tmp together (a tmpfs of this size)
 
     def over(self, base: ResourceLimits) -> ResourceLimits:
         """These limits where set, `base`'s elsewhere."""
