@@ -235,8 +235,9 @@ def _cluster(body: Any) -> Cluster:
                          ("redis_url", ("redis://", "rediss://", "unix://"))):
         value = body.get(key)
         if not isinstance(value, str) or not value.startswith(schemes):
+            shown = re.sub(r":[^:@/]*@", ":***@", value) if isinstance(value, str) else value
             raise ConfigError(f"cluster.{key}: expected a URL starting {' or '.join(schemes)}, "
-                              f"got {value!r}")
+                              f"got {shown!r}")  # never a password
         values[key] = value
     if "node" in body:
         if not isinstance(body["node"], str) or not _NODE_RE.fullmatch(body["node"]):
