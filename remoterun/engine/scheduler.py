@@ -44,7 +44,7 @@ from remoterun.archive import (
     settle,
 )
 from remoterun.archive.compressor import Compressor
-from remoterun.catalogue import Catalogue, Script
+from remoterun.catalogue import Catalogue, MetadataError, Script
 from remoterun.config import Settings
 from remoterun.engine.attempt import Attempt, Limits, build_spec, decide
 from remoterun.engine.feed import TaskFeed
@@ -336,7 +336,7 @@ class Scheduler:
     def _limit_of(self, script: str) -> int | None:
         try:
             return self.catalogue.resolve(script).max_concurrency
-        except NotFound:
+        except (NotFound, MetadataError):
             return None
 
     def _enqueue(self, state: TaskState) -> None:
@@ -494,7 +494,7 @@ class Scheduler:
     def _script(self, name: str) -> Script | None:
         try:
             return self.catalogue.resolve(name)
-        except NotFound:
+        except (NotFound, MetadataError):
             return None
 
     def _timeout(self, row: dict[str, Any], script: Script | None) -> float | None:
@@ -570,7 +570,7 @@ class Scheduler:
             row["pid"] = run.pid  # persisted by the next flush tick
             log.debug("task_started", pid=run.pid, script=row["script"])
             return await attempt.wait(), None
-        except (IntegrityFailed, SecretsUnavailable) as exc:  # another attempt would be too
+        except (IntegrityFailed, SecretsUnavailable, MetadataError) as exc:  # so would a retry
             attempt.retryable = False
             log.warning("attempt_refused", script=row["script"], error=str(exc))
             return None, str(exc)
