@@ -345,7 +345,9 @@ class Catalogue:
         if not real.is_relative_to(self.root):
             raise NotFound(f"{name!r} leads outside the scripts directory", code="unknown_script")
         if not runnable:
-            raise NotFound(f"no executable script named {name!r}", code="unknown_script")
+            raise NotFound(f"{name!r} is not executable: chmod +x it in the scripts directory"
+                           if real.is_file() else f"no executable script named {name!r}",
+                           code="unknown_script")
         return clean, real
 
     def resolve(self, name: str) -> Script:

@@ -55,7 +55,7 @@ from remoterun.errors import Conflict, IntegrityFailed, NotFound, QueueFull, Una
 from remoterun.isolation.sandbox import Sandbox
 from remoterun.metrics import Metrics
 from remoterun.reaper import become_subreaper, kill_left_behind, tend_orphans
-from remoterun.runner import RunResult, SpawnError
+from remoterun.runner import NOT_STARTED, RunResult, SpawnError, start_problem
 from remoterun.spawn import Children
 from remoterun.state import FINAL, TaskStatus, check_transition
 from remoterun.vault import NONE, SecretsUnavailable
@@ -565,6 +565,13 @@ class Scheduler:
             secrets, script, copy = await self.protection.prepare(row, script)
             attempt.masker = self.protection.masker(secrets)
             policy = self.sandbox.policy(script.sandbox, script.limits, script.env)
+            # A CRLF #! line or a missing interpreter: named here, since inside bwrap it would
+            # read as bwrap's own "execvp: No such file" (an image has interpreters of its own).
+            problem = None if policy.mode == "docker" else await asyncio.to_thread(
+                start_problem, script.path)
+            if problem is not None:
+                attempt.retryable = False
+                return RunResult(NOT_STARTED), problem
             run = await attempt.start(build_spec(row, script, self.catalogue.root, (), secrets),
                                       policy)
             row["pid"] = run.pid  # persisted by the next flush tick
