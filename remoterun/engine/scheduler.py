@@ -46,7 +46,14 @@ from remoterun.archive import (
 from remoterun.archive.compressor import Compressor
 from remoterun.catalogue import Catalogue, Script
 from remoterun.config import Settings
-from remoterun.engine.attempt import Attempt, Limits, build_spec, decide
+from remoterun.engine.attempt import (
+    Attempt,
+    Limits,
+    archive_failure_text,
+    archive_kept_text,
+    build_spec,
+    decide,
+)
 from remoterun.engine.feed import TaskFeed
 from remoterun.engine.hub import Subscription, TaskHub, replay_finished
 from remoterun.engine.pending import PendingQueue
@@ -628,8 +635,7 @@ class Scheduler:
         archive = attempt.archive
         if archive.failure is None:
             return [store.upsert_segment(state.row["id"], s) for s in archive.take_dirty()]
-        if attempt.archive_error is None:
-            attempt.archive_error = f"the archive could not be written: {archive.failure}"
+        if attempt.archive_error is None:  # failed as the run ended: nothing stopped it
             attempt.stop_reason = "archive"
         segs = archive.segments
         found: list[Segment] = await asyncio.to_thread(
@@ -640,6 +646,9 @@ class Scheduler:
         if segs:
             row["last_seq"] = max([segs[0].first_seq - 1,
                                    *(s.last_seq for s in found if s.raw_bytes)])
+        # Frames are published before the compressor thread writes them: say which were lost.
+        attempt.archive_error = archive_failure_text(archive) + archive_kept_text(
+            row["last_seq"], attempt.hub.next_seq - 1)
         return [store.upsert_segment(row["id"], s) for s in found]
 
     def _backoff(self, row: dict[str, Any]) -> float:
