@@ -26,7 +26,7 @@ from remoterun.engine.hub import TaskHub
 from remoterun.errors import BadRequest
 from remoterun.isolation.sandbox import Launch, Policy, Sandbox, SandboxError
 from remoterun.redact import LINE_HOLD_S, Masker
-from remoterun.runner import Run, RunResult, RunSpec, SpawnError, spawn_message
+from remoterun.runner import Run, RunResult, RunSpec, SpawnError, is_transient, spawn_message
 from remoterun.spawn import Children
 from remoterun.state import TaskStatus
 from remoterun.wire import Frame
@@ -159,6 +159,7 @@ class Attempt:
     limit_error: str | None = None  # the limit the run hit, named (sandbox.finish)
     masker: Masker | None = None  # secrets and [redaction] patterns; None: nothing to mask
     retryable: bool = True  # False: refused before it ran (integrity, secrets)
+    transient: bool = False  # the spawn met a shortage (EMFILE): the same attempt, again later
     _hold_timer: asyncio.TimerHandle | None = None  # releases held incomplete lines
 
     def request_stop(self, reason: str) -> None:
@@ -216,7 +217,7 @@ class Attempt:
         except SandboxError as exc:
             raise SpawnError(f"cannot start its sandbox ({policy.mode}): {exc}") from exc
         except OSError as exc:  # the script checked before bwrap's exec (see sandbox.prepare)
-            raise SpawnError(spawn_message(str(spec.argv[0]), exc)) from exc
+            raise SpawnError(spawn_message(str(spec.argv[0]), exc), is_transient(exc)) from exc
         return dataclasses.replace(
             spec, argv=launch.argv, env=launch.env, inherited=(), pass_fds=launch.pass_fds,
             started=launch.started if launch.pass_fds else None,
