@@ -535,8 +535,11 @@ NOT_STARTED = 127  # the shell's "command not found": the task's exit code when 
 def start_problem(path: Path) -> str | None:
     """Why the script at `path` cannot start, in words that say what to do; None if its #!
     line (if any) names an interpreter that exists. Reads the file: call it off the loop."""
-    with path.open("rb") as file:
-        head = file.read(256)
+    try:
+        with path.open("rb") as file:
+            head = file.read(256)
+    except OSError:  # out of descriptors, removed since: the spawn meets it and says so
+        return None
     if not head.startswith(b"#!"):
         return None  # exec decides (ENOEXEC names it)
     line = head[2:].split(b"\n", 1)[0]
