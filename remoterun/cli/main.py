@@ -37,6 +37,7 @@ def _is_loopback(host: str) -> bool:
 def serve(args: argparse.Namespace) -> int:
     """Run the server until SIGTERM/SIGINT."""
     from remoterun.api.app import create_app
+    from remoterun.cli.firstrun import check_scripts, message
     from remoterun.vault import KEY_ENV, parse_key
 
     logs.configure()
@@ -51,8 +52,7 @@ def serve(args: argparse.Namespace) -> int:
         if not 0 <= settings.port <= 65535:
             raise config.ConfigError(f"server.port: must be between 0 and 65535, "
                                      f"got {settings.port}")
-        if not settings.scripts_dir.is_dir():
-            raise config.ConfigError(f"paths.scripts: {settings.scripts_dir} is not a directory")
+        made_scripts = check_scripts(settings, first_run=path is None and not args.scripts)
         broken = Catalogue(settings.scripts_dir, settings.scripts, settings.sandbox,
                            settings.limits).check()
         if os.environ.get(KEY_ENV):  # a malformed key stops here, before anything is opened
@@ -80,6 +80,8 @@ def serve(args: argparse.Namespace) -> int:
         log.warning("auth_off_loopback_only", requested_host=requested, host=settings.host)
     elif not settings.auth_enabled:
         log.info("auth_off_loopback_only", host=settings.host)
+    if path is None:
+        print(message(settings, _page_url(settings, sock), made_scripts), file=sys.stderr)
     log.info("server_starting", host=settings.host, port=settings.port,
              scripts=str(settings.scripts_dir), archive=str(settings.archive_dir),
              db=str(settings.db_path), workers=settings.workers)
@@ -87,6 +89,14 @@ def serve(args: argparse.Namespace) -> int:
         asyncio.run(_run_server(create_app(settings), settings, sock))
     log.info("server_stopped")
     return 0
+
+
+def _page_url(settings: config.Settings, sock: socket.socket) -> str:
+    """The page's address on the bound socket."""
+    host = settings.host if settings.host not in ("0.0.0.0", "::", "") else "localhost"
+    host = f"[{host}]" if ":" in host else host
+    scheme = "https" if settings.tls_cert else "http"
+    return f"{scheme}://{host}:{sock.getsockname()[1]}/"
 
 
 class StartError(Exception):
