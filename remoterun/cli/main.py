@@ -186,12 +186,10 @@ async def _run_server(app: Any, settings: config.Settings, sock: socket.socket) 
 
 def archive_command(args: argparse.Namespace) -> int:
     """`archive verify [--repair]`: the database against the archive directory; 1 if wrong."""
-    path = Path(args.config) if args.config else (Path("config.toml")
-                                                 if Path("config.toml").is_file() else None)
-    overrides = {"archive_dir": Path(args.archive).resolve() if args.archive else None,
-                 "db_path": Path(args.db).resolve() if args.db else None}
+    from remoterun.cli.backup import settings_from
+
     try:
-        settings = config.load(path, overrides)
+        settings = settings_from(args)
     except config.ConfigError as exc:
         print(f"remoterun: config error: {exc}", file=sys.stderr)
         return 2
@@ -305,6 +303,9 @@ def parser() -> argparse.ArgumentParser:
                         help="finalize what a crash left open; fix rows; adopt strays of "
                              "known tasks; delete pruned leftovers")
     _server_flags(verify)
+    from remoterun.cli import backup
+
+    backup.add_parsers(sub, _server_flags)
     _client_verbs(sub, common)
     comp = sub.add_parser("completion", help="print a shell completion script")
     comp.add_argument("shell", choices=("bash", "zsh"))
@@ -457,6 +458,10 @@ def main(argv: list[str] | None = None) -> int:
         return serve(args)
     if args.verb == "archive":
         return archive_command(args)
+    if args.verb in ("backup", "restore"):
+        from remoterun.cli import backup
+
+        return backup.command(args)
     if args.verb == "completion":
         print(completion.script(args.shell, p))
         return 0
