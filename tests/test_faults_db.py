@@ -106,3 +106,40 @@ async def test_transitions_during_a_lock_wait_and_are_recorded_truthfully(make_c
     assert [(e["old_status"], e["new_status"]) for e in events] == [
         (None, "pending"), ("pending", "running"), ("running", "success")]
     assert watch.worst < 0.1, watch.worst
+
+
+async def test_a_pending_cancel_during_a_lock_answers_503_after_the_request_wait(
+        make_client, settings):
+    """Cancel of a pending task while another connection holds BEGIN IMMEDIATE for 6 s: 503
+    database_unavailable with Retry-After after the request wait (~2 s, as a submission), not
+    once the lock goes; the task waits on as if never asked, and a cancel after the lock
+    works."""
+    client = await make_client(workers=1)
+    blocker = await submit(client, "sleep.sh", params={"seconds": 30})
+    waiting = await submit(client, "hello.sh")
+
+    async def blocker_running():
+        task = await (await client.get(f"/tasks/{blocker['id']}")).json()
+        return task["status"] == "running"
+
+    await wait_for(blocker_running, what="the blocker to run")
+    holder = sqlite3.connect(settings.db_path, isolation_level=None)
+    holder.execute("BEGIN IMMEDIATE")
+    release = asyncio.get_running_loop().call_later(6, holder.execute, "ROLLBACK")
+    try:
+        began = time.monotonic()
+        response = await client.post(f"/tasks/{waiting['id']}/cancel")
+        waited = time.monotonic() - began
+        body = await response.json()
+    finally:
+        release.cancel()
+        if holder.in_transaction:
+            holder.execute("ROLLBACK")
+        holder.close()
+    assert response.status == 503 and body["error"] == "database_unavailable", (waited, body)
+    assert response.headers["Retry-After"].isdigit() and waited < 4, waited
+    assert (await (await client.get(f"/tasks/{waiting['id']}")).json())["status"] == "pending"
+    assert (await client.post(f"/tasks/{waiting['id']}/cancel")).status == 200
+    assert (await wait_final(client, waiting["id"]))["status"] == "cancelled"
+    assert (await client.post(f"/tasks/{blocker['id']}/cancel")).status == 200
+    assert (await wait_final(client, blocker["id"]))["status"] == "cancelled"

@@ -251,8 +251,10 @@ class Scheduler:
             log.warning(kind, task_id=task_id or None, **data)
 
     async def _transition(self, state: TaskState, new: TaskStatus,
-                          extra: Iterable[store.Statement] = (), **fields: Any) -> None:
-        """Check, persist, then announce a status change."""
+                          extra: Iterable[store.Statement] = (), within_s: float | None = None,
+                          **fields: Any) -> None:
+        """Check, persist, then announce a status change. `within_s`: a request's, which
+        gets Unavailable past it (see `_commit`); the engine's own wait as long as it takes."""
         row = state.row
         old = S(row["status"])
         check_transition(old, new)
@@ -262,7 +264,7 @@ class Scheduler:
         attempt = fields.get("attempt", row["attempt"])
         statements = store.transition(row["id"], old, new, attempt, dict(fields),
                                       detail=fields.get("error"))
-        event_id = await self._commit([*extra, *statements])
+        event_id = await self._commit([*extra, *statements], within_s)
         row.update(fields, status=str(new))
         self.feed.publish(event_id, row, str(old), fields)  # GET /events
         hub = state.hub
@@ -369,7 +371,8 @@ class Scheduler:
         try:
             await self._transition(state, S.CANCELLED, finished_at=time.time(), run_after=None,
                                    extra=[] if audit is None else [
-                                       store.insert_audit(audit, task_id=task_id)])
+                                       store.insert_audit(audit, task_id=task_id)],
+                                   within_s=self._request_wait())
         except BaseException:
             self._enqueue(state)  # nothing was recorded: it waits as before
             raise
