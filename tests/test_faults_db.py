@@ -8,7 +8,7 @@ import time
 
 from conftest import submit, wait_final, wait_for, ws_collect
 
-from remoterun.api import DB
+from remoterun.api import DB, SCHEDULER
 
 
 class LoopWatch:
@@ -143,3 +143,28 @@ async def test_a_pending_cancel_during_a_lock_answers_503_after_the_request_wait
     assert (await wait_final(client, waiting["id"]))["status"] == "cancelled"
     assert (await client.post(f"/tasks/{blocker['id']}/cancel")).status == 200
     assert (await wait_final(client, blocker["id"]))["status"] == "cancelled"
+
+
+async def test_a_run_whose_end_cannot_be_recorded_is_let_go(make_client, settings):
+    """Another writer moves a running task to a final state under the server (its end's write,
+    guarded by the old status, then raises): the engine lets the task go instead of holding
+    it running; its attached client gets an exit with the recorded state, GET shows it."""
+    client = await make_client()
+    task = await submit(client, "lines.py", params={"n": 20, "delay": 0.05})
+    ws = await client.ws_connect(f"/tasks/{task['id']}/ws")
+    attached = asyncio.create_task(ws_collect(ws, timeout=20))
+
+    async def running():
+        return (await (await client.get(f"/tasks/{task['id']}")).json())["status"] == "running"
+
+    await wait_for(running, what="the task to run")
+    other = sqlite3.connect(settings.db_path, isolation_level=None)
+    try:
+        other.execute("UPDATE tasks SET status = 'cancelled', finished_at = started_at + 1 "
+                      "WHERE id = ?", (task["id"],))
+    finally:
+        other.close()
+    frames = await attached
+    assert frames[-1]["type"] == "exit" and frames[-1]["status"] == "cancelled", frames[-1]
+    assert (await wait_final(client, task["id"]))["status"] == "cancelled"
+    assert task["id"] not in client.app[SCHEDULER].tasks

@@ -554,7 +554,7 @@ class Scheduler:
             finally:
                 self.metrics.child(self.metrics.duration, row["script"]).observe(
                     time.time() - started)
-                await asyncio.shield(self._conclude(state, result, error))
+                await asyncio.shield(self._conclude_or_let_go(state, result, error))
 
     async def _attempt(self, state: TaskState, attempt: Attempt
                        ) -> tuple[RunResult | None, str | None]:
@@ -586,6 +586,29 @@ class Scheduler:
             return None, f"internal error: {exc}"
         finally:
             await self.protection.discard(copy)
+
+    async def _conclude_or_let_go(self, state: TaskState, result: RunResult | None,
+                                  error: str | None) -> None:
+        """`_conclude`; if it raises, the task is let go instead of held (a TaskState held hides
+        the task from the reaper, and it stayed running with no process: issue 25)."""
+        try:
+            await self._conclude(state, result, error)
+        except Exception:
+            log.exception("conclude_failed")
+            task_id = state.row["id"]
+            if self.tasks.get(task_id) is state:
+                del self.tasks[task_id]
+            self._own(self._settle_let_go(state), name=f"let-go-{task_id}")
+
+    async def _settle_let_go(self, state: TaskState) -> None:
+        """Record a let-go task as the reaper does (unless it is final already), and tell its
+        attached clients how it ended."""
+        row = await self.db.get_task(state.row["id"])
+        if row is not None and row["status"] not in FINAL:
+            row = await self._reap_one(row) or row
+        if row is not None and state.hub is not None:
+            state.hub.task = task_json(row)
+            state.hub.publish(exit_event(row))
 
     def _release(self, state: TaskState) -> None:
         """Give the worker slot back."""
