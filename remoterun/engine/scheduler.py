@@ -140,6 +140,7 @@ class Scheduler:
             log.warning("secrets_sealed", tasks=len(sealing))
         await self._recover()
         await self.sandbox.start()
+        await self._sweep_work_folders()
         if not become_subreaper():
             log.warning("no_subreaper", detail="double-forked daemons may outlive their task")
         self._loops = [asyncio.create_task(self._dispatch_loop(), name="dispatcher"),
@@ -787,6 +788,19 @@ class Scheduler:
             if row["id"] not in self.tasks:  # a retry's folder may hold segments already
                 self._enqueue(TaskState(row, next_segment=1 if row["attempt"] == 1 else None))
         log.info("recovered", pending=len(self.queue))
+
+    async def _sweep_work_folders(self) -> None:
+        """Remove the work folders a crashed server's attempts left (their finish never ran):
+        those of this database's tasks, unless the task runs that attempt now (at start, after
+        `_recover`, none does here); a folder of a task we do not know is another server's."""
+        dead = []
+        for folder, task_id, attempt in await self.sandbox.work_folders():
+            row = await self.db.get_task(task_id)
+            if row is not None and (row["status"] != S.RUNNING or row["attempt"] != attempt):
+                dead.append(folder)
+        if dead:
+            removed = await self.sandbox.remove_work_folders(dead)
+            log.info("work_folders_swept", removed=removed, found=len(dead))
 
     async def _recover_running(self, row: dict[str, Any]) -> dict[str, Any]:
         kill_left_behind(row["id"])
