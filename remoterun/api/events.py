@@ -15,7 +15,6 @@ import asyncio
 import contextlib
 import functools
 from collections.abc import Callable
-from fnmatch import fnmatchcase
 from typing import Any
 
 from aiohttp import web
@@ -47,11 +46,10 @@ async def _close_feed(app: web.Application) -> None:
 
 def sees(who: Identity) -> Callable[[str], bool]:
     """Whether the caller may see tasks of a script: its token's `scripts` (names or glob
-    patterns) when it has a list; an admin, or a token without a list, sees every script."""
-    patterns = who.scripts
-    if who.role == "admin" or patterns is None:
+    patterns) when it has a list, whatever its role (an admin's too); else every script."""
+    if who.scripts is None:
         return lambda script: True
-    return lambda script: any(fnmatchcase(script, pattern) for pattern in patterns)
+    return who.allows
 
 
 def event_json(row: dict[str, Any], prefix: str = "") -> dict[str, Any]:
