@@ -464,9 +464,12 @@ def work_folders(root: Path) -> list[tuple[Path, str, int]]:
 def remove_work_folders(folders: Sequence[Path]) -> int:
     """Remove each folder and what it holds (blocking); how many went. rmtree works by file
     descriptor here (`avoids_symlink_attacks`): a symlink inside is unlinked, never followed,
-    and one put in a folder's place is refused."""
+    and one put in a folder's place is refused; a folder still mounted on is left."""
     removed = 0
     for folder in folders:
+        if os.path.ismount(folder):  # a live disk quota (a dead server's went at start)
+            log.warning("work_folder_mounted", path=str(folder))
+            continue
         try:
             shutil.rmtree(folder)
             removed += 1
