@@ -141,6 +141,7 @@ async def test_a_full_database_disk_waits_then_records_the_truth(make_client, db
         ready = await client.get("/readyz")
         checks = (await ready.json())["checks"]
         assert ready.status == 503 and not checks["database"]["ok"], checks
+        assert "No space left" in checks["database"]["error"] and checks["archive"]["ok"]
         for _ in range(8):  # a submission every 0.3 s (each refused after the 2 s wait)
             response = await client.post("/tasks", json={"script": "lines.py",
                                                           "params": {"n": 3}})
