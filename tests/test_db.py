@@ -8,7 +8,7 @@ import time
 import pytest
 
 from remoterun.state import TaskStatus
-from remoterun.store import sqlite as dbm
+from remoterun import store as dbm
 
 
 def _row(num: int, task_id: str) -> dict[str, object]:

@@ -12,7 +12,7 @@ from conftest import output_of, submit, wait_final, wait_for, ws_collect
 
 from remoterun.api import DB, SETTINGS
 from remoterun.archive import segments
-from remoterun.store import sqlite as dbm
+from remoterun import store as dbm
 
 
 async def output_status(client, task_id: str) -> int:

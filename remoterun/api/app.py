@@ -44,7 +44,7 @@ from remoterun.engine.scheduler import Scheduler
 from remoterun.metrics import Metrics
 from remoterun.retention import Sweeper
 from remoterun.spawn import Children
-from remoterun.store import Database
+from remoterun.store import Database, Store
 
 log = structlog.get_logger(__name__)
 PAGE_DIR = Path(__file__).resolve().parent.parent / "page"
@@ -209,6 +209,7 @@ async def services(app: web.Application) -> AsyncIterator[None]:
     settings = app[SETTINGS]
     settings.archive_dir.mkdir(mode=0o700, parents=True, exist_ok=True)  # the server's alone
     compressor = Compressor()
+    db: Store
     if settings.cluster is None:
         db = app[DB] = Database(settings.db_path, observe_write=app[METRICS].db_write.observe)
         await db.open()

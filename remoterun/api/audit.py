@@ -8,7 +8,7 @@ from aiohttp import web
 
 from remoterun.api import DB, identity, json_response
 from remoterun.errors import BadRequest
-from remoterun.store.sqlite import audit_json, list_audit
+from remoterun.store import audit_json
 
 routes = web.RouteTableDef()
 ACTIONS = ("submit", "cancel", "signal", "stdin", "attach", "download", "login", "logout",
@@ -56,7 +56,7 @@ async def get_audit(request: web.Request) -> web.Response:
     since = _since(query.get("since"), problems)
     if problems:
         raise BadRequest("invalid query", code="invalid_request", details=problems)
-    rows = await list_audit(request.app[DB], actor=query.get("actor") or None, action=action,
+    rows = await request.app[DB].list_audit(actor=query.get("actor") or None, action=action,
                             task_id=query.get("task") or None, since=since,
                             limit=limit + 1, before=cursor)
     more = len(rows) > limit

@@ -135,8 +135,7 @@ class ClusterScheduler(Scheduler):
         """A single node's commit; a submission's carries its placement and a NOTIFY."""
         placing = _PLACING.get()
         if placing is not None:
-            statements = [pg.placed(s, *placing) if s[0].startswith('INSERT INTO "tasks"')
-                          else s for s in statements]
+            statements = [pg.placed(s, *placing) for s in statements]
             statements.append(pg.notify())
             _PLACING.set(None)
         if within_s is None:  # the engine's: its segment rows name this node
