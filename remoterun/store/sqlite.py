@@ -43,7 +43,7 @@ from typing import Any
 import aiosqlite
 import structlog
 
-from remoterun.store.base import DatabaseBusy, DatabaseUnavailable, Guarded, Statement, StaleWrite
+from remoterun.store.base import DatabaseBusy, DatabaseUnavailable, Guarded, StaleWrite, Statement
 from remoterun.store.queries import Queries
 from remoterun.store.schema import SCHEMA_VERSION, SQLITE, VERSION_QUERY, version_row
 
