@@ -442,9 +442,7 @@ class ClusterScheduler(Scheduler):
         # processes on this host: kill those too (found by RR_TASK_ID, owned by this node).
         found = await asyncio.to_thread(_task_ids_on_host)
         if found:
-            for row in await self.db.fetch_all(
-                    "SELECT id FROM tasks WHERE id = ANY(?) AND owner = ? AND status <> ?",
-                    [sorted(found), self.node, str(S.RUNNING)]):
+            for row in await self.db.recorded_elsewhere(self.node, sorted(found)):
                 await asyncio.to_thread(kill_left_behind, row["id"])
         for row in await self.db.owned(self.node, S.PENDING):
             with contextlib.suppress(store.StaleWrite):

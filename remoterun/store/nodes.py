@@ -124,6 +124,13 @@ class Nodes:
             "SELECT * FROM tasks WHERE owner = $1 AND status = ANY($2) ORDER BY num",
             [node, list(statuses)])
 
+    async def recorded_elsewhere(self, node: str, ids: Sequence[str]) -> list[Row]:
+        """Of these tasks of this node, those no longer running in the database (a survivor
+        recorded them while the node was down): their ids."""
+        return await self.fetch_all(
+            "SELECT id FROM tasks WHERE id = ANY($1) AND owner = $2 AND status <> 'running'",
+            [list(ids), node])
+
     async def claim(self, node: str, scripts: Sequence[str], labels: Sequence[str],
                     slots: int, aging_s: float, limits: dict[str, int], now: float,
                     held: Sequence[str] | None = None) -> list[Row]:
