@@ -3,6 +3,10 @@ controls) and the archive folder; see docs/cluster.md."""
 
 from __future__ import annotations
 
+import urllib.parse
+
+import structlog
+
 from remoterun.archive.compressor import Compressor
 from remoterun.catalogue import Catalogue
 from remoterun.cluster.relay import Relay
@@ -13,14 +17,28 @@ from remoterun.spawn import Children
 from remoterun.store.postgres import PostgresDatabase
 
 __all__ = ["ClusterScheduler", "PostgresDatabase", "Relay", "open_node"]
+log = structlog.get_logger(__name__)
 
 
 async def open_node(settings: Settings, catalogue: Catalogue, metrics: Metrics,
                     compressor: Compressor) -> tuple[PostgresDatabase, ClusterScheduler]:
     """Connect to the cluster's engines; the database and this node's scheduler (not started)."""
     assert settings.cluster is not None
+    _warn_open_doors(settings)
     db = PostgresDatabase(settings.cluster.database_url, observe_write=metrics.db_write.observe,
                           max_size=max(10, settings.workers + 6))
     await db.open()
     relay = Relay(settings.cluster.redis_url)
     return db, ClusterScheduler(settings, db, catalogue, metrics, compressor, Children(), relay)
+
+
+def _warn_open_doors(settings: Settings) -> None:
+    """Say at start what lets a task reach the cluster's engines (SECURITY.md): a Redis
+    without a password, or tasks that run unsandboxed and so can read the config."""
+    assert settings.cluster is not None
+    if not urllib.parse.urlsplit(settings.cluster.redis_url).password:
+        log.warning("redis_without_password", detail="any task or host that reaches Redis "
+                    "reads every task's output: give cluster.redis_url a user and password")
+    if settings.sandbox.mode == "none":
+        log.warning("cluster_tasks_unsandboxed", detail="tasks can read the config and the "
+                    "secret key, so reach PostgreSQL and Redis and sign controls")

@@ -33,6 +33,7 @@ import structlog
 from remoterun import store
 from remoterun.archive.compressor import Compressor
 from remoterun.catalogue import Catalogue, Script
+from remoterun.cluster.control import KEY_PURPOSE, Action, Control, Controls
 from remoterun.cluster.follow import RemoteControl, RemoteSubscription
 from remoterun.cluster.relay import Relay, RelaySink
 from remoterun.config import Settings
@@ -88,7 +89,8 @@ class ClusterScheduler(Scheduler):
         """Join the cluster, record what an earlier run of this node left, start the loops."""
         await self._scan()
         await self._register()
-        await self.protection.open_key()
+        vault = await self.protection.open_key()
+        self.relay.controls = Controls(vault.derive(KEY_PURPOSE))
         await self._recover()
         await self.sandbox.start()
         if not become_subreaper():
@@ -295,22 +297,23 @@ class ClusterScheduler(Scheduler):
     def _send_control(self, task_id: str, method: str, args: tuple[Any, ...]) -> None:
         self._own(self.relay.send_control(task_id, method, *args), name=f"control-{task_id}")
 
-    def _on_control(self, message: dict[str, Any], tries: int = 0) -> None:
-        """A control published by any node: act on it if the task runs here."""
-        task_id, method = message["task_id"], message["method"]
+    def _on_control(self, control: Control, tries: int = 0) -> None:
+        """A verified control published by any node: act on it if the task runs here."""
+        task_id, action = control.task_id, control.action
         state = self.tasks.get(task_id)
         if state is None or state.attempt is None:
-            if method == "cancel" and tries < CONTROL_RETRY_S / 0.05:
+            if action is Action.CANCEL and tries < CONTROL_RETRY_S / 0.05:
                 asyncio.get_running_loop().call_later(
-                    0.05, functools.partial(self._on_control, message, tries + 1))
+                    0.05, functools.partial(self._on_control, control, tries + 1))
             return
-        if method == "cancel":
+        if action is Action.CANCEL:
             state.attempt.request_stop("cancel")
             return
         try:
-            state.attempt.control(method, *message["args"])
+            state.attempt.control(action.value, *control.args)  # an allow-listed name
         except BadRequest as exc:  # stdin full: the sender was answered already
-            log.warning("control_refused", task_id=task_id, method=method, error=exc.message)
+            log.warning("control_refused", task_id=task_id, method=str(action),
+                        error=exc.message)
 
     # Dispatch --------------------------------------------------------------------------------
 

@@ -125,8 +125,9 @@ class Store(Protocol):
 
     async def list_audit(self, *, actor: str | None, action: str | None,
                          task_id: str | None, since: float | None, limit: int,
-                         before: int | None) -> list[Row]:
-        """Audit rows newest first."""
+                         before: int | None, scripts: tuple[str, ...] | None = None,
+                         caller: str = "") -> list[Row]:
+        """Audit rows newest first (`scripts`: a token's list, and the `caller`'s own)."""
 
     async def live_counts(self) -> list[Row]:
         """(script, status, n) of the tasks pending or running."""

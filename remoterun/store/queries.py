@@ -98,7 +98,7 @@ class Queries:
         task = self.dialect.task
         clauses: list[Any] = [task.num > 0]
         if scripts is not None:
-            clauses.append(self._glob_clause(scripts))
+            clauses.append(self._glob_clause(scripts, task.script))
         for column, value in ((task.status, status), (task.script, script),
                               (task.submitted_by, submitted_by)):
             if value:
@@ -111,13 +111,12 @@ class Queries:
             clauses.append(task.script.contains(q))
         return functools.reduce(operator.and_, clauses)
 
-    def _glob_clause(self, patterns: tuple[str, ...]) -> Any:
-        """Tasks whose script matches one of the patterns (fnmatch negates with `[!`, GLOB
-        and the regex with `[^`); an empty list matches nothing."""
+    def _glob_clause(self, patterns: tuple[str, ...], column: pw.Field) -> Any:
+        """Rows whose `column` (a script's name) matches one of a token's patterns (fnmatch
+        negates with `[!`, GLOB and the regex with `[^`); an empty list matches nothing."""
         if not patterns:
             return pw.SQL("1 = 0")
-        globs = [self.dialect.glob(self.dialect.task.script, p.replace("[!", "[^"))
-                 for p in patterns]
+        globs = [self.dialect.glob(column, p.replace("[!", "[^")) for p in patterns]
         return functools.reduce(operator.or_, globs)
 
     async def tasks_in(self, *statuses: TaskStatus) -> list[Row]:
@@ -158,9 +157,15 @@ class Queries:
 
     async def list_audit(self, *, actor: str | None, action: str | None,
                          task_id: str | None, since: float | None, limit: int,
-                         before: int | None) -> list[Row]:
-        """Audit rows newest first; `before` is the id cursor of the previous page."""
+                         before: int | None, scripts: tuple[str, ...] | None = None,
+                         caller: str = "") -> list[Row]:
+        """Audit rows newest first; `before` is the id cursor of the previous page. `scripts` (a
+        token's list) keeps the rows of those scripts, and of no script only the `caller`'s own
+        (its logins, its refusals): whose else logged in is no script's business."""
         query = AuditEvent.select()
+        if scripts is not None:
+            query = query.where(self._glob_clause(scripts, AuditEvent.script)
+                                | (AuditEvent.script.is_null() & (AuditEvent.actor == caller)))
         for column, value in ((AuditEvent.actor, actor), (AuditEvent.action, action),
                               (AuditEvent.task_id, task_id)):
             if value is not None:

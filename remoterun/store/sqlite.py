@@ -79,7 +79,7 @@ class Database(Queries):
 
     async def open(self) -> None:
         """Open (creating or migrating) the database and start the writer."""
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)  # made: ours alone
         await asyncio.to_thread(_private, self.path)
         self._conn = await aiosqlite.connect(self.path, isolation_level=None)
         self._conn.row_factory = sqlite3.Row
