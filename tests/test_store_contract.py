@@ -395,7 +395,7 @@ async def test_a_commit_whose_answer_was_lost_is_found_not_repeated(pg_db, postg
     row = await _add(pg_db, _row(1))
     url = urllib.parse.urlsplit(pg_db.url)
     cutter = await CommitCutter((url.hostname, url.port)).start()
-    via = pg.PostgresDatabase(url._replace(netloc=f"{url.username}@127.0.0.1:"
+    via = pg.PostgresDatabase(url._replace(netloc=f"{url.username}:{url.password}@127.0.0.1:"
                                                   f"{cutter.port}").geturl(), min_size=1)
     await via.open()
     try:
