@@ -17,7 +17,8 @@ from remoterun.store.base import (
     Store,
     Unsure,
 )
-from remoterun.store.schema import (
+from remoterun.store.sqlite import Database
+from remoterun.store.statements import (
     audit_json,
     delete_segment,
     insert_audit,
@@ -27,7 +28,6 @@ from remoterun.store.schema import (
     update_task,
     upsert_segment,
 )
-from remoterun.store.sqlite import Database
 
 __all__ = ["Database", "DatabaseBusy", "DatabaseUnavailable", "Fenced", "Guarded",
            "Membership", "StaleWrite", "Statement", "Store", "Unsure", "audit_json",

@@ -14,7 +14,8 @@ from typing import Any
 import asyncpg  # type: ignore[import-untyped]
 
 from remoterun.store.base import Fence, Guarded, Row, Statement
-from remoterun.store.schema import NOTIFY_CHANNEL, SEGMENT_COLUMNS, SEGMENT_PROGRESS
+from remoterun.store.schema import NOTIFY_CHANNEL
+from remoterun.store.statements import SEGMENT_COLUMNS, SEGMENT_PROGRESS
 
 NOW = "extract(epoch from clock_timestamp())"  # the database's clock: nodes' clocks may differ
 

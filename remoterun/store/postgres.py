@@ -61,13 +61,8 @@ from remoterun.store.nodes import (
     task_fence,
 )
 from remoterun.store.queries import Queries
-from remoterun.store.schema import (
-    NOTIFY_CHANNEL,
-    POSTGRES,
-    SCHEMA_VERSION,
-    VERSION_QUERY,
-    version_row,
-)
+from remoterun.store.schema import NOTIFY_CHANNEL, POSTGRES, SCHEMA_VERSION
+from remoterun.store.statements import VERSION_QUERY, version_row
 
 __all__ = ["CONNECTION_ERRORS", "NOTIFY_CHANNEL", "Fence", "Fenced", "PostgresDatabase",
            "Unsure", "by_node", "cancel_unclaimed", "node_fence", "notify", "placed",

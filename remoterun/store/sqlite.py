@@ -45,7 +45,8 @@ import structlog
 
 from remoterun.store.base import DatabaseBusy, DatabaseUnavailable, Guarded, StaleWrite, Statement
 from remoterun.store.queries import Queries
-from remoterun.store.schema import SCHEMA_VERSION, SQLITE, VERSION_QUERY, version_row
+from remoterun.store.schema import SCHEMA_VERSION, SQLITE
+from remoterun.store.statements import VERSION_QUERY, version_row
 
 log = structlog.get_logger(__name__)
 
