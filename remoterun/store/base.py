@@ -13,6 +13,7 @@ from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
+from remoterun.errors import Unavailable
 from remoterun.state import TaskStatus
 
 Row = dict[str, Any]
@@ -40,8 +41,17 @@ class StaleWrite(Exception):
     """A guarded statement changed no row: the state it was written against is gone."""
 
 
-class Fenced(StaleWrite):
-    """A write of a node that another node has declared lost: nothing was written."""
+class Fenced(StaleWrite, Unavailable):
+    """A write of a node that lost its lease (declared lost, or fenced by its watchdog):
+    nothing was written. On a request's path it answers 503 `node_fenced`: the node joins
+    again under a new epoch within a heartbeat or two."""
+
+    code = "node_fenced"
+
+    def __init__(self, detail: str = ""):
+        super().__init__("this node lost its lease to the cluster and is joining again; "
+                         "try again, or another node", retry_after_s=1.0)
+        self.detail = detail  # the fence that failed
 
 
 class DatabaseBusy(Exception):
