@@ -157,7 +157,8 @@ class ClusterScheduler(Scheduler):
         # It waits `within_s` for an unreachable PostgreSQL, longer for a merely busy one.
         try:
             async with asyncio.timeout(within_s + REQUEST_SLOW_S):
-                return await self.db.commit(statements, within_s)
+                return await self.db.commit(statements, within_s,
+                                            lock_wait_s=within_s + REQUEST_SLOW_S)
         except (TimeoutError, store.DatabaseUnavailable) as exc:
             raise Unavailable("the database cannot be reached; try again",
                               code="database_unavailable", retry_after_s=1.0) from exc

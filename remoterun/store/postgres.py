@@ -218,12 +218,15 @@ class PostgresDatabase(Nodes, Queries):
             raise DatabaseBusy(self.last_error) from exc
 
     async def commit(self, statements: Sequence[Statement], within_s: float,
-                     unsure: DatabaseBusy | None = None) -> int | None:
+                     unsure: DatabaseBusy | None = None,
+                     lock_wait_s: float | None = None) -> int | None:
         """`write_async`, tried again with a growing pause while PostgreSQL cannot be reached
         or a lock is held, for up to `within_s` seconds; DatabaseUnavailable after that. A try
         whose connection broke mid-transaction is looked up before the next (`txid_status`):
         if it committed, that stands and is not written again. DatabaseUnavailable's `unsure`
-        is such a try still unresolved (it may have committed), for the caller to pass back."""
+        is such a try still unresolved (it may have committed), for the caller to pass back.
+        `lock_wait_s`: how long a try may wait for a lock (default: what is left of
+        `within_s`; a cluster's request waits longer for a busy database than a gone one)."""
         deadline = time.monotonic() + within_s
         pause = 0.05
         pending = unsure if isinstance(unsure, Unsure) else None
@@ -233,7 +236,8 @@ class PostgresDatabase(Nodes, Queries):
                     if await self._committed(pending):
                         return pending.rowid
                     pending = None  # aborted (or forgotten): nothing of it stands
-                return await self.write_async(statements, deadline - time.monotonic())
+                wait = deadline - time.monotonic() if lock_wait_s is None else lock_wait_s
+                return await self.write_async(statements, wait)
             except DatabaseBusy as exc:
                 if isinstance(exc, Unsure):
                     pending = exc
