@@ -13,14 +13,14 @@ from remoterun.catalogue import Catalogue
 from remoterun.config import Settings
 from remoterun.engine.scheduler import Scheduler
 from remoterun.metrics import Metrics
-from remoterun.store import Database
+from remoterun.store import Store
 from remoterun.wire import dumps
 
 if TYPE_CHECKING:
     from remoterun.api.monitor import Readiness
 
 SETTINGS = web.AppKey("settings", Settings)
-DB = web.AppKey("db", Database)
+DB: web.AppKey[Store] = web.AppKey("db")
 CATALOGUE = web.AppKey("catalogue", Catalogue)
 SCHEDULER = web.AppKey("scheduler", Scheduler)
 METRICS = web.AppKey("metrics", Metrics)

@@ -45,7 +45,7 @@ from remoterun.engine.scheduler import Scheduler
 from remoterun.metrics import Metrics
 from remoterun.retention import Sweeper
 from remoterun.spawn import Children
-from remoterun.store import Database
+from remoterun.store import Database, Store
 
 log = structlog.get_logger(__name__)
 PAGE_DIR = Path(__file__).resolve().parent.parent / "page"
@@ -212,6 +212,7 @@ async def services(app: web.Application) -> AsyncIterator[None]:
     # The server's alone, even where it existed before (the repository ships archive/).
     await asyncio.to_thread(make_private, settings.archive_dir)
     compressor = Compressor()
+    db: Store
     if settings.cluster is None:
         db = app[DB] = Database(settings.db_path, observe_write=app[METRICS].db_write.observe)
         await db.open()

@@ -8,7 +8,7 @@ from aiohttp import web
 
 from remoterun.api import DB, identity, json_response
 from remoterun.errors import BadRequest
-from remoterun.store.sqlite import audit_json, list_audit
+from remoterun.store import audit_json
 
 routes = web.RouteTableDef()
 ACTIONS = ("submit", "cancel", "signal", "stdin", "attach", "download", "login", "logout",
@@ -58,10 +58,9 @@ async def get_audit(request: web.Request) -> web.Response:
     since = _since(query.get("since"), problems)
     if problems:
         raise BadRequest("invalid query", code="invalid_request", details=problems)
-    rows = await list_audit(request.app[DB], actor=query.get("actor") or None, action=action,
-                            task_id=query.get("task") or None, since=since,
-                            limit=limit + 1, before=cursor, scripts=who.scripts,
-                            caller=who.name)
+    rows = await request.app[DB].list_audit(
+        actor=query.get("actor") or None, action=action, task_id=query.get("task") or None,
+        since=since, limit=limit + 1, before=cursor, scripts=who.scripts, caller=who.name)
     more = len(rows) > limit
     rows = rows[:limit]
     return json_response({"events": [audit_json(r) for r in rows],
