@@ -64,6 +64,7 @@ STATUS: dict[type[errors.RemoteRunError], int] = {
     errors.UnsupportedMediaType: 415,
     errors.MisdirectedRequest: 421,
     errors.InvalidParams: 422,
+    errors.Unencodable: 422,
     errors.TooManyRequests: 429,
     errors.Unavailable: 503,
     errors.QueueFull: 503,

@@ -2,9 +2,10 @@
 credentials (token, `?token=`, session cookie), the failed-attempt limiter, security headers,
 and the audit entries handlers record.
 
-The checks run in this order, each before any handler reads the body: a rebinding Host (421),
-a foreign Origin (403 `bad_origin`), an address over its failure budget (429), a body that is
-not JSON (415), then who is calling (401). A request refused here never reaches the engine.
+The checks run in this order, each before any handler reads the body: a header that is not
+UTF-8 (422), a rebinding Host (421), a foreign Origin (403 `bad_origin`), an address over its
+failure budget (429), a body that is not JSON (415), then who is calling (401). A request
+refused here never reaches the engine.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from remoterun import errors
 from remoterun.api import AUTH, IDENTITY, LIMITER, SCHEDULER, SESSIONS, SETTINGS
 from remoterun.auth import COOKIE, Identity
 from remoterun.store import insert_audit
+from remoterun.wire import unencodable
 
 log = structlog.get_logger(__name__)
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -71,6 +73,16 @@ def check_origin(request: web.Request) -> None:
         return
     raise errors.BadOrigin(f"requests from {origin[:200]!r} are not accepted "
                            "(server.allowed_origins)")
+
+
+def check_headers(request: web.Request) -> None:
+    """Unencodable (422) for a header that is not UTF-8 text: aiohttp hands its bytes on as
+    lone surrogates, which no answer, log line or audit row that repeats them can encode."""
+    for name, value in request.headers.items():
+        if not value.isascii() and unencodable(value) is not None:
+            raise errors.Unencodable(f"the {name} header is not UTF-8 text",
+                                     details=[{"field": f"header:{name}",
+                                               "message": "not encodable as UTF-8"}])
 
 
 def check_host(request: web.Request) -> None:
@@ -130,6 +142,7 @@ def authenticate(request: web.Request) -> Identity:
 async def guard_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Host, Origin, the failure budget, the body's type, then the caller, for every request."""
     auth = request.app[AUTH]
+    check_headers(request)
     if not auth.enabled:
         check_host(request)
     check_origin(request)
