@@ -30,6 +30,7 @@ from remoterun.api import (
     guard,
     http,
     json_response,
+    listen,
     monitor,
     nodes,
     openapi,
@@ -247,8 +248,8 @@ async def on_shutdown(app: web.Application) -> None:
 def create_app(settings: Settings) -> web.Application:
     """The RemoteRun aiohttp application for these settings."""
     app = web.Application(client_max_size=settings.max_body_bytes,
-                          middlewares=[monitor.observe_middleware, error_middleware,
-                                       guard.guard_middleware])
+                          middlewares=[listen.deadline_middleware, monitor.observe_middleware,
+                                       error_middleware, guard.guard_middleware])
     app[SETTINGS] = settings
     app[CATALOGUE] = Catalogue(settings.scripts_dir, settings.scripts)
     app[METRICS] = Metrics()
