@@ -96,8 +96,21 @@ def test_cross_origin_page_cannot_drive_the_server(browser, target, evil_site):
     assert ws == {"opened": False, "code": 1006}
     tasks = get_json(target.url + "/tasks")["tasks"]
     assert tasks == []
-    audit = get_json(target.url + "/audit?action=denied")["events"]
-    refused = [e for e in audit if e["result"] == "bad_origin"]
-    assert len(refused) >= 3, audit  # the form, the fetch and the upgrade all reached us
-    assert {e["detail"].split(" ")[0] for e in refused} >= {"POST", "GET"}
+    # The form, the fetch and the upgrade all reached us: the first has its row, the others
+    # (within the second: issue 26, attack 7) are counted in a summary row.
+    deadline = time.monotonic() + 10
+    while True:
+        audit = get_json(target.url + "/audit?action=denied")["events"]
+        refused = [e for e in audit if e["result"] == "bad_origin"]
+        if sum(refusals(e) for e in refused) >= 3 or time.monotonic() > deadline:
+            break
+        time.sleep(0.1)
+    assert sum(refusals(e) for e in refused) >= 3, audit
+    assert refused[-1]["detail"].startswith("POST /tasks")
     page.close()
+
+
+def refusals(row: dict) -> int:
+    """How many refused requests a `denied` row stands for (a summary row counts several)."""
+    words = row["detail"].split()
+    return int(words[1]) if words[0] == "summary:" else 1

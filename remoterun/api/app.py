@@ -17,6 +17,7 @@ from remoterun.api import (
     AUTH,
     CATALOGUE,
     DB,
+    DENIALS,
     IDENTITY,
     LIMITER,
     METRICS,
@@ -258,9 +259,11 @@ def create_app(settings: Settings) -> web.Application:
     app[LIMITER] = FailureLimiter(settings.auth_fail_limit, settings.auth_fail_window_s)
     app[SOCKETS] = weakref.WeakSet[web.WebSocketResponse]()
     app[READINESS] = monitor.Readiness()
+    app[DENIALS] = audit.Denials()
     monitor.add_default_checks(app)
     app.cleanup_ctx.append(monitor.alerts_service)  # before the scheduler, closed after it
     app.cleanup_ctx.append(services)
+    app.cleanup_ctx.append(audit.denial_summaries)  # needs the scheduler; closed before it
     app.on_shutdown.append(on_shutdown)
     app.on_response_prepare.append(guard.security_headers)
     app.router.add_routes(http.routes)

@@ -19,7 +19,7 @@ from aiohttp import web
 from yarl import URL
 
 from remoterun import errors
-from remoterun.api import AUTH, IDENTITY, LIMITER, SCHEDULER, SESSIONS, SETTINGS
+from remoterun.api import AUTH, DENIALS, IDENTITY, LIMITER, SCHEDULER, SESSIONS, SETTINGS
 from remoterun.auth import COOKIE, Identity
 from remoterun.store import insert_audit
 from remoterun.wire import unencodable
@@ -191,7 +191,10 @@ async def record(request: web.Request, action: str, *, task_id: str | None = Non
 
 
 async def record_denied(request: web.Request, exc: errors.RemoteRunError) -> None:
-    """The audit row of a 401 or 403: who asked for what, and why it was refused."""
+    """The audit row of a 401 or 403: who asked for what, and why it was refused; at most one
+    per address and reason a second, the rest counted in a summary row (audit.Denials)."""
+    if not request.app[DENIALS].admit(request.remote or "-", exc.code):
+        return
     task_id = request.match_info.get("id")
     detail = f"{request.method} {asked(request)[:300]}: {exc.message}"[:1000]
     try:
