@@ -3,7 +3,9 @@ logout revocation, the cookie's flags), the failed-attempt limiter, `token creat
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
+import json
 import subprocess
 import sys
 import time
@@ -14,7 +16,7 @@ import pytest
 from conftest import TOKENS, wait_for
 
 from remoterun import config
-from remoterun.auth import COOKIE
+from remoterun.auth import COOKIE, Sessions
 from remoterun.config import Token
 
 
@@ -121,23 +123,73 @@ def test_empty_script_list_from_config_allows_nothing(tmp_path):
 
 
 async def test_failed_attempts_are_rate_limited(make_client):
-    """Past auth_fail_limit failures an address gets 429 with Retry-After, even with a good
-    token, until the window passes."""
+    """Past auth_fail_limit failures an address gets 429 with Retry-After for every wrong or
+    missing credential until the window passes; a valid token is still served (issue 26)."""
     client = await make_client(tokens=TOKENS, auth_fail_limit=3, auth_fail_window_s=1.0)
     for _ in range(2):
         assert (await client.get("/tasks", headers={"Authorization": "Bearer nope"})).status \
             == 401
     assert (await client.post("/login", json={"token": "wrong"})).status == 401
-    limited = await client.get("/tasks", headers={"Authorization": "Bearer admin-token"})
+    limited = await client.get("/tasks", headers={"Authorization": "Bearer nope"})
     assert limited.status == 429 and int(limited.headers["Retry-After"]) >= 1
     assert (await limited.json())["error"] == "too_many_requests"
-    assert (await client.post("/login", json={"token": "admin-token"})).status == 429
+    assert (await client.post("/login", json={"token": "wrong"})).status == 429
+    assert (await client.get("/tasks")).status == 429
 
     async def back():
-        response = await client.get("/tasks", headers={"Authorization": "Bearer admin-token"})
-        return response.status == 200
+        response = await client.get("/tasks", headers={"Authorization": "Bearer nope"})
+        return response.status == 401
 
     await wait_for(back, timeout=5, what="the window to pass")
+
+
+async def test_parallel_wrong_logins_are_counted_before_their_bodies(make_client):
+    """Issue 26, attack 8: of 100 wrong logins sent at once, only auth_fail_limit are checked
+    (401); the rest get 429, because each is counted before its body is read."""
+    client = await make_client(tokens=TOKENS, auth_fail_limit=20, auth_fail_window_s=60.0)
+    connections = [await asyncio.open_connection("127.0.0.1", client.port)
+                   for _ in range(100)]
+    bodies = [json.dumps({"token": f"guess-{i:03}"}).encode() for i in range(100)]
+    for (_, writer), body in zip(connections, bodies, strict=True):
+        writer.write(b"POST /login HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n"
+                     b"Content-Type: application/json\r\nContent-Length: "
+                     + str(len(body)).encode() + b"\r\n\r\n")
+    await asyncio.sleep(0.5)  # every request's headers are in before any body
+    for (_, writer), body in zip(connections, bodies, strict=True):
+        writer.write(body)
+    answers = await asyncio.gather(*(reader.read() for reader, _ in connections))
+    for _, writer in connections:
+        writer.close()
+    statuses = [int(a.split(b" ", 2)[1]) for a in answers]
+    assert statuses.count(401) == 20 and statuses.count(429) == 80, statuses
+
+
+async def test_a_valid_credential_is_never_locked_out(make_client):
+    """Issue 26, attack 8: after 22 bad tokens from the address, the admin's token (header,
+    login, session) is served there while wrong ones get 429."""
+    client = await make_client(tokens=TOKENS, auth_fail_limit=20, auth_fail_window_s=60.0)
+    for _ in range(22):
+        await client.get("/tasks", headers={"Authorization": "Bearer guessed-token-123"})
+    assert (await client.get("/tasks", headers={"Authorization": "Bearer guessed"})).status \
+        == 429
+    assert (await client.get("/tasks", headers={"Authorization": "Bearer admin-token"})).status \
+        == 200
+    assert (await client.post("/login", json={"token": "wrong"})).status == 429
+    login = await client.post("/login", json={"token": "admin-token"})
+    assert login.status == 200, await login.text()
+
+
+def test_sessions_are_capped_per_token():
+    """Issue 26, attack 8: 10,000 logins with one viewer token evict only that token's oldest
+    sessions; an admin's session (and the viewer's newest) live on."""
+    sessions = Sessions(ttl_s=600)
+    admin = sessions.create("admin-digest")
+    viewer = [sessions.create("viewer-digest") for _ in range(10_000)]
+    assert sessions.token_digest(admin) == "admin-digest"
+    assert sessions.token_digest(viewer[-1]) == "viewer-digest"
+    assert sessions.token_digest(viewer[0]) is None
+    alive = sum(sessions.token_digest(v) is not None for v in viewer)
+    assert alive == Sessions.PER_TOKEN
 
 
 def test_token_create_prints_a_token_and_its_config_lines(tmp_path):

@@ -136,14 +136,22 @@ async def _login_token(request: web.Request) -> str | None:
 async def login(request: web.Request) -> web.Response:
     """Exchange a token for a server-side session: the cookie holds an opaque id, never the
     token, and POST /logout revokes it."""
-    token = await _login_token(request)
     app = request.app
+    limiter, address = app[LIMITER], request.remote or "-"
+    wait = limiter.retry_after(address) if app[AUTH].enabled else None
+    # Counted as failed before the body is read, so that logins sent at once cannot all be
+    # checked before the first is counted; forgiven if the token is right.
+    stamp = limiter.record(address) if app[AUTH].enabled and wait is None else None
+    token = await _login_token(request)
     try:
         who = app[AUTH].identify(token)
     except errors.Unauthorized:
-        if app[AUTH].enabled:
-            app[LIMITER].record(request.remote or "-")
+        if wait is not None:  # over the budget: a wrong token learns nothing
+            raise errors.TooManyRequests(f"too many failed attempts from {address}: wait",
+                                         retry_after_s=wait) from None
         raise
+    if stamp is not None:
+        limiter.forgive(address, stamp)
     response = json_response({"name": who.name, "role": who.role})
     if app[AUTH].enabled and token is not None:
         sessions = app[SESSIONS]

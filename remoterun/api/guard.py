@@ -3,9 +3,10 @@ credentials (token, `?token=`, session cookie), the failed-attempt limiter, secu
 and the audit entries handlers record.
 
 The checks run in this order, each before any handler reads the body: a header that is not
-UTF-8 (422), a rebinding Host (421), a foreign Origin (403 `bad_origin`), an address over its
-failure budget (429), a body that is not JSON (415), then who is calling (401). A request
-refused here never reaches the engine.
+UTF-8 (422), a rebinding Host (421), a foreign Origin (403 `bad_origin`), a body that is not
+JSON (415), then who is calling: a valid credential is served, a wrong or missing one answers
+401, or 429 once its address is over the failure budget. A request refused here never reaches
+the engine.
 """
 
 from __future__ import annotations
@@ -150,9 +151,6 @@ async def guard_middleware(request: web.Request, handler: Handler) -> web.Stream
     if not auth.enabled:
         request[IDENTITY] = auth.identify(None)
         return await handler(request)
-    address = request.remote or "-"
-    limiter = request.app[LIMITER]
-    limiter.check(address)
     path = request.path
     public = path == "/" or path.startswith(PUBLIC_PREFIXES) or (
         path == "/metrics" and request.app[SETTINGS].metrics_public)
@@ -160,7 +158,11 @@ async def guard_middleware(request: web.Request, handler: Handler) -> web.Stream
         request[IDENTITY] = authenticate(request)
     except errors.Unauthorized:
         if not public:
-            limiter.record(address)
+            # Past the budget a wrong credential learns nothing (429); a valid one was
+            # served above, whoever else failed from its address.
+            address = request.remote or "-"
+            request.app[LIMITER].check(address)
+            request.app[LIMITER].record(address)
             raise
         request[IDENTITY] = None
     return await handler(request)
