@@ -114,3 +114,28 @@ def refusals(row: dict) -> int:
     """How many refused requests a `denied` row stands for (a summary row counts several)."""
     words = row["detail"].split()
     return int(words[1]) if words[0] == "summary:" else 1
+
+
+def post_json(url: str, body: dict) -> dict:
+    """POST a JSON document to the server (no Origin: as curl would)."""
+    request = urllib.request.Request(url, data=json.dumps(body).encode(), method="POST",
+                                     headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=10) as response:
+        return json.loads(response.read())
+
+
+def test_a_link_from_another_site_opens_the_task(browser, target, evil_site, tmp_path):
+    """Issue 26, attack 12: a task link in an alert (another site: DingTalk, a mail, a chat)
+    opens the page on that task; before, the cross-site navigation answered 403 bad_origin."""
+    task = post_json(target.url + "/tasks", {"script": "hello.sh"})
+    (tmp_path / "evil" / "alert.html").write_text(
+        f'<!doctype html><a id="link" href="{target.url}/?task={task["id"]}">task</a>')
+    page = browser.new_page()
+    page.goto(evil_site + "alert.html")
+    with page.expect_navigation() as navigation:
+        page.click("#link")
+    assert navigation.value.status == 200, navigation.value.text()
+    page.wait_for_function("() => window.terminalText", timeout=10_000)
+    page.wait_for_function("() => document.querySelector('#task-status').textContent "
+                           "=== 'success'", timeout=10_000)
+    page.close()

@@ -54,7 +54,14 @@ def own_origin(request: web.Request) -> tuple[str, str, int | None]:
 
 
 def check_origin(request: web.Request) -> None:
-    """BadOrigin for a request sent by a page of any origin but ours or a configured one."""
+    """BadOrigin for a request sent by a page of any origin but ours or a configured one.
+
+    The page itself (`GET /`, `/?task=<id>`) is the exception: a link to a task in an alert
+    (chat, mail) is a cross-site navigation, and the page is code that reads and changes
+    nothing until its own scripts call the API, from our origin (framing stays refused).
+    """
+    if request.path == "/" and request.method in ("GET", "HEAD"):
+        return
     origin = request.headers.get("Origin")
     if origin is None:
         # Browsers send Origin on every cross-origin POST, fetch and WebSocket; a cross-site
