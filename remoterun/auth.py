@@ -17,6 +17,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from typing import NamedTuple
 
 from remoterun.catalogue import Script
 from remoterun.config import MIN_TOKEN_CHARS, ROLES, Token
@@ -24,6 +25,8 @@ from remoterun.errors import Forbidden, TooManyRequests, Unauthorized
 
 RANK = {"viewer": 0, "operator": 1, "admin": 2}
 COOKIE = "remoterun_session"
+# Over TLS: a cookie only a secure page of this host, path /, could have set (not a subdomain).
+SECURE_COOKIE = "__Host-" + COOKIE
 Clock = Callable[[], float]
 
 
@@ -114,8 +117,21 @@ class Authenticator:
         return Identity(match.name, match.role, match.scripts)
 
 
+class NewSession(NamedTuple):
+    """What a login hands out: the cookie's id and the key the page keeps and sends with it."""
+
+    id: str
+    key: str
+
+
 class Sessions:
-    """Server-side sessions: an opaque random id for the cookie, kept here only as its digest.
+    """Server-side sessions: an opaque random id for the cookie and a key for the page, both
+    kept here only as digests.
+
+    A cookie alone never authenticates: cookies are not scoped by port, so any page of the
+    host (another port is another origin) may receive ours, or set its own in its place. The
+    key is answered once, in the login's body, which only our origin's page can read; it keeps
+    it in its origin's storage and sends it with every call (issue 26).
 
     A session points at its token's digest, so a token removed from the config or expired
     ends its sessions too. Each token has at most PER_TOKEN sessions: a new one past that ends
@@ -129,27 +145,28 @@ class Sessions:
     def __init__(self, ttl_s: float, clock: Clock = time.time):
         self.ttl_s = ttl_s
         self._clock = clock
-        # session digest -> (token digest, expiry), oldest first (one ttl: also by expiry)
-        self._by_digest: collections.OrderedDict[str, tuple[str, float]] = (
+        # session digest -> (token digest, key digest, expiry), oldest first (one ttl: also
+        # the first to expire)
+        self._by_digest: collections.OrderedDict[str, tuple[str, str, float]] = (
             collections.OrderedDict())
         self._of_token: dict[str, collections.OrderedDict[str, None]] = {}
 
-    def create(self, token_digest: str) -> str:
-        """A new session id for the token with this digest (shown once, to the cookie)."""
+    def create(self, token_digest: str) -> NewSession:
+        """A new session for the token with this digest (its id and key shown once)."""
         now = self._clock()
         while self._by_digest:
-            key, (_, expires) = next(iter(self._by_digest.items()))
+            key, (_, _, expires) = next(iter(self._by_digest.items()))
             if expires > now:
                 break
             self._forget(key)
         mine = self._of_token.setdefault(token_digest, collections.OrderedDict())
         while len(mine) >= self.PER_TOKEN:
             self._forget(next(iter(mine)))
-        session_id = secrets.token_urlsafe(32)
-        key = digest(session_id)
-        self._by_digest[key] = (token_digest, now + self.ttl_s)
+        made = NewSession(secrets.token_urlsafe(32), secrets.token_urlsafe(32))
+        key = digest(made.id)
+        self._by_digest[key] = (token_digest, digest(made.key), now + self.ttl_s)
         mine[key] = None
-        return session_id
+        return made
 
     def _forget(self, key: str) -> bool:
         found = self._by_digest.pop(key, None)
@@ -162,19 +179,22 @@ class Sessions:
                 del self._of_token[found[0]]
         return True
 
-    def token_digest(self, session_id: str) -> str | None:
-        """The token digest of a live session, or None (unknown, revoked or expired)."""
+    def token_digest(self, session_id: str, session_key: str) -> str | None:
+        """The token digest of a live session whose key this is, or None (unknown, revoked,
+        expired, or another key)."""
         key = digest(session_id)
         found = self._by_digest.get(key)
-        if found is None:
+        if found is None or not hmac.compare_digest(found[1], digest(session_key)):
             return None
-        if found[1] <= self._clock():
+        if found[2] <= self._clock():
             self._forget(key)
             return None
         return found[0]
 
-    def revoke(self, session_id: str) -> bool:
-        """End a session; whether it existed."""
+    def revoke(self, session_id: str, session_key: str) -> bool:
+        """End a session (its key must match); whether it existed."""
+        if self.token_digest(session_id, session_key) is None:
+            return False
         return self._forget(digest(session_id))
 
 

@@ -74,8 +74,9 @@ async def test_download_sse_login_logout_rows(secured):
     await wait_final(secured, task["id"], headers=OPS)
     await (await secured.get(f"/tasks/{task['id']}/output", headers=VIEWER)).read()
     await (await secured.get(f"/tasks/{task['id']}/logs", headers=VIEWER)).read()
-    await secured.post("/login", json={"token": "viewer-token"})
-    await secured.post("/logout")
+    login = await secured.post("/login", json={"token": "viewer-token"})
+    key = (await login.json())["session_key"]
+    await secured.post("/logout", headers={"X-RemoteRun-Session-Key": key})
     (download,) = await events(secured, "?action=download")
     assert download["actor"] == "viewer-1" and download["task_id"] == task["id"]
     (sse,) = await events(secured, "?action=attach")

@@ -39,7 +39,8 @@ def tls_server(tmp_path: Path):
 
 
 async def test_https_and_wss_with_a_secure_cookie(tls_server):
-    """HTTPS answers, WSS submits and streams, and the session cookie is Secure over TLS."""
+    """HTTPS answers, WSS submits and streams, and the session cookie is Secure and
+    `__Host-` prefixed over TLS, and needs its key."""
     server, context = tls_server
     base = f"https://127.0.0.1:{server.port}"
     async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=context)) as http:
@@ -48,6 +49,11 @@ async def test_https_and_wss_with_a_secure_cookie(tls_server):
         assert login.status == 200
         cookie = login.headers["Set-Cookie"].lower()
         assert "secure" in cookie and "httponly" in cookie
+        assert cookie.startswith("__host-remoterun_session=") and "domain" not in cookie
+        key = {"X-RemoteRun-Session-Key": (await login.json())["session_key"]}
+        stolen = {"Cookie": login.headers["Set-Cookie"].split(";")[0]}
+        assert (await http.get(base + "/whoami", headers=stolen)).status == 401
+        assert (await http.get(base + "/whoami", headers={**stolen, **key})).status == 200
         ws = await http.ws_connect(f"wss://127.0.0.1:{server.port}/ws",
                                    headers={"Authorization": "Bearer operator-token-123456",
                                             "Origin": base})

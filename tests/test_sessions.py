@@ -25,6 +25,14 @@ def session_of(response) -> str:
     return SimpleCookie(response.headers["Set-Cookie"])[COOKIE].value
 
 
+async def logged_in(client, token: str) -> dict[str, str]:
+    """Log in; the headers a page sends with each call then: the cookie and the key."""
+    response = await client.post("/login", json={"token": token})
+    client.session.cookie_jar.clear()
+    return {"Cookie": f"{COOKIE}={session_of(response)}",
+            "X-RemoteRun-Session-Key": (await response.json())["session_key"]}
+
+
 async def test_session_cookie_is_opaque_and_flagged(make_client):
     """The cookie holds a random id, not the token; HttpOnly, SameSite=Strict, Max-Age set."""
     client = await make_client(tokens=TOKENS, session_ttl_s=600)
@@ -39,9 +47,7 @@ async def test_session_cookie_is_opaque_and_flagged(make_client):
 async def test_logout_revokes_the_session_on_the_server(make_client):
     """After POST /logout the old session id is refused even if a client kept it."""
     client = await make_client(tokens=TOKENS)
-    session = session_of(await client.post("/login", json={"token": "viewer-token"}))
-    kept = {"Cookie": f"{COOKIE}={session}"}
-    client.session.cookie_jar.clear()
+    kept = await logged_in(client, "viewer-token")
     assert (await client.get("/tasks", headers=kept)).status == 200
     out = await client.post("/logout", headers=kept)
     assert (await out.json())["revoked"] is True
@@ -52,9 +58,7 @@ async def test_logout_revokes_the_session_on_the_server(make_client):
 async def test_session_expires_after_ttl(make_client):
     """A session older than server.session_ttl_s is refused (401)."""
     client = await make_client(tokens=TOKENS, session_ttl_s=0.5)
-    session = session_of(await client.post("/login", json={"token": "operator-token"}))
-    kept = {"Cookie": f"{COOKIE}={session}"}
-    client.session.cookie_jar.clear()
+    kept = await logged_in(client, "operator-token")
     assert (await client.get("/tasks", headers=kept)).status == 200
 
     async def refused():
@@ -185,10 +189,10 @@ def test_sessions_are_capped_per_token():
     sessions = Sessions(ttl_s=600)
     admin = sessions.create("admin-digest")
     viewer = [sessions.create("viewer-digest") for _ in range(10_000)]
-    assert sessions.token_digest(admin) == "admin-digest"
-    assert sessions.token_digest(viewer[-1]) == "viewer-digest"
-    assert sessions.token_digest(viewer[0]) is None
-    alive = sum(sessions.token_digest(v) is not None for v in viewer)
+    assert sessions.token_digest(*admin) == "admin-digest"
+    assert sessions.token_digest(*viewer[-1]) == "viewer-digest"
+    assert sessions.token_digest(*viewer[0]) is None
+    alive = sum(sessions.token_digest(*v) is not None for v in viewer)
     assert alive == Sessions.PER_TOKEN
 
 

@@ -38,7 +38,7 @@ from remoterun.api import (
     sse,
     ws,
 )
-from remoterun.auth import COOKIE, Authenticator, FailureLimiter, Sessions, digest
+from remoterun.auth import Authenticator, FailureLimiter, Sessions, digest
 from remoterun.catalogue import Catalogue
 from remoterun.compressor import Compressor
 from remoterun.config import Settings
@@ -135,7 +135,8 @@ async def _login_token(request: web.Request) -> str | None:
 
 async def login(request: web.Request) -> web.Response:
     """Exchange a token for a server-side session: the cookie holds an opaque id, never the
-    token, and POST /logout revokes it."""
+    token; the body's `session_key` is what the page sends with it (a cookie alone never
+    authenticates: auth.Sessions); POST /logout revokes it."""
     app = request.app
     limiter, address = app[LIMITER], request.remote or "-"
     wait = limiter.retry_after(address) if app[AUTH].enabled else None
@@ -152,12 +153,16 @@ async def login(request: web.Request) -> web.Response:
         raise
     if stamp is not None:
         limiter.forgive(address, stamp)
-    response = json_response({"name": who.name, "role": who.role})
+    body: dict[str, str] = {"name": who.name, "role": who.role}
+    session = None
     if app[AUTH].enabled and token is not None:
-        sessions = app[SESSIONS]
-        response.set_cookie(COOKIE, sessions.create(digest(token)), httponly=True,
+        session = app[SESSIONS].create(digest(token))
+        body["session_key"] = session.key  # read only by a page of our origin: the answer
+    response = json_response(body)
+    if session is not None:
+        response.set_cookie(guard.cookie_name(request), session.id, httponly=True,
                             samesite="Strict", path="/", secure=request.secure,
-                            max_age=math.ceil(sessions.ttl_s))
+                            max_age=math.ceil(app[SESSIONS].ttl_s))
     await guard.record(request, "login", who=who)
     return response
 
@@ -173,10 +178,12 @@ async def whoami(request: web.Request) -> web.Response:
 
 async def logout(request: web.Request) -> web.Response:
     """Revoke the session on the server and drop its cookie."""
-    session_id = request.cookies.get(COOKIE)
-    revoked = request.app[SESSIONS].revoke(session_id) if session_id else False
+    key = guard.session_key(request)
+    sessions = request.app[SESSIONS]
+    revoked = key is not None and any(
+        sessions.revoke(session_id, key) for session_id in guard.session_ids(request))
     response = json_response({"ok": True, "revoked": revoked})
-    response.del_cookie(COOKIE, path="/")
+    response.del_cookie(guard.cookie_name(request), path="/", secure=request.secure)
     await guard.record(request, "logout", result="ok" if revoked else "no_session")
     return response
 

@@ -1,6 +1,6 @@
 """Browser safety and access control in front of every handler: Host, Origin, body type,
-credentials (token, `?token=`, session cookie), the failed-attempt limiter, security headers,
-and the audit entries handlers record.
+credentials (token, `?token=`, session cookie with its key), the failed-attempt limiter,
+security headers, and the audit entries handlers record.
 
 The checks run in this order, each before any handler reads the body: a header that is not
 UTF-8 (422), a rebinding Host (421), a foreign Origin (403 `bad_origin`), a body that is not
@@ -21,7 +21,7 @@ from yarl import URL
 
 from remoterun import errors
 from remoterun.api import AUTH, DENIALS, IDENTITY, LIMITER, SCHEDULER, SESSIONS, SETTINGS
-from remoterun.auth import COOKIE, Identity
+from remoterun.auth import COOKIE, SECURE_COOKIE, Identity
 from remoterun.store import insert_audit
 from remoterun.wire import unencodable
 
@@ -32,6 +32,7 @@ LOOPBACK_HOSTS = frozenset({"localhost", "127.0.0.1", "[::1]", "::1"})
 # Paths any browser may load before logging in: the page is code, not data.
 PUBLIC_PREFIXES = ("/healthz", "/static/", "/vendor/", "/login", "/openapi.json")
 JSON = "application/json"
+SESSION_KEY = "X-RemoteRun-Session-Key"
 FORM_TYPES = frozenset({"application/x-www-form-urlencoded", "multipart/form-data"})
 # connect-src 'self' covers ws:// and wss:// of the page's own origin (CSP Level 3).
 CSP = ("default-src 'self'; script-src 'self'; style-src 'self' 'unsafe-inline'; "
@@ -129,21 +130,53 @@ def presented_token(request: web.Request) -> tuple[str | None, str | None]:
     """(token, session id) as presented: Bearer header, else `?token=`, else the cookie."""
     header = request.headers.get("Authorization", "")
     token = header[7:].strip() if header[:7].lower() == "bearer " else None
-    token = token or request.query.get("token")
-    return token, (None if token else request.cookies.get(COOKIE))
+    token = token or request.query.get("token") or None
+    return token, (None if token else next(iter(session_ids(request)), None))
+
+
+def cookie_name(request: web.Request) -> str:
+    """The session cookie's name: `__Host-` prefixed over TLS."""
+    return SECURE_COOKIE if request.secure else COOKIE
+
+
+def session_ids(request: web.Request) -> list[str]:
+    """Every session id the request's cookies hold: a page of another port may have set one
+    beside ours (cookies are not scoped by port), so none is trusted for being first."""
+    name = cookie_name(request)
+    found = []
+    for header in request.headers.getall("Cookie", []):
+        for part in header.split(";"):
+            key, _, value = part.strip().partition("=")
+            if key == name and value:
+                found.append(value.strip('"'))
+    return found
+
+
+def session_key(request: web.Request) -> str | None:
+    """The page's session key: its header, or `?session_key=` (a WebSocket, an EventSource or
+    a download link cannot set a header)."""
+    return request.headers.get(SESSION_KEY) or request.query.get("session_key") or None
 
 
 def authenticate(request: web.Request) -> Identity:
-    """Who is calling; Unauthorized for no, an unknown or an expired credential."""
+    """Who is calling; Unauthorized for no, an unknown or an expired credential, and for a
+    session cookie without its key."""
     auth = request.app[AUTH]
-    token, session_id = presented_token(request)
-    if token is not None or session_id is None or not auth.enabled:
+    token, _ = presented_token(request)
+    ids = session_ids(request) if token is None and auth.enabled else []
+    if not ids:
         return auth.identify(token)
-    token_digest = request.app[SESSIONS].token_digest(session_id)
-    if token_digest is None:
-        raise errors.Unauthorized("the session has expired or was logged out; log in again",
-                                  code="session_expired")
-    return auth.identify_digest(token_digest)
+    key = session_key(request)
+    if key is None:
+        raise errors.Unauthorized(f"a session cookie alone does not authenticate: send the "
+                                  f"session key the login answered ({SESSION_KEY})",
+                                  code="session_key_required")
+    for session_id in ids:
+        token_digest = request.app[SESSIONS].token_digest(session_id, key)
+        if token_digest is not None:
+            return auth.identify_digest(token_digest)
+    raise errors.Unauthorized("the session has expired or was logged out; log in again",
+                              code="session_expired")
 
 
 @web.middleware
@@ -176,9 +209,11 @@ async def guard_middleware(request: web.Request, handler: Handler) -> web.Stream
 
 
 def asked(request: web.Request) -> str:
-    """The request's path and query for the audit, without a `?token=` (never stored)."""
+    """The request's path and query for the audit, without a `?token=` or `?session_key=`
+    (never stored)."""
     query = request.rel_url.query
-    return str(request.rel_url.with_query({k: v for k, v in query.items() if k != "token"}))
+    return str(request.rel_url.with_query(
+        [(k, v) for k, v in query.items() if k not in ("token", "session_key")]))
 
 
 def audit_entry(request: web.Request, action: str, result: str = "ok",
