@@ -17,6 +17,7 @@ from remoterun.store import Store
 from remoterun.wire import dumps
 
 if TYPE_CHECKING:
+    from remoterun.api.audit import Denials
     from remoterun.api.monitor import Readiness
 
 SETTINGS = web.AppKey("settings", Settings)
@@ -27,6 +28,7 @@ METRICS = web.AppKey("metrics", Metrics)
 AUTH = web.AppKey("auth", Authenticator)
 ALERTS = web.AppKey("alerts", Alerts)
 READINESS: web.AppKey[Readiness] = web.AppKey("readiness")
+DENIALS: web.AppKey[Denials] = web.AppKey("denials")
 SESSIONS = web.AppKey("sessions", Sessions)
 LIMITER = web.AppKey("limiter", FailureLimiter)
 SOCKETS: web.AppKey[weakref.WeakSet[web.WebSocketResponse]] = web.AppKey("sockets")

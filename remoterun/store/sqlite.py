@@ -87,6 +87,9 @@ class Database(Queries):
         await asyncio.to_thread(_private, self.path)
         self._conn = await aiosqlite.connect(self.path, isolation_level=None)
         self._conn.row_factory = sqlite3.Row
+        # Text that is not UTF-8 (written by another program, or by hand) reads as U+FFFD
+        # instead of failing the whole query: one bad row must not hide every list it is in.
+        self._conn.text_factory = _text
         for pragma in ("journal_mode=WAL", "synchronous=NORMAL", "foreign_keys=ON",
                        "busy_timeout=5000"):
             await self.conn.execute(f"PRAGMA {pragma}")
@@ -211,6 +214,11 @@ class Database(Queries):
         rows = await self.conn.execute_fetchall(sql, params)
         return [dict(row) for row in rows]
 
+
+
+def _text(raw: bytes) -> str:
+    """A TEXT value as read: UTF-8, with any bytes that are not replaced by U+FFFD."""
+    return raw.decode("utf-8", "replace")
 
 
 def _private(path: Path) -> None:
