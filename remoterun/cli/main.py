@@ -286,6 +286,8 @@ def parser() -> argparse.ArgumentParser:
                              "http://127.0.0.1:8080)")
     common.add_argument("--token", default=argparse.SUPPRESS,
                         help="a bearer token (default: $REMOTERUN_TOKEN, the config file)")
+    common.add_argument("--utc", action="store_true", default=argparse.SUPPRESS,
+                        help="print times in UTC (Z) instead of local time with its offset")
     p = argparse.ArgumentParser(prog="remoterun", parents=[common], epilog=EPILOG,
                                 description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
