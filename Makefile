@@ -1,6 +1,6 @@
 # The two commands of the README: `make serve` and `make test`. Each installs what it needs first.
 PYTHON ?= python3
-APT_PACKAGES = chromium bubblewrap prometheus openssl docker.io debootstrap postgresql redis-server
+APT_PACKAGES = chromium bubblewrap libseccomp2 prometheus openssl docker.io debootstrap postgresql redis-server
 
 .PHONY: serve test screenshot bench bench-install install install-python install-node install-system vendor dist image
 
