@@ -6,12 +6,14 @@ from __future__ import annotations
 import json
 import platform
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
 from aiohttp.test_utils import TestClient
-from conftest import make_settings, submit, wait_final
+from conftest import ROOT, make_settings, submit, wait_final
 
 from remoterun.catalogue import Catalogue, MetadataError
 from remoterun.config import ConfigError, SandboxConfig, parse
@@ -95,6 +97,21 @@ def test_a_bad_profile_stops_the_server(tmp_path):
     with pytest.raises(ConfigError, match=r"sandbox\.seccomp: "):
         parse({"sandbox": {"seccomp": 1}}, tmp_path)
     assert parse({"sandbox": {"seccomp": "off"}}, tmp_path).sandbox.seccomp == "off"
+
+
+def test_serve_refuses_a_bad_profile(tmp_path):
+    """`remoterun serve` with a profile it cannot use exits 2 saying why, naming the key."""
+    (tmp_path / "scripts").mkdir()
+    (tmp_path / "bad.toml").write_text('deny = ["no_such_call"]\n')
+    (tmp_path / "config.toml").write_text(
+        '[server]\nport = 0\n[paths]\nscripts = "scripts"\narchive = "archive"\n'
+        'db = "rr.db"\n[sandbox]\nmode = "bwrap"\nseccomp = "bad.toml"\n')
+    done = subprocess.run([sys.executable, "-m", "remoterun", "serve", "--config",
+                           str(tmp_path / "config.toml")], cwd=ROOT, capture_output=True,
+                          text=True, timeout=60)
+    assert done.returncode == 2, done.stderr
+    assert "config error: sandbox.seccomp: " in done.stderr
+    assert "unknown system call 'no_such_call'" in done.stderr
 
 
 @pytest.mark.parametrize(("config", "sidecar", "allowed"), [

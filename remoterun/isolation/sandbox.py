@@ -70,7 +70,7 @@ class Policy:
     run_as: str = ""
     limits: ResourceLimits = ResourceLimits()
     env: Mapping[str, str] = field(default_factory=dict)
-    seccomp: str = seccomp.DEFAULT  # bwrap's filter: default, off or a profile's absolute path
+    seccomp: str = "default"  # bwrap's filter: default, off or a profile's absolute path
 
 
 @dataclass(eq=False)
@@ -220,12 +220,12 @@ class Sandbox:
 
     def _seccomp_settings(self) -> list[tuple[str, str]]:
         """Every seccomp setting config.toml makes, resolved (a sidecar may name no other)."""
-        found = [("sandbox.seccomp", self.settings.sandbox.seccomp), ("sidecars", "default")]
+        found = [("sandbox.seccomp", self.settings.sandbox.seccomp),
+                 ("sidecars", seccomp.DEFAULT)]
         for name, meta in self.settings.scripts.items():
-            value = meta.get("sandbox", {}).get("seccomp") if isinstance(
-                meta.get("sandbox"), dict) else None
-            if isinstance(value, str):
-                found.append((f"scripts.{name!r}.sandbox.seccomp", value))
+            box = meta.get("sandbox")
+            if isinstance(box, dict) and isinstance(box.get("seccomp"), str):
+                found.append((f"scripts.{name!r}.sandbox.seccomp", box["seccomp"]))
         return [(where, seccomp.resolve(value, self._config_dir)) for where, value in found]
 
     async def close(self) -> None:
