@@ -11,6 +11,9 @@ It is the single-node `Scheduler` with these parts replaced:
 - Heartbeats: each node refreshes its row; one that stays silent past `node_timeout_s` is
   declared lost by whichever node gets there first (exactly once), and its running tasks are
   recorded failed, "node X was lost during attempt N", or queued again per their retries.
+- Fencing: each node's watchdog process (`cluster.watchdog`) kills the node's runs once its
+  lease has gone unrenewed for half of `node_timeout_s`, before any other node may take them
+  over; the node then writes nothing of them and joins again under a new epoch.
 - Clients follow any task through its Redis stream (`cluster.follow`), and controls for a task
   another node runs go to it through Redis (`cluster.relay`).
 """
@@ -36,6 +39,7 @@ from remoterun.catalogue import Catalogue, Script
 from remoterun.cluster.control import KEY_PURPOSE, Action, Control, Controls
 from remoterun.cluster.follow import RemoteControl, RemoteSubscription
 from remoterun.cluster.relay import Relay, RelaySink
+from remoterun.cluster.watchdog import Watchdog, lease_clock
 from remoterun.config import Settings
 from remoterun.engine.hub import Subscription, TaskHub, replay_finished
 from remoterun.engine.scheduler import Scheduler, TaskState, Where, _finalize_archive
@@ -82,13 +86,16 @@ class ClusterScheduler(Scheduler):
         self._healthy_since: float | None = None  # monotonic: beating since (None: not now)
         self._claim_unsure = False  # a claim failed: it may have committed all the same
         db.fence = lambda: pg.node_fence(self.node, self.epoch)
+        self.watchdog = Watchdog(fence_s(self.cluster.node_timeout_s), self._on_fenced, children)
 
     # Life ------------------------------------------------------------------------------------
 
     async def start(self) -> None:
         """Join the cluster, record what an earlier run of this node left, start the loops."""
         await self._scan()
+        sent_at = lease_clock()
         await self._register()
+        self.watchdog.start(sent_at)
         vault = await self.protection.open_key()
         self.relay.controls = Controls(vault.derive(KEY_PURPOSE))
         await self._recover()
@@ -100,13 +107,15 @@ class ClusterScheduler(Scheduler):
             self._listener = await self.db.listen(self._wake.set)
         self._loops = [asyncio.create_task(self._dispatch_loop(), name="dispatcher"),
                        asyncio.create_task(self._flush_loop(), name="archive-flusher"),
-                       asyncio.create_task(self._nodes_loop(), name="node-heartbeat")]
+                       asyncio.create_task(self._nodes_loop(), name="node-judge"),
+                       asyncio.create_task(self._lease_loop(), name="node-heartbeat")]
         log.info("node_joined", node=self.node, labels=list(self.cluster.labels),
                  scripts=len(self.scripts))
 
     async def close(self) -> None:
         """As a single node's close, then the listener and the relay."""
         await super().close()
+        await self.watchdog.close()
         if self._listener is not None:
             with contextlib.suppress(Exception):
                 await self._listener.close()
@@ -157,7 +166,10 @@ class ClusterScheduler(Scheduler):
     async def _transition(self, state: TaskState, new: TaskStatus,
                           extra: Any = (), **fields: Any) -> None:
         """A single node's transition, fenced by the task's attempt, owner and status; a task
-        that goes back to pending is handed to the cluster's queue (no owner, a NOTIFY)."""
+        that goes back to pending is handed to the cluster's queue (no owner, a NOTIFY).
+        Nothing is written while the node is fenced (it joins again first)."""
+        if self.watchdog.fenced:
+            raise pg.Fenced("fenced by the watchdog")
         row = state.row
         owner = row.get("owner")
         new_owner = None if new is S.PENDING else owner
@@ -186,6 +198,7 @@ class ClusterScheduler(Scheduler):
     async def submit(self, script: Script, request: dict[str, Any], submitted_by: str,
                      audit: dict[str, Any] | None = None) -> dict[str, Any]:
         """A single node's submit, with a cluster-wide number, bound and placement."""
+        self._refuse_if_fenced()
         node, labels = request.get("node"), request.get("labels")
         await self._check_placement(script.name, node, labels)
         if await self._pending() >= self.settings.max_pending:
@@ -227,6 +240,7 @@ class ClusterScheduler(Scheduler):
     async def cancel(self, task_id: str, audit: dict[str, Any] | None = None
                      ) -> dict[str, Any]:
         """Cancel a task wherever it is: here, unclaimed in the queue, or on its owner."""
+        self._refuse_if_fenced()
         if task_id in self.tasks:
             return await super().cancel(task_id, audit)
         row = await self.db.get_task(task_id)
@@ -331,7 +345,8 @@ class ClusterScheduler(Scheduler):
     async def _claim(self) -> float | None:
         """Claim and start tasks for the free slots; how long to wait before looking again
         (None: at once, every slot was filled and more may wait)."""
-        slots = self.settings.workers - self._busy if self.accepting else 0
+        fenced = self.watchdog.fenced
+        slots = self.settings.workers - self._busy if self.accepting and not fenced else 0
         if slots <= 0:
             return POLL_S
         now = time.time()
@@ -363,29 +378,34 @@ class ClusterScheduler(Scheduler):
 
     async def _run(self, state: TaskState) -> None:
         """A single node's run; a write fenced out (another node recorded the task, or this
-        node was declared lost) ends it here without a word written."""
+        node was declared lost) ends it here without a word written. The watchdog kills its
+        processes if the node's lease lapses meanwhile."""
+        task_id, attempt = state.row["id"], state.row["attempt"]
+        self.watchdog.track(task_id, attempt)
         try:
             await super()._run(state)
         except store.StaleWrite as exc:
-            self.tasks.pop(state.row["id"], None)
-            log.warning("write_fenced", task_id=state.row["id"], node_lost=isinstance(
-                exc, pg.Fenced))
+            self.tasks.pop(task_id, None)
+            log.warning("write_fenced", task_id=task_id, node_lost=isinstance(exc, pg.Fenced))
+        finally:
+            self.watchdog.untrack(task_id, attempt)
 
     async def _reap_lost_runs(self) -> None:
         """Lost runs are other nodes' in a cluster: the heartbeat loop records them."""
 
     # Nodes -----------------------------------------------------------------------------------
 
-    async def _nodes_loop(self) -> None:
-        interval = min(self.cluster.node_timeout_s / 3, 2.0)
-        last_scan = time.monotonic()
+    async def _lease_loop(self) -> None:
+        """Renew the lease (and feed the watchdog) on a loop of its own, so that judging
+        others, however slow, never delays it; after a fence, join again."""
+        interval = beat_s(self.cluster.node_timeout_s)
         while True:
             await asyncio.sleep(interval)
             try:
-                if time.monotonic() - last_scan > SCAN_S:
-                    last_scan = time.monotonic()
-                    await self._scan()
-                await self._beat()
+                if self.watchdog.fenced:
+                    await self._rejoin(interval)
+                else:
+                    await self._beat()
                 self.problems.pop("database", None)
             except (store.DatabaseBusy, store.DatabaseUnavailable) as exc:
                 self.problems["database"] = str(exc)
@@ -393,23 +413,47 @@ class ClusterScheduler(Scheduler):
                 self.problems["database"] = str(exc)
                 self._log_once("heartbeat_failed", "", error=str(exc))
 
+    async def _nodes_loop(self) -> None:
+        interval = beat_s(self.cluster.node_timeout_s)
+        last_scan = time.monotonic()
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                if time.monotonic() - last_scan > SCAN_S:
+                    last_scan = time.monotonic()
+                    await self._scan()
+                await self._judge()
+            except (store.DatabaseBusy, store.DatabaseUnavailable) as exc:
+                self.problems["database"] = str(exc)
+            except Exception as exc:  # the loop must go on: a later look may succeed
+                self.problems["database"] = str(exc)
+                self._log_once("judging_failed", "", error=str(exc))
+
     async def _beat(self) -> None:
+        sent_at = lease_clock()  # the lease runs from before the write that renews it
         try:
             alive = await self.db.heartbeat(self.node, self.epoch, self.scripts)
         except store.DatabaseBusy:
             self._healthy_since = None
             raise
         if not alive:
-            await self._fenced_out()
+            self.watchdog.fence("declared lost by the cluster")
+            self._healthy_since = None
+            return
+        self.watchdog.beat(sent_at)
         if self._listener is None or self._listener.is_closed():
             with contextlib.suppress(*pg.CONNECTION_ERRORS):
                 self._listener = await self.db.listen(self._wake.set)
-        now = time.monotonic()
         if self._healthy_since is None:
-            self._healthy_since = now
+            self._healthy_since = time.monotonic()
+
+    async def _judge(self) -> None:
+        """Declare silent nodes lost and record their runs (see docs/cluster.md)."""
         # Judge others only after beating steadily for a whole timeout: when PostgreSQL was
         # away every node fell silent at once, and each needs a beat to show it is alive.
-        if now - self._healthy_since < self.cluster.node_timeout_s:
+        since = self._healthy_since
+        if since is None or time.monotonic() - since < self.cluster.node_timeout_s \
+                or self.watchdog.fenced:
             return
         timeout = self.cluster.node_timeout_s
         for node in await self.db.silent_nodes(timeout):
@@ -420,20 +464,36 @@ class ClusterScheduler(Scheduler):
             await self._end_interrupted(row, f"node {row['owner']} was lost during attempt "
                                              f"{row['attempt']}", kill=False)
 
-    async def _fenced_out(self) -> None:
-        """This node was declared lost: kill what it runs (others recorded it), write nothing
-        of it, then join again as a new process."""
-        log.error("node_declared_lost", node=self.node, running=len(self._attempts()))
+    def _on_fenced(self, why: str) -> None:
+        """The node's lease lapsed (its watchdog fenced it) or it was declared lost: stop every
+        attempt at once; nothing of them is written, and requests answer 503 until it has
+        joined again."""
+        log.error("node_fenced", node=self.node, why=why, running=len(self._attempts()))
         for attempt in self._attempts():
             attempt.request_stop("lost")
             if attempt.run is not None:
                 attempt.run.signal(signal.SIGKILL)
+
+    async def _rejoin(self, wait_s: float) -> None:
+        """Once the fenced runs have ended (each without a write), join again as a new process
+        and record what the old one left, as at a start."""
         runs = {t for t in self._owned if t.get_name().startswith("run-")}
         if runs:
-            await asyncio.wait(runs, timeout=30)
+            await asyncio.wait(runs, timeout=wait_s)
+            if not all(t.done() for t in runs):
+                return  # the next turn looks again
         self.tasks.clear()
         self.epoch = uuid.uuid4().hex
+        sent_at = lease_clock()
         await self._register()
+        self.watchdog.rejoined(sent_at)
+        log.warning("node_rejoined", node=self.node)
+        self._own(self._recover(), name="recover")  # the lease loop beats on meanwhile
+
+    def _refuse_if_fenced(self) -> None:
+        """503 `node_fenced` while the node is fenced (a request's writes would not land)."""
+        if self.watchdog.fenced:
+            raise pg.Fenced("fenced: joining again")
 
     # Recovery --------------------------------------------------------------------------------
 
@@ -481,6 +541,17 @@ class ClusterScheduler(Scheduler):
             return  # recorded by another node meanwhile: that record stands
         log.warning("recovered_interrupted_run", task_id=row["id"], status=row["status"],
                     error=error)
+
+
+def beat_s(node_timeout_s: float) -> float:
+    """How often a node renews its lease: at least three beats fit in its fence time."""
+    return min(node_timeout_s / 6, 2.0)
+
+
+def fence_s(node_timeout_s: float) -> float:
+    """How long after a renewal was sent the watchdog fences the node: half the timeout, the
+    other half the margin for its own latency and clock skew (docs/cluster.md)."""
+    return node_timeout_s / 2
 
 
 def _task_ids_on_host() -> set[str]:

@@ -46,7 +46,14 @@ from remoterun.archive import (
 from remoterun.archive.compressor import Compressor
 from remoterun.catalogue import Catalogue, Script
 from remoterun.config import Settings
-from remoterun.engine.attempt import Attempt, Limits, build_spec, decide
+from remoterun.engine.attempt import (
+    Attempt,
+    Limits,
+    archive_failure_text,
+    archive_kept_text,
+    build_spec,
+    decide,
+)
 from remoterun.engine.feed import TaskFeed
 from remoterun.engine.hub import Subscription, TaskHub, replay_finished
 from remoterun.engine.pending import PendingQueue
@@ -90,6 +97,7 @@ class TaskState:
     recorded: dict[str, Any] = field(default_factory=dict)  # progress the last flush wrote
     reserving: bool = False  # a seq reservation is being committed
     next_segment: int | None = 1  # the number its next archive segment takes (None: unknown)
+    spawn_retries: int = 0  # spawns retried for a shortage of descriptors (EMFILE, ENFILE)
 
 
 class Scheduler:
@@ -577,6 +585,7 @@ class Scheduler:
         except NotFound as exc:
             return None, f"script {row['script']!r} is no longer runnable: {exc.message}"
         except SpawnError as exc:
+            attempt.transient = exc.transient
             return None, str(exc)
         except Exception as exc:  # a bug of ours must not leave the task running
             log.exception("run_crashed")
@@ -607,6 +616,9 @@ class Scheduler:
             error = attempt.archive_error
             self.problems["archive"] = error
             self._log_once("archive_write_failed", row["id"], error=error)
+        if attempt.transient and attempt.stop_reason is None:
+            await self._retry_spawn(state, error, extra)
+            return
         outcome = decide(row, result, error, attempt.stop_reason, attempt.limits.timeout_s,
                          attempt.limit_error, attempt.retryable)
         common = dict(exit_code=outcome.exit_code, error=outcome.error, pid=None,
@@ -622,14 +634,29 @@ class Scheduler:
                                **common)
         self._finish(state)
 
+    async def _retry_spawn(self, state: TaskState, error: str | None,
+                           extra: list[store.Statement]) -> None:
+        """A spawn that met a shortage of descriptors: back to pending, the same attempt (it
+        never ran, so max_retries is not spent), after a growing backoff."""
+        row, attempt = state.row, state.attempt
+        assert attempt is not None
+        state.spawn_retries += 1
+        delay = min(self.settings.retry_cap_s,
+                    self.settings.retry_base_s * 2 ** min(state.spawn_retries - 1, 16))
+        delay *= random.uniform(0.5, 1.0)
+        log.warning("spawn_retried", task_id=row["id"], error=error, retry_in_s=round(delay, 3))
+        await self._transition(state, S.PENDING, extra=extra, run_after=time.time() + delay,
+                               error=error, pid=None, seq_reserved=attempt.hub.next_seq - 1)
+        self.metrics.child(self.metrics.retries, row["script"]).inc()
+        self._enqueue(state)
+
     async def _segment_rows(self, state: TaskState, attempt: Attempt) -> list[store.Statement]:
         """The attempt's segment rows; after an archive failure, as the disk really has them
         (the output up to the failure), and the task's counts set from that."""
         archive = attempt.archive
         if archive.failure is None:
             return [store.upsert_segment(state.row["id"], s) for s in archive.take_dirty()]
-        if attempt.archive_error is None:
-            attempt.archive_error = f"the archive could not be written: {archive.failure}"
+        if attempt.archive_error is None:  # failed as the run ended: nothing stopped it
             attempt.stop_reason = "archive"
         segs = archive.segments
         found: list[Segment] = await asyncio.to_thread(
@@ -640,6 +667,9 @@ class Scheduler:
         if segs:
             row["last_seq"] = max([segs[0].first_seq - 1,
                                    *(s.last_seq for s in found if s.raw_bytes)])
+        # Frames are published before the compressor thread writes them: say which were lost.
+        attempt.archive_error = archive_failure_text(archive) + archive_kept_text(
+            row["last_seq"], attempt.hub.next_seq - 1)
         return [store.upsert_segment(row["id"], s) for s in found]
 
     def _backoff(self, row: dict[str, Any]) -> float:
