@@ -85,6 +85,8 @@ def load_profile(where: str, path: Path) -> Profile:
 
 
 def _names(where: str, path: Path, key: str, value: Any) -> list[str]:
+    # Imported where used, here and below: without libseccomp the binding fails at import,
+    # and the server still starts (its filtered bwrap tasks fail, said at start).
     import pyseccomp
 
     if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
