@@ -38,6 +38,12 @@ class InvalidParams(RemoteRunError):
     code = "invalid_params"
 
 
+class BadMetadata(RemoteRunError):
+    """A script's metadata (its sidecar `<script>.toml`) is malformed: listed, never run."""
+
+    code = "bad_metadata"
+
+
 class NotFound(RemoteRunError):
     """No such task or script."""
 

@@ -65,6 +65,7 @@ STATUS: dict[type[errors.RemoteRunError], int] = {
     errors.UnsupportedMediaType: 415,
     errors.MisdirectedRequest: 421,
     errors.InvalidParams: 422,
+    errors.BadMetadata: 422,
     errors.TooManyRequests: 429,
     errors.Unavailable: 503,
     errors.QueueFull: 503,

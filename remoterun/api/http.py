@@ -20,6 +20,7 @@ from aiohttp import web
 from remoterun import archive
 from remoterun.api import CATALOGUE, DB, SCHEDULER, SETTINGS, identity, json_response, nodes
 from remoterun.api.guard import asked, audit_entry, record
+from remoterun.catalogue import MetadataError
 from remoterun.engine.scheduler import Scheduler
 from remoterun.errors import BadRequest, Gone, NotFound
 from remoterun.state import TaskStatus
@@ -142,6 +143,9 @@ async def submit(request: web.Request, body: Any) -> dict[str, Any]:
         if task is None:
             raise
         return task
+    except MetadataError as exc:  # 422 naming the sidecar, to whoever may see the script
+        identity(request).require_script(app[CATALOGUE].broken(fields["script"], exc))
+        raise
     who = identity(request)
     who.require_script(script)
     return await app[SCHEDULER].submit(script, fields, who.name,
@@ -433,7 +437,8 @@ async def list_scripts(request: web.Request) -> web.Response:
     who.require("viewer")
     scripts = await asyncio.to_thread(request.app[CATALOGUE].scripts)
     return json_response({"scripts": [
-        {**s.to_json(), "runnable": who.may_run(s)} for s in scripts if who.allows(s.name)]})
+        {**s.to_json(), "runnable": who.may_run(s) and s.error is None}
+        for s in scripts if who.allows(s.name)]})
 
 
 @routes.get("/healthz")

@@ -148,6 +148,9 @@ SCHEMAS: dict[str, Any] = {
             "max_concurrency": {"type": ["integer", "null"]},
             "roles": {"type": ["array", "null"], "items": {"type": "string"}},
             "runnable": {"type": "boolean"},
+            "error": {"type": "string",
+                      "description": "its metadata (sidecar) is malformed: the file, key and "
+                                     "problem; it is not runnable until fixed"},
         },
     },
     "Identity": {

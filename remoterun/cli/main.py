@@ -53,8 +53,8 @@ def serve(args: argparse.Namespace) -> int:
                                      f"got {settings.port}")
         if not settings.scripts_dir.is_dir():
             raise config.ConfigError(f"paths.scripts: {settings.scripts_dir} is not a directory")
-        Catalogue(settings.scripts_dir, settings.scripts, settings.sandbox,
-                  settings.limits).check()
+        broken = Catalogue(settings.scripts_dir, settings.scripts, settings.sandbox,
+                           settings.limits).check()
         if os.environ.get(KEY_ENV):  # a malformed key stops here, before anything is opened
             parse_key(os.environ[KEY_ENV], KEY_ENV)
         logs.configure(settings.log_level)
@@ -65,6 +65,8 @@ def serve(args: argparse.Namespace) -> int:
     except (config.ConfigError, MetadataError) as exc:
         print(f"remoterun: config error: {exc}", file=sys.stderr)
         return 2
+    for script in broken:  # listed with its error, refused at submit; the server runs on
+        log.warning("script_metadata_invalid", script=script.name, error=script.error)
     requested = settings.host
     if not settings.auth_enabled and not _is_loopback(settings.host):
         settings = dataclasses.replace(settings, host="127.0.0.1")

@@ -163,8 +163,8 @@ class ClusterScheduler(Scheduler):
             raise Unavailable("the database cannot be reached; try again",
                               code="database_unavailable", retry_after_s=1.0) from exc
 
-    async def _transition(self, state: TaskState, new: TaskStatus,
-                          extra: Any = (), **fields: Any) -> None:
+    async def _transition(self, state: TaskState, new: TaskStatus, extra: Any = (),
+                          within_s: float | None = None, **fields: Any) -> None:
         """A single node's transition, fenced by the task's attempt, owner and status; a task
         that goes back to pending is handed to the cluster's queue (no owner, a NOTIFY).
         Nothing is written while the node is fenced (it joins again first)."""
@@ -176,7 +176,8 @@ class ClusterScheduler(Scheduler):
         fence = [] if owner is None else [
             pg.task_fence(row["id"], row["attempt"], owner, new_owner, row["status"])]
         wake = [pg.notify()] if new is S.PENDING else []
-        await super()._transition(state, new, extra=[*fence, *extra, *wake], **fields)
+        await super()._transition(state, new, extra=[*fence, *extra, *wake], within_s=within_s,
+                                  **fields)
         row["owner"] = new_owner
 
     def _hub(self, state: TaskState) -> TaskHub:
@@ -256,7 +257,8 @@ class ClusterScheduler(Scheduler):
             try:
                 await self._transition(state, S.CANCELLED, finished_at=time.time(),
                                        run_after=None,
-                                       extra=[pg.cancel_unclaimed(task_id), *audit_rows])
+                                       extra=[pg.cancel_unclaimed(task_id), *audit_rows],
+                                       within_s=self._request_wait())
             except store.StaleWrite:  # claimed meanwhile: its owner cancels it
                 pass
             else:

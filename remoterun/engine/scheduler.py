@@ -44,7 +44,7 @@ from remoterun.archive import (
     settle,
 )
 from remoterun.archive.compressor import Compressor
-from remoterun.catalogue import Catalogue, Script
+from remoterun.catalogue import Catalogue, MetadataError, Script
 from remoterun.config import Settings
 from remoterun.engine.attempt import (
     Attempt,
@@ -62,7 +62,7 @@ from remoterun.errors import Conflict, IntegrityFailed, NotFound, QueueFull, Una
 from remoterun.isolation.sandbox import Sandbox
 from remoterun.metrics import Metrics
 from remoterun.reaper import become_subreaper, kill_left_behind, tend_orphans
-from remoterun.runner import RunResult, SpawnError
+from remoterun.runner import NOT_STARTED, RunResult, SpawnError, start_problem
 from remoterun.spawn import Children
 from remoterun.state import FINAL, TaskStatus, check_transition
 from remoterun.vault import NONE, SecretsUnavailable
@@ -148,6 +148,7 @@ class Scheduler:
             log.warning("secrets_sealed", tasks=len(sealing))
         await self._recover()
         await self.sandbox.start()
+        await self._sweep_work_folders()
         if not become_subreaper():
             log.warning("no_subreaper", detail="double-forked daemons may outlive their task")
         self._loops = [asyncio.create_task(self._dispatch_loop(), name="dispatcher"),
@@ -259,8 +260,10 @@ class Scheduler:
             log.warning(kind, task_id=task_id or None, **data)
 
     async def _transition(self, state: TaskState, new: TaskStatus,
-                          extra: Iterable[store.Statement] = (), **fields: Any) -> None:
-        """Check, persist, then announce a status change."""
+                          extra: Iterable[store.Statement] = (), within_s: float | None = None,
+                          **fields: Any) -> None:
+        """Check, persist, then announce a status change. `within_s`: a request's, which
+        gets Unavailable past it (see `_commit`); the engine's own wait as long as it takes."""
         row = state.row
         old = S(row["status"])
         check_transition(old, new)
@@ -270,7 +273,7 @@ class Scheduler:
         attempt = fields.get("attempt", row["attempt"])
         statements = store.transition(row["id"], old, new, attempt, dict(fields),
                                       detail=fields.get("error"))
-        event_id = await self._commit([*extra, *statements])
+        event_id = await self._commit([*extra, *statements], within_s)
         row.update(fields, status=str(new))
         self.feed.publish(event_id, row, str(old), fields)  # GET /events
         hub = state.hub
@@ -344,7 +347,7 @@ class Scheduler:
     def _limit_of(self, script: str) -> int | None:
         try:
             return self.catalogue.resolve(script).max_concurrency
-        except NotFound:
+        except (NotFound, MetadataError):
             return None
 
     def _enqueue(self, state: TaskState) -> None:
@@ -377,7 +380,8 @@ class Scheduler:
         try:
             await self._transition(state, S.CANCELLED, finished_at=time.time(), run_after=None,
                                    extra=[] if audit is None else [
-                                       store.insert_audit(audit, task_id=task_id)])
+                                       store.insert_audit(audit, task_id=task_id)],
+                                   within_s=self._request_wait())
         except BaseException:
             self._enqueue(state)  # nothing was recorded: it waits as before
             raise
@@ -502,7 +506,7 @@ class Scheduler:
     def _script(self, name: str) -> Script | None:
         try:
             return self.catalogue.resolve(name)
-        except NotFound:
+        except (NotFound, MetadataError):
             return None
 
     def _timeout(self, row: dict[str, Any], script: Script | None) -> float | None:
@@ -559,7 +563,7 @@ class Scheduler:
             finally:
                 self.metrics.child(self.metrics.duration, row["script"]).observe(
                     time.time() - started)
-                await asyncio.shield(self._conclude(state, result, error))
+                await asyncio.shield(self._conclude_or_let_go(state, result, error))
 
     async def _attempt(self, state: TaskState, attempt: Attempt
                        ) -> tuple[RunResult | None, str | None]:
@@ -573,12 +577,19 @@ class Scheduler:
             secrets, script, copy = await self.protection.prepare(row, script)
             attempt.masker = self.protection.masker(secrets)
             policy = self.sandbox.policy(script.sandbox, script.limits, script.env)
+            # A CRLF #! line or a missing interpreter: named here, since inside bwrap it would
+            # read as bwrap's own "execvp: No such file" (an image has interpreters of its own).
+            problem = None if policy.mode == "docker" else await asyncio.to_thread(
+                start_problem, script.path)
+            if problem is not None:
+                attempt.retryable = False
+                return RunResult(NOT_STARTED), problem
             run = await attempt.start(build_spec(row, script, self.catalogue.root, (), secrets),
                                       policy)
             row["pid"] = run.pid  # persisted by the next flush tick
             log.debug("task_started", pid=run.pid, script=row["script"])
             return await attempt.wait(), None
-        except (IntegrityFailed, SecretsUnavailable) as exc:  # another attempt would be too
+        except (IntegrityFailed, SecretsUnavailable, MetadataError) as exc:  # so would a retry
             attempt.retryable = False
             log.warning("attempt_refused", script=row["script"], error=str(exc))
             return None, str(exc)
@@ -592,6 +603,29 @@ class Scheduler:
             return None, f"internal error: {exc}"
         finally:
             await self.protection.discard(copy)
+
+    async def _conclude_or_let_go(self, state: TaskState, result: RunResult | None,
+                                  error: str | None) -> None:
+        """`_conclude`; if it raises, the task is let go instead of held (a TaskState held hides
+        the task from the reaper, and it stayed running with no process: issue 25)."""
+        try:
+            await self._conclude(state, result, error)
+        except Exception:
+            log.exception("conclude_failed")
+            task_id = state.row["id"]
+            if self.tasks.get(task_id) is state:
+                del self.tasks[task_id]
+            self._own(self._settle_let_go(state), name=f"let-go-{task_id}")
+
+    async def _settle_let_go(self, state: TaskState) -> None:
+        """Record a let-go task as the reaper does (unless it is final already), and tell its
+        attached clients how it ended."""
+        row = await self.db.get_task(state.row["id"])
+        if row is not None and row["status"] not in FINAL:
+            row = await self._reap_one(row) or row
+        if row is not None and state.hub is not None:
+            state.hub.task = task_json(row)
+            state.hub.publish(exit_event(row))
 
     def _release(self, state: TaskState) -> None:
         """Give the worker slot back."""
@@ -791,6 +825,19 @@ class Scheduler:
             if row["id"] not in self.tasks:  # a retry's folder may hold segments already
                 self._enqueue(TaskState(row, next_segment=1 if row["attempt"] == 1 else None))
         log.info("recovered", pending=len(self.queue))
+
+    async def _sweep_work_folders(self) -> None:
+        """Remove the work folders a crashed server's attempts left (their finish never ran):
+        those of this database's tasks, unless the task runs that attempt now (at start, after
+        `_recover`, none does here); a folder of a task we do not know is another server's."""
+        dead = []
+        for folder, task_id, attempt in await self.sandbox.work_folders():
+            row = await self.db.get_task(task_id)
+            if row is not None and (row["status"] != S.RUNNING or row["attempt"] != attempt):
+                dead.append(folder)
+        if dead:
+            removed = await self.sandbox.remove_work_folders(dead)
+            log.info("work_folders_swept", removed=removed, found=len(dead))
 
     async def _recover_running(self, row: dict[str, Any]) -> dict[str, Any]:
         kill_left_behind(row["id"])

@@ -23,9 +23,12 @@ transaction, and with it a snapshot older than the writes that followed, for as 
 cursor is open; four clients listing tasks kept one open nearly always, so a task answered 201
 was not found by the next read (tests/test_faults_reads.py).
 
-A locked or read-only database. The writer never waits for a lock (`busy_timeout=0`: a wait
-would stall the event loop): a write that meets one raises `DatabaseBusy` at once, having
-changed nothing, and the caller retries it later (`scheduler.Scheduler._commit`).
+A locked, read-only or full database. The writer never waits for a lock (`busy_timeout=0`: a
+wait would stall the event loop): a write that meets one raises `DatabaseBusy` at once, having
+changed nothing, and the caller retries it later (`scheduler.Scheduler._commit`). A disk with
+no room for the log's next frames ("database or disk is full") is the same: it passes once
+space is freed, so it is retried like a lock, never taken for a bug of ours (issue 25: it was,
+and the ends of runs were lost while the server said it was ready).
 """
 
 from __future__ import annotations
@@ -251,7 +254,8 @@ def _ddl() -> list[Statement]:
 
 
 class DatabaseBusy(Exception):
-    """A write met a lock held by another connection (or a read-only file): nothing changed."""
+    """A write met a lock held by another connection (or a read-only file, or a full disk):
+    nothing changed."""
 
 
 class DatabaseUnavailable(Exception):
@@ -263,7 +267,7 @@ class DatabaseUnavailable(Exception):
         self.unsure = unsure
 
 
-_BUSY_MESSAGES = ("locked", "readonly", "read-only", "busy", "disk I/O error")
+_BUSY_MESSAGES = ("locked", "readonly", "read-only", "busy", "disk I/O error", "disk is full")
 
 
 def _is_busy(exc: sqlite3.Error) -> bool:
