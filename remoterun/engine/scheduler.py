@@ -10,7 +10,7 @@ Every status change goes through `_transition`: it checks the table, commits the
 event together (guarded by the old status, so a final state is never overwritten), and only
 then publishes. Commits queue in order behind one lock; while the database is locked by another
 connection or cannot be written they wait and retry without holding the event loop
-(`store.Database.commit`), up to `engine.db_retry_s` for a request, and for as long as it takes
+(`store.Store.commit`), up to `engine.db_retry_s` for a request, and for as long as it takes
 for the engine's own transitions (until shutdown).
 """
 
@@ -103,7 +103,7 @@ class TaskState:
 class Scheduler:
     """Owns every live task: its queue slot, its attempt and its hub."""
 
-    def __init__(self, settings: Settings, db: store.Database, catalogue: Catalogue,
+    def __init__(self, settings: Settings, db: store.Store, catalogue: Catalogue,
                  metrics: Metrics, compressor: Compressor, children: Children):
         self.settings = settings
         self.db = db
@@ -139,8 +139,7 @@ class Scheduler:
 
     async def start(self) -> None:
         """Recover what a previous server left, then start dispatching."""
-        top = await self.db.fetch_one("SELECT MAX(num) AS n FROM tasks")
-        self._next_num = (top["n"] or 0) + 1 if top else 1
+        self._next_num = await self.db.last_num() + 1
         sealing = await self.protection.open(self.db)
         if sealing:  # an older server's secrets in clear: sealed, and no copy left in the log
             await self._commit(sealing)
