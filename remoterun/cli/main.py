@@ -86,7 +86,11 @@ def serve(args: argparse.Namespace) -> int:
              scripts=str(settings.scripts_dir), archive=str(settings.archive_dir),
              db=str(settings.db_path), workers=settings.workers)
     with sock:
-        asyncio.run(_run_server(create_app(settings), settings, sock))
+        try:
+            asyncio.run(_run_server(create_app(settings), settings, sock))
+        except config.ConfigError as exc:  # found as the server starts: a seccomp profile
+            print(f"remoterun: config error: {exc}", file=sys.stderr)
+            return 2
     log.info("server_stopped")
     return 0
 
