@@ -121,3 +121,23 @@ def test_backup_refuses_a_folder_with_files(server, tmp_path):
     ran = remoterun(tmp_path, "backup", str(tmp_path / "bk"), "--config", str(server.config))
     assert ran.returncode == 1
     assert "is not empty" in ran.stderr
+
+
+def test_cluster_backup_says_pg_dump_and_copies_the_archive(tmp_path):
+    """In cluster mode the database is PostgreSQL's: backup prints the pg_dump command (no
+    password in it) and copies the shared archive and the key."""
+    (tmp_path / "archive" / "2026").mkdir(parents=True)
+    (tmp_path / "archive" / "2026" / "a.log.gz").write_bytes(b"\x1f\x8b data")
+    (tmp_path / "remoterun-secret.key").write_text("k")
+    (tmp_path / "config.toml").write_text(
+        '[paths]\narchive = "archive"\ndb = "remoterun.db"\n'
+        '[cluster]\ndatabase_url = "postgresql://rr:hunter2@db:5432/rr"\n'
+        'redis_url = "redis://cache:6379/0"\n')
+    ran = remoterun(tmp_path, "backup", str(tmp_path / "bk"), "--config",
+                    str(tmp_path / "config.toml"))
+    assert ran.returncode == 0, ran.stderr
+    assert "pg_dump" in ran.stdout and "postgresql://rr@db:5432/rr" in ran.stdout
+    assert "hunter2" not in ran.stdout
+    assert (tmp_path / "bk/archive/2026/a.log.gz").read_bytes() == b"\x1f\x8b data"
+    assert (tmp_path / "bk/remoterun-secret.key").read_text() == "k"
+    _assert_private(tmp_path / "bk")

@@ -43,9 +43,10 @@ def settings_from(args: argparse.Namespace) -> config.Settings:
 
 
 def _private_folder(path: Path) -> None:
-    """Make `path` (and its missing parents) 0700."""
-    path.mkdir(mode=0o700, parents=True, exist_ok=True)
-    os.chmod(path, 0o700)
+    """Make `path` (and its missing parents) 0700; a folder that exists is left as it is."""
+    if not path.is_dir():
+        path.mkdir(mode=0o700, parents=True)
+        os.chmod(path, 0o700)  # whatever the umask
 
 
 def _private_copy(source: Path, target: Path) -> None:
@@ -102,6 +103,7 @@ def backup(settings: config.Settings, dest: Path) -> list[str]:
     if dest.exists() and any(dest.iterdir()):
         raise BackupError(f"{dest} is not empty: back up into a new folder")
     _private_folder(dest)
+    os.chmod(dest, 0o700)  # new or empty: ours
     done = []
     if settings.cluster is None:
         _copy_database(settings.db_path, dest / DB_NAME)
@@ -134,12 +136,14 @@ def _backup_key(settings: config.Settings, dest: Path) -> str:
 
 def _refuse_existing(settings: config.Settings, key: Path) -> None:
     """A restore writes only into a fresh data folder: never over a live one."""
-    wal = settings.db_path.with_name(settings.db_path.name + "-wal")
-    archive = settings.archive_dir
-    for path in (settings.db_path, wal, key):
+    db = settings.db_path
+    paths = [db, db.with_name(db.name + "-wal")] if settings.cluster is None else []
+    paths.append(key)
+    for path in paths:
         if path.exists():
             raise BackupError(f"{path} already exists: restore into a fresh data folder "
                               f"(stop the server and move its data away, or choose other paths)")
+    archive = settings.archive_dir
     if archive.exists() and any(archive.iterdir()):
         raise BackupError(f"{archive} already exists and is not empty: restore into a fresh "
                           f"data folder")
@@ -150,20 +154,18 @@ def restore(settings: config.Settings, src: Path) -> list[str]:
     if not (src / MANIFEST).is_file():
         raise BackupError(f"{src} is not a remoterun backup (no {MANIFEST})")
     key = key_path(settings)
-    if settings.cluster is None:
-        _refuse_existing(settings, key)
-    done = []
+    _refuse_existing(settings, key)
     if settings.cluster is None:
         _private_folder(settings.db_path.parent)
         _private_copy(src / DB_NAME, settings.db_path)
-        done.append(f"database  {src / DB_NAME} -> {settings.db_path}")
+        done = [f"database  {src / DB_NAME} -> {settings.db_path}"]
     else:
-        done.append("database  cluster mode: restore PostgreSQL with pg_restore "
-                    f"(from {src}/remoterun.pgdump if you made it there)")
+        done = ["database  cluster mode: restore PostgreSQL with pg_restore "
+                f"(from {src}/remoterun.pgdump if you made it there)"]
     if (src / ARCHIVE_NAME).is_dir():
         files = _copy_tree(src / ARCHIVE_NAME, settings.archive_dir)
         done.append(f"archive   {src / ARCHIVE_NAME} -> {settings.archive_dir} ({files} files)")
-    if (src / KEY_FILE_NAME).is_file() and not key.exists():
+    if (src / KEY_FILE_NAME).is_file():
         _private_folder(key.parent)
         _private_copy(src / KEY_FILE_NAME, key)
         done.append(f"key       {src / KEY_FILE_NAME} -> {key}")
