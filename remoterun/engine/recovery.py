@@ -1,0 +1,86 @@
+"""Recovery of runs no live server holds: a dead server's, this server's before a restart, or
+those of a cluster node declared lost. One path for both modes, every scan off the event loop.
+
+`settle` kills what such a run left on this host (found by RR_TASK_ID in /proc), makes whole
+the archive segments it left open, and says what its row must record; the scheduler then
+writes the end ("failed", or pending again while retries remain) through its one transition
+and publishes the exit event like any other end.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import structlog
+
+from remoterun import store
+from remoterun.archive import Segment, deflate_of, recover
+from remoterun.config import Settings
+from remoterun.engine.membership import Lost
+from remoterun.reaper import kill_left_behind
+from remoterun.state import TaskStatus
+
+log = structlog.get_logger(__name__)
+S = TaskStatus
+
+
+@dataclass
+class Ending:
+    """How a lost run's row ends: its next status, the fields and the segment rows."""
+
+    status: TaskStatus
+    fields: dict[str, Any]
+    extra: list[store.Statement] = field(default_factory=list)
+
+
+async def settle(settings: Settings, lost: Lost) -> Ending:
+    """Kill the run's leftovers (if on this host) and finalize its archive, off the loop; the
+    row's ending (a retry while `max_retries` allow, else failed)."""
+    row = lost.row
+    if lost.kill:
+        await asyncio.to_thread(kill_left_behind, row["id"])
+    found = await asyncio.to_thread(finalize_archive, settings, row)
+    return ending(row, found, lost.error, time.time())
+
+
+def ending(row: dict[str, Any], found: list[Segment], error: str, now: float) -> Ending:
+    """The end of a lost run whose archive holds `found` (pure: decided from the row)."""
+    last_seq = max([row["last_seq"], *(segment.last_seq for segment in found)])
+    fields: dict[str, Any] = dict(pid=None, output_bytes=sum(s.raw_bytes for s in found),
+                                  last_seq=last_seq, error=error)
+    extra = [store.upsert_segment(row["id"], segment) for segment in found]
+    if row["attempt"] <= row["max_retries"]:
+        return Ending(S.PENDING, {**fields, "attempt": row["attempt"] + 1, "run_after": now},
+                      extra)
+    return Ending(S.FAILED, {**fields, "finished_at": now}, extra)
+
+
+def finalize_archive(settings: Settings, row: dict[str, Any]) -> list[Segment]:
+    """Make whole the segments a dead server left open, and describe them all for their rows."""
+    found, scans = recover(settings.archive_dir, row["logs_path"], deflate_of(settings))
+    for scan in scans:
+        if not scan.complete:
+            log.warning("archive_segment_finalized", task_id=row["id"], path=str(scan.path),
+                        frames=scan.frames, problems=scan.problems)
+    return found
+
+
+def task_ids_on_host() -> set[str]:
+    """The RR_TASK_ID of every process on this host that has one (a /proc scan; run it off
+    the loop)."""
+    found: set[str] = set()
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry.name}/environ", "rb") as fh:
+                env = fh.read().split(b"\0")
+        except OSError:
+            continue
+        found.update(v[len(b"RR_TASK_ID="):].decode() for v in env
+                     if v.startswith(b"RR_TASK_ID="))
+    return found
