@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -13,7 +14,15 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-from remoterun.config import ConfigError, parse_env, parse_limits, parse_sandbox
+from remoterun.config import (
+    ConfigError,
+    ResourceLimits,
+    SandboxConfig,
+    loader_variable,
+    parse_env,
+    parse_limits,
+    parse_sandbox,
+)
 from remoterun.errors import BadRequest, InvalidParams, NotFound
 
 KEY_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")  # \Z: "$" would let "k\n" through
@@ -29,6 +38,9 @@ _META_KEYS = {"description", "timeout_s", "max_concurrency", "roles", "cwd", "pa
 _ISOLATION_KEYS = {"sandbox": parse_sandbox, "limits": parse_limits, "env": parse_env}
 _META_KEYS |= {"sha256"}  # integrity (issue 13 B): the digest the script's bytes must have
 SIG_SUFFIX = ".sig"  # a script's signature file (integrity.py), never itself a script
+# How strongly a mode isolates: a sidecar may not choose a weaker one than config.toml's.
+MODE_STRENGTH = {"none": 0, "auto": 1, "bwrap": 2, "docker": 2}
+CONFIG_ONLY = "may be set only in config.toml"
 
 Scalar = str | int | float | bool
 
@@ -79,6 +91,9 @@ class Script:
     limits: Mapping[str, int] = field(default_factory=dict)
     env: Mapping[str, str] = field(default_factory=dict)
     sha256: str | None = None  # pinned by its metadata: its bytes must have this digest
+    # The SHA-256 of the sidecar bytes this metadata was parsed from (None: no sidecar read):
+    # a signature covers the script and these bytes together (integrity.py).
+    sidecar_sha256: str | None = None
 
     def to_json(self) -> dict[str, Any]:
         """The entry of GET /scripts."""
@@ -258,12 +273,43 @@ def parse_metadata(where: str, raw: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
+def check_sidecar(where: str, meta: Mapping[str, Any], sandbox: SandboxConfig,
+                  limits: ResourceLimits) -> None:
+    """MetadataError if a sidecar's metadata (parsed) weakens what config.toml sets for every
+    task, or sets a variable that changes what programs load: whoever can write beside a
+    script may tighten its isolation, never loosen it."""
+    for name in meta.get("env", {}):
+        if loader_variable(name):
+            raise MetadataError(f"{where}.env.{name}: a variable that changes what programs "
+                                f"load or run (LD_*, BASH_ENV, ENV, PATH, PYTHON*...) "
+                                f"{CONFIG_ONLY}")
+    box = meta.get("sandbox", {})
+    if MODE_STRENGTH[box.get("mode", sandbox.mode)] < MODE_STRENGTH[sandbox.mode]:
+        raise MetadataError(f"{where}.sandbox.mode: {box['mode']!r} is weaker than "
+                            f"[sandbox] mode {sandbox.mode!r}: a weaker mode {CONFIG_ONLY}")
+    if box.get("network") is True and not sandbox.network:
+        raise MetadataError(f"{where}.sandbox.network: [sandbox] network is false; turning "
+                            f"it on {CONFIG_ONLY}")
+    if box.get("run_as", sandbox.run_as) != sandbox.run_as:
+        raise MetadataError(f"{where}.sandbox.run_as: the user a script runs as {CONFIG_ONLY}")
+    for key, value in meta.get("limits", {}).items():
+        base = getattr(limits, key)
+        if base and (value == 0 or value > base):
+            raise MetadataError(f"{where}.limits.{key}: {value} lifts or raises [limits] "
+                                f"{key} = {base}: a sidecar may only lower it; more "
+                                f"{CONFIG_ONLY}")
+
+
 class Catalogue:
     """The scripts directory, confined: nothing outside it ever resolves."""
 
-    def __init__(self, root: Path, config_meta: Mapping[str, Mapping[str, Any]] | None = None):
+    def __init__(self, root: Path, config_meta: Mapping[str, Mapping[str, Any]] | None = None,
+                 sandbox: SandboxConfig | None = None, limits: ResourceLimits | None = None):
+        """`sandbox` and `limits` are config.toml's: what a sidecar may not weaken."""
         self.root = root.resolve()
         self._config_meta = dict(config_meta or {})
+        self._sandbox = sandbox or SandboxConfig()
+        self._limits = limits or ResourceLimits()
         self._cache: dict[str, tuple[float, Script]] = {}
 
     def _confine(self, name: str) -> tuple[str, Path]:
@@ -319,14 +365,16 @@ class Catalogue:
         if name in self._config_meta:
             return parse_metadata(f"scripts.{name!r}", self._config_meta[name])
         sidecar = self.root / (name + SIDECAR_SUFFIX)
-        if sidecar.is_file():
-            try:
-                with sidecar.open("rb") as fh:
-                    raw = tomllib.load(fh)
-            except tomllib.TOMLDecodeError as exc:
-                raise MetadataError(f"{sidecar.name}: not valid TOML: {exc}") from exc
-            return parse_metadata(sidecar.name, raw)
-        return {}
+        if not sidecar.is_file():
+            return {}
+        data = sidecar.read_bytes()  # read once: what is parsed is what a signature covers
+        try:
+            raw = tomllib.loads(data.decode())
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+            raise MetadataError(f"{sidecar.name}: not valid TOML: {exc}") from exc
+        meta = parse_metadata(sidecar.name, raw)
+        check_sidecar(sidecar.name, meta, self._sandbox, self._limits)
+        return {**meta, "sidecar_sha256": hashlib.sha256(data).hexdigest()}
 
     def names(self) -> list[str]:
         """Every runnable script name, sorted."""

@@ -35,7 +35,8 @@ class Token:
 # Isolation and limits (issue 13: sandbox.py) ---------------------------------------------------
 
 SANDBOX_MODES = ("auto", "bwrap", "docker", "none")
-LIMIT_KEYS = ("memory_bytes", "processes", "cpu_seconds", "file_bytes", "open_files")
+LIMIT_KEYS = ("memory_bytes", "processes", "cpu_seconds", "file_bytes", "open_files",
+              "disk_bytes")
 ENV_NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
 
 
@@ -48,6 +49,7 @@ class ResourceLimits:
     cpu_seconds: int | None = None  # per process (RLIMIT_CPU)
     file_bytes: int | None = None  # largest file a process may write (RLIMIT_FSIZE)
     open_files: int | None = None  # descriptors per process (RLIMIT_NOFILE)
+    disk_bytes: int | None = None  # the work folder and /tmp together (a tmpfs of this size)
 
     def over(self, base: ResourceLimits) -> ResourceLimits:
         """These limits where set, `base`'s elsewhere."""
@@ -93,6 +95,24 @@ def parse_sandbox(where: str, raw: Any) -> dict[str, Any]:
         if key not in ("mode", "network", "image", "run_as"):
             raise ConfigError(f"{where}.{key}: unknown key")
     return dict(raw)
+
+
+# Variables that change what a program loads or runs before its own code: the dynamic loader's,
+# shells' start-up files and search paths, interpreters' module paths and options. Only
+# config.toml may set them for a task (a sidecar beside a script may not: issue 26).
+LOADER_ENV = frozenset({
+    "BASH_ENV", "ENV", "PATH", "HOME", "IFS", "CDPATH", "SHELLOPTS", "BASHOPTS", "PS4",
+    "GLOBIGNORE", "ZDOTDIR", "GCONV_PATH", "LOCPATH", "NLSPATH", "GLIBC_TUNABLES",
+    "HOSTALIASES", "CLASSPATH"})
+LOADER_ENV_PREFIXES = ("LD_", "DYLD_", "PYTHON", "PERL", "RUBY", "GEM_", "BUNDLE_", "NODE_",
+                       "NPM_CONFIG_", "JAVA_", "_JAVA_", "JDK_JAVA_", "LUA_", "BASH_FUNC_",
+                       "MALLOC_", "GIT_", "OPENSSL_", "SSL_", "TCL", "R_LIBS")
+
+
+def loader_variable(name: str) -> bool:
+    """Whether setting `name` changes what programs load or run (LOADER_ENV)."""
+    upper = name.upper()
+    return upper in LOADER_ENV or upper.startswith(LOADER_ENV_PREFIXES)
 
 
 def parse_env(where: str, raw: Any) -> dict[str, str]:
@@ -148,6 +168,9 @@ class Settings:
     retention_max_total_bytes: int = 0  # 0: no limit
     retention_interval_s: float = 300.0
     heartbeat_s: float = 20.0
+    # An SSE stream ends after this long; EventSource resumes at once with Last-Event-ID, so a
+    # follower loses nothing, and no proxy or fuzzer holds a stream for ever.
+    stream_max_s: float = 3600.0
     log_level: str = "info"
     # Secrets and integrity (issue 13 B; SECURITY.md).
     secret_key_path: Path | None = None  # None: remoterun-secret.key beside the database
@@ -212,8 +235,9 @@ def _cluster(body: Any) -> Cluster:
                          ("redis_url", ("redis://", "rediss://", "unix://"))):
         value = body.get(key)
         if not isinstance(value, str) or not value.startswith(schemes):
+            shown = re.sub(r":[^:@/]*@", ":***@", value) if isinstance(value, str) else value
             raise ConfigError(f"cluster.{key}: expected a URL starting {' or '.join(schemes)}, "
-                              f"got {value!r}")
+                              f"got {shown!r}")  # never a password
         values[key] = value
     if "node" in body:
         if not isinstance(body["node"], str) or not _NODE_RE.fullmatch(body["node"]):
@@ -324,6 +348,7 @@ _KEYS: dict[tuple[str, str], str] = {
     ("server", "max_ws_message_bytes"): "max_ws_message_bytes",
     ("server", "shutdown_grace_s"): "shutdown_grace_s",
     ("server", "heartbeat_s"): "heartbeat_s",
+    ("server", "stream_max_s"): "stream_max_s",
     ("server", "log_level"): "log_level",
     ("server", "metrics_public"): "metrics_public",
     ("server", "min_free_bytes"): "min_free_bytes",

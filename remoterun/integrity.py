@@ -1,8 +1,10 @@
 """Scripts checked before they run: a pinned SHA-256, Ed25519 signatures, and the bytes run.
 
 A script's metadata may pin `sha256 = "<hex>"`; `[integrity] public_keys` requires a signature
-file `<script>.sig` beside each script (Ed25519 over the script's bytes: 64 raw bytes, or their
-base64 or hex) that one of the keys verifies. Either check in force, the file is read once,
+file `<script>.sig` beside each script (Ed25519: 64 raw bytes, or their base64 or hex) that one
+of the keys verifies. It covers the script's bytes, and its sidecar metadata `<script>.toml`
+when the catalogue read one (`signed_bytes`): a sidecar added, changed or removed after signing
+fails the check, as a changed script does (issue 26). Either check in force, the file is read once,
 checked, and the checked bytes are written to a private copy (a 0700 folder per attempt under the
 database's `<db>-run/` folder, the file 0500) that is what runs: a script swapped or rewritten
 after the check is never what runs. A script under no check runs from its own path, as before.
@@ -28,6 +30,8 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 from remoterun.errors import IntegrityFailed
 
 SIG_SUFFIX = ".sig"
+SIDECAR_SUFFIX = ".toml"  # a script's metadata beside it (catalogue.py)
+PAIR_HEADER = b"remoterun script+metadata v1\n"
 SIG_BYTES = 64
 MAX_SIG_FILE_BYTES = 4096
 COPY_FOLDER_RE = re.compile(r"[0-9a-f-]{36}-[0-9]+")  # <task id>-<attempt>
@@ -52,6 +56,16 @@ def read_signature(path: Path) -> bytes:
     raise ValueError(f"expected {SIG_BYTES} bytes, raw or as base64 or hex")
 
 
+def signed_bytes(script: bytes, sidecar_sha256: str | None) -> bytes:
+    """What a script's signature covers: the script's bytes alone when no sidecar is read;
+    with one, PAIR_HEADER then the SHA-256 (lowercase hex) of the script and of the sidecar,
+    one line each (`printf` and `sha256sum` can build it for openssl)."""
+    if sidecar_sha256 is None:
+        return script
+    digest = hashlib.sha256(script).hexdigest()
+    return PAIR_HEADER + f"{digest}\n{sidecar_sha256}\n".encode()
+
+
 class Integrity:
     """The server's integrity rules and the folder where checked copies run."""
 
@@ -63,9 +77,11 @@ class Integrity:
         """Whether a script with this pin (None: none) is checked at all."""
         return bool(self.keys) or sha256 is not None
 
-    def verified(self, name: str, path: Path, sha256: str | None) -> bytes:
-        """The script's bytes, read once and checked; IntegrityFailed saying why not.
-        Blocking: call it off the loop."""
+    def verified(self, name: str, path: Path, sha256: str | None,
+                 sidecar_sha256: str | None = None) -> bytes:
+        """The script's bytes, read once and checked (a signature over them and the sidecar
+        bytes whose digest is `sidecar_sha256`, when one was read); IntegrityFailed saying
+        why not. Blocking: call it off the loop."""
         try:
             with path.open("rb") as fh:
                 data = fh.read()
@@ -78,10 +94,11 @@ class Integrity:
                 raise IntegrityFailed(f"script {name!r} does not match its pinned sha256: it is "
                                       f"{digest}, its metadata pins {sha256.lower()}")
         if self.keys:
-            self._check_signature(name, path, data)
+            self._check_signature(name, path, data, sidecar_sha256)
         return data
 
-    def _check_signature(self, name: str, path: Path, data: bytes) -> None:
+    def _check_signature(self, name: str, path: Path, data: bytes,
+                         sidecar_sha256: str | None) -> None:
         sig_path = path.with_name(path.name + SIG_SUFFIX)
         try:
             sig = read_signature(sig_path)
@@ -91,17 +108,22 @@ class Integrity:
         except (OSError, ValueError) as exc:
             raise IntegrityFailed(f"script {name!r}: its signature {sig_path.name} cannot be "
                                   f"read: {exc}") from None
+        message = signed_bytes(data, sidecar_sha256)
         for key in self.keys:
             with contextlib.suppress(InvalidSignature):
-                key.verify(sig, data)
+                key.verify(sig, message)
                 return
+        what = (f"the script and its sidecar {path.name}{SIDECAR_SUFFIX}" if sidecar_sha256
+                else "the script")
         raise IntegrityFailed(f"script {name!r}: {sig_path.name} does not verify with any of "
-                              f"integrity.public_keys (the script or its signature changed)")
+                              f"integrity.public_keys over {what} (one of them changed, or "
+                              f"the sidecar was added or removed after signing)")
 
-    def private_copy(self, name: str, path: Path, sha256: str | None, label: str) -> Path:
+    def private_copy(self, name: str, path: Path, sha256: str | None, label: str,
+                     sidecar_sha256: str | None = None) -> Path:
         """Check the script and write the checked bytes to a private copy for one attempt
         (`label` names its folder); the copy's path, to run. Blocking: call it off the loop."""
-        data = self.verified(name, path, sha256)
+        data = self.verified(name, path, sha256, sidecar_sha256)
         folder = self.run_dir / label
         shutil.rmtree(folder, ignore_errors=True)  # a crashed server's leftover of this attempt
         folder.mkdir(mode=0o700, parents=True)
@@ -147,12 +169,17 @@ def public_key_text(key: Ed25519PublicKey) -> str:
     return base64.b64encode(raw).decode()
 
 
-def sign(key_path: Path, script: Path) -> tuple[Path, str]:
-    """Sign a script with a PEM private key: writes `<script>.sig` (base64 text); returns its
-    path and the key's public half."""
+def sign(key_path: Path, script: Path) -> tuple[Path, str, Path | None]:
+    """Sign a script, and its sidecar `<script>.toml` if it has one, with a PEM private key:
+    writes `<script>.sig` (base64 text); returns its path, the key's public half and the
+    sidecar signed with it (None: none)."""
     key = serialization.load_pem_private_key(key_path.read_bytes(), password=None)
     if not isinstance(key, Ed25519PrivateKey):
         raise ValueError(f"{key_path}: not an Ed25519 private key")
+    sidecar = script.with_name(script.name + SIDECAR_SUFFIX)
+    has_sidecar = sidecar.is_file()
+    digest = hashlib.sha256(sidecar.read_bytes()).hexdigest() if has_sidecar else None
     sig_path = script.with_name(script.name + SIG_SUFFIX)
-    sig_path.write_text(base64.b64encode(key.sign(script.read_bytes())).decode() + "\n")
-    return sig_path, public_key_text(key.public_key())
+    signature = key.sign(signed_bytes(script.read_bytes(), digest))
+    sig_path.write_text(base64.b64encode(signature).decode() + "\n")
+    return sig_path, public_key_text(key.public_key()), sidecar if has_sidecar else None

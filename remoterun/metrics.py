@@ -8,9 +8,10 @@ sample: the timestamps cost a series per child and no dashboard reads them.
 
 from __future__ import annotations
 
+import copy
 import os
 import platform
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -24,6 +25,7 @@ from prometheus_client import (
     generate_latest,
 )
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from prometheus_client.metrics_core import Metric
 
 from remoterun import __version__
 from remoterun.state import TaskStatus
@@ -179,6 +181,26 @@ class Metrics:
         """Count one alert delivery outcome."""
         self.child(self.alerts, channel, result).inc()
 
-    def render(self) -> bytes:
-        """The text exposition."""
-        return generate_latest(self.registry)
+    def render(self, shows: Callable[[str], bool] | None = None) -> bytes:
+        """The text exposition; with `shows`, without the series of scripts it refuses (a
+        token's script list)."""
+        if shows is None:
+            return generate_latest(self.registry)
+        return generate_latest(_ScriptsShown(self.registry, shows))
+
+
+class _ScriptsShown(CollectorRegistry):
+    """A registry's metrics without the samples of the scripts `shows` refuses."""
+
+    def __init__(self, source: CollectorRegistry, shows: Callable[[str], bool]):
+        super().__init__(auto_describe=False)
+        self.source = source
+        self.shows = shows
+
+    def collect(self) -> Iterator[Metric]:
+        """The source's metrics, each with only the samples of shown scripts (or of none)."""
+        for metric in self.source.collect():
+            kept = copy.copy(metric)
+            kept.samples = [s for s in metric.samples
+                            if "script" not in s.labels or self.shows(s.labels["script"])]
+            yield kept

@@ -44,7 +44,7 @@ _PRUNE_BATCH = 500
 def archive_lock(root: Path) -> Iterator[bool]:
     """Hold the archive's advisory lock while inside; yields whether we got it."""
     try:
-        fd = os.open(root / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
+        fd = os.open(root / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o600)
     except FileNotFoundError:  # no archive directory: nobody can be writing in it
         yield False
         return

@@ -14,6 +14,7 @@ import base64
 import binascii
 import contextlib
 import hashlib
+import hmac
 import json
 import os
 import stat
@@ -72,7 +73,7 @@ def load_key(path: Path, env_key: str | None = None) -> tuple[bytes, str]:
     it off the loop."""
     if env_key:
         return parse_key(env_key, KEY_ENV), KEY_ENV
-    path.parent.mkdir(parents=True, exist_ok=True)
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     try:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     except FileExistsError:
@@ -103,6 +104,12 @@ class Vault:
         self._aead = AESGCM(key)
         self.kid = fingerprint(key)
         self.source = source  # where the key came from, for messages
+        self._key = key
+
+    def derive(self, purpose: bytes) -> bytes:
+        """A key of its own for another use of this secret (HMAC-SHA256 of `purpose`): the
+        cluster's controls are signed with one, never with the sealing key itself."""
+        return hmac.new(self._key, purpose, hashlib.sha256).digest()
 
     def seal(self, task_id: str, values: dict[str, Any]) -> str:
         """The box to store for a task's secret values ("{}" for none: no crypto at all)."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import os
 import signal
@@ -22,18 +23,19 @@ class Node(ServerProcess):
 
     def __init__(self, folder: Path, name: str, archive: Path, database_url: str,
                  redis_url: str, labels: tuple[str, ...] = (), workers: int = 4,
-                 node_timeout_s: float = 3.0, extra: str = ""):
+                 node_timeout_s: float = 3.0, extra: str = "", sandbox: str = "none"):
         folder.mkdir(parents=True, exist_ok=True)
         super().__init__(folder)
         self.name = name
         labels_toml = ", ".join(f'"{label}"' for label in labels)
         self.config.write_text(
             f'[paths]\nscripts = "scripts"\narchive = "{archive}"\ndb = "unused.db"\n'
+            f'secret_key = "{shared_key(archive.parent)}"\n'
             f"[engine]\nkill_grace_s = 1.0\nworkers = {workers}\nretry_base_s = 0.05\n"
             f"retry_cap_s = 0.2\n[archive]\nflush_interval_s = 0.2\n"
             f"[server]\nshutdown_grace_s = 2.0\n"
             # The test scripts leave marks in the test's folder, which a sandbox's /tmp hides.
-            f'[sandbox]\nmode = "none"\n'
+            f'[sandbox]\nmode = "{sandbox}"\n'
             f'[cluster]\ndatabase_url = "{database_url}"\nredis_url = "{redis_url}"\n'
             f'node = "{name}"\nlabels = [{labels_toml}]\nnode_timeout_s = {node_timeout_s}\n'
             + extra)
@@ -68,6 +70,16 @@ class Node(ServerProcess):
         """SIGCONT."""
         assert self.proc is not None
         self.proc.send_signal(signal.SIGCONT)
+
+
+def shared_key(folder: Path) -> Path:
+    """The cluster's secret key, one for every node (made once: nodes starting together must
+    not race to create it)."""
+    path = folder / "cluster-secret.key"
+    if not path.exists():
+        path.write_text(base64.b64encode(os.urandom(32)).decode() + "\n")
+        path.chmod(0o600)
+    return path
 
 
 def make_nodes(tmp_path: Path, engines: tuple[Any, Any, str], count: int = 3,

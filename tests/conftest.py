@@ -154,9 +154,10 @@ class ServerProcess:
         self.proc: subprocess.Popen[bytes] | None = None
         self.log = tmp_path / "server.log"
 
-    def start(self) -> None:
-        """Start the server and wait until /healthz answers."""
-        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    def start(self, env: dict[str, str] | None = None) -> None:
+        """Start the server (its environment ours, with `env` added) and wait until it
+        listens."""
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
         with self.log.open("ab") as log:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "remoterun", "serve", "--config", str(self.config),
@@ -309,3 +310,14 @@ def silent_ws(port: int, path: str) -> socket.socket:
                   f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\n"
                   "Sec-WebSocket-Version: 13\r\n\r\n").encode())
     return sock
+
+
+UNIT = Path(__file__).resolve().parent / "unit"
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Mark every test of tests/unit `unit`: the pure layer (no process, socket or database)
+    that `pytest -m unit` or `pytest tests/unit` runs alone in seconds."""
+    for item in items:
+        if UNIT in Path(str(item.fspath)).resolve().parents:
+            item.add_marker(pytest.mark.unit)

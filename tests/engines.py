@@ -1,9 +1,12 @@
 """Real PostgreSQL and Redis servers for the cluster tests, on loopback in temporary folders.
 
 Debian's `postgresql` and `redis-server` packages give the binaries (the Makefile installs them);
-no system service is used. PostgreSQL refuses to run as root, so as root (CI) its commands run
-as the `postgres` user through `setpriv`, in a folder that user owns. Each server can be stopped
-and started again on the same port, for the fault tests.
+no system service is used. Both need credentials, as docs/cluster.md deploys them: PostgreSQL a
+password (scram-sha-256), Redis an ACL user `rr` limited to RemoteRun's keys and channel (the
+default user is off), so a task that reaches their ports on loopback gets nothing. PostgreSQL
+refuses to run as root, so as root (CI) its commands run as the `postgres` user through
+`setpriv`, in a folder that user owns. Each server can be stopped and started again on the same
+port, for the fault tests.
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ import abc
 import contextlib
 import glob
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -20,6 +24,9 @@ import tempfile
 import time
 import uuid
 from pathlib import Path
+
+# The nodes' Redis user (deploy/redis-acl.conf): RemoteRun's keys and channel, no admin commands.
+RR_ACL = ("resetchannels", "~rr:*", "&rr:*", "+@all", "-@dangerous", "-@admin")
 
 
 def _free_port() -> int:
@@ -81,10 +88,15 @@ class PostgresServer(_Engine):
         self.log = self.folder / "postgres.log"
         self.port = _free_port()
         self.proc: subprocess.Popen[bytes] | None = None
+        self.password = secrets.token_urlsafe(24)
+        pwfile = self.folder / "pwfile"
+        pwfile.write_text(self.password + "\n")
         if self.as_root:
             shutil.chown(self.folder, "postgres", "postgres")
+            shutil.chown(pwfile, "postgres", "postgres")
         self._run([str(self.bin / "initdb"), "-D", str(self.data), "-U", "postgres",
-                   "--auth=trust", "-E", "UTF8", "--no-sync"])
+                   "--auth=scram-sha-256", f"--pwfile={pwfile}", "-E", "UTF8", "--no-sync"])
+        pwfile.unlink()
 
     def _argv(self, argv: list[str]) -> list[str]:
         # setpriv execs (runuser would fork and stay the parent, between us and postgres's
@@ -98,7 +110,7 @@ class PostgresServer(_Engine):
     @property
     def url(self) -> str:
         """The maintenance database's URL."""
-        return f"postgresql://postgres@127.0.0.1:{self.port}/postgres"
+        return f"postgresql://postgres:{self.password}@127.0.0.1:{self.port}/postgres"
 
     def start(self) -> None:
         """Start the server in the foreground of a child process; return once it listens."""
@@ -133,8 +145,9 @@ class PostgresServer(_Engine):
         name = "t_" + uuid.uuid4().hex[:12]
         subprocess.run([str(self.bin / "psql"), "-h", "127.0.0.1", "-p", str(self.port),
                         "-U", "postgres", "-d", "postgres", "-qc", f"CREATE DATABASE {name}"],
-                       check=True, capture_output=True, timeout=60)
-        return f"postgresql://postgres@127.0.0.1:{self.port}/{name}"
+                       check=True, capture_output=True, timeout=60,
+                       env={**os.environ, "PGPASSWORD": self.password})
+        return f"postgresql://postgres:{self.password}@127.0.0.1:{self.port}/{name}"
 
     def close(self) -> None:
         """Stop and delete the folder."""
@@ -154,18 +167,23 @@ class RedisServer(_Engine):
         self.log = self.folder / "redis.log"
         self.port = _free_port()
         self.proc: subprocess.Popen[bytes] | None = None
+        self.password = secrets.token_urlsafe(24)  # the nodes' user, rr
+        self.admin_password = secrets.token_urlsafe(24)
 
     @property
     def url(self) -> str:
-        """Its URL."""
-        return f"redis://127.0.0.1:{self.port}/0"
+        """The nodes' URL: the ACL user rr, as deploy/redis-acl.conf makes it."""
+        return f"redis://rr:{self.password}@127.0.0.1:{self.port}/0"
 
     def start(self) -> None:
         """Start it; return once it listens."""
         with self.log.open("ab") as log:
             self.proc = subprocess.Popen(
                 [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-                 "--appendonly", "no", "--dir", str(self.folder), "--daemonize", "no"],
+                 "--appendonly", "no", "--dir", str(self.folder), "--daemonize", "no",
+                 "--user", "default", "off",
+                 "--user", "admin", "on", f">{self.admin_password}", "~*", "&*", "+@all",
+                 "--user", "rr", "on", f">{self.password}", *RR_ACL],
                 stdout=log, stderr=log)
         _wait_port(self.port, self.proc, self.log)
 
@@ -179,8 +197,13 @@ class RedisServer(_Engine):
     def flush(self) -> None:
         """Forget every key (between tests)."""
         with socket.create_connection(("127.0.0.1", self.port), timeout=5) as s:
-            s.sendall(b"*1\r\n$8\r\nFLUSHALL\r\n")
-            s.recv(64)
+            auth = f"*3\r\n$4\r\nAUTH\r\n$5\r\nadmin\r\n${len(self.admin_password)}\r\n" \
+                   f"{self.admin_password}\r\n"
+            s.sendall(auth.encode() + b"*1\r\n$8\r\nFLUSHALL\r\n")
+            answer = b""
+            while answer.count(b"\r\n") < 2:
+                answer += s.recv(64)
+            assert answer == b"+OK\r\n+OK\r\n", answer
 
     def close(self) -> None:
         """Stop and delete the folder."""

@@ -1,5 +1,7 @@
 """Every role x action x script list, over REST and WebSocket: allowed where the role and the
-token's `scripts` list say so, refused (403, or absent from lists) everywhere else."""
+token's `scripts` list say so, refused (403, or absent from lists) everywhere else. The
+server-wide reads (`/events`, `/audit`, `/stats`, `/metrics`) are bounded by the list too,
+admins' included; `/nodes` names no script, so the role alone decides."""
 
 from __future__ import annotations
 
@@ -30,14 +32,19 @@ IN_LIST, OUT_OF_LIST = "echo_stdin.sh", "other.sh"  # other.sh: a copy of echo_s
 NEEDS = {"list": "viewer", "get": "viewer", "output": "viewer", "sse": "viewer",
          "scripts": "viewer", "ws_attach": "viewer", "cancel": "operator",
          "submit": "operator", "ws_submit": "operator", "stdin": "operator",
-         "eof": "operator", "signal": "operator", "ws_cancel": "operator"}
+         "eof": "operator", "signal": "operator", "ws_cancel": "operator",
+         "events": "viewer", "task_events": "viewer", "audit": "admin", "stats": "viewer",
+         "metrics": "viewer", "nodes": "viewer"}
 REST = ("list", "get", "output", "sse", "scripts", "cancel", "submit")
+READS = ("events", "task_events", "audit", "stats", "metrics", "nodes")
+SCRIPTLESS = ("nodes",)  # names no script: the role alone decides
 WS = ("ws_attach", "ws_submit", "stdin", "eof", "signal", "ws_cancel")
 
 
 def allowed(token: Token, action: str, script: str) -> bool:
     """What PROTOCOL.md says: the role must reach the action's, the list must hold the script."""
-    return RANK[token.role] >= RANK[NEEDS[action]] and script_allowed(token.scripts, script)
+    return RANK[token.role] >= RANK[NEEDS[action]] and (
+        action in SCRIPTLESS or script_allowed(token.scripts, script))
 
 
 def auth(token: Token) -> dict[str, str]:
@@ -95,6 +102,40 @@ async def rest_action(client, token, action, script, task_id) -> bool:
     return status == ok_status
 
 
+async def read_action(client, token, action, script, task_id) -> bool:
+    """Do one server-wide read; whether it showed the task's script (a refusal: 403)."""
+    path = {"events": "/events?since=0", "task_events": f"/tasks/{task_id}/events",
+            "audit": f"/audit?task={task_id}", "stats": "/stats", "metrics": "/metrics",
+            "nodes": "/nodes"}[action]
+    async with client.get(path, headers=auth(token)) as response:
+        if response.status == 403:
+            assert (await response.json())["error"] == "forbidden"
+            return False
+        assert response.status == 200, (response.status, await response.text())
+        if action == "events":
+            return task_id in await _events_until_ready(response)
+        if action == "metrics":
+            return f'script="{script}"' in await response.text()
+        body = await response.json()
+    if action == "audit":
+        return any(row["task_id"] == task_id for row in body["events"])
+    if action == "stats":
+        return script in body["scripts"]
+    return bool(body.get("nodes") or body.get("events"))
+
+
+async def _events_until_ready(response) -> set[str]:
+    """The task ids of the `task` events an /events stream replays before `ready`."""
+    seen: set[str] = set()
+    async with asyncio.timeout(10):
+        async for line in response.content:
+            if line.startswith(b"event: ready"):
+                return seen
+            if line.startswith(b"data: "):
+                seen.add(json.loads(line[6:])["id"])
+    raise AssertionError("the stream ended before ready")
+
+
 async def frames_until(ws, predicate, timeout=10.0):
     """Frames until one satisfies `predicate` (returned) or an error frame (returned)."""
     async with asyncio.timeout(timeout):
@@ -148,13 +189,13 @@ async def ws_action(client, token, action, script, task_id) -> bool:
         await ws.close()
 
 
-@pytest.mark.parametrize("action", REST + WS)
+@pytest.mark.parametrize("action", REST + WS + READS)
 @pytest.mark.parametrize("name", sorted(TOKENS))
 async def test_role_action_script_list(app, name, action):
     """The action on a task of a listed and of an unlisted script: allowed iff role and list."""
     client, tasks = app
     token = TOKENS[name]
-    do = rest_action if action in REST else ws_action
+    do = rest_action if action in REST else read_action if action in READS else ws_action
     for script in (IN_LIST, OUT_OF_LIST):
         got = await do(client, token, action, script, tasks[script])
         assert got == allowed(token, action, script), (name, action, script)

@@ -325,3 +325,22 @@ async def test_a_version_1_database_gains_the_exit_code_column(tmp_path: Any) ->
         assert version == {"value": "2"}
     finally:
         await db.close()
+
+
+async def test_events_stream_ends_after_stream_max_s_and_resumes(make_client: Any) -> None:
+    """`GET /events` ends after `server.stream_max_s` (a fuzzer or proxy never holds it for
+    ever); resuming with the last id seen replays what committed in between, none twice."""
+    client = await make_client(stream_max_s=0.5)
+    started = time.monotonic()
+    first = await client.get("/events")
+    events = await read_until(first, lambda ev: ev and ev[-1][1] == "ready")
+    assert await first.content.read() == b""  # the stream ends on its own
+    assert time.monotonic() - started < 5
+    last = events[-1][0]
+    task = await submit(client, "hello.sh")
+    await wait_final(client, task["id"])
+    resumed = await client.get("/events", headers={"Last-Event-ID": str(last)})
+    again = tasks_of(await read_until(resumed, lambda ev: ev and ev[-1][1] == "ready"))
+    assert [t["status"] for t in again if t["id"] == task["id"]] == \
+        ["pending", "running", "success"]
+    resumed.close()

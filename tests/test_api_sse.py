@@ -95,3 +95,26 @@ async def test_sse_resume_without_output_and_while_running(client):
     assert (await response.content.readline()).startswith(b"event: task")
     response.close()
     await client.post(f"/tasks/{running['id']}/cancel")
+
+
+async def test_sse_stream_ends_after_stream_max_s_and_resumes_without_a_gap(make_client):
+    """With `server.stream_max_s` short, a live stream ends before the task does; resuming
+    with Last-Event-ID each time yields every seq once, in order, then `exit`."""
+    client = await make_client(stream_max_s=0.5)
+    task = await submit(client, "lines.py", params={"n": 30, "delay": 0.05})
+    seqs: list[int] = []
+    last, streams, ended = None, 0, False
+    while not ended:
+        streams += 1
+        assert streams < 40, "the stream never reached exit"
+        headers = {} if last is None else {"Last-Event-ID": last}
+        response = await client.get(f"/tasks/{task['id']}/logs", headers=headers)
+        if response.status == 204:
+            break
+        for event_id, kind, data in await read_events(response):
+            if kind == "output":
+                seqs.append(data["seq"])
+                last = event_id
+            ended = ended or kind == "exit"
+    assert streams >= 2, "a 0.5 s stream of a 1.5 s task ended only once"
+    assert seqs == list(range(1, len(seqs) + 1)) and len(seqs) >= 30

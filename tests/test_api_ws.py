@@ -72,6 +72,16 @@ async def test_attach_mid_run_with_since(client):
     assert text == "".join(f"line {i}\n" for i in range(1, 41))
 
 
+async def test_attach_with_since_beyond_the_live_seq_skips_to_it(client):
+    """Attached with ?since=K to a task not yet at K, a client gets K+1 onwards only, live
+    frames included (issue 25: since=50 at seq ~10 gave 11, 12, ...)."""
+    task = await submit(client, "lines.py", params={"n": 60, "delay": 0.03})
+    frames = await ws_collect(await client.ws_connect(f"/tasks/{task['id']}/ws?since=50"))
+    seqs = _seqs(frames)
+    assert seqs and seqs == list(range(51, 51 + len(seqs)))
+    assert frames[-1]["type"] == "exit"
+
+
 async def test_many_clients_see_the_same_stream(client):
     """Several attached clients each get every frame of a running task."""
     task = await submit(client, "lines.py", params={"n": 200, "delay": 0.001})

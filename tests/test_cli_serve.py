@@ -92,7 +92,8 @@ def test_serve_runs_on_libc_malloc(server):
 
 
 def test_serve_keeps_a_chosen_allocator(server, monkeypatch):
-    """A PYTHONMALLOC the operator set is theirs: no re-exec, the value kept."""
+    """A PYTHONMALLOC the operator set is theirs: the value kept (the re-exec that empties
+    the environment block of secrets keeps it)."""
     monkeypatch.setenv("PYTHONMALLOC", "pymalloc")
     server.start()
     assert _environ(server.proc.pid).get("PYTHONMALLOC") == "pymalloc"

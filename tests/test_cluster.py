@@ -454,7 +454,8 @@ async def test_a_transition_whose_commit_answer_was_lost_stands(cluster, http, e
     follower gets the exit frame, and each transition is recorded once."""
     url = urllib.parse.urlsplit(engines[2])
     cutter = await CommitCutter((url.hostname, url.port)).start()
-    via_cutter = url._replace(netloc=f"{url.username}@127.0.0.1:{cutter.port}").geturl()
+    via_cutter = url._replace(
+        netloc=f"{url.username}:{url.password}@127.0.0.1:{cutter.port}").geturl()
     node = Node(tmp_path / "n4", "n4", tmp_path / "shared-archive", via_cutter, engines[1].url)
     make_settings(tmp_path / "n4")
     try:

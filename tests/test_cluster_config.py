@@ -46,3 +46,10 @@ def test_a_bad_cluster_key_is_named(body, key):
     """Each bad or unknown [cluster] key fails start-up with its name in the message."""
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
         parse({"cluster": body}, Path("."))
+
+
+def test_a_bad_url_is_named_without_its_password():
+    """A URL of the wrong scheme is quoted in the error with its password masked."""
+    with pytest.raises(ConfigError, match=r"cluster\.redis_url") as caught:
+        parse({"cluster": {**URLS, "redis_url": "http://rr:hunter2@cache:6379/0"}}, Path("."))
+    assert "hunter2" not in str(caught.value)

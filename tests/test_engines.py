@@ -9,6 +9,7 @@ import pytest
 import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
+from redis.exceptions import AuthenticationError, NoPermissionError
 from redis.exceptions import ConnectionError as RedisConnectionError
 
 pytestmark = pytest.mark.slow
@@ -32,8 +33,26 @@ async def test_redis_comes_back_empty_after_a_restart(engines):
     _, rd, _ = engines
     client = aioredis.from_url(rd.url, retry=Retry(ExponentialBackoff(), 3),
                                retry_on_error=[RedisConnectionError])
-    await client.set("k", "v")
-    assert await client.get("k") == b"v"
+    await client.set("rr:k", "v")
+    assert await client.get("rr:k") == b"v"
     await asyncio.to_thread(rd.restart)
-    assert await client.get("k") is None  # the client reconnects on its retry
+    assert await client.get("rr:k") is None  # the client reconnects on its retry
+    await client.aclose()
+
+
+async def test_the_engines_want_credentials(engines):
+    """As deployed: PostgreSQL refuses a login without its password, Redis every command
+    without its user's, and the nodes' user only reaches RemoteRun's keys."""
+    pg, rd, _ = engines
+    with pytest.raises(asyncpg.InvalidPasswordError):
+        await asyncpg.connect(f"postgresql://postgres@127.0.0.1:{pg.port}/postgres")
+    anonymous = aioredis.from_url(f"redis://127.0.0.1:{rd.port}/0")
+    with pytest.raises(AuthenticationError):
+        await anonymous.xrange("rr:out:x")
+    await anonymous.aclose()
+    client = aioredis.from_url(rd.url)
+    with pytest.raises(NoPermissionError):
+        await client.get("other")
+    with pytest.raises(NoPermissionError):
+        await client.flushall()
     await client.aclose()

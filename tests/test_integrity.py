@@ -10,6 +10,7 @@ import json
 import stat
 import subprocess
 import sys
+import tomllib
 from pathlib import Path
 
 import pytest
@@ -18,7 +19,8 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from remoterun.api import SETTINGS
-from remoterun.config import ConfigError, parse
+from remoterun.catalogue import Catalogue, MetadataError
+from remoterun.config import ConfigError, ResourceLimits, SandboxConfig, parse
 from remoterun.integrity import SIG_SUFFIX
 
 ADMIN = {"Authorization": "Bearer admin-token"}
@@ -210,3 +212,101 @@ async def test_sign_cli_and_openssl(make_client, tmp_path):
         task = await submit(client, script, params=params)
         assert (await wait_final(client, task["id"]))["status"] == "success", script
     assert (await client.post("/tasks", json={"script": "lines.py"})).status == 409
+
+
+async def test_unsigned_sidecar_cannot_unsandbox_a_signed_script(make_client, tmp_path, key):
+    """Issue 26, attack 1: `signed.sh` is validly signed; a writer of scripts/ adds
+    `signed.sh.toml` with `sandbox = {mode = "none"}` and `env = {BASH_ENV = notes.txt}`. The
+    task is refused and notes.txt never runs (before: accepted, notes.txt ran unsandboxed)."""
+    scripts = make_settings(tmp_path).scripts_dir
+    signed = scripts / "signed.sh"
+    signed.write_text("#!/bin/bash\necho signed\n")
+    signed.chmod(0o755)
+    sign_file(key, signed)
+    marker = tmp_path / "notes-ran"
+    notes = scripts / "notes.txt"
+    notes.write_text(f"touch {marker}\necho PWNED\n")
+    (scripts / "signed.sh.toml").write_text(
+        f'sandbox = {{mode = "none"}}\nenv = {{BASH_ENV = "{notes}"}}\n')
+    client = await make_client(integrity_public_keys=(raw_public(key),))
+    response = await client.post("/tasks", json={"script": "signed.sh"})
+    body = await response.json()
+    if response.status == 201:  # the old behaviour: let it run, to show what it did
+        await wait_final(client, body["id"])
+    assert not marker.exists(), "notes.txt ran"
+    assert response.status != 201, body
+
+
+async def test_signature_covers_the_sidecar(make_client, tmp_path, key):
+    """With public_keys, a sidecar added beside a signed script, changed, or removed after
+    `remoterun sign` signed the pair, makes its check fail (409, at submit); the pair as
+    signed runs with its metadata."""
+    scripts = make_settings(tmp_path).scripts_dir
+    script, sidecar = scripts / "greeting.sh", scripts / "greeting.sh.toml"
+    script.write_text('#!/bin/sh\necho "greeting=$GREETING"\n')
+    script.chmod(0o755)
+    sign_file(key, script)  # the script alone, as before sidecars were covered
+    sidecar.write_text('env = {GREETING = "tampered"}\n')
+    client = await make_client(integrity_public_keys=(raw_public(key),))
+    assert "sidecar" in (await refused(client, "greeting.sh"))["message"]
+    pem = tmp_path / "signing.pem"
+    pem.write_bytes(key.private_bytes(serialization.Encoding.PEM,
+                                      serialization.PrivateFormat.PKCS8,
+                                      serialization.NoEncryption()))
+    sidecar.write_text('env = {GREETING = "hello"}\n')
+    signed = await asyncio.to_thread(subprocess.run, [
+        sys.executable, "-m", "remoterun", "sign", "--key", str(pem), str(script)],
+        capture_output=True, text=True)
+    assert signed.returncode == 0 and "greeting.sh.toml" in signed.stdout, signed
+    await asyncio.sleep(1.1)  # the catalogue's resolution cache (RESOLVE_CACHE_S)
+    task = await submit(client, "greeting.sh")
+    assert (await wait_final(client, task["id"]))["status"] == "success"
+    out = await (await client.get(f"/tasks/{task['id']}/output")).text()
+    assert out == "greeting=hello\n"
+    sidecar.write_text('env = {GREETING = "tampered"}\n')
+    await asyncio.sleep(1.1)
+    assert "does not verify" in (await refused(client, "greeting.sh"))["message"]
+    sidecar.unlink()
+    await asyncio.sleep(1.1)
+    assert "does not verify" in (await refused(client, "greeting.sh"))["message"]
+
+
+@pytest.mark.parametrize(("table", "named"), [
+    ('env = {BASH_ENV = "/x"}', "env.BASH_ENV"),
+    ('env = {LD_PRELOAD = "/x.so"}', "env.LD_PRELOAD"),
+    ('env = {PATH = "/x"}', "env.PATH"),
+    ('env = {PYTHONPATH = "/x"}', "env.PYTHONPATH"),
+    ('env = {ENV = "/x"}', "env.ENV"),
+    ('sandbox = {mode = "none"}', "sandbox.mode"),
+    ('sandbox = {mode = "auto"}', "sandbox.mode"),
+    ('sandbox = {network = true}', "sandbox.network"),
+    ('sandbox = {run_as = "root"}', "sandbox.run_as"),
+    ('limits = {processes = 0}', "limits.processes"),
+    ('limits = {processes = 500}', "limits.processes"),
+])
+def test_sidecar_may_not_lower_the_sandbox(tmp_path, table, named):
+    """A sidecar may not weaken what config.toml sets (mode, network, run_as, limits) nor set a
+    variable that changes how programs load: refused, naming the key; config.toml may."""
+    settings = make_settings(tmp_path, sandbox=SandboxConfig(mode="bwrap", network=False),
+                             limits=ResourceLimits(processes=100))
+    (settings.scripts_dir / "hello.sh.toml").write_text(table + "\n")
+    catalogue = Catalogue(settings.scripts_dir, settings.scripts, settings.sandbox,
+                          settings.limits)
+    with pytest.raises(MetadataError, match=rf"hello\.sh\.toml\.{named}: .*config\.toml"):
+        catalogue.resolve("hello.sh")
+    trusted = Catalogue(settings.scripts_dir, {"hello.sh": tomllib.loads(table)},
+                        settings.sandbox, settings.limits)
+    assert trusted.resolve("hello.sh").name == "hello.sh"
+
+
+def test_sidecar_may_tighten_the_sandbox(tmp_path):
+    """What a sidecar may set: a stronger mode, no network, lower limits, plain variables."""
+    settings = make_settings(tmp_path, limits=ResourceLimits(processes=100))
+    (settings.scripts_dir / "hello.sh.toml").write_text(
+        'sandbox = {mode = "bwrap", network = false}\nlimits = {processes = 50, '
+        'open_files = 64}\nenv = {GREETING = "hi", PATHS_FILE = "x"}\n')
+    script = Catalogue(settings.scripts_dir, {}, settings.sandbox,
+                       settings.limits).resolve("hello.sh")
+    assert script.sandbox == {"mode": "bwrap", "network": False}
+    assert script.limits == {"processes": 50, "open_files": 64}
+    assert script.sidecar_sha256 is not None

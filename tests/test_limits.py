@@ -3,7 +3,12 @@ server keeps serving."""
 
 from __future__ import annotations
 
+import asyncio
+import os
+import re
 import shutil
+import subprocess
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -78,12 +83,31 @@ async def test_memory_hog_is_killed_at_memory_bytes(make_client):
     await still_serves(client)
 
 
+@needs_cgroups
+async def test_memory_hog_unsandboxed_is_killed_by_its_cgroup(make_client, tmp_path):
+    """Without a sandbox, as root, memory_bytes is the task's memory cgroup too (not RLIMIT_AS,
+    whose MemoryError ended the task with exit 1 and no error): the OOM killer ends it, the
+    error names the limit, and the task's cgroup folder is gone after."""
+    client = await make_client(sandbox=NONE, limits=ResourceLimits(memory_bytes=64 << 20),
+                               work_dir=tmp_path / "work")
+    done, out = await run(client, "memhog.py", mb=1024)
+    assert done["status"] == "failed" and done["exit_code"] == -9, (done, out[-200:])
+    assert done["error"] == ("killed by the out-of-memory killer: memory_bytes limit of "
+                             f"{64 << 20} bytes")
+    assert "MemoryError" not in out and "8 MiB" in out
+    base = client.server.app[SCHEDULER].sandbox.cgroups.bases["memory"]
+    assert not [p for p in base.iterdir() if p.is_dir()]
+    await still_serves(client)
+
+
 @needs_bwrap
 @needs_cgroups
-async def test_fork_storm_is_bounded_by_processes(make_client):
-    """Forks past `processes` are refused (as root too: a pids cgroup), the storm's script
-    fails, and the error names the limit."""
-    client = await make_client(sandbox=BWRAP, limits=ResourceLimits(processes=20))
+@pytest.mark.parametrize("mode", [BWRAP, NONE], ids=["bwrap", "none"])
+async def test_fork_storm_is_bounded_by_processes(make_client, mode, tmp_path):
+    """Forks past `processes` are refused (as root too, unsandboxed too: a pids cgroup), the
+    storm's script fails, and the error names the limit."""
+    client = await make_client(sandbox=mode, limits=ResourceLimits(processes=20),
+                               work_dir=tmp_path / "work")
     done, out = await run(client, "forks.py", n=500)
     assert done["status"] == "failed" and done["exit_code"] == 3, (done, out)
     assert "refused" in out and "forked 500" not in out
@@ -91,6 +115,66 @@ async def test_fork_storm_is_bounded_by_processes(make_client):
     await still_serves(client)
     done, out = await run(client, "forks.py", n=10)  # under the limit: fine
     assert done["status"] == "success", (done, out)
+
+
+def quota_mounts(under: Path) -> list[str]:
+    """Mount points under this folder (a task's disk quota left mounted would show here)."""
+    with open("/proc/self/mounts") as fh:
+        return [line.split()[1] for line in fh if line.split()[1].startswith(str(under))]
+
+
+def held(out: str) -> int:
+    """The bytes diskhog.sh said its files held when a write failed."""
+    return int(re.search(r"held (\d+) bytes", out).group(1))  # type: ignore[union-attr]
+
+
+needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="disk_bytes needs root (a tmpfs)")
+
+
+@needs_bwrap
+@needs_root
+@pytest.mark.parametrize("mode", [BWRAP, NONE], ids=["bwrap", "none"])
+async def test_disk_quota_bounds_work_folder_and_tmp_together(make_client, mode, tmp_path):
+    """50 files of 1 MiB, in turn to /tmp (TMPDIR unsandboxed) and the work folder, with
+    disk_bytes = 10 MiB: a write meets ENOSPC past 10 MiB of both together, the task fails
+    naming the limit, nothing of it stays mounted or on disk; under the quota, it succeeds."""
+    work = tmp_path / "work"
+    client = await make_client(sandbox=mode, limits=ResourceLimits(disk_bytes=10 << 20),
+                               work_dir=work)
+    done, out = await run(client, "diskhog.sh", files=50)
+    assert done["status"] == "failed" and done["exit_code"] == 3, (done, out)
+    assert "No space left on device" in out and "wrote" not in out, out
+    assert 9 << 20 < held(out) <= 10 << 20, out
+    assert done["error"] == f"failed with no space left at the disk_bytes limit of {10 << 20} bytes"
+    assert quota_mounts(work) == [] and list(work.iterdir()) == []
+    done, out = await run(client, "diskhog.sh", files=6)
+    assert done["status"] == "success" and "wrote 6 files" in out, (done, out)
+    assert done["error"] is None
+
+
+def mount_tmpfs(source: str, where: Path) -> None:
+    """A 1 MiB tmpfs at `where` whose source names a server (remoterun-<pid>)."""
+    where.mkdir(parents=True)
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", source, str(where)], check=True)
+
+
+@needs_root
+async def test_a_dead_servers_quota_is_unmounted_at_start(make_client, tmp_path):
+    """A quota a SIGKILLed server left mounted in the work root (its source names its pid,
+    now gone) is unmounted and removed when a server starts there; a live one's stays."""
+    work = tmp_path / "work"
+    dead = await asyncio.to_thread(subprocess.run, ["sh", "-c", "echo $$"],
+                                   capture_output=True, text=True)
+    left, live = work / "t-1-dead", work / "t-1-live"
+    await asyncio.to_thread(mount_tmpfs, f"remoterun-{dead.stdout.strip()}", left)
+    try:
+        await asyncio.to_thread(mount_tmpfs, f"remoterun-{os.getpid()}", live)
+        client = await make_client(sandbox=NONE, work_dir=work)
+        await still_serves(client)
+        assert quota_mounts(work) == [str(live)] and not left.exists()
+    finally:
+        for path in quota_mounts(work):
+            await asyncio.to_thread(subprocess.run, ["umount", path], check=True)
 
 
 @needs_bwrap

@@ -76,7 +76,9 @@ def test_schemathesis_finds_no_5xx_and_no_contradiction(tmp_path):
                 path.unlink()
     server.config.write_text(
         '[paths]\nscripts = "scripts"\narchive = "archive"\ndb = "rr.db"\n'
-        "[engine]\nkill_grace_s = 0.5\ndefault_timeout_s = 5\n[server]\nshutdown_grace_s = 1\n")
+        "[engine]\nkill_grace_s = 0.5\ndefault_timeout_s = 5\n"
+        # SSE streams end after 1 s (EventSource would resume): no request idles to the timeout
+        "[server]\nshutdown_grace_s = 1\nstream_max_s = 1\n")
     server.start()
     try:
         pending = [arg for method, path in ELSEWHERE - routed(tmp_path)

@@ -22,7 +22,7 @@ from conftest import TEST_SCRIPTS, make_settings, submit, wait_final, wait_for, 
 
 from remoterun.api import SCHEDULER
 from remoterun.api.app import create_app
-from remoterun.config import SandboxConfig
+from remoterun.config import ResourceLimits, SandboxConfig
 
 pytestmark = pytest.mark.skipif(shutil.which("bwrap") is None, reason="needs bubblewrap")
 BWRAP = SandboxConfig(mode="bwrap")
@@ -137,6 +137,24 @@ async def test_run_as_runs_the_task_as_that_user(aiohttp_client, outside_tmp):
     assert report["uid"] == pwd.getpwnam("nobody").pw_uid
     assert report["write"] == {"$RR_WORKDIR": True}
     assert report["see"] == {str(outside_tmp / "rr.db"): False}
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="run_as is for a server running as root")
+async def test_run_as_fills_its_own_disk_quota(aiohttp_client, outside_tmp):
+    """disk_bytes with run_as = "nobody" and the work root outside /tmp: the quota's folders
+    are that user's to write, /tmp and the work folder meet ENOSPC together, named."""
+    shutil.copytree(TEST_SCRIPTS, outside_tmp / "scripts", symlinks=True)
+    outside_tmp.chmod(0o755)
+    settings = make_settings(outside_tmp, sandbox=SandboxConfig(mode="bwrap", run_as="nobody"),
+                             work_dir=outside_tmp / "work",
+                             limits=ResourceLimits(disk_bytes=4 << 20))
+    client = await aiohttp_client(create_app(settings))
+    task = await submit(client, "diskhog.sh", params={"files": 20})
+    done = await wait_final(client, task["id"], timeout=60)
+    out = await (await client.get(f"/tasks/{task['id']}/output")).text()
+    assert done["exit_code"] == 3 and "No space left on device" in out, (done, out)
+    assert done["error"] == f"failed with no space left at the disk_bytes limit of {4 << 20} bytes"
+    assert list((outside_tmp / "work").iterdir()) == []
 
 
 async def test_network_false_reaches_nothing(make_client):

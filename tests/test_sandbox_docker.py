@@ -160,3 +160,29 @@ async def test_memory_limit_in_a_container(make_client, image):
     assert done["status"] == "failed" and done["exit_code"] == -9, done
     assert "memory_bytes limit of 67108864 bytes" in done["error"]
     await gone(task["id"])
+
+
+async def test_disk_quota_in_a_container(make_client, image, tmp_path):
+    """disk_bytes in Docker: /tmp and the work folder are one 10 MiB tmpfs (ENOSPC past it,
+    the error names the limit), the container's own filesystem is read-only, so nothing it
+    writes reaches the daemon's disk; under the quota, a run succeeds."""
+    client = await make_client(sandbox=SandboxConfig(mode="docker", image=image),
+                               limits=ResourceLimits(disk_bytes=10 << 20),
+                               work_dir=tmp_path / "work")
+    task = await submit(client, "diskhog.sh", params={"files": 50})
+    done = await wait_final(client, task["id"], timeout=60)
+    out = await (await client.get(f"/tasks/{task['id']}/output")).text()
+    assert done["status"] == "failed" and done["exit_code"] == 3, (done, out)
+    assert "No space left on device" in out, out
+    held = int(out.split("held ")[1].split()[0])
+    assert 9 << 20 < held <= 10 << 20, out
+    assert done["error"] == f"failed with no space left at the disk_bytes limit of {10 << 20} bytes"
+    task = await submit(client, "probe.py", params={"write": "/var/tmp:/:/tmp:$RR_WORKDIR"})
+    done = await wait_final(client, task["id"], timeout=60)
+    out = await (await client.get(f"/tasks/{task['id']}/output")).text()
+    assert done["status"] == "success", (done, out)
+    assert json.loads(out)["write"] == {"/var/tmp": "Read-only file system",
+                                        "/": "Read-only file system", "/tmp": True,
+                                        "$RR_WORKDIR": True}
+    assert list((tmp_path / "work").iterdir()) == []
+    await gone(task["id"])

@@ -358,3 +358,76 @@ def test_a_malformed_key_in_the_environment_stops_serve(tmp_path):
     assert KEY_ENV in ran.stderr and "not-a-key-but-a-secret-value" not in ran.stderr
     assert not (tmp_path / "rr.db").exists()
 
+
+
+@pytest.mark.parametrize("malloc_chosen", [False, True])
+def test_server_environment_block_holds_no_secret(tmp_path, malloc_chosen):
+    """Issue 26, attack 2: with `mode = "none"`, a task reads the server's environment block
+    (/proc/$PPID/environ): REMOTERUN_SECRET_KEY and the operator's cloud keys are not in it
+    (before: both were), yet the server uses the key (no key file is made). With or without
+    the PYTHONMALLOC re-exec the server does anyway."""
+    server = ServerProcess(tmp_path, '[sandbox]\nmode = "none"\n')
+    script = tmp_path / "scripts" / "parent_env.sh"
+    script.write_text("#!/bin/sh\necho \"ppid=$PPID\"\ntr '\\0' '\\n' < /proc/$PPID/environ\n")
+    script.chmod(0o755)
+    cloud = "aws-Secret-Value-0123456789"
+    env = {KEY_ENV: os.urandom(32).hex(), "AWS_SECRET_ACCESS_KEY": cloud,
+           "SOME_PLAIN_SETTING": "plain-value"}
+    if malloc_chosen:
+        env["PYTHONMALLOC"] = "malloc"
+    server.start(env)
+    try:
+        task = _rest(server, "POST", "/tasks", {"script": "parent_env.sh"})
+        assert _wait_task(server, task["id"], ("success", "failed"))["status"] == "success"
+        out = asyncio.run(_output(server, task["id"]))
+    finally:
+        server.stop()
+    assert server.proc is not None and f"ppid={server.proc.pid}\n" in out
+    assert "PATH=" in out  # the block was read
+    assert env[KEY_ENV] not in out and KEY_ENV not in out
+    assert cloud not in out and "plain-value" not in out
+    assert not (tmp_path / KEY_FILE_NAME).exists()  # the key still reached the server
+
+
+async def _output(server: ServerProcess, task_id: str) -> str:
+    async with aiohttp.ClientSession() as http, http.get(
+            f"{server.url}/tasks/{task_id}/output") as response:
+        return await response.text()
+
+
+def _modes(root: Path) -> dict[str, int]:
+    """Every folder and file under root (root included), relative name -> permission bits."""
+    found = {".": stat.S_IMODE(root.stat().st_mode)}
+    for path in root.rglob("*"):
+        found[str(path.relative_to(root))] = stat.S_IMODE(path.lstat().st_mode)
+    return found
+
+
+async def test_data_folders_are_private_whatever_existed(make_client, tmp_path):
+    """Issue 26, attack 3: an archive folder that exists before the first start, 0755 with a
+    0644 .gitkeep (as the repository ships it), holding a folder and segment an older server
+    left 0755/0644, and a 0755 work folder: once the server has started and run a short and
+    a long task, every folder of the archive is 0700 and every file 0600 (before: segments
+    0644 in 0755 folders), the database's folder it made 0700, the work root 0711 (not
+    listable) and the key, database and checked-copy folder private."""
+    archive, work = tmp_path / "archive", tmp_path / "work"
+    old = archive / "2020" / "01" / "02" / "00000000-0000-0000-0000-000000000000"
+    old.mkdir(parents=True)
+    work.mkdir()
+    for path in (archive / ".gitkeep", old / "0000000001-0000000001.log.gz"):
+        path.write_bytes(b"")
+    for path in (work, archive, *archive.rglob("*")):
+        path.chmod(0o755 if path.is_dir() else 0o644)
+    data = tmp_path / "data"
+    client = await make_client(db_path=data / "rr.db", work_dir=work)
+    for script, params in (("hello.sh", {}), ("lines.py", {"n": 10_000})):
+        task = await submit(client, script, params=params)
+        assert (await wait_final(client, task["id"]))["status"] == "success"
+    modes = await asyncio.to_thread(_modes, archive)
+    assert len(modes) > 12  # today's year/month/day, two task folders of segments, the old
+    assert {name: mode for name, mode in modes.items()
+            if mode != (0o700 if (archive / name).is_dir() else 0o600)} == {}
+    data_modes = await asyncio.to_thread(_modes, data)
+    assert data_modes["."] == 0o700 and data_modes["rr.db-run"] == 0o700
+    assert data_modes["rr.db"] == data_modes[KEY_FILE_NAME] == 0o600
+    assert stat.S_IMODE(work.stat().st_mode) == 0o711

@@ -38,6 +38,7 @@ from remoterun.api import (
     ws,
 )
 from remoterun.archive.compressor import Compressor
+from remoterun.archive.segments import make_private
 from remoterun.auth import COOKIE, Authenticator, FailureLimiter, Sessions, digest
 from remoterun.catalogue import Catalogue
 from remoterun.config import Settings
@@ -212,7 +213,8 @@ async def services(app: web.Application) -> AsyncIterator[None]:
     """Open the database, the compressor thread, the scheduler and the retention sweeper;
     close them in reverse."""
     settings = app[SETTINGS]
-    settings.archive_dir.mkdir(mode=0o700, parents=True, exist_ok=True)  # the server's alone
+    # The server's alone, even where it existed before (the repository ships archive/).
+    await asyncio.to_thread(make_private, settings.archive_dir)
     compressor = Compressor()
     db, scheduler = await _engine(app, compressor)
     app[DB], app[SCHEDULER] = db, scheduler
@@ -279,7 +281,8 @@ def create_app(settings: Settings) -> web.Application:
                           middlewares=[monitor.observe_middleware, error_middleware,
                                        guard.guard_middleware])
     app[SETTINGS] = settings
-    app[CATALOGUE] = Catalogue(settings.scripts_dir, settings.scripts)
+    app[CATALOGUE] = Catalogue(settings.scripts_dir, settings.scripts, settings.sandbox,
+                               settings.limits)
     app[METRICS] = Metrics()
     app[AUTH] = Authenticator(settings.tokens)
     app[SESSIONS] = Sessions(settings.session_ttl_s)

@@ -43,8 +43,10 @@ def _int(raw: str, low: int, high: int, name: str, problems: list[dict[str, str]
 
 @routes.get("/audit")
 async def get_audit(request: web.Request) -> web.Response:
-    """Audit events, newest first: `{"events": [...], "next_cursor"}`."""
-    identity(request).require("admin")
+    """Audit events, newest first: `{"events": [...], "next_cursor"}`; an admin token with a
+    script list sees those scripts' rows and its own."""
+    who = identity(request)
+    who.require("admin")
     query = request.query
     problems: list[dict[str, str]] = []
     action = query.get("action") or None
@@ -58,7 +60,8 @@ async def get_audit(request: web.Request) -> web.Response:
         raise BadRequest("invalid query", code="invalid_request", details=problems)
     rows = await list_audit(request.app[DB], actor=query.get("actor") or None, action=action,
                             task_id=query.get("task") or None, since=since,
-                            limit=limit + 1, before=cursor)
+                            limit=limit + 1, before=cursor, scripts=who.scripts,
+                            caller=who.name)
     more = len(rows) > limit
     rows = rows[:limit]
     return json_response({"events": [audit_json(r) for r in rows],

@@ -15,7 +15,6 @@ import asyncio
 import contextlib
 import functools
 from collections.abc import Callable
-from fnmatch import fnmatchcase
 from typing import Any
 
 from aiohttp import web
@@ -47,11 +46,10 @@ async def _close_feed(app: web.Application) -> None:
 
 def sees(who: Identity) -> Callable[[str], bool]:
     """Whether the caller may see tasks of a script: its token's `scripts` (names or glob
-    patterns) when it has a list; an admin, or a token without a list, sees every script."""
-    patterns = who.scripts
-    if who.role == "admin" or patterns is None:
+    patterns) when it has a list, whatever its role (an admin's too); else every script."""
+    if who.scripts is None:
         return lambda script: True
-    return lambda script: any(fnmatchcase(script, pattern) for pattern in patterns)
+    return who.allows
 
 
 def event_json(row: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -106,7 +104,9 @@ async def events(request: web.Request) -> web.StreamResponse:
         last = await _replay(response, db, since, visible)
         ready = dumps({"last_event_id": last})
         await response.write(f"id: {last}\nevent: ready\ndata: {ready}\n\n".encode())
-        await _live(response, follower, last, visible, request.app[SETTINGS].heartbeat_s)
+        settings = request.app[SETTINGS]
+        await _live(response, follower, last, visible, settings.heartbeat_s,
+                    settings.stream_max_s)
         await response.write_eof()
     except (Dropped, ConnectionResetError):
         pass  # cut by _cut, or the client left
@@ -141,15 +141,19 @@ async def _replay(response: web.StreamResponse, db: Database, since: int,
 
 
 async def _live(response: web.StreamResponse, follower: Follower, last: int,
-                visible: Callable[[str], bool], heartbeat_s: float) -> None:
-    """Write the feed's changes as they come, a comment line when idle; return when it ends."""
-    while True:
+                visible: Callable[[str], bool], heartbeat_s: float, max_s: float) -> None:
+    """Write the feed's changes as they come, a comment line when idle; return when the feed
+    ends or the stream has lasted `max_s` (the client resumes after the last id it saw)."""
+    loop = asyncio.get_running_loop()
+    end = loop.time() + max_s
+    while (left := end - loop.time()) > 0:
         batch: list[TaskChange] | None = None
         with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(heartbeat_s):
+            async with asyncio.timeout(min(heartbeat_s, left)):
                 batch = await follower.take()
         if batch is None:
-            await response.write(HEARTBEAT)
+            if end - loop.time() > 0:
+                await response.write(HEARTBEAT)
             continue
         if not batch:
             return  # the feed closed: the server is shutting down

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import fnmatch
 import os
 import re
 import statistics
@@ -38,7 +37,6 @@ from remoterun.api import (
     identity,
     json_response,
 )
-from remoterun.auth import Identity
 from remoterun.errors import BadRequest
 from remoterun.metrics import CONTENT_TYPE
 from remoterun.state import TaskStatus
@@ -101,15 +99,19 @@ async def observe_middleware(request: web.Request, handler: Handler) -> web.Stre
 
 @routes.get("/metrics")
 async def metrics(request: web.Request) -> web.Response:
-    """Prometheus text exposition; the scrape-time gauges are read first."""
+    """Prometheus text exposition; the scrape-time gauges are read first. A token with a
+    script list sees only those scripts' series (public metrics show every script)."""
     app = request.app
+    shows = None
     if not app[SETTINGS].metrics_public:
-        identity(request).require("viewer")
+        who = identity(request)
+        who.require("viewer")
+        shows = None if who.scripts is None else who.allows
     db, registry = app[DB], app[METRICS]
     registry.set_live(await db.live_counts())
     on_disk = await db.archive_bytes()
     registry.set_archive(on_disk, await asyncio.to_thread(os.statvfs, app[SETTINGS].archive_dir))
-    body = await asyncio.to_thread(registry.render)  # the process collector reads /proc
+    body = await asyncio.to_thread(registry.render, shows)  # the process collector reads /proc
     return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE})
 
 
@@ -267,12 +269,6 @@ def summarize(rows: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
     return out
 
 
-def _may_see(who: Identity, script: str) -> bool:
-    if who.role == "admin" or who.scripts is None:
-        return True
-    return any(fnmatch.fnmatchcase(script, pattern) for pattern in who.scripts)
-
-
 @routes.get("/stats")
 async def stats(request: web.Request) -> web.Response:
     """Per-script counts, success rate and percentiles over a window (default 24 h)."""
@@ -281,7 +277,7 @@ async def stats(request: web.Request) -> web.Response:
     now = time.time()
     since = parse_since(request.query.get("since"), now)
     rows = await request.app[DB].stats_rows(since, request.query.get("script") or None)
-    rows = [row for row in rows if _may_see(who, row["script"])]
+    rows = [row for row in rows if who.allows(row["script"])]
     scripts = await asyncio.to_thread(summarize, rows)
     return json_response({"since": rfc3339(since), "until": rfc3339(now), "scripts": scripts})
 

@@ -16,6 +16,7 @@ from remoterun.api import METRICS, SCHEDULER, SETTINGS
 from remoterun.api.guard import record
 from remoterun.api.http import task_row
 from remoterun.api.ws import parse_since
+from remoterun.config import Settings
 from remoterun.engine.hub import SlowConsumer, Subscription
 from remoterun.state import FINAL
 from remoterun.wire import Event, Item, dumps, sse_text
@@ -52,8 +53,7 @@ async def logs(request: web.Request) -> web.StreamResponse:
         await response.write(f"event: task\ndata: {dumps(sub.task)}\n\n".encode())
         settings = request.app[SETTINGS]
         async with contextlib.aclosing(sub.batches()) as batches:
-            await _pump(response, batches, settings.heartbeat_s, settings.stall_timeout_s, sub,
-                        since)
+            await _pump(response, batches, settings, sub, since)
         await response.write_eof()
     except (SlowConsumer, asyncio.CancelledError):
         if not sub.overflowed.is_set():
@@ -95,18 +95,23 @@ def _event_text(item: Item, last_seq: int) -> str:
     return sse_text(item)
 
 
-async def _pump(response: web.StreamResponse, batches: object, heartbeat_s: float,
-                stall_s: float, sub: Subscription, since: int) -> None:
-    """Write batches as they come; a comment line when idle so proxies keep the stream."""
+async def _pump(response: web.StreamResponse, batches: object, settings: Settings,
+                sub: Subscription, since: int) -> None:
+    """Write batches as they come; a comment line when idle so proxies keep the stream; end
+    after `stream_max_s` (EventSource resumes with Last-Event-ID, the last seq sent)."""
     iterator = batches.__aiter__()  # type: ignore[attr-defined]
     following: asyncio.Future[list[Item]] | None = None
+    stall_s = settings.stall_timeout_s
+    loop = asyncio.get_running_loop()
+    end = loop.time() + settings.stream_max_s
     try:
-        while True:
+        while (left := end - loop.time()) > 0:
             if following is None:
                 following = asyncio.ensure_future(iterator.__anext__())
-            done, _ = await asyncio.wait({following}, timeout=heartbeat_s)
+            done, _ = await asyncio.wait({following}, timeout=min(settings.heartbeat_s, left))
             if not done:
-                await _write(response, HEARTBEAT, stall_s, sub)
+                if end - loop.time() > 0:
+                    await _write(response, HEARTBEAT, stall_s, sub)
                 continue
             try:
                 batch = following.result()

@@ -12,12 +12,16 @@ Both members are deflated by ISA-L's igzip (`isal`, the default) or zlib (`Defla
 writes standard gzip members that end the same way, so `zcat`, Python's `gzip`, these readers
 and `gzjoin` take either, and one task's segments may mix them. The server's writers hand their
 work to the app's compressor thread (`compressor.py`).
+
+The archive is the server's alone: its folders are made 0700 and its files 0600 whatever the
+umask (`private_folder`, `private_open`), and `make_private` tightens an archive found open.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import stat
 import struct
 import zlib
 from collections.abc import Callable, Iterator
@@ -26,6 +30,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, BinaryIO
 
+import structlog
 from isal import isal_zlib
 
 from remoterun.wire import Frame
@@ -40,6 +45,52 @@ _PIECE_BYTES = 1024 * 1024  # inflated bytes returned at a time, at most
 _MAX_FRAME = 1 << 30  # a record claiming more is corrupt
 _BATCH_BYTES = 64 * 1024
 COMPRESSORS = ("isal", "zlib")
+FOLDER_MODE, FILE_MODE = 0o700, 0o600
+log = structlog.get_logger(__name__)
+
+
+def private_folder(folder: Path) -> None:
+    """Make a folder and any missing parents, each 0700 (Path.mkdir gives parents the umask's
+    mode)."""
+    try:
+        folder.mkdir(mode=FOLDER_MODE)
+    except FileExistsError:
+        pass
+    except FileNotFoundError:
+        private_folder(folder.parent)
+        folder.mkdir(mode=FOLDER_MODE, exist_ok=True)
+
+
+def private_open(path: str, flags: int) -> int:
+    """An opener for open(): a file created 0600."""
+    return os.open(path, flags, FILE_MODE)
+
+
+def make_private(root: Path) -> int:
+    """Make the archive's root (and missing parents) 0700; if the root was open to others (a folder
+    that existed before the first start, an older server's), every folder under it 0700 and
+    every file 0600 too. How many modes were changed. Start-up: blocking."""
+    private_folder(root)
+    if not stat.S_IMODE(root.stat().st_mode) & 0o077:
+        return 0  # closed: nobody else reaches what is inside, whatever its modes
+    changed = 0
+    for folder, _, filenames in os.walk(root):  # every folder comes once as `folder`
+        changed += _tighten(folder, FOLDER_MODE)
+        changed += sum(_tighten(os.path.join(folder, name), FILE_MODE) for name in filenames)
+    log.warning("archive_mode_tightened", path=str(root), changed=changed)
+    return changed
+
+
+def _tighten(path: str, mode: int) -> bool:
+    """Give a path (never a link's target) `mode` if it has another; whether it did."""
+    try:
+        found = os.lstat(path).st_mode
+    except FileNotFoundError:
+        return False
+    if stat.S_ISLNK(found) or stat.S_IMODE(found) == mode:
+        return False
+    os.chmod(path, mode)
+    return True
 
 
 @dataclass(frozen=True)
@@ -103,7 +154,7 @@ class MemberWriter:
     """
 
     def __init__(self, path: Path, deflate: Deflate):
-        self.file: BinaryIO = open(path, "wb")  # noqa: SIM115 - closed in finish()
+        self.file: BinaryIO = open(path, "wb", opener=private_open)  # noqa: SIM115 - closed in finish()
         self.zip: Any = deflate.compressobj()
         self._batch = bytearray()
 
@@ -304,10 +355,10 @@ def write_whole(log_path: Path, frames: list[Frame], deflate: Deflate) -> int:
         member = _whole_member(data, deflate)
         flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC
         try:
-            fd = os.open(path, flags, 0o666)
+            fd = os.open(path, flags, FILE_MODE)
         except FileNotFoundError:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            fd = os.open(path, flags, 0o666)
+            private_folder(path.parent)
+            fd = os.open(path, flags, FILE_MODE)
         try:
             view = memoryview(member)
             while view:

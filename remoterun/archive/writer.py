@@ -134,7 +134,7 @@ class _SegmentFiles:
             return
         try:
             if self.log is None or self.index is None:
-                self.path.parent.mkdir(parents=True, exist_ok=True)
+                segments.private_folder(self.path.parent)
                 self.log = MemberWriter(self.path, self.archive.deflate)
                 self.index = MemberWriter(segments.index_path(self.path), self.archive.deflate)
             self.segment.gz_bytes += work(self.log, self.index)

@@ -53,7 +53,8 @@ def serve(args: argparse.Namespace) -> int:
                                      f"got {settings.port}")
         if not settings.scripts_dir.is_dir():
             raise config.ConfigError(f"paths.scripts: {settings.scripts_dir} is not a directory")
-        Catalogue(settings.scripts_dir, settings.scripts).check()
+        Catalogue(settings.scripts_dir, settings.scripts, settings.sandbox,
+                  settings.limits).check()
         if os.environ.get(KEY_ENV):  # a malformed key stops here, before anything is opened
             parse_key(os.environ[KEY_ENV], KEY_ENV)
         logs.configure(settings.log_level)
@@ -297,7 +298,8 @@ def parser() -> argparse.ArgumentParser:
 
 def _sign_parser(sub: Any) -> None:
     g = sub.add_parser("sign", help="sign scripts for [integrity] public_keys (Ed25519)")
-    g.add_argument("scripts", nargs="*", metavar="SCRIPT", help="write SCRIPT.sig beside each")
+    g.add_argument("scripts", nargs="*", metavar="SCRIPT",
+                   help="write SCRIPT.sig beside each (covering SCRIPT.toml too, if present)")
     mode = g.add_mutually_exclusive_group(required=True)
     mode.add_argument("--key", metavar="PRIVATE_KEY", help="the PEM private key to sign with")
     mode.add_argument("--new-key", metavar="PRIVATE_KEY",
@@ -314,17 +316,22 @@ def sign_command(args: argparse.Namespace) -> int:
             print(f"private key written to {args.new_key} (keep it off the server)")
             print(f'\nadd to config.toml:\n\n[integrity]\npublic_keys = ["{public}"]')
             for script in args.scripts:
-                print(f"signed {sign(Path(args.new_key), Path(script))[0]}")
+                _say_signed(*sign(Path(args.new_key), Path(script)))
             return 0
         if not args.scripts:
             print("remoterun: sign: name the scripts to sign", file=sys.stderr)
             return 2
         for script in args.scripts:
-            print(f"signed {sign(Path(args.key), Path(script))[0]}")
+            _say_signed(*sign(Path(args.key), Path(script)))
     except (OSError, ValueError, TypeError) as exc:
         print(f"remoterun: sign: {exc}", file=sys.stderr)
         return 1
     return 0
+
+
+def _say_signed(sig: Path, public: str, sidecar: Path | None) -> None:
+    """One line per signed script: its signature, and the sidecar it covers."""
+    print(f"signed {sig}" + (f" (with its metadata {sidecar})" if sidecar else ""))
 
 
 def _token_parser(sub: Any) -> None:
@@ -354,24 +361,76 @@ def token_command(args: argparse.Namespace) -> int:
     return 0
 
 
-def _use_libc_malloc() -> None:
-    """Start `serve` again on glibc's malloc (PYTHONMALLOC=malloc), unless the caller chose one.
+# What `serve`'s re-exec keeps in its environment block: what the interpreter and the C library
+# read as the new image starts (or that is no secret anyway). Everything else is carried out of
+# the block and put back in os.environ only, so that /proc/<server>/environ, readable by any
+# process of the server's user (a task under `mode = "none"`), holds no secret (issue 26).
+BLOCK_ENV = ("PATH", "HOME", "LANG", "LANGUAGE", "TZ", "TERM", "USER", "LOGNAME", "SHELL",
+             "PWD", "TMPDIR", "GLIBC_TUNABLES")
+BLOCK_ENV_PREFIXES = ("LC_", "PYTHON", "LD_", "MALLOC_")
+CARRIED_FD_ENV = "REMOTERUN_CARRIED_ENV_FD"  # the descriptor the carried variables are read from
 
-    pymalloc frees a 1 MiB arena only when every block in it is free: after 2,000 replaying
-    clients left, ~5,000 small survivors (parser strings, log lines) kept 55 arenas with
-    31 MB of empty pools resident (idle +46 MB, bench replay). glibc's malloc_trim, which the
-    server runs every 10 s, returns any free page: +22 MB. Same PID (exec), same arguments.
+
+def _in_block(name: bytes) -> bool:
+    text = os.fsdecode(name)
+    return text in BLOCK_ENV or text.startswith(BLOCK_ENV_PREFIXES)
+
+
+def _reexec_serve() -> None:
+    """Start `serve` again (same PID, same arguments) with a clean environment block, on
+    glibc's malloc unless the caller chose an allocator; or, in the image so started, put the
+    carried variables back. A no-op when nothing needs either.
+
+    The kernel keeps a process's initial environment in /proc/<pid>/environ for its life:
+    os.environ.pop changes only the C library's copy. So the variables outside BLOCK_ENV
+    (REMOTERUN_SECRET_KEY, tokens, cloud keys) travel to the new image in an anonymous
+    memory file (memfd) it reads and closes first thing; they never touch its block.
+
+    On malloc: pymalloc frees a 1 MiB arena only when every block in it is free: after 2,000
+    replaying clients left, ~5,000 small survivors (parser strings, log lines) kept 55 arenas
+    with 31 MB of empty pools resident (idle +46 MB, bench replay). glibc's malloc_trim, which
+    the server runs every 10 s, returns any free page: +22 MB.
     """
-    if "PYTHONMALLOC" in os.environ or not hasattr(os, "execve"):
+    if CARRIED_FD_ENV in os.environ:
+        _restore_carried(os.environ.pop(CARRIED_FD_ENV))
         return
-    env = dict(os.environ, PYTHONMALLOC="malloc")
+    if not hasattr(os, "execve") or not hasattr(os, "memfd_create"):
+        return
+    env = {k: v for k, v in os.environb.items() if _in_block(k)}
+    carried = b"".join(k + b"=" + v + b"\0" for k, v in os.environb.items()
+                       if not _in_block(k))
+    if b"PYTHONMALLOC" not in env:
+        env[b"PYTHONMALLOC"] = b"malloc"
+    elif not carried:
+        return
+    if carried:
+        fd = os.memfd_create("remoterun-env")  # close-on-exec until we say otherwise
+        os.write(fd, carried)
+        os.lseek(fd, 0, os.SEEK_SET)
+        os.set_inheritable(fd, True)
+        env[CARRIED_FD_ENV.encode()] = str(fd).encode()
     os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], env)
+
+
+def _restore_carried(fd_text: str) -> None:
+    """Read the variables the re-exec carried (NUL-separated `KEY=value`) into os.environ."""
+    try:
+        fd = int(fd_text)
+        with open(fd, "rb") as fh:
+            data = fh.read()
+    except (ValueError, OSError) as exc:
+        raise SystemExit(f"remoterun: {CARRIED_FD_ENV} is the server's own; "
+                         f"unset it ({exc})") from None
+    for item in data.split(b"\0"):
+        if item:
+            key, _, value = item.partition(b"=")
+            os.environb[key] = value
 
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of `remoterun` and `python -m remoterun`."""
     if argv is None and sys.argv[1:2] == ["serve"]:
-        _use_libc_malloc()
+        _reexec_serve()
     from remoterun.cli import commands, completion
     from remoterun.cli.remote import EXIT_REMOTERUN, EXIT_USAGE, RemoteError, UsageError, say
 

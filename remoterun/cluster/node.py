@@ -25,6 +25,7 @@ import structlog
 
 from remoterun import store
 from remoterun.catalogue import Catalogue
+from remoterun.cluster.control import KEY_PURPOSE, Action, Control, Controls
 from remoterun.cluster.follow import RemoteControl, RemoteSubscription
 from remoterun.cluster.relay import Relay
 from remoterun.config import Settings
@@ -74,6 +75,7 @@ class Node:
         self._host = host
         await self._scan()
         await self._register()
+        self.relay.controls = Controls(host.protection.vault.derive(KEY_PURPOSE))
         self.relay.on_control = self._on_control
         await self.relay.start()
         self._loop = asyncio.create_task(self._beat_loop(), name="node-heartbeat")
@@ -245,20 +247,21 @@ class Node:
         """Publish the cancel for the node that runs it."""
         await self.relay.send_control(row["id"], "cancel")
 
-    def _on_control(self, message: dict[str, Any], tries: int = 0) -> None:
-        """A control published by any node: act on it if the task runs here."""
+    def _on_control(self, control: Control, tries: int = 0) -> None:
+        """A verified control published by any node: act on it if the task runs here."""
         assert self._host is not None
-        task_id, method = message["task_id"], message["method"]
+        task_id, action = control.task_id, control.action
         attempt = self._host.held_attempt(task_id)
         if attempt is None:
-            if method == "cancel" and tries < CONTROL_RETRY_S / 0.05:
+            if action is Action.CANCEL and tries < CONTROL_RETRY_S / 0.05:
                 asyncio.get_running_loop().call_later(
-                    0.05, functools.partial(self._on_control, message, tries + 1))
+                    0.05, functools.partial(self._on_control, control, tries + 1))
             return
-        if method == "cancel":
+        if action is Action.CANCEL:
             attempt.request_stop("cancel")
             return
         try:
-            attempt.control(method, *message["args"])
+            attempt.control(action.value, *control.args)  # an allow-listed name
         except BadRequest as exc:  # stdin full: the sender was answered already
-            log.warning("control_refused", task_id=task_id, method=method, error=exc.message)
+            log.warning("control_refused", task_id=task_id, method=str(action),
+                        error=exc.message)

@@ -9,13 +9,13 @@ Redis is away the buffer is bounded (oldest batches dropped): readers see the ga
 take those frames from the archive, as they do for anything older than the window.
 
 Controls (cancel, stdin, eof, resize, signal) for a task that another node runs are published
-on one channel, `rr:ctl`; each node acts on those for tasks it holds.
+on one channel, `rr:ctl`, signed with the cluster's key (`cluster.control`); each node acts on
+those for tasks it holds, once verified, and drops the rest.
 """
 
 from __future__ import annotations
 
 import asyncio
-import base64
 import contextlib
 import struct
 from collections import deque
@@ -31,6 +31,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from remoterun.cluster.control import Action, Control, ControlRefused, Controls
 from remoterun.errors import Unavailable
 from remoterun.wire import Event, Frame, Item
 
@@ -100,7 +101,8 @@ class Relay:
         self._buffered = 0
         self._wake = asyncio.Event()
         self.last_error: str | None = None  # the latest failure to reach Redis
-        self.on_control: Callable[[dict[str, Any]], None] = lambda message: None
+        self.on_control: Callable[[Control], None] = lambda control: None
+        self.controls: Controls | None = None  # set once the cluster's key is read
         self._loops: list[asyncio.Task[None]] = []
         self._control_order = asyncio.Lock()  # one publish at a time, in call order
 
@@ -218,14 +220,13 @@ class Relay:
     # Controls --------------------------------------------------------------------------------
 
     async def send_control(self, task_id: str, method: str, *args: Any) -> None:
-        """Publish a control for whichever node runs the task; Unavailable without Redis."""
-        message: dict[str, Any] = {"task_id": task_id, "method": method,
-                                   "args": [base64.b64encode(a).decode() if isinstance(a, bytes)
-                                            else a for a in args],
-                                   "bytes": [isinstance(a, bytes) for a in args]}
+        """Publish a signed control for whichever node runs the task; Unavailable without
+        Redis."""
+        assert self.controls is not None, "the relay's controls were not given their key"
+        message = self.controls.sign(Control(task_id, Action(method), args))
         try:
             async with self._control_order:  # FIFO: stdin then eof arrive in that order
-                await self.redis.publish(CONTROL_CHANNEL, orjson.dumps(message))
+                await self.redis.publish(CONTROL_CHANNEL, message)
         except (RedisError, OSError) as exc:
             raise Unavailable(f"redis cannot be reached: {exc}", code="redis_unavailable",
                               retry_after_s=1.0) from exc
@@ -242,12 +243,15 @@ class Relay:
                 await asyncio.sleep(0.5)
 
     def _dispatch(self, raw: bytes) -> None:
+        if self.controls is None:
+            return
         try:
-            message = orjson.loads(raw)
-            message["args"] = [base64.b64decode(a) if is_bytes else a
-                               for a, is_bytes in zip(message["args"], message["bytes"],
-                                                      strict=True)]
-            self.on_control(message)
+            control = self.controls.verify(raw)
+        except ControlRefused as exc:  # forged, stale, replayed or not a control
+            log.warning("control_refused", reason=str(exc))
+            return
+        try:
+            self.on_control(control)
         except Exception:  # a bad message must not stop the listener
             log.exception("control_failed")
 

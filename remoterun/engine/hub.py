@@ -50,8 +50,9 @@ class Subscription:
     slots: asyncio.Semaphore | None = None
 
     def push(self, item: Item) -> None:
-        """Queue a live item (called by the hub; never blocks)."""
-        if self.overflowed.is_set():
+        """Queue a live item (called by the hub; never blocks); frames at or before `since`
+        are not the client's (it attached asking for what comes after)."""
+        if self.overflowed.is_set() or (isinstance(item, Frame) and item.seq <= self.since):
             return
         self.queue.append(item)
         self.queued_bytes += item_size(item)

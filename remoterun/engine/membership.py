@@ -17,6 +17,7 @@ from typing import Any, Protocol
 from remoterun import store
 from remoterun.engine.attempt import Attempt
 from remoterun.engine.hub import Subscription
+from remoterun.engine.protect import Protection
 from remoterun.errors import Conflict
 from remoterun.state import TaskStatus
 
@@ -38,6 +39,7 @@ class Host(Protocol):
 
     problems: dict[str, str]  # what /readyz reports: kind -> latest failure
     replay_slots: asyncio.Semaphore  # archive readers, shared with remote followers
+    protection: Protection  # opened before join(): the cluster's keys derive from it
 
     def held_attempt(self, task_id: str) -> Attempt | None:
         """The attempt of a task this server holds, if any."""

@@ -79,7 +79,7 @@ class Protection:
         """IntegrityFailed unless the script passes its checks (none apply: nothing read)."""
         if self.integrity.required(script.sha256):
             await asyncio.to_thread(self.integrity.verified, script.name, script.path,
-                                    script.sha256)
+                                    script.sha256, script.sidecar_sha256)
 
     async def prepare(self, row: dict[str, Any], script: Script
                       ) -> tuple[dict[str, Scalar], Script, Path | None]:
@@ -96,7 +96,8 @@ class Protection:
         try:
             copy = await asyncio.to_thread(self.integrity.private_copy, script.name,
                                            script.path, script.sha256,
-                                           f"{row['id']}-{row['attempt']}")
+                                           f"{row['id']}-{row['attempt']}",
+                                           script.sidecar_sha256)
         except OSError as exc:  # a full disk, a folder we may not write: retried as any spawn
             raise SpawnError(f"the checked copy of {script.name!r} could not be written: "
                              f"{exc.strerror or exc}") from exc

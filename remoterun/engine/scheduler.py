@@ -103,12 +103,12 @@ class Scheduler:
 
     async def start(self) -> None:
         """Join, record what an earlier server left, then start dispatching."""
-        await self.membership.join(self)
         sealing = await self.protection.open(self.db)
         if sealing:  # an older server's secrets in clear: sealed, and no copy left in the log
             await self._commit(sealing)
             await self.db.checkpoint(truncate=True)
             log.warning("secrets_sealed", tasks=len(sealing))
+        await self.membership.join(self)
         await self._recover()
         await self.sandbox.start()
         if not become_subreaper():

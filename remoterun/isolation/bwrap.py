@@ -80,6 +80,16 @@ def filesystem(scripts: Path, dirs: list[Path], files: list[Path]
     return head, tail
 
 
+def in_quota(head: list[str], tmp: str, run: str) -> list[str]:
+    """The mounts before the work folder's bind with /tmp and /run bound from these folders
+    (of the attempt's disk quota) instead of fresh tmpfs as large as half the memory."""
+    out = list(head)
+    for source, where in ((tmp, "/tmp"), (run, "/run")):
+        at = next(i for i in range(len(out) - 1) if out[i:i + 2] == ["--tmpfs", where])
+        out[at:at + 2] = ["--bind", source, where]
+    return out
+
+
 async def read_child_pid(fd: int) -> int | None:
     """bwrap's `--info-fd` report (a non-blocking pipe), read to its end: the pid of its
     namespace's first process (None if bwrap failed before it, and said why on stderr)."""

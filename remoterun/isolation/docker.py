@@ -35,12 +35,17 @@ TTY_WAIT = ('n=0; while [ "$(stty size 2>/dev/null)" = "0 0" ] && [ "$n" -lt 100
 def run_argv(docker: str, name: str, image: str, argv: Sequence[str], *,
              env: Mapping[str, str], scripts: str, workdir: str, cwd: str, pty: bool,
              network: bool, user: str, limits: ResourceLimits,
-             program: Sequence[str] = ()) -> list[str]:
+             program: Sequence[str] = (), tmp: str = "") -> list[str]:
     """`docker run` of argv in `image`: the scripts folder read-only and the work folder
     writable at their own paths, `env`'s names passed (their values stay in the client's
-    environment, never in argv where `ps` shows them), the limits as Docker's flags."""
+    environment, never in argv where `ps` shows them), the limits as Docker's flags. With
+    `tmp` (a folder of the attempt's disk quota, which also holds the work folder) as its
+    /tmp, the container's own filesystem is read-only: nothing it writes reaches the
+    daemon's disk beyond the quota."""
     out = [docker, "run", "--rm", "-i", *(["-t"] if pty else []), "--init", "--name", name,
            "-v", f"{scripts}:{scripts}:ro", "-v", f"{workdir}:{workdir}", *program, "-w", cwd]
+    if tmp:
+        out += ["--read-only", "-v", f"{tmp}:/tmp"]
     if not network:
         out += ["--network", "none"]
     if user:

@@ -4,10 +4,13 @@
 system read-only, a private /tmp and /run, the scripts folder read-only, a writable work
 folder of its own, the server's database, archive, config and work folders not there at all,
 its own PID namespace: every process of the task ends with it), `docker` (`docker run --rm` of
-`image`, the scripts folder mounted read-only), or `none` (the server's own view, rlimits
-only). `auto` is bwrap where `bwrap` works here, probed once at start. Whatever the mode, the
-environment is the allow-list (PATH, HOME, LANG, LC_*, TZ) plus `[engine] env`, the script's
-metadata `env` and the task's RR_* variables, never the server's own.
+`image`, the scripts folder mounted read-only), or `none` (the server's own view, rlimits and
+cgroups only). `auto` is bwrap where `bwrap` works here, probed once at start. With
+`disk_bytes` the work folder is in a tmpfs of that size (limits.Quota) whose `tmp` folder is
+bwrap's and Docker's /tmp (bwrap's /run too; Docker's own filesystem is then read-only) and
+mode none's TMPDIR. Whatever the mode, the environment is the allow-list (PATH, HOME, LANG,
+LC_*, TZ) plus `[engine] env`, the script's metadata `env` and the task's RR_* variables,
+never the server's own.
 
 bwrap (its view of the filesystem: bwrap.py) is spawned with `--info-fd` and `--block-fd`:
 it reports its namespace's first process, which is placed into the task's cgroups and given
@@ -41,6 +44,7 @@ from remoterun.isolation import bwrap, docker
 from remoterun.isolation.limits import (
     Cgroups,
     Counters,
+    Quota,
     TaskCgroup,
     apply_rlimits,
     limit_error,
@@ -80,8 +84,10 @@ class Launch:
     take_ctty: bool = True
     signal_exit_codes: bool = False
     cgroup: TaskCgroup | None = None
+    quota: Quota | None = None  # its disk: the work folder and /tmp in one tmpfs
     pairs: list[tuple[int, int, int]] = field(default_factory=list)  # rlimits set after spawn
     container: str | None = None
+    user: pwd.struct_passwd | None = None  # run_as's
     _fds: dict[str, int] = field(default_factory=dict)  # ours of bwrap's info and block pipes
     _first: int | None = None  # bwrap's first process, once it reported it
     _forked: bool = False  # that process has forked the script
@@ -132,8 +138,10 @@ class Sandbox:
         self.docker: str | None = None  # the programs' paths, found at start
         self.prlimit: str | None = None
         self.setsid = "setsid"
+        self.sh = "/bin/sh"
         self.setpriv: str | None = None
         self.cgroups = Cgroups({})
+        self.quotas = False  # disk_bytes can be enforced here (a tmpfs per attempt)
         self.auto = "none"
         self.work_root = settings.work_dir or Path("remoterun-work")  # in the temp folder
         self.scripts = settings.scripts_dir  # resolved at start
@@ -161,6 +169,13 @@ class Sandbox:
         if os.geteuid() == 0 and limits.processes and "pids" not in self.cgroups.controllers:
             log.warning("limit_not_enforced", limit="processes",
                         detail="no pids cgroup, and RLIMIT_NPROC does not bound root")
+        if limits.memory_bytes and "memory" not in self.cgroups.controllers:
+            log.warning("limit_weakened", limit="memory_bytes",
+                        detail="no writable memory cgroup (v1): RLIMIT_AS per process, whose "
+                        "hit fails an allocation and is not named")
+        if limits.disk_bytes and not self.quotas:
+            log.warning("limit_not_enforced", limit="disk_bytes",
+                        detail="the server cannot mount a tmpfs here (it needs root)")
 
     def _probe(self) -> None:
         self._null = os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC)
@@ -169,10 +184,17 @@ class Sandbox:
         # Traversable but not listable: a run_as user reaches its own folder (0700, its own)
         # by a name it is given, and lists nobody else's.
         self.work_root.mkdir(mode=0o711, parents=True, exist_ok=True)
+        if self.work_root.stat().st_uid == os.geteuid():  # found open (it existed): closed
+            os.chmod(self.work_root, 0o711)
+        else:
+            log.warning("work_root_not_ours", path=str(self.work_root),
+                        hint="another user owns it: set paths.work to a folder of the server's")
         self.cgroups = Cgroups.find()
+        self.quotas = Quota.usable(self.work_root)
         self.docker, self.prlimit, self.setpriv = map(shutil.which, ("docker", "prlimit",
                                                                      "setpriv"))
         self.setsid = shutil.which("setsid") or "setsid"
+        self.sh = shutil.which("sh") or "/bin/sh"
         self.scripts = self.settings.scripts_dir.resolve()
         path = shutil.which("bwrap")
         if path is not None and _works([path, *bwrap.PROBE_ARGS, "true"]):
@@ -219,29 +241,25 @@ class Sandbox:
         if policy.mode == "docker" and (self.docker is None or not policy.image):
             raise SandboxError("the script's sandbox is docker: it needs the docker command "
                                "and an image (sandbox.image)")
-        if policy.run_as or (policy.mode == "bwrap" and self._wants_cgroup(policy.limits)):
-            workdir, cgroup, user = await asyncio.to_thread(self._make, name, policy, argv[0])
+        if (policy.run_as or (policy.mode != "docker" and self._wants_cgroup(policy.limits))
+                or self._wants_quota(policy.limits)):
+            launch = await asyncio.to_thread(self._make, name, policy, argv, env)
         else:
             # The common case, here on the loop: a 4-byte read of the script, one mkdir in
             # the work root (the temp folder): tens of microseconds, where a hop to a worker
             # thread and back cost ~15 ms per attempt beside 8 busy clients (GIL hand-overs,
-            # bench `trivial`). A user's lookup and cgroup folders stay on a thread.
-            workdir, cgroup, user = self._make(name, policy, argv[0])
-        full = {**self.base_env, **policy.env, **env, "RR_WORKDIR": str(workdir)}
-        launch = Launch(list(argv), full, workdir, policy, cgroup=cgroup)
+            # bench `trivial`). A user's lookup, cgroup folders and mounts stay on a thread.
+            launch = self._make(name, policy, argv, env)
+        user = launch.user
         try:
             if policy.mode == "bwrap":
                 self._bwrap(launch, cwd, pty, user)
             elif policy.mode == "docker":
                 self._docker(launch, cwd, pty, name)
             else:
-                pairs = rlimits(policy.limits, frozenset())
-                if pairs:
-                    launch.argv = [*prlimit_argv(self._needs(self.prlimit, "prlimit"), pairs),
-                                   *launch.argv]
-                if user is not None:
-                    launch.argv = [*_setpriv(self._needs(self.setpriv, "setpriv"), user),
-                                   *launch.argv]
+                if launch.quota is not None:  # /tmp stays the host's: its variable points in
+                    launch.env["TMPDIR"] = str(launch.quota.tmp)
+                self._unsandboxed(launch, user)
         except BaseException:
             await self.finish(launch, None, None)
             raise
@@ -258,22 +276,35 @@ class Sandbox:
         return bool((limits.processes and "pids" in self.cgroups.bases)
                     or (limits.memory_bytes and "memory" in self.cgroups.bases))
 
-    def _make(self, name: str, policy: Policy, program: str
-              ) -> tuple[Path, TaskCgroup | None, pwd.struct_passwd | None]:
-        """The blocking part of a launch: the checks, the work folder, the cgroups."""
-        _check_exec(program)
+    def _wants_quota(self, limits: ResourceLimits) -> bool:
+        return bool(limits.disk_bytes and self.quotas)
+
+    def _make(self, name: str, policy: Policy, argv: Sequence[str], env: Mapping[str, str]
+              ) -> Launch:
+        """The blocking part of a launch: the checks, the work folder (in its disk quota),
+        the cgroups, the environment."""
+        _check_exec(argv[0])
         user = _user(policy.run_as) if policy.run_as else None
+        uid, gid = (user.pw_uid, user.pw_gid) if user is not None else (0, 0)
         workdir = Path(tempfile.mkdtemp(prefix=f"{name}-", dir=self.work_root))
-        if user is not None:
-            os.chown(workdir, user.pw_uid, user.pw_gid)
-        cgroup = None
-        if policy.mode == "bwrap":
-            try:
-                cgroup = self.cgroups.create(name, policy.limits)
-            except OSError:
-                shutil.rmtree(workdir, ignore_errors=True)
-                raise
-        return workdir, cgroup, user
+        launch = Launch(list(argv), {}, workdir, policy, user=user)
+        try:
+            if self._wants_quota(policy.limits):
+                assert policy.limits.disk_bytes is not None
+                try:
+                    launch.quota = Quota.mount(workdir, policy.limits.disk_bytes, uid, gid)
+                except OSError as exc:
+                    raise SandboxError(f"its disk quota could not be mounted: {exc}") from exc
+                launch.workdir = launch.quota.work
+            elif user is not None:
+                os.chown(workdir, uid, gid)
+            if policy.mode != "docker":  # Docker's own cgroups bound its containers
+                launch.cgroup = self.cgroups.create(name, policy.limits)
+        except (OSError, SandboxError):
+            _clean(launch)
+            raise
+        launch.env = {**self.base_env, **policy.env, **env, "RR_WORKDIR": str(launch.workdir)}
+        return launch
 
     def _bwrap(self, launch: Launch, cwd: Path, pty: bool,
                user: pwd.struct_passwd | None) -> None:
@@ -291,7 +322,10 @@ class Sandbox:
                 "--block-fd", str(block_r)]
         if not policy.network:
             argv.append("--unshare-net")
-        argv += [*self._head, "--bind", wd, wd, *self._outside(launch.argv[0], "--ro-bind"),
+        head = self._head
+        if launch.quota is not None:  # /tmp and /run: folders of its quota, not tmpfs of their own
+            head = bwrap.in_quota(head, str(launch.quota.tmp), str(launch.quota.run))
+        argv += [*head, "--bind", wd, wd, *self._outside(launch.argv[0], "--ro-bind"),
                  *self._tail, "--chdir", str(cwd), "--"]
         if pty:  # the terminal becomes the script's, in a session of its own inside
             argv += [self.setsid, "--ctty"]
@@ -303,6 +337,20 @@ class Sandbox:
         launch.take_ctty = False
         launch.signal_exit_codes = True
 
+    def _unsandboxed(self, launch: Launch, user: pwd.struct_passwd | None) -> None:
+        """Mode none: the script behind its rlimits (prlimit), its user (setpriv) and, first,
+        the join of its cgroups, all made by exec'ing one program after the other."""
+        cgroup = launch.cgroup
+        pairs = rlimits(launch.policy.limits,
+                        frozenset(cgroup.paths) if cgroup is not None else frozenset())
+        if pairs:
+            launch.argv = [*prlimit_argv(self._needs(self.prlimit, "prlimit"), pairs),
+                           *launch.argv]
+        if user is not None:
+            launch.argv = [*_setpriv(self._needs(self.setpriv, "setpriv"), user), *launch.argv]
+        if cgroup is not None:
+            launch.argv = [*cgroup.join_argv(self.sh), *launch.argv]
+
     def _docker(self, launch: Launch, cwd: Path, pty: bool, name: str) -> None:
         assert self.docker is not None
         policy, wd = launch.policy, str(launch.workdir)
@@ -312,7 +360,8 @@ class Sandbox:
             self.docker, launch.container, policy.image, launch.argv, env=launch.env,
             scripts=str(self.scripts), workdir=wd, cwd=str(cwd), pty=pty,
             program=self._outside(launch.argv[0], "-v"),
-            network=policy.network, user=policy.run_as, limits=policy.limits)
+            network=policy.network, user=policy.run_as, limits=policy.limits,
+            tmp=str(launch.quota.tmp) if launch.quota is not None else "")
         launch.env.update(docker.client_env(os.environ))
         launch.signal_exit_codes = True
 
@@ -336,7 +385,7 @@ class Sandbox:
             assert self.docker is not None  # a killed client leaves its container running
             await docker.remove(self.docker, launch.container, self.children, self._null)
         counters = None
-        if launch.cgroup is None:  # an empty work folder goes at once, here (one rmdir)
+        if launch.cgroup is None and launch.quota is None:  # an empty work folder: one rmdir
             with contextlib.suppress(OSError):
                 os.rmdir(launch.workdir)
                 counters = Counters()
@@ -384,7 +433,11 @@ def _setpriv(setpriv: str, user: pwd.struct_passwd) -> list[str]:
 
 
 def _clean(launch: Launch) -> Counters:
-    """The cgroups' counters once they are removed; the work folder removed (blocking)."""
+    """The cgroups' counters once they are removed (and with them every process of the
+    task); whether its quota was full; the work folder removed (blocking)."""
     counters = launch.cgroup.close() if launch.cgroup is not None else Counters()
-    shutil.rmtree(launch.workdir, ignore_errors=True)
+    if launch.quota is not None:
+        counters.disk_full = launch.quota.close()
+    else:
+        shutil.rmtree(launch.workdir, ignore_errors=True)
     return counters

@@ -328,8 +328,8 @@ class PostgresDatabase(Database):
             return "closed"
         return self.last_error
 
-    async def checkpoint(self) -> None:
-        """Nothing to do: PostgreSQL checkpoints by itself."""
+    async def checkpoint(self, truncate: bool = False) -> None:
+        """Nothing to do: PostgreSQL checkpoints by itself (`truncate`: SQLite's log only)."""
 
     # Reads -----------------------------------------------------------------------------------
 

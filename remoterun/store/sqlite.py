@@ -194,9 +194,15 @@ def audit_json(row: dict[str, Any]) -> dict[str, Any]:
 
 async def list_audit(db: Database, *, actor: str | None, action: str | None,
                      task_id: str | None, since: float | None, limit: int,
-                     before: int | None) -> list[dict[str, Any]]:
-    """Audit rows newest first; `before` is the id cursor of the previous page."""
+                     before: int | None, scripts: tuple[str, ...] | None = None,
+                     caller: str = "") -> list[dict[str, Any]]:
+    """Audit rows newest first; `before` is the id cursor of the previous page. `scripts` (a
+    token's list) keeps the rows of those scripts, and of no script only the `caller`'s own
+    (its logins, its refusals): whose else logged in is no script's business."""
     query = AuditEvent.select()
+    if scripts is not None:
+        query = query.where(script_glob_clause(scripts, AuditEvent.script)
+                            | (AuditEvent.script.is_null() & (AuditEvent.actor == caller)))
     for column, value in ((AuditEvent.actor, actor), (AuditEvent.action, action),
                           (AuditEvent.task_id, task_id)):
         if value is not None:
@@ -217,15 +223,16 @@ def _task_by_id_sql() -> str:
     return str(sql)
 
 
-def script_glob_clause(patterns: tuple[str, ...]) -> Any:
-    """A WHERE clause for tasks whose script matches one of a token's fnmatch patterns
+def script_glob_clause(patterns: tuple[str, ...], column: Any = None) -> Any:
+    """A WHERE clause for tasks (or rows of `column`) whose script matches one of a token's
+    fnmatch patterns
     (SQLite's GLOB has the same `*`, `?` and `[...]`, but negates with `^` where fnmatch
     uses `!`); an empty list matches nothing."""
     if not patterns:
         return pw.SQL("1 = 0")  # (SQLite and PostgreSQL alike)
     clause = None
     for pattern in patterns:
-        glob = pw.Expression(Task.script, "GLOB", pattern.replace("[!", "[^"))
+        glob = pw.Expression(column or Task.script, "GLOB", pattern.replace("[!", "[^"))
         clause = glob if clause is None else (clause | glob)
     return clause
 
@@ -282,7 +289,7 @@ class Database:
 
     async def open(self) -> None:
         """Open (creating or migrating) the database and start the writer."""
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)  # made: ours alone
         await asyncio.to_thread(_private, self.path)
         self._conn = await aiosqlite.connect(self.path, isolation_level=None)
         self._conn.row_factory = sqlite3.Row
