@@ -1,4 +1,5 @@
-"""One live task as the engine holds it: where it is, its row, its hub and its attempt."""
+"""One live task as the engine holds it: where it is, its row, its hub and its attempt; and
+the row a new submission starts with."""
 
 from __future__ import annotations
 
@@ -6,8 +7,15 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
 
+from remoterun.archive import logs_path_for
 from remoterun.engine.attempt import Attempt
 from remoterun.engine.hub import TaskHub
+from remoterun.state import TaskStatus
+
+# What a new task's row holds before anything happened to it (beside new_row's fields).
+UNSET: dict[str, Any] = {**dict.fromkeys(("exit_code", "error", "started_at", "finished_at",
+                                          "run_after", "pid")),
+                         "output_bytes": 0, "last_seq": 0, "seq_reserved": 0}
 
 
 class Where(StrEnum):
@@ -31,3 +39,18 @@ class TaskState:
     recorded: dict[str, Any] = field(default_factory=dict)  # progress the last flush wrote
     reserving: bool = False  # a seq reservation is being committed
     next_segment: int | None = 1  # the number its next archive segment takes (None: unknown)
+
+
+def new_row(num: int, task_id: str, script: str, request: dict[str, Any], shown: str,
+            sealed: str, submitted_by: str, now: float) -> dict[str, Any]:
+    """A submission's row as inserted: numbered `num`, params as shown and sealed."""
+    return {
+        "num": num, "id": task_id, "script": script, "status": str(TaskStatus.PENDING),
+        "params": shown, "secret_params": sealed,
+        "priority": request.get("priority", 0), "timeout": request.get("timeout"),
+        "max_retries": request.get("max_retries", 0), "attempt": 1,
+        "pty": request.get("pty", False),
+        "interactive": request.get("interactive", False) or request.get("pty", False),
+        "stdin": request.get("stdin", ""), "created_at": now, "updated_at": now,
+        "submitted_by": submitted_by, "logs_path": logs_path_for(task_id, now),
+    }

@@ -33,7 +33,7 @@ from typing import Any
 import structlog
 
 from remoterun import store
-from remoterun.archive import logs_path_for, next_number
+from remoterun.archive import next_number
 from remoterun.archive.compressor import Compressor
 from remoterun.catalogue import Catalogue, Script
 from remoterun.config import Settings
@@ -41,10 +41,11 @@ from remoterun.engine import launch, recovery, upkeep
 from remoterun.engine.attempt import Attempt, decide
 from remoterun.engine.feed import TaskFeed
 from remoterun.engine.hub import Subscription, TaskHub, replay_finished
-from remoterun.engine.live import TaskState, Where
+from remoterun.engine.live import UNSET, TaskState, Where, new_row
 from remoterun.engine.membership import Lost, Membership
 from remoterun.engine.protect import Protection
 from remoterun.engine.queue import Queue
+from remoterun.engine.writes import Once, Writes
 from remoterun.errors import Conflict, IntegrityFailed, NotFound, Unavailable
 from remoterun.isolation.sandbox import Sandbox
 from remoterun.metrics import Metrics
@@ -59,7 +60,6 @@ log = structlog.get_logger(__name__)
 S = TaskStatus
 SEQ_BLOCK = 4096  # seqs reserved per database write (see attempt.SEQ_MARGIN)
 REQUEST_DB_WAIT_S = 2.0  # at most this long a request waits for a busy database, then 503
-REQUEST_SLOW_S = 15.0  # side by side (a cluster): beyond the wait, what a request may queue
 DISPATCH_RETRY_S = 0.5  # after a failed take (a claim the database refused)
 Publish = Callable[[str, TaskHub], Any]  # a live task's extra subscriber (the cluster relay)
 
@@ -86,12 +86,11 @@ class Scheduler:
         self._busy = 0  # worker slots held (starting, running)
         self.replay_slots = asyncio.Semaphore(settings.replay_readers)  # see hub.Subscription
         self._wake = asyncio.Event()
-        self._write_lock = asyncio.Lock()  # commits in order
-        self._closing = False
+        self.once = Once()
+        self.writes = Writes(db, membership, settings.db_retry_s, self.problems, self.once)
         self._owned: set[asyncio.Task[None]] = set()  # small writes and controls
         self._runs: set[asyncio.Task[None]] = set()  # one per attempt, also owned
         self._dispatcher: asyncio.Task[None] | None = None
-        self._logged: set[tuple[str, str]] = set()  # (failure kind, task) already logged
         self.upkeep = upkeep.Upkeep([
             upkeep.Job("flush", settings.flush_interval_s / upkeep.FLUSH_SLICES,
                        self._flush_tick),
@@ -164,7 +163,7 @@ class Scheduler:
 
     async def close(self) -> None:
         """Cancel the background loops and whatever is left, writing what can be written."""
-        self._closing = True
+        self.writes.closing = True
         loops = [self._dispatcher] if self._dispatcher is not None else []
         for task in [*loops, *self._owned]:
             task.cancel()
@@ -202,49 +201,15 @@ class Scheduler:
 
     async def _commit(self, statements: list[store.Statement], within_s: float | None = None
                       ) -> int | None:
-        """Commit in order behind every earlier commit. A request (`within_s` given) gets
-        Unavailable past it; the engine's own commits wait until the database is back."""
+        """The engine's commit (in order, until it lands), or a request's (`within_s`)."""
         if within_s is not None:
-            return await self._commit_request(statements, within_s)
-        statements = self.membership.stamp(statements)
-        async with self._write_lock:
-            unsure = None  # a try whose outcome is unknown: looked up before the next
-            while True:
-                try:
-                    rowid = await self.db.commit(statements, self.settings.db_retry_s, unsure)
-                    self.problems.pop("database", None)
-                    return rowid
-                except store.DatabaseUnavailable as exc:
-                    unsure = exc.unsure
-                    self.problems["database"] = str(exc)
-                    self._log_once("database_unavailable", "", error=str(exc))
-                    if self._closing:
-                        raise
-
-    async def _commit_request(self, statements: list[store.Statement], within_s: float
-                              ) -> int | None:
-        """A request's write: in order behind the engine's on one server; side by side on a
-        cluster node (other nodes write too), waiting longer for a merely busy database."""
-        in_order = self.membership.requests_in_order
-        try:
-            async with asyncio.timeout(within_s if in_order else within_s + REQUEST_SLOW_S):
-                async with self._write_lock if in_order else contextlib.nullcontext():
-                    return await self.db.commit(statements, within_s)
-        except (TimeoutError, store.DatabaseUnavailable) as exc:
-            raise Unavailable("the database is busy or cannot be written; try again",
-                              code="database_unavailable", retry_after_s=1.0) from exc
+            return await self.writes.request(statements, within_s)
+        return await self.writes.engine(statements)
 
     async def record(self, statements: list[store.Statement]) -> None:
         """Commit what a request records beside the engine's writes (audit rows), in order
         behind them; Unavailable once the database stayed busy past a request's wait."""
         await self._commit(statements, within_s=self._request_wait())
-
-    def _log_once(self, kind: str, task_id: str, **data: Any) -> None:
-        if (kind, task_id) not in self._logged:
-            if len(self._logged) > 10_000:
-                self._logged.clear()
-            self._logged.add((kind, task_id))
-            log.warning(kind, task_id=task_id or None, **data)
 
     async def _transition(self, state: TaskState, new: TaskStatus,
                           extra: Iterable[store.Statement] = (), **fields: Any) -> None:
@@ -292,25 +257,15 @@ class Scheduler:
         now = time.time()
         task_id = str(uuid.uuid4())
         shown, sealed = self.protection.seal(task_id, script, params)
-        row: dict[str, Any] = {
-            "num": await self.queue.number(), "id": task_id, "script": script.name,
-            "status": str(S.PENDING), "params": shown, "secret_params": sealed,
-            "priority": request.get("priority", 0), "timeout": request.get("timeout"),
-            "max_retries": request.get("max_retries", 0), "attempt": 1,
-            "pty": request.get("pty", False),
-            "interactive": request.get("interactive", False) or request.get("pty", False),
-            "stdin": request.get("stdin", ""), "created_at": now, "updated_at": now,
-            "submitted_by": submitted_by, "logs_path": logs_path_for(task_id, now),
-        }
+        row = new_row(await self.queue.number(), task_id, script.name, request, shown, sealed,
+                      submitted_by, now)
         audit_rows = [] if audit is None else [
             store.insert_audit(audit, task_id=task_id, script=script.name)]
         insert, event = store.insert_task(row)
         # The event's insert last: its row id is the feed's event id.
         event_id = await self._commit([*audit_rows, *self.queue.entry(insert, placement), event],
                                       within_s=self._request_wait())
-        full = {**dict.fromkeys(("exit_code", "error", "started_at", "finished_at",
-                                 "run_after", "pid")), "output_bytes": 0, "last_seq": 0,
-                "seq_reserved": 0, **row}
+        full = {**UNSET, **row}
         self.feed.publish(event_id, full, None)  # GET /events
         self._enqueue(TaskState(full))
         self.metrics.child(self.metrics.submitted, script.name).inc()
@@ -481,10 +436,10 @@ class Scheduler:
         slots = self.settings.workers - self._busy if self.accepting else 0
         try:
             rows, wait_s = await self.queue.take(slots, time.time(), self.tasks.keys())
-            self._logged.discard(("claim_failed", ""))
+            self.once.forget("claim_failed")
         except Exception as exc:  # busy, fenced, unreachable: the next look may do better
             self.problems["database"] = str(exc)
-            self._log_once("claim_failed", "", error=str(exc))
+            self.once.warn("claim_failed", "", error=str(exc))
             return DISPATCH_RETRY_S
         for row in rows:  # held here already (a local queue's), or new (claimed)
             state = self.tasks.get(row["id"]) or TaskState(
@@ -594,7 +549,7 @@ class Scheduler:
         if attempt.archive_error is not None:
             error = attempt.archive_error
             self.problems["archive"] = error
-            self._log_once("archive_write_failed", row["id"], error=error)
+            self.once.warn("archive_write_failed", row["id"], error=error)
         outcome = decide(row, result, error, attempt.stop_reason, attempt.limits.timeout_s,
                          attempt.limit_error, attempt.retryable)
         common = dict(exit_code=outcome.exit_code, error=outcome.error, pid=None,
@@ -632,7 +587,7 @@ class Scheduler:
         flushed = upkeep.start_flushes(list(self.tasks.values()),
                                        self.settings.flush_interval_s, everything)
         await asyncio.gather(*(asyncio.wrap_future(f) for _, _, f, _ in flushed if not f.done()))
-        if self._write_lock.locked() and not everything:
+        if self.writes.lock.locked() and not everything:
             return  # the database is busy: the next tick writes it all
         statements = upkeep.flushed_rows(flushed)
         if statements:
