@@ -1,12 +1,15 @@
-"""One live task as the engine holds it: where it is, its row, its hub and its attempt; and
-the row a new submission starts with."""
+"""One live task as the engine holds it: where it is, its row, its hub and its attempt; the
+row a new submission starts with; and what the engine's parts (runs, recovery) may ask of it."""
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import Coroutine, Iterable
 from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import Any
+from typing import Any, Protocol
 
+from remoterun import store
 from remoterun.archive import logs_path_for
 from remoterun.engine.attempt import Attempt
 from remoterun.engine.hub import TaskHub
@@ -54,3 +57,32 @@ def new_row(num: int, task_id: str, script: str, request: dict[str, Any], shown:
         "stdin": request.get("stdin", ""), "created_at": now, "updated_at": now,
         "submitted_by": submitted_by, "logs_path": logs_path_for(task_id, now),
     }
+
+
+class Engine(Protocol):
+    """What the runs need of the scheduler that owns them."""
+
+    tasks: dict[str, TaskState]
+    problems: dict[str, str]
+
+    async def transition(self, state: TaskState, new: TaskStatus,
+                         extra: Iterable[store.Statement] = (), **fields: Any) -> None:
+        """Check, persist, then announce a status change."""
+
+    async def commit(self, statements: list[store.Statement]) -> int | None:
+        """The engine's commit, in order."""
+
+    def enqueue(self, state: TaskState) -> None:
+        """The task waits again."""
+
+    def finish(self, state: TaskState) -> None:
+        """Announce the end and forget the task."""
+
+    def hub(self, state: TaskState) -> TaskHub:
+        """The task's hub (made on first use)."""
+
+    def own(self, coro: Coroutine[Any, Any, None], name: str) -> asyncio.Task[None]:
+        """Run a background coroutine that close() cancels."""
+
+    def wake(self) -> None:
+        """A slot came free: the dispatcher looks again."""

@@ -2,9 +2,10 @@
 those of a cluster node declared lost. One path for both modes, every scan off the event loop.
 
 `settle` kills what such a run left on this host (found by RR_TASK_ID in /proc), makes whole
-the archive segments it left open, and says what its row must record; the scheduler then
-writes the end ("failed", or pending again while retries remain) through its one transition
-and publishes the exit event like any other end.
+the archive segments it left open, and says what its row must record; `Recovery` then writes
+the end ("failed", or pending again while retries remain) through the engine's one transition
+and publishes the exit event like any other end. Which runs are lost is the membership's to
+say (`leftovers` at start, `orphans` on the reaper's beat); the rest is the same in both modes.
 """
 
 from __future__ import annotations
@@ -20,7 +21,9 @@ import structlog
 from remoterun import store
 from remoterun.archive import Segment, deflate_of, recover
 from remoterun.config import Settings
-from remoterun.engine.membership import Lost
+from remoterun.engine.live import Engine, TaskState, Where
+from remoterun.engine.membership import Lost, Membership
+from remoterun.engine.queue import Queue
 from remoterun.reaper import kill_left_behind
 from remoterun.state import TaskStatus
 
@@ -35,6 +38,61 @@ class Ending:
     status: TaskStatus
     fields: dict[str, Any]
     extra: list[store.Statement] = field(default_factory=list)
+
+
+class Recovery:
+    """Records the runs no live server holds, for one engine."""
+
+    def __init__(self, engine: Engine, settings: Settings, db: store.Database, queue: Queue,
+                 membership: Membership):
+        self.engine, self.settings, self.db = engine, settings, db
+        self.queue, self.membership = queue, membership
+
+    async def recover(self) -> None:
+        """At start: record runs an earlier server left, and hold the pending tasks again."""
+        for lost in await self.membership.leftovers():
+            await self.end(lost)
+        for row in await self.queue.recover():
+            if row["id"] not in self.engine.tasks:  # a retry's folder may hold segments
+                self.engine.enqueue(TaskState(row, next_segment=1 if row["attempt"] == 1
+                                              else None))
+        log.info("recovered", pending=len(self.engine.tasks))
+
+    async def reap(self) -> None:
+        """Record runs no live server holds (a dead server's, a lost node's)."""
+        for lost in await self.membership.orphans(self.engine.tasks.keys()):
+            if lost.row["id"] not in self.engine.tasks:
+                log.warning("reaped_lost_run", task_id=lost.row["id"])
+                await self.end(lost)
+
+    async def reap_one(self, row: dict[str, Any]) -> dict[str, Any]:
+        """A run a reader found lost, recorded as after a crash; its row as recorded."""
+        log.warning("reaped_lost_run", task_id=row["id"])
+        ended = await self.end(Lost(row, f"the server stopped during attempt {row['attempt']}",
+                                    kill=True))
+        return ended or await self.db.get_task(row["id"]) or row
+
+    async def end(self, lost: Lost) -> dict[str, Any] | None:
+        """Record a lost run, failed or queued again, and publish its end; its row as
+        recorded, or None if it is held again or another server recorded it first."""
+        row = lost.row
+        ending = await settle(self.settings, lost)
+        if row["id"] in self.engine.tasks:  # held again meanwhile: not lost
+            return None
+        state = TaskState(row, where=Where.FINISHING, next_segment=None)
+        self.engine.hub(state)
+        try:
+            await self.engine.transition(state, ending.status, extra=ending.extra,
+                                         **ending.fields)
+        except store.StaleWrite:
+            return None
+        if ending.status is S.PENDING:
+            self.engine.enqueue(state)
+        else:
+            self.engine.finish(state)
+        log.warning("recovered_interrupted_run", task_id=row["id"], status=row["status"],
+                    error=lost.error)
+        return row
 
 
 async def settle(settings: Settings, lost: Lost) -> Ending:

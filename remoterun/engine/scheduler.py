@@ -21,8 +21,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
-import random
 import signal
 import time
 import uuid
@@ -33,24 +31,23 @@ from typing import Any
 import structlog
 
 from remoterun import store
-from remoterun.archive import next_number
 from remoterun.archive.compressor import Compressor
 from remoterun.catalogue import Catalogue, Script
 from remoterun.config import Settings
-from remoterun.engine import launch, recovery, upkeep
-from remoterun.engine.attempt import Attempt, decide
+from remoterun.engine import recovery, upkeep
+from remoterun.engine.attempt import Attempt
 from remoterun.engine.feed import TaskFeed
 from remoterun.engine.hub import Subscription, TaskHub, replay_finished
 from remoterun.engine.live import UNSET, TaskState, Where, new_row
-from remoterun.engine.membership import Lost, Membership
+from remoterun.engine.membership import Membership
 from remoterun.engine.protect import Protection
 from remoterun.engine.queue import Queue
+from remoterun.engine.runs import Runs
 from remoterun.engine.writes import Once, Writes
 from remoterun.errors import Conflict, IntegrityFailed, NotFound, Unavailable
 from remoterun.isolation.sandbox import Sandbox
 from remoterun.metrics import Metrics
 from remoterun.reaper import become_subreaper, tend_orphans
-from remoterun.runner import RunResult
 from remoterun.spawn import Children
 from remoterun.state import FINAL, TaskStatus, check_transition
 from remoterun.vault import NONE
@@ -58,7 +55,6 @@ from remoterun.wire import Event, exit_event, rfc3339, task_json
 
 log = structlog.get_logger(__name__)
 S = TaskStatus
-SEQ_BLOCK = 4096  # seqs reserved per database write (see attempt.SEQ_MARGIN)
 REQUEST_DB_WAIT_S = 2.0  # at most this long a request waits for a busy database, then 503
 DISPATCH_RETRY_S = 0.5  # after a failed take (a claim the database refused)
 Publish = Callable[[str, TaskHub], Any]  # a live task's extra subscriber (the cluster relay)
@@ -83,19 +79,20 @@ class Scheduler:
         self.on_transition: Callable[[dict[str, Any], TaskStatus, TaskStatus], None] = \
             lambda row, old, new: None
         self.problems: dict[str, str] = {}  # what /readyz reports: kind -> latest failure
-        self._busy = 0  # worker slots held (starting, running)
         self.replay_slots = asyncio.Semaphore(settings.replay_readers)  # see hub.Subscription
         self._wake = asyncio.Event()
         self.once = Once()
         self.writes = Writes(db, membership, settings.db_retry_s, self.problems, self.once)
+        self.recovery = recovery.Recovery(self, settings, db, queue, membership)
+        self.runs = Runs(self, settings, catalogue, metrics, compressor, children, protection,
+                         sandbox, queue, self.once)
         self._owned: set[asyncio.Task[None]] = set()  # small writes and controls
-        self._runs: set[asyncio.Task[None]] = set()  # one per attempt, also owned
         self._dispatcher: asyncio.Task[None] | None = None
         self.upkeep = upkeep.Upkeep([
             upkeep.Job("flush", settings.flush_interval_s / upkeep.FLUSH_SLICES,
                        self._flush_tick),
             upkeep.Job("checkpoint", settings.flush_interval_s, self.db.checkpoint),
-            upkeep.Job("reap", membership.orphan_interval_s, self._reap_orphans),
+            upkeep.Job("reap", membership.orphan_interval_s, self.recovery.reap),
             upkeep.Job("trim", upkeep.TRIM_INTERVAL_S, upkeep.trim_memory)])
 
     # Life ------------------------------------------------------------------------------------
@@ -104,11 +101,11 @@ class Scheduler:
         """Join, record what an earlier server left, then start dispatching."""
         sealing = await self.protection.open(self.db)
         if sealing:  # an older server's secrets in clear: sealed, and no copy left in the log
-            await self._commit(sealing)
+            await self.commit(sealing)
             await self.db.checkpoint(truncate=True)
             log.warning("secrets_sealed", tasks=len(sealing))
         await self.membership.join(self)
-        await self._recover()
+        await self.recovery.recover()
         await self.sandbox.start()
         if not become_subreaper():
             log.warning("no_subreaper", detail="double-forked daemons may outlive their task")
@@ -124,7 +121,7 @@ class Scheduler:
 
     def force_stop(self) -> None:
         """Kill every running task now (a second SIGTERM/SIGINT during the drain)."""
-        log.warning("shutdown_forced", running=self._busy)
+        log.warning("shutdown_forced", running=self.runs.busy)
         self._kill_all("shutdown")
 
     def _kill_all(self, reason: str) -> None:
@@ -137,8 +134,8 @@ class Scheduler:
         """Kill every run and forget every task, writing nothing (fenced out: others have
         recorded them)."""
         self._kill_all("lost")
-        if self._runs:
-            await asyncio.wait(set(self._runs), timeout=30)
+        if self.runs.running:
+            await asyncio.wait(set(self.runs.running), timeout=30)
         self.tasks.clear()
 
     async def drain(self, grace_s: float) -> None:
@@ -147,13 +144,13 @@ class Scheduler:
             return
         self.accepting = False
         self._wake.set()
-        if self._runs:
-            log.info("shutdown_draining", running=len(self._runs), grace_s=grace_s)
-            await asyncio.wait(set(self._runs), timeout=grace_s)
+        if self.runs.running:
+            log.info("shutdown_draining", running=len(self.runs.running), grace_s=grace_s)
+            await asyncio.wait(set(self.runs.running), timeout=grace_s)
         for attempt in self._attempts():
             attempt.request_stop("shutdown")
-        if self._runs:
-            await asyncio.wait(set(self._runs))
+        if self.runs.running:
+            await asyncio.wait(set(self.runs.running))
         for state in list(self.tasks.values()):
             if state.hub is not None:
                 row = state.row
@@ -182,25 +179,27 @@ class Scheduler:
     def _attempts(self) -> list[Attempt]:
         return [s.attempt for s in self.tasks.values() if s.attempt is not None]
 
-    def _own(self, coro: Coroutine[Any, Any, None], name: str, run: bool = False) -> None:
+    def own(self, coro: Coroutine[Any, Any, None], name: str) -> asyncio.Task[None]:
         """Run a background coroutine that close() cancels and whose exception is logged."""
         task = asyncio.create_task(coro, name=name)
         self._owned.add(task)
-        if run:
-            self._runs.add(task)
         task.add_done_callback(self._reap_owned)
+        return task
 
     def _reap_owned(self, task: asyncio.Task[None]) -> None:
         self._owned.discard(task)
-        self._runs.discard(task)
         if not task.cancelled() and task.exception() is not None:
             log.error("background_task_failed", task=task.get_name(),
                       exc_info=task.exception())
 
+    def wake(self) -> None:
+        """Have the dispatcher look at the queue again."""
+        self._wake.set()
+
     # Commits ---------------------------------------------------------------------------------
 
-    async def _commit(self, statements: list[store.Statement], within_s: float | None = None
-                      ) -> int | None:
+    async def commit(self, statements: list[store.Statement], within_s: float | None = None
+                     ) -> int | None:
         """The engine's commit (in order, until it lands), or a request's (`within_s`)."""
         if within_s is not None:
             return await self.writes.request(statements, within_s)
@@ -209,9 +208,9 @@ class Scheduler:
     async def record(self, statements: list[store.Statement]) -> None:
         """Commit what a request records beside the engine's writes (audit rows), in order
         behind them; Unavailable once the database stayed busy past a request's wait."""
-        await self._commit(statements, within_s=self._request_wait())
+        await self.commit(statements, within_s=self._request_wait())
 
-    async def _transition(self, state: TaskState, new: TaskStatus,
+    async def transition(self, state: TaskState, new: TaskStatus,
                           extra: Iterable[store.Statement] = (), **fields: Any) -> None:
         """Check, persist (with the membership's guards), then announce a status change."""
         row = state.row
@@ -225,7 +224,7 @@ class Scheduler:
         wake = self.queue.requeued() if new is S.PENDING else []
         statements = store.transition(row["id"], old, new, attempt, dict(fields),
                                       detail=fields.get("error"))
-        event_id = await self._commit([*guards, *extra, *wake, *statements])
+        event_id = await self.commit([*guards, *extra, *wake, *statements])
         row.update(fields, status=str(new))
         row.update(after)
         self.feed.publish(event_id, row, str(old), fields)  # GET /events
@@ -263,11 +262,11 @@ class Scheduler:
             store.insert_audit(audit, task_id=task_id, script=script.name)]
         insert, event = store.insert_task(row)
         # The event's insert last: its row id is the feed's event id.
-        event_id = await self._commit([*audit_rows, *self.queue.entry(insert, placement), event],
+        event_id = await self.commit([*audit_rows, *self.queue.entry(insert, placement), event],
                                       within_s=self._request_wait())
         full = {**UNSET, **row}
         self.feed.publish(event_id, full, None)  # GET /events
-        self._enqueue(TaskState(full))
+        self.enqueue(TaskState(full))
         self.metrics.child(self.metrics.submitted, script.name).inc()
         log.info("task_submitted", task_id=task_id, script=script.name,
                  submitted_by=submitted_by)
@@ -278,14 +277,14 @@ class Scheduler:
         """Log and audit a submission refused by the script's integrity check."""
         log.warning("integrity_failed", script=script.name, error=exc.message)
         if audit is not None:
-            await self._commit([store.insert_audit(
+            await self.commit([store.insert_audit(
                 {**audit, "result": exc.code, "detail": exc.message[:1000]},
                 script=script.name)], within_s=self._request_wait())
 
     def _request_wait(self) -> float:
         return min(self.settings.db_retry_s, REQUEST_DB_WAIT_S)
 
-    def _enqueue(self, state: TaskState) -> None:
+    def enqueue(self, state: TaskState) -> None:
         """The task waits: held here if the queue is this server's, else in the database."""
         state.where = Where.QUEUED
         state.attempt = None
@@ -308,18 +307,18 @@ class Scheduler:
                            code="already_finished")
         if state.attempt is not None:  # starting or running: its run ends it
             if audit_rows:
-                await self._commit(audit_rows, within_s=self._request_wait())
+                await self.commit(audit_rows, within_s=self._request_wait())
             state.attempt.request_stop("cancel")
             return task_json(state.row)
         assert self.queue.remove(task_id) is not None
         state.where = Where.FINISHING
         try:
-            await self._transition(state, S.CANCELLED, finished_at=time.time(), run_after=None,
+            await self.transition(state, S.CANCELLED, finished_at=time.time(), run_after=None,
                                    extra=audit_rows)
         except BaseException:
-            self._enqueue(state)  # nothing was recorded: it waits as before
+            self.enqueue(state)  # nothing was recorded: it waits as before
             raise
-        self._finish(state)
+        self.finish(state)
         return task_json(state.row)
 
     async def _cancel_elsewhere(self, task_id: str, audit_rows: list[store.Statement]
@@ -335,14 +334,14 @@ class Scheduler:
         guard = self.queue.unclaimed(row)
         if guard is not None:
             state = TaskState(row, where=Where.FINISHING)
-            self._hub(state)
+            self.hub(state)
             with contextlib.suppress(store.StaleWrite):  # claimed meanwhile: its owner cancels
-                await self._transition(state, S.CANCELLED, finished_at=time.time(),
+                await self.transition(state, S.CANCELLED, finished_at=time.time(),
                                        run_after=None, extra=[guard, *audit_rows])
-                self._finish(state)
+                self.finish(state)
                 return task_json(state.row)
         elif audit_rows:
-            await self._commit(audit_rows, within_s=self._request_wait())
+            await self.commit(audit_rows, within_s=self._request_wait())
         await self.membership.cancel_elsewhere(row)
         return task_json(row)
 
@@ -370,7 +369,7 @@ class Scheduler:
         state = self.tasks.get(task_id)
         return state.row if state is not None else None
 
-    def _hub(self, state: TaskState) -> TaskHub:
+    def hub(self, state: TaskState) -> TaskHub:
         if state.hub is None:
             row = state.row
             task_id = row["id"]
@@ -400,10 +399,10 @@ class Scheduler:
                     remote = self.membership.follow(row, since)
                     if remote is not None:
                         return remote
-                    row = await self._reap_one(row)
+                    row = await self.recovery.reap_one(row)
                 return replay_finished(row, task_json(row), since, root, limit,
                                        self.replay_slots)
-        return self._hub(state).subscribe(since, root, limit, self.replay_slots)
+        return self.hub(state).subscribe(since, root, limit, self.replay_slots)
 
     def _start_flush(self, task_id: str) -> Future[None] | None:
         """Start a flush of the task's current archive (whichever attempt is writing)."""
@@ -433,7 +432,7 @@ class Scheduler:
     async def _start_eligible(self) -> float | None:
         """Start what the queue gives for the free slots; how long to wait for a wake before
         looking again (None: until woken; 0: at once)."""
-        slots = self.settings.workers - self._busy if self.accepting else 0
+        slots = self.settings.workers - self.runs.busy if self.accepting else 0
         try:
             rows, wait_s = await self.queue.take(slots, time.time(), self.tasks.keys())
             self.once.forget("claim_failed")
@@ -445,128 +444,10 @@ class Scheduler:
             state = self.tasks.get(row["id"]) or TaskState(
                 row, next_segment=1 if row["attempt"] == 1 else None)
             self.tasks[row["id"]] = state
-            self._launch(state)
+            self.runs.launch(state)
         return wait_s
 
-    def _launch(self, state: TaskState) -> None:
-        row = state.row
-        state.attempt = launch.new_attempt(
-            self.settings, row, self._script(row["script"]), self._hub(state),
-            state.next_segment, self.compressor, self.children, self.metrics, self.sandbox)
-        # By id: an attempt holding its state would be a cycle (state -> attempt -> state)
-        # that only a full collection frees, and the hub's window of output with it.
-        state.attempt.reserve = functools.partial(self._reserve, row["id"])
-        state.where = Where.STARTING
-        state.flush_due = time.monotonic() + self.settings.flush_interval_s * random.random()
-        self._busy += 1
-        self._own(self._run(state), name=f"run-{row['id']}", run=True)
-
-    def _script(self, name: str) -> Script | None:
-        try:
-            return self.catalogue.resolve(name)
-        except NotFound:
-            return None
-
-    def _reserve(self, task_id: str) -> None:
-        """Commit the next block of seqs for a running task (once at a time)."""
-        state = self.tasks.get(task_id)
-        if state is None or state.reserving or state.attempt is None:
-            return
-        state.reserving = True
-        attempt = state.attempt
-
-        async def reserve() -> None:
-            try:
-                upto = attempt.hub.next_seq - 1 + SEQ_BLOCK
-                await self._commit([store.update_task(state.row["id"], {"seq_reserved": upto})])
-                state.row["seq_reserved"] = upto
-                attempt.seqs_reserved(upto)
-            finally:
-                state.reserving = False
-
-        self._own(reserve(), name=f"reserve-{state.row['id']}")
-
-    # One attempt -----------------------------------------------------------------------------
-
-    async def _run(self, state: TaskState) -> None:
-        """One attempt, start to end; a write fenced out (another server recorded the task,
-        or this node was declared lost) ends it here without a word written."""
-        row = state.row
-        with structlog.contextvars.bound_contextvars(task_id=row["id"], attempt=row["attempt"]):
-            try:
-                await self._attempt(state)
-            except store.StaleWrite as exc:
-                self.tasks.pop(row["id"], None)
-                log.warning("write_fenced", reason=type(exc).__name__)
-
-    async def _attempt(self, state: TaskState) -> None:
-        row = state.row
-        attempt = state.attempt
-        assert attempt is not None
-        if attempt.archive.first_number is None:  # recovered: list its folder off the loop
-            attempt.archive.first_number = await asyncio.to_thread(
-                next_number, self.settings.archive_dir, row["logs_path"])
-        reserved = attempt.hub.next_seq - 1 + SEQ_BLOCK
-        try:
-            await self._transition(state, S.RUNNING, started_at=row["started_at"] or
-                                   time.time(), run_after=None, error=None, exit_code=None,
-                                   seq_reserved=reserved)
-        except BaseException:  # not recorded (shutting down, fenced): it stays pending
-            self._release(state)
-            raise
-        attempt.seq_reserved = reserved
-        state.where = Where.RUNNING
-        result: RunResult | None = None
-        error: str | None = None
-        started = time.time()
-        try:
-            result, error = await launch.run_attempt(attempt, self.catalogue, self.protection,
-                                                     self.sandbox)
-        finally:
-            self.metrics.child(self.metrics.duration, row["script"]).observe(
-                time.time() - started)
-            await asyncio.shield(self._conclude(state, result, error))
-
-    def _release(self, state: TaskState) -> None:
-        """Give the worker slot back."""
-        self._busy -= 1
-        self.queue.ended(state.row["script"])
-        self._wake.set()
-
-    async def _conclude(self, state: TaskState, result: RunResult | None, error: str | None
-                        ) -> None:
-        """Record how the attempt ended; schedule a retry or finish the task."""
-        row = state.row
-        attempt = state.attempt
-        assert attempt is not None
-        closing = attempt.archive.close()  # a short run's: written at once, already done
-        state.where = Where.FINISHING
-        self._release(state)  # the process is gone: free its slot before the write commits
-        if not closing.done():  # (wrapping a done future still costs a wake-up of the loop)
-            await asyncio.wrap_future(closing)
-        extra = await launch.segment_rows(self.settings, row, attempt)
-        state.next_segment = attempt.archive.next_segment
-        if attempt.archive_error is not None:
-            error = attempt.archive_error
-            self.problems["archive"] = error
-            self.once.warn("archive_write_failed", row["id"], error=error)
-        outcome = decide(row, result, error, attempt.stop_reason, attempt.limits.timeout_s,
-                         attempt.limit_error, attempt.retryable)
-        common = dict(exit_code=outcome.exit_code, error=outcome.error, pid=None,
-                      output_bytes=row["output_bytes"], last_seq=row["last_seq"],
-                      seq_reserved=attempt.hub.next_seq - 1)
-        if outcome.retry:
-            delay = launch.backoff(self.settings, row, self._script(row["script"]))
-            await self._transition(state, S.PENDING, extra=extra, attempt=row["attempt"] + 1,
-                                   run_after=time.time() + delay, **common)
-            self.metrics.child(self.metrics.retries, row["script"]).inc()
-            self._enqueue(state)
-            return
-        await self._transition(state, outcome.status, extra=extra, finished_at=time.time(),
-                               **common)
-        self._finish(state)
-
-    def _finish(self, state: TaskState) -> None:
+    def finish(self, state: TaskState) -> None:
         """Announce the end and forget the task: late clients replay it from the archive."""
         row = state.row
         self.tasks.pop(row["id"], None)
@@ -584,55 +465,5 @@ class Scheduler:
         running = {tid for tid, s in self.tasks.items() if s.where is not Where.QUEUED}
         for pid in tend_orphans(self.children, running):
             log.info("orphan_killed", pid=pid)
-        flushed = upkeep.start_flushes(list(self.tasks.values()),
-                                       self.settings.flush_interval_s, everything)
-        await asyncio.gather(*(asyncio.wrap_future(f) for _, _, f, _ in flushed if not f.done()))
-        if self.writes.lock.locked() and not everything:
-            return  # the database is busy: the next tick writes it all
-        statements = upkeep.flushed_rows(flushed)
-        if statements:
-            await self._commit(statements)
-
-    async def _recover(self) -> None:
-        """Record runs an earlier server left, and hold the pending tasks again."""
-        for lost in await self.membership.leftovers():
-            await self.end_interrupted(lost)
-        for row in await self.queue.recover():
-            if row["id"] not in self.tasks:  # a retry's folder may hold segments already
-                self._enqueue(TaskState(row, next_segment=1 if row["attempt"] == 1 else None))
-        log.info("recovered", pending=len(self.tasks))
-
-    async def _reap_orphans(self) -> None:
-        """Record runs no live server holds (a dead server's, a lost node's)."""
-        for lost in await self.membership.orphans(self.tasks.keys()):
-            if lost.row["id"] not in self.tasks:
-                log.warning("reaped_lost_run", task_id=lost.row["id"])
-                await self.end_interrupted(lost)
-
-    async def _reap_one(self, row: dict[str, Any]) -> dict[str, Any]:
-        """A run found lost by a reader, recorded as after a crash; its row as recorded."""
-        log.warning("reaped_lost_run", task_id=row["id"])
-        ended = await self.end_interrupted(Lost(row, f"the server stopped during attempt "
-                                                     f"{row['attempt']}", kill=True))
-        return ended or await self.db.get_task(row["id"]) or row
-
-    async def end_interrupted(self, lost: Lost) -> dict[str, Any] | None:
-        """Record a run no live server holds, failed or queued again, and publish its end;
-        its row as recorded, or None if another server recorded it first (that stands)."""
-        row = lost.row
-        ending = await recovery.settle(self.settings, lost)
-        if row["id"] in self.tasks:  # held again meanwhile (recovered, retried): not lost
-            return None
-        state = TaskState(row, where=Where.FINISHING, next_segment=None)
-        self._hub(state)
-        try:
-            await self._transition(state, ending.status, extra=ending.extra, **ending.fields)
-        except store.StaleWrite:
-            return None
-        if ending.status is S.PENDING:
-            self._enqueue(state)
-        else:
-            self._finish(state)
-        log.warning("recovered_interrupted_run", task_id=row["id"], status=row["status"],
-                    error=lost.error)
-        return row
+        await upkeep.flush(list(self.tasks.values()), self.settings.flush_interval_s,
+                           self.writes, everything)

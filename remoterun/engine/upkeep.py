@@ -17,6 +17,7 @@ import structlog
 from remoterun import store
 from remoterun.engine.attempt import Attempt
 from remoterun.engine.live import TaskState, Where
+from remoterun.engine.writes import Writes
 
 log = structlog.get_logger(__name__)
 FLUSH_SLICES = 8  # flush ticks per flush_interval_s, each flushing the tasks then due
@@ -69,6 +70,19 @@ async def _loop(job: Job) -> None:
             if not failing:
                 log.error(f"{job.name}_failed", exc_info=exc)
             failing = True
+
+
+async def flush(states: list[TaskState], interval_s: float, writes: Writes,
+                everything: bool = False) -> None:
+    """Flush the archives due (or all) on the compressor thread, then commit what the
+    flushes made true, unless the database is busy (the next tick writes it all)."""
+    flushed = start_flushes(states, interval_s, everything)
+    await asyncio.gather(*(asyncio.wrap_future(f) for _, _, f, _ in flushed if not f.done()))
+    if writes.lock.locked() and not everything:
+        return
+    statements = flushed_rows(flushed)
+    if statements:
+        await writes.engine(statements)
 
 
 Flushed = tuple[TaskState, Attempt, "Future[None]", dict[str, Any]]
