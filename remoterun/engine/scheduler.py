@@ -1,11 +1,12 @@
-"""The engine: one TaskState per live task, dispatch, drain; the only writer of status.
+"""The engine: one TaskState per live task, submit, cancel, dispatch, drain; the only writer of
+status.
 
 A live task (pending and held here, running, or between the two) has exactly one `TaskState`
 in `Scheduler.tasks` (engine/live.py). A task leaves the dict when its final state is
 committed, and never comes back; a task in the database that no state of this server holds
 is not ours.
 
-Every status change goes through `_transition`: it checks the table, commits the row and the
+Every status change goes through `transition`: it checks the table, commits the row and the
 event together (guarded by the old status, and by whatever the membership adds: a cluster
 node's epoch, the task's attempt and owner), and only then publishes. The engine's commits
 queue in order behind one lock and wait out a busy or unreachable database.
@@ -13,8 +14,9 @@ queue in order behind one lock and wait out a busy or unreachable database.
 The scheduler is the same class on one server and on a cluster node; it is composed of parts
 that `api/app.py` builds: a `Queue` (engine/queue.py; the cluster's claims), a `Membership`
 (engine/membership.py; a cluster node), a `publish` hook that puts each live task's output on
-the cluster's relay, the `Protection` and the `Sandbox`. Recovery (engine/recovery.py) and
-upkeep (engine/upkeep.py) are the same in both modes.
+the cluster's relay, the `Protection` and the `Sandbox`; and of its own parts, the same in
+both modes: the runs (engine/runs.py), recovery (engine/recovery.py), upkeep
+(engine/upkeep.py) and the commits (engine/writes.py).
 """
 
 from __future__ import annotations
