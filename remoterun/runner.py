@@ -34,7 +34,23 @@ GROUP_WAIT_S = 2.0  # a sandbox forks the script within a few ms: signals wait t
 
 
 class SpawnError(Exception):
-    """The process could not be started; the message says why, for the task's `error`."""
+    """The process could not be started; the message says why, for the task's `error`.
+
+    `transient`: the host ran short of descriptors (EMFILE, ENFILE), not the task at fault,
+    so the scheduler tries the same attempt again later instead of failing it.
+    """
+
+    def __init__(self, message: str, transient: bool = False):
+        super().__init__(message)
+        self.transient = transient
+
+
+TRANSIENT_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE})
+
+
+def is_transient(exc: BaseException) -> bool:
+    """Whether a spawn's failure is a shortage of descriptors that may pass."""
+    return isinstance(exc, OSError) and exc.errno in TRANSIENT_ERRNOS
 
 
 @dataclass(frozen=True)
@@ -230,12 +246,13 @@ class Run:
                 children.spawned.add(self._pid)
             except Exception as exc:  # any type (a NUL byte is a ValueError): close what we opened
                 self._close_fds()
-                raise SpawnError(spawn_message(spec.argv[0], exc)) from exc
+                raise SpawnError(spawn_message(spec.argv[0], exc), is_transient(exc)) from exc
             finally:
                 children.spawning -= 1
         except OSError as exc:  # out of descriptors or PTYs before the spawn
             self._close_fds()
-            raise SpawnError(f"cannot start {spec.argv[0]}: {exc.strerror}") from exc
+            raise SpawnError(f"cannot start {spec.argv[0]}: {exc.strerror}",
+                             is_transient(exc)) from exc
         finally:
             for fd in child_fds:
                 os.close(fd)

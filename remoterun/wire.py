@@ -168,6 +168,6 @@ def exit_event(row: dict[str, Any]) -> Event:
     started, finished = row.get("started_at"), row.get("finished_at")
     duration = round(finished - started, 3) if started is not None and finished else None
     return Event("exit", {"status": row["status"], "exit_code": row["exit_code"],
-                          "duration": duration})
+                          "duration": duration, "last_seq": row.get("last_seq")})
 
 

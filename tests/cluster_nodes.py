@@ -91,7 +91,7 @@ def make_nodes(tmp_path: Path, engines: tuple[Any, Any, str], count: int = 3,
     nodes = []
     for i in range(1, count + 1):
         per = options.get(f"n{i}", {})
-        common = {k: v for k, v in options.items() if not k.startswith("n")}
+        common = {k: v for k, v in options.items() if not k[1:].isdigit()}  # n1, n2...: per node
         nodes.append(Node(tmp_path / f"n{i}", f"n{i}", archive, url, redis_server.url,
                           **{**common, **per}))
         make_settings(tmp_path / f"n{i}")

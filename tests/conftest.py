@@ -154,15 +154,16 @@ class ServerProcess:
         self.proc: subprocess.Popen[bytes] | None = None
         self.log = tmp_path / "server.log"
 
-    def start(self, env: dict[str, str] | None = None) -> None:
-        """Start the server (its environment ours, with `env` added) and wait until it
-        listens."""
+    def start(self, env: dict[str, str] | None = None,
+              preexec_fn: Callable[[], None] | None = None) -> None:
+        """Start the server (its environment ours, with `env` added; `preexec_fn` run in the
+        child before the exec, e.g. to set its limits) and wait until it listens."""
         env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
         with self.log.open("ab") as log:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "remoterun", "serve", "--config", str(self.config),
                  "--port", str(self.port)], cwd=self.tmp_path, env=env,
-                stdout=log, stderr=log)
+                stdout=log, stderr=log, preexec_fn=preexec_fn)
         deadline = time.monotonic() + 15
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:

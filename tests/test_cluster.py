@@ -50,9 +50,11 @@ def add_script(nodes: list[Node], name: str, text: str, meta: str = "") -> None:
 
 
 @pytest.fixture
-async def cluster(tmp_path, engines):
-    """Three nodes n1..n3 (started), stopped after the test."""
-    nodes = make_nodes(tmp_path, engines, 3)
+async def cluster(tmp_path, engines, request):
+    """Three nodes n1..n3 (started), stopped after the test; their node_timeout_s is the
+    fixture's param, if it has one."""
+    timeout = {"node_timeout_s": request.param} if hasattr(request, "param") else {}
+    nodes = make_nodes(tmp_path, engines, 3, **timeout)
     add_script(nodes, "once.sh", ONCE)
     add_script(nodes, "span.sh", SPAN, "max_concurrency = 2\n")
     await start_all(nodes)
@@ -349,7 +351,9 @@ async def test_a_killed_node_is_recorded_once_and_its_task_retried_elsewhere(clu
     for task_id in (retried["id"], doomed["id"]):
         details = [e["detail"] for e in await events(http, survivor, task_id)]
         assert details.count(lost) == 1, details
-    assert task_processes([doomed["id"]]), "the killed node's task process should outlive it"
+    # Its watchdog outlives it, and kills its runs once its lease lapses.
+    await wait_for(lambda: not task_processes([doomed["id"]]), 20,
+                   what="the killed node's watchdog to kill its task process")
     try:
         await asyncio.to_thread(victim.start)  # it returns: kills what it left, writes nothing
         await wait_for(lambda: not task_processes([doomed["id"]]), 20,
@@ -391,9 +395,11 @@ async def _names_missing(http: aiohttp.ClientSession, node: Node, engine: str) -
 
 
 @pytest.mark.timeout(180)
+@pytest.mark.parametrize("cluster", [16.0], indirect=True)  # a lease (8 s) over the outage
 async def test_postgres_restarting_mid_run(cluster, http, engines):
-    """PostgreSQL down for a few seconds while tasks run: reads answer 503 JSON and /readyz
-    names the database; then every task ends recorded once, as it really ended."""
+    """PostgreSQL down for a few seconds (less than node_timeout_s / 2) while tasks run:
+    reads answer 503 JSON and /readyz names the database; then every task ends recorded
+    once, as it really ended."""
     server = engines[0]
     tasks = [await submit(http, cluster[i % 3], script="lines.py",
                           params={"n": 40, "delay": 0.1}) for i in range(6)]

@@ -92,7 +92,7 @@ async def test_transitions_during_a_lock_wait_and_are_recorded_truthfully(make_c
     assert stuck["status"] == "running"  # nothing recorded that the database did not take
     frames = await ws_collect(ws)
     assert frames[-1] == {"type": "exit", "status": "success", "exit_code": 0,
-                          "duration": frames[-1]["duration"]}
+                          "duration": frames[-1]["duration"], "last_seq": frames[-1]["last_seq"]}
     assert (await wait_final(client, first["id"]))["status"] == "success"
     assert (await wait_final(client, queued["id"]))["status"] == "success"
     cancelled = await cancel

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import signal
 import subprocess
 from collections.abc import Iterator
@@ -82,3 +83,91 @@ async def test_sigterm_with_a_full_disk_exits_and_logs_once_per_task(tmp_path, s
     text = server.log.read_text()
     assert text.count("archive_write_failed") <= len(ids), text[-3000:]
     assert text.count("Traceback") == 0, text[-3000:]
+
+
+def _fill(folder: Path) -> Path:
+    """Write a file into `folder` until its filesystem is full; the file."""
+    filler = folder / "filler"
+    chunk = b"\0" * 65536
+    with filler.open("wb", buffering=0) as f:
+        try:
+            while True:
+                f.write(chunk)
+        except OSError:
+            pass
+        try:
+            while True:  # the last partial page, byte by byte blocks
+                f.write(b"\0" * 512)
+        except OSError:
+            pass
+    return filler
+
+
+async def _follow(http: aiohttp.ClientSession, url: str) -> list[dict]:
+    """Every JSON frame a WebSocket follower gets until the server closes it."""
+    async with http.ws_connect(url) as ws:
+        return await ws_collect(ws, timeout=60)
+
+
+async def test_a_full_disk_mid_stream_names_the_last_archived_seq(tmp_path, small_disk):
+    """The archive's disk fills (a file written beside it) while three live followers watch a
+    task: the task ends failed naming the disk and the last seq the archive holds, each
+    follower gets an exit frame naming that seq, every seq up to it is in
+    /output?format=jsonl; once the file is gone a new task runs and is archived whole."""
+    server = ServerProcess(tmp_path)
+    server.start()
+    try:
+        async with aiohttp.ClientSession() as http:
+            async with http.post(server.url + "/tasks", json={
+                    "script": "lines.py", "params": {"n": 200000, "delay": 0.0005}}) as r:
+                task_id = (await r.json())["id"]
+            ws_url = f"{server.url}/tasks/{task_id}/ws".replace("http", "ws", 1)
+            followers = [asyncio.create_task(_follow(http, ws_url)) for _ in range(3)]
+
+            async def streamed() -> bool:
+                async with http.get(f"{server.url}/tasks/{task_id}") as r:
+                    return bool((await r.json())["last_seq"] > 500)
+
+            await wait_for(streamed, timeout=20, what="the task to stream")
+            filler = await asyncio.to_thread(_fill, small_disk)
+            seen = await asyncio.gather(*followers)
+
+            async def final() -> dict | None:
+                async with http.get(f"{server.url}/tasks/{task_id}") as r:
+                    task = await r.json()
+                return task if task["status"] not in ("pending", "running") else None
+
+            done = await wait_for(final, timeout=30, what="the task to end")
+            async with http.get(f"{server.url}/tasks/{task_id}/output?format=jsonl") as r:
+                archived = [json.loads(line) for line in (await r.text()).splitlines()]
+            kept = [record["seq"] for record in archived]
+            last = kept[-1] if kept else 0
+            assert kept == list(range(1, last + 1))
+            assert done["status"] == "failed" and done["last_seq"] == last, done
+            assert "No space left" in done["error"] and str(small_disk) in done["error"], done
+            assert f"seq {last}" in done["error"], done["error"]
+            for frames in seen:
+                assert frames[-1]["type"] == "exit" and frames[-1]["last_seq"] == last, \
+                    frames[-1]
+                live = [f["seq"] for f in frames if f["type"] == "output"]
+                assert set(live) & set(range(1, last + 1)) <= set(kept)
+                if live[-1] > last:  # published before the thread wrote them, and named
+                    assert f"seqs {last + 1} to {live[-1]} were sent live" in done["error"]
+            await asyncio.to_thread(filler.unlink)
+            async with http.post(server.url + "/tasks", json={
+                    "script": "lines.py", "params": {"n": 50}}) as r:
+                after_id = (await r.json())["id"]
+
+            async def after_done() -> dict | None:
+                async with http.get(f"{server.url}/tasks/{after_id}") as r:
+                    task = await r.json()
+                return task if task["status"] not in ("pending", "running") else None
+
+            after = await wait_for(after_done, timeout=20, what="the next task to end")
+            assert after["status"] == "success", after
+            async with http.get(f"{server.url}/tasks/{after_id}/output") as r:
+                assert (await r.text()).count("\n") == 50
+            async with http.get(server.url + "/healthz") as r:
+                assert r.status == 200
+    finally:
+        server.stop()

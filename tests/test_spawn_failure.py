@@ -3,11 +3,13 @@
 
 from __future__ import annotations
 
+import errno
 import os
+import resource
 from pathlib import Path
 
 import pytest
-from conftest import TEST_SCRIPTS, submit, wait_final
+from conftest import TEST_SCRIPTS, submit, wait_final, wait_for
 
 from remoterun.runner import Run, RunSpec, SpawnError
 
@@ -48,4 +50,43 @@ async def test_spawn_failure_ends_the_task_failed(client, settings):
     task = await submit(client, "noshebang.sh")
     final = await wait_final(client, task["id"])
     assert final["status"] == "failed" and "exec format error" in final["error"]
+    assert (await client.get("/healthz")).status == 200
+
+
+def _exhaust_descriptors() -> tuple[list[int], tuple[int, int]]:
+    """Take every descriptor this process may still open (under a soft limit lowered to a few
+    above those open now); the ones taken and the limit to restore."""
+    limits = resource.getrlimit(resource.RLIMIT_NOFILE)
+    highest = max(int(fd) for fd in os.listdir("/proc/self/fd"))
+    resource.setrlimit(resource.RLIMIT_NOFILE, (highest + 32, limits[1]))
+    taken = []
+    try:
+        while True:
+            taken.append(os.open("/dev/null", os.O_RDONLY))
+    except OSError as exc:
+        assert exc.errno == errno.EMFILE
+    return taken, limits
+
+
+async def test_a_spawn_out_of_descriptors_is_retried_not_failed(client):
+    """A spawn that meets EMFILE puts the task back to pending with backoff (the error in its
+    event), and once descriptors are free again it runs and succeeds."""
+    assert (await client.get("/healthz")).status == 200  # the connection is open before
+    taken, limits = _exhaust_descriptors()
+    try:
+        response = await client.post("/tasks", json={"script": "hello.sh"})
+        task = await response.json()
+
+        async def retried() -> bool:
+            events = await (await client.get(f"/tasks/{task['id']}/events")).json()
+            return any(e["new_status"] == "pending" and "Too many open files" in
+                       (e["detail"] or "") for e in events["events"])
+
+        await wait_for(retried, timeout=10, what="a retry after EMFILE")
+    finally:
+        for fd in taken:
+            os.close(fd)
+        resource.setrlimit(resource.RLIMIT_NOFILE, limits)
+    final = await wait_final(client, task["id"])
+    assert final["status"] == "success", final
     assert (await client.get("/healthz")).status == 200

@@ -252,7 +252,7 @@ async def _engine(app: web.Application, compressor: Compressor) -> tuple[Databas
                              membership=Alone(db, settings.reaper_interval_s),
                              protection=protection, sandbox=sandbox)
     from remoterun import cluster  # issue 16: PostgreSQL and Redis, imported only here
-    pg, queue, node, publish = await cluster.open_node(settings, catalogue, metrics)
+    pg, queue, node, publish = await cluster.open_node(settings, catalogue, metrics, children)
     return pg, Scheduler(settings, pg, catalogue, metrics, compressor, children, queue=queue,
                          membership=node, publish=publish, protection=protection,
                          sandbox=sandbox)

@@ -41,6 +41,10 @@ prefix of a member decompresses on its own. A truncated member is tolerated by e
 reported by `segments.scan`; the server finalizes the segments of the runs it recovers, and
 `remoterun archive verify --repair` the rest. No fsync: a killed process loses nothing the kernel
 has; a power cut may lose the last seconds, as SQLite with synchronous=NORMAL may.
+
+A full disk. Frames are published live before the thread writes them, so those in its hands
+when a write fails are lost although clients saw them; the scheduler ends the task naming the
+last seq the disk kept (its `error`, and `last_seq` in its `exit` frame).
 """
 
 from __future__ import annotations

@@ -60,6 +60,8 @@ def serve(args: argparse.Namespace) -> int:
         logs.configure(settings.log_level)
         from remoterun.api.listen import tls_context  # a bad certificate stops here
         tls_context(settings)
+        from remoterun.cli.descriptors import fit_connections
+        settings = fit_connections(settings)  # max_connections within RLIMIT_NOFILE
     except (config.ConfigError, MetadataError) as exc:
         print(f"remoterun: config error: {exc}", file=sys.stderr)
         return 2
@@ -146,6 +148,9 @@ async def _run_server(app: Any, settings: config.Settings, sock: socket.socket) 
     from remoterun.api.listen import GuardedSite
 
     site = GuardedSite(runner, settings, sock=sock)  # TLS, max_connections, header timeout
+    from remoterun.cli.descriptors import AcceptFailures
+
+    asyncio.get_running_loop().set_exception_handler(AcceptFailures())
     await site.start()
     _tune_gc()
     port = sock.getsockname()[1]

@@ -16,14 +16,15 @@ from remoterun.cluster.relay import Relay, RelaySink
 from remoterun.config import Settings
 from remoterun.engine.scheduler import Publish
 from remoterun.metrics import Metrics
+from remoterun.spawn import Children
 from remoterun.store.postgres import PostgresDatabase
 
 __all__ = ["ClaimQueue", "Node", "PostgresDatabase", "Relay", "open_node"]
 log = structlog.get_logger(__name__)
 
 
-async def open_node(settings: Settings, catalogue: Catalogue, metrics: Metrics
-                    ) -> tuple[PostgresDatabase, ClaimQueue, Node, Publish]:
+async def open_node(settings: Settings, catalogue: Catalogue, metrics: Metrics,
+                    children: Children) -> tuple[PostgresDatabase, ClaimQueue, Node, Publish]:
     """Connect to the cluster's PostgreSQL: the database, and this node's queue, membership
     and publish hook (the relay to Redis, started when the node joins)."""
     assert settings.cluster is not None
@@ -32,7 +33,7 @@ async def open_node(settings: Settings, catalogue: Catalogue, metrics: Metrics
                           max_size=max(10, settings.workers + 6))
     await db.open()
     relay = Relay(settings.cluster.redis_url)
-    node = Node(settings, db, relay, catalogue)
+    node = Node(settings, db, relay, catalogue, children)
     return db, ClaimQueue(settings, db, node), node, functools.partial(RelaySink, relay)
 
 

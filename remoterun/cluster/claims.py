@@ -137,7 +137,7 @@ class ClaimQueue:
         slot was filled and more may wait)."""
         if time.monotonic() - self._listened_at > LISTEN_RETRY_S:
             await self._listen()
-        if slots <= 0:
+        if slots <= 0 or self.node.watchdog.fenced:
             return [], POLL_S
         try:
             rows = await self.db.claim(self.node.name, self.node.scripts, self.node.labels,

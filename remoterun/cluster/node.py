@@ -6,6 +6,9 @@
 - Heartbeats: the node refreshes its row; one that stays silent past `node_timeout_s` is
   declared lost by whichever node gets there first (exactly once), and its running tasks are
   handed to the engine's recovery as orphans, "node X was lost during attempt N".
+- Fencing: each node's watchdog process (`cluster.watchdog`) kills the node's runs once its
+  lease has gone unrenewed for half of `node_timeout_s`, before any other node may take them
+  over; the node then writes nothing of them and joins again under a new epoch.
 - Clients follow any task through its Redis stream (`cluster.follow`), and controls for a task
   another node runs go to it through Redis (`cluster.relay`).
 """
@@ -28,12 +31,14 @@ from remoterun.catalogue import Catalogue
 from remoterun.cluster.control import KEY_PURPOSE, Action, Control, Controls
 from remoterun.cluster.follow import RemoteControl, RemoteSubscription
 from remoterun.cluster.relay import Relay
+from remoterun.cluster.watchdog import Watchdog, lease_clock
 from remoterun.config import Settings
 from remoterun.engine.hub import Subscription
 from remoterun.engine.membership import Host, Lost
 from remoterun.engine.recovery import task_ids_on_host
 from remoterun.errors import BadRequest, NotFound
 from remoterun.reaper import kill_left_behind
+from remoterun.spawn import Children
 from remoterun.state import TaskStatus
 from remoterun.store import postgres as pg
 from remoterun.wire import task_json
@@ -51,13 +56,13 @@ class Node:
     requests_in_order = False  # other nodes write too: a request's write goes side by side
 
     def __init__(self, settings: Settings, db: pg.PostgresDatabase, relay: Relay,
-                 catalogue: Catalogue):
+                 catalogue: Catalogue, children: Children):
         assert settings.cluster is not None
         self.settings, self.db, self.relay, self.catalogue = settings, db, relay, catalogue
         self.name = settings.cluster.node
         self.labels = list(settings.cluster.labels)
         self.timeout_s = settings.cluster.node_timeout_s
-        self.orphan_interval_s = min(self.timeout_s / 3, 2.0)
+        self.orphan_interval_s = beat_s(self.timeout_s)
         self.epoch = uuid.uuid4().hex
         self.scripts: list[str] = []
         self.limits: dict[str, int] = {}
@@ -65,28 +70,34 @@ class Node:
         self._followers: Counter[str] = Counter()
         self._healthy_since: float | None = None  # monotonic: beating since (None: not now)
         self._host: Host | None = None
-        self._failing: str | None = None  # the heartbeat's failure last logged
-        self._loop: asyncio.Task[None] | None = None
+        self._failing: set[str] = set()  # the loops' failures logged (until they succeed)
+        self._loops: list[asyncio.Task[None]] = []
         self._owned: set[asyncio.Task[None]] = set()
         db.fence = lambda: pg.node_fence(self.name, self.epoch)
+        self.watchdog = Watchdog(fence_s(self.timeout_s), self._on_fenced, children)
 
     async def join(self, host: Host) -> None:
-        """Register this process, start the relay and the heartbeat."""
+        """Register this process (its watchdog's lease from then), start the relay, the
+        lease and the judging of others."""
         self._host = host
         await self._scan()
+        sent_at = lease_clock()
         await self._register()
+        self.watchdog.start(sent_at)
         self.relay.controls = Controls(host.protection.vault.derive(KEY_PURPOSE))
         self.relay.on_control = self._on_control
         await self.relay.start()
-        self._loop = asyncio.create_task(self._beat_loop(), name="node-heartbeat")
+        self._loops = [asyncio.create_task(self._lease_loop(), name="node-heartbeat"),
+                       asyncio.create_task(self._judge_loop(), name="node-judge")]
         log.info("node_joined", node=self.name, labels=self.labels, scripts=len(self.scripts))
 
     async def close(self) -> None:
-        """Stop the heartbeat and the controls in flight, then the relay."""
-        tasks = [t for t in (self._loop, *self._owned) if t is not None]
+        """Stop the loops and the controls in flight, then the watchdog and the relay."""
+        tasks = [*self._loops, *self._owned]
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+        await self.watchdog.close()
         await self.relay.close()
 
     async def _scan(self) -> None:
@@ -107,40 +118,67 @@ class Node:
         await self.db.register_node(self.name, self.epoch, self.labels, self.scripts,
                                     self.settings.workers, url)
 
-    # Heartbeats and lost nodes ---------------------------------------------------------------
+    # The lease, fencing, and judging others ---------------------------------------------------
 
-    async def _beat_loop(self) -> None:
-        assert self._host is not None
-        problems = self._host.problems
+    async def _lease_loop(self) -> None:
+        """Renew the lease (and feed the watchdog) on a loop of its own, so that judging
+        others, however slow, never delays it; after a fence, join again."""
+        interval = beat_s(self.timeout_s)
+        while True:
+            await asyncio.sleep(interval)
+            await self._guarded("heartbeat_failed", self._rejoin(interval)
+                                if self.watchdog.fenced else self._beat())
+
+    async def _judge_loop(self) -> None:
+        """Declare silent nodes lost (their runs go to the engine's reaper as orphans), and
+        list this node's scripts again now and then."""
         last_scan = time.monotonic()
         while True:
-            await asyncio.sleep(self.orphan_interval_s)
-            try:
-                if time.monotonic() - last_scan > SCAN_S:
-                    last_scan = time.monotonic()
-                    await self._scan()
-                await self._beat()
-                problems.pop("database", None)
-                self._failing = None
-            except (store.DatabaseBusy, store.DatabaseUnavailable) as exc:
-                problems["database"] = str(exc)
-            except Exception as exc:  # the loop must go on: a later beat may succeed
-                problems["database"] = str(exc)
-                if self._failing != str(exc):  # logged once per new failure
-                    log.warning("heartbeat_failed", error=str(exc))
-                self._failing = str(exc)
+            await asyncio.sleep(beat_s(self.timeout_s))
+            if time.monotonic() - last_scan > SCAN_S:
+                last_scan = time.monotonic()
+                await self._guarded("judging_failed", self._scan())
+            await self._guarded("judging_failed", self._judge())
+
+    async def _guarded(self, kind: str, step: Coroutine[Any, Any, None]) -> None:
+        """One step of a loop that must go on: a later one may succeed."""
+        assert self._host is not None
+        problems = self._host.problems
+        try:
+            await step
+            problems.pop("database", None)
+            self._failing.discard(kind)
+        except (store.DatabaseBusy, store.DatabaseUnavailable) as exc:
+            problems["database"] = str(exc)
+        except Exception as exc:
+            problems["database"] = str(exc)
+            if kind not in self._failing:  # logged once until it succeeds again
+                log.warning(kind, error=str(exc))
+            self._failing.add(kind)
 
     async def _beat(self) -> None:
+        sent_at = lease_clock()  # the lease runs from before the write that renews it
         try:
             alive = await self.db.heartbeat(self.name, self.epoch, self.scripts)
         except store.DatabaseBusy:
             self._healthy_since = None
             raise
         if not alive:
-            await self._fenced_out()
-        now = time.monotonic()
+            self.watchdog.fence("declared lost by the cluster")
+            self._healthy_since = None
+            return
+        self.watchdog.beat(sent_at)
         if self._healthy_since is None:
-            self._healthy_since = now
+            self._healthy_since = time.monotonic()
+
+    def _judging(self) -> bool:
+        """Judge others only after beating steadily for a whole timeout: when PostgreSQL was
+        away every node fell silent at once, and each needs a beat to show it is alive."""
+        since = self._healthy_since
+        return since is not None and time.monotonic() - since >= self.timeout_s \
+            and not self.watchdog.fenced
+
+    async def _judge(self) -> None:
         if not self._judging():
             return
         for node in await self.db.silent_nodes(self.timeout_s):
@@ -148,20 +186,39 @@ class Node:
                     node["name"], node["epoch"], self.name, self.timeout_s):
                 log.warning("node_lost", node=node["name"], by=self.name)
 
-    def _judging(self) -> bool:
-        """Judge others only after beating steadily for a whole timeout: when PostgreSQL was
-        away every node fell silent at once, and each needs a beat to show it is alive."""
-        since = self._healthy_since
-        return since is not None and time.monotonic() - since >= self.timeout_s
-
-    async def _fenced_out(self) -> None:
-        """This node was declared lost: kill what it runs (others recorded it), write nothing
-        of it, then join again as a new process."""
+    def _on_fenced(self, why: str) -> None:
+        """The node's lease lapsed (its watchdog fenced it) or it was declared lost: stop every
+        attempt at once; nothing of them is written, and requests answer 503 until it has
+        joined again."""
         assert self._host is not None
-        log.error("node_declared_lost", node=self.name)
-        await self._host.abandon()
+        log.error("node_fenced", node=self.name, why=why)
+        self._host.kill_all("lost")
+
+    async def _rejoin(self, wait_s: float) -> None:
+        """Once the fenced runs have ended (each without a write), join again as a new process
+        and record what the old one left, as at a start."""
+        assert self._host is not None
+        if not await self._host.abandon(wait_s):
+            return  # the next turn looks again
         self.epoch = uuid.uuid4().hex
+        sent_at = lease_clock()
         await self._register()
+        self.watchdog.rejoined(sent_at)
+        log.warning("node_rejoined", node=self.name)
+        self._host.recover_again()  # the lease loop beats on meanwhile
+
+    def writable(self) -> None:
+        """503 `node_fenced` while the node is fenced (a request's writes would not land)."""
+        if self.watchdog.fenced:
+            raise pg.Fenced("fenced: joining again")
+
+    def track(self, task_id: str, attempt: int) -> None:
+        """The watchdog kills this attempt's processes if the lease lapses."""
+        self.watchdog.track(task_id, attempt)
+
+    def untrack(self, task_id: str, attempt: int) -> None:
+        """The attempt ended: nothing of it is left to kill."""
+        self.watchdog.untrack(task_id, attempt)
 
     async def leftovers(self) -> list[Lost]:
         """The runs an earlier process of this node left; first, kill the processes on this
@@ -176,7 +233,7 @@ class Node:
                 for row in await self.db.owned(self.name, S.RUNNING)]
 
     async def orphans(self, held: Collection[str]) -> list[Lost]:
-        """The running tasks of nodes declared lost (once this node may judge)."""
+        """The running tasks of nodes declared lost (once this node may judge, not fenced)."""
         if not self._judging():
             return []
         return [Lost(row, f"node {row['owner']} was lost during attempt {row['attempt']}",
@@ -186,7 +243,10 @@ class Node:
 
     def fence(self, row: Row, new: TaskStatus) -> tuple[list[store.Statement], Row]:
         """Guarded by the task's attempt, owner and status; a task that goes back to pending
-        is handed to the cluster's queue (no owner)."""
+        is handed to the cluster's queue (no owner). Nothing is written while the node is
+        fenced (it joins again first)."""
+        if self.watchdog.fenced:
+            raise pg.Fenced("fenced by the watchdog")
         owner = row.get("owner")
         new_owner = None if new is S.PENDING else owner
         guards: list[store.Statement] = [] if owner is None else [
@@ -265,3 +325,14 @@ class Node:
         except BadRequest as exc:  # stdin full: the sender was answered already
             log.warning("control_refused", task_id=task_id, method=str(action),
                         error=exc.message)
+
+
+def beat_s(node_timeout_s: float) -> float:
+    """How often a node renews its lease: at least three beats fit in its fence time."""
+    return min(node_timeout_s / 6, 2.0)
+
+
+def fence_s(node_timeout_s: float) -> float:
+    """How long after a renewal was sent the watchdog fences the node: half the timeout, the
+    other half the margin for its own latency and clock skew (docs/cluster.md)."""
+    return node_timeout_s / 2

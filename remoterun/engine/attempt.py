@@ -26,7 +26,7 @@ from remoterun.engine.hub import TaskHub
 from remoterun.errors import BadRequest
 from remoterun.isolation.sandbox import Launch, Policy, Sandbox, SandboxError
 from remoterun.redact import LINE_HOLD_S, Masker
-from remoterun.runner import Run, RunResult, RunSpec, SpawnError, spawn_message
+from remoterun.runner import Run, RunResult, RunSpec, SpawnError, is_transient, spawn_message
 from remoterun.spawn import Children
 from remoterun.state import TaskStatus
 from remoterun.wire import Frame
@@ -97,6 +97,19 @@ def decide(row: dict[str, Any], result: RunResult | None, error: str | None,
     return Outcome(status, exit_code, error, retry)
 
 
+def archive_failure_text(archive: TaskArchive) -> str:
+    """The task's `error` for an archive that failed: the failure and the disk it was on."""
+    return f"the archive at {archive.root} could not be written: {archive.failure}"
+
+
+def archive_kept_text(kept_seq: int, sent_seq: int) -> str:
+    """What the `error` of an archive failure adds once the disk's segments are settled."""
+    if sent_seq <= kept_seq:
+        return f"; it holds the output up to seq {kept_seq}"
+    return (f"; it holds the output up to seq {kept_seq}: seqs {kept_seq + 1} to {sent_seq} "
+            f"were sent live but are not kept")
+
+
 def build_spec(row: dict[str, Any], script: Script, root: Path,
                inherited: Sequence[bytes], secrets: Mapping[str, Scalar] | None = None
                ) -> RunSpec:
@@ -146,6 +159,7 @@ class Attempt:
     limit_error: str | None = None  # the limit the run hit, named (sandbox.finish)
     masker: Masker | None = None  # secrets and [redaction] patterns; None: nothing to mask
     retryable: bool = True  # False: refused before it ran (integrity, secrets)
+    transient: bool = False  # the spawn met a shortage (EMFILE): the same attempt, again later
     _hold_timer: asyncio.TimerHandle | None = None  # releases held incomplete lines
 
     def request_stop(self, reason: str) -> None:
@@ -203,7 +217,7 @@ class Attempt:
         except SandboxError as exc:
             raise SpawnError(f"cannot start its sandbox ({policy.mode}): {exc}") from exc
         except OSError as exc:  # the script checked before bwrap's exec (see sandbox.prepare)
-            raise SpawnError(spawn_message(str(spec.argv[0]), exc)) from exc
+            raise SpawnError(spawn_message(str(spec.argv[0]), exc), is_transient(exc)) from exc
         return dataclasses.replace(
             spec, argv=launch.argv, env=launch.env, inherited=(), pass_fds=launch.pass_fds,
             started=launch.started if launch.pass_fds else None,
@@ -284,7 +298,7 @@ class Attempt:
         row = self.row
         if self.archive.failure is not None:
             self.note_archive_failure()
-            return  # never numbered: no seq is used that the archive will not have
+            return  # not numbered once the failure is known (the error names what was lost)
         cap = self.limits.output_cap
         if cap is not None and row["output_bytes"] + len(data) > cap:
             data = data[: cap - row["output_bytes"]]  # keep up to the cap, drop the rest
@@ -309,7 +323,7 @@ class Attempt:
     def note_archive_failure(self) -> None:
         """The archive failed: stop the process, and say so in the task's error."""
         if self.archive_error is None:
-            self.archive_error = f"the archive could not be written: {self.archive.failure}"
+            self.archive_error = archive_failure_text(self.archive)
             self.request_stop("archive")
 
     def seqs_reserved(self, upto: int) -> None:

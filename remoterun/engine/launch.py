@@ -15,7 +15,13 @@ from remoterun.archive import Segment, TaskArchive, deflate_of, settle
 from remoterun.archive.compressor import Compressor
 from remoterun.catalogue import Catalogue, Script
 from remoterun.config import Settings
-from remoterun.engine.attempt import Attempt, Limits, build_spec
+from remoterun.engine.attempt import (
+    Attempt,
+    Limits,
+    archive_failure_text,
+    archive_kept_text,
+    build_spec,
+)
 from remoterun.engine.hub import TaskHub
 from remoterun.engine.protect import Protection
 from remoterun.errors import IntegrityFailed, NotFound
@@ -84,6 +90,7 @@ async def run_attempt(attempt: Attempt, catalogue: Catalogue, protection: Protec
     except NotFound as exc:
         return None, f"script {row['script']!r} is no longer runnable: {exc.message}"
     except SpawnError as exc:
+        attempt.transient = exc.transient
         return None, str(exc)
     except Exception as exc:  # a bug of ours must not leave the task running
         log.exception("run_crashed")
@@ -98,8 +105,7 @@ async def segment_rows(settings: Settings, row: Row, attempt: Attempt) -> list[s
     archive = attempt.archive
     if archive.failure is None:
         return [store.upsert_segment(row["id"], s) for s in archive.take_dirty()]
-    if attempt.archive_error is None:
-        attempt.archive_error = f"the archive could not be written: {archive.failure}"
+    if attempt.archive_error is None:  # failed as the run ended: nothing stopped it
         attempt.stop_reason = "archive"
     segs = archive.segments
     found: list[Segment] = await asyncio.to_thread(
@@ -108,6 +114,9 @@ async def segment_rows(settings: Settings, row: Row, attempt: Attempt) -> list[s
     if segs:
         row["last_seq"] = max([segs[0].first_seq - 1,
                                *(s.last_seq for s in found if s.raw_bytes)])
+    # Frames are published before the compressor thread writes them: say which were lost.
+    attempt.archive_error = archive_failure_text(archive) + archive_kept_text(
+        row["last_seq"], attempt.hub.next_seq - 1)
     return [store.upsert_segment(row["id"], s) for s in found]
 
 

@@ -42,6 +42,7 @@ class TaskState:
     recorded: dict[str, Any] = field(default_factory=dict)  # progress the last flush wrote
     reserving: bool = False  # a seq reservation is being committed
     next_segment: int | None = 1  # the number its next archive segment takes (None: unknown)
+    spawn_retries: int = 0  # spawns retried for a shortage of descriptors (EMFILE, ENFILE)
 
 
 def new_row(num: int, task_id: str, script: str, request: dict[str, Any], shown: str,

@@ -44,8 +44,15 @@ class Host(Protocol):
     def held_attempt(self, task_id: str) -> Attempt | None:
         """The attempt of a task this server holds, if any."""
 
-    async def abandon(self) -> None:
-        """Kill every run and forget every task, writing nothing (fenced out)."""
+    def kill_all(self, reason: str) -> None:
+        """Stop every attempt now (SIGKILL), writing nothing of them (fenced)."""
+
+    async def abandon(self, wait_s: float) -> bool:
+        """Once every run has ended (waiting up to `wait_s`), forget every task; whether it
+        did (False: some run still ends, ask again)."""
+
+    def recover_again(self) -> None:
+        """Record, in the background, what this server's previous epoch left (rejoined)."""
 
 
 class Membership(Protocol):
@@ -60,6 +67,15 @@ class Membership(Protocol):
     async def close(self) -> None:
         """Stop what join() started."""
 
+    def writable(self) -> None:
+        """Unavailable (503) while this server may not write (a fenced node)."""
+
+    def track(self, task_id: str, attempt: int) -> None:
+        """An attempt may start processes from now on."""
+
+    def untrack(self, task_id: str, attempt: int) -> None:
+        """The attempt ended."""
+
     async def leftovers(self) -> list[Lost]:
         """At start: the runs an earlier process of this server left recorded running."""
 
@@ -67,7 +83,8 @@ class Membership(Protocol):
         """Runs recorded running that no live server holds (`held`: this one's)."""
 
     def fence(self, row: Row, new: TaskStatus) -> tuple[list[store.Statement], Row]:
-        """The guards of a task's status write, and the row's changes once it commits."""
+        """The guards of a task's status write, and the row's changes once it commits
+        (store.StaleWrite at once if nothing this server writes may land now)."""
 
     def stamp(self, statements: list[store.Statement]) -> list[store.Statement]:
         """The engine's statements as this server writes them."""
@@ -97,6 +114,15 @@ class Alone:
 
     async def close(self) -> None:
         """Nothing to stop."""
+
+    def writable(self) -> None:
+        """Always: one server is never fenced."""
+
+    def track(self, task_id: str, attempt: int) -> None:
+        """Nothing watches a single server's runs but itself."""
+
+    def untrack(self, task_id: str, attempt: int) -> None:
+        """Nothing to forget."""
 
     async def leftovers(self) -> list[Lost]:
         """Every running row: no server runs while this one starts."""

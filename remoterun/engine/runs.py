@@ -22,6 +22,7 @@ from remoterun.config import Settings
 from remoterun.engine import launch
 from remoterun.engine.attempt import decide
 from remoterun.engine.live import Engine, TaskState, Where
+from remoterun.engine.membership import Membership
 from remoterun.engine.protect import Protection
 from remoterun.engine.queue import Queue
 from remoterun.engine.writes import Once
@@ -42,11 +43,13 @@ class Runs:
 
     def __init__(self, engine: Engine, settings: Settings, catalogue: Catalogue,
                  metrics: Metrics, compressor: Compressor, children: Children,
-                 protection: Protection, sandbox: Sandbox, queue: Queue, once: Once):
+                 protection: Protection, sandbox: Sandbox, queue: Queue,
+                 membership: Membership, once: Once):
         self.engine = engine
         self.settings, self.catalogue, self.metrics = settings, catalogue, metrics
         self.compressor, self.children = compressor, children
-        self.protection, self.sandbox, self.queue, self.once = protection, sandbox, queue, once
+        self.protection, self.sandbox, self.queue = protection, sandbox, queue
+        self.membership, self.once = membership, once
         self.busy = 0  # worker slots held (starting, running)
         self.running: set[asyncio.Task[None]] = set()  # one per attempt
 
@@ -94,14 +97,19 @@ class Runs:
 
     async def _run(self, state: TaskState) -> None:
         """One attempt, start to end; a write fenced out (another server recorded the task,
-        or this node was declared lost) ends it here without a word written."""
+        or this node was declared lost) ends it here without a word written. The membership
+        tracks it meanwhile (a cluster node's watchdog kills it if the node's lease lapses)."""
         row = state.row
-        with structlog.contextvars.bound_contextvars(task_id=row["id"], attempt=row["attempt"]):
+        task_id, number = row["id"], row["attempt"]
+        self.membership.track(task_id, number)
+        with structlog.contextvars.bound_contextvars(task_id=task_id, attempt=number):
             try:
                 await self._attempt(state)
             except store.StaleWrite as exc:
-                self.engine.tasks.pop(row["id"], None)
+                self.engine.tasks.pop(task_id, None)
                 log.warning("write_fenced", reason=type(exc).__name__)
+            finally:
+                self.membership.untrack(task_id, number)
 
     async def _attempt(self, state: TaskState) -> None:
         row = state.row
@@ -154,6 +162,9 @@ class Runs:
             error = attempt.archive_error
             self.engine.problems["archive"] = error
             self.once.warn("archive_write_failed", row["id"], error=error)
+        if attempt.transient and attempt.stop_reason is None:
+            await self._retry_spawn(state, error, extra)
+            return
         outcome = decide(row, result, error, attempt.stop_reason, attempt.limits.timeout_s,
                          attempt.limit_error, attempt.retryable)
         common = dict(exit_code=outcome.exit_code, error=outcome.error, pid=None,
@@ -170,4 +181,21 @@ class Runs:
         await self.engine.transition(state, outcome.status, extra=extra,
                                      finished_at=time.time(), **common)
         self.engine.finish(state)
+
+    async def _retry_spawn(self, state: TaskState, error: str | None,
+                           extra: list[store.Statement]) -> None:
+        """A spawn that met a shortage of descriptors: back to pending, the same attempt (it
+        never ran, so max_retries is not spent), after a growing backoff."""
+        row, attempt = state.row, state.attempt
+        assert attempt is not None
+        state.spawn_retries += 1
+        delay = min(self.settings.retry_cap_s,
+                    self.settings.retry_base_s * 2 ** min(state.spawn_retries - 1, 16))
+        delay *= random.uniform(0.5, 1.0)
+        log.warning("spawn_retried", task_id=row["id"], error=error, retry_in_s=round(delay, 3))
+        await self.engine.transition(state, S.PENDING, extra=extra,
+                                     run_after=time.time() + delay, error=error, pid=None,
+                                     seq_reserved=attempt.hub.next_seq - 1)
+        self.metrics.child(self.metrics.retries, row["script"]).inc()
+        self.engine.enqueue(state)
 

@@ -87,7 +87,7 @@ class Scheduler:
         self.writes = Writes(db, membership, settings.db_retry_s, self.problems, self.once)
         self.recovery = recovery.Recovery(self, settings, db, queue, membership)
         self.runs = Runs(self, settings, catalogue, metrics, compressor, children, protection,
-                         sandbox, queue, self.once)
+                         sandbox, queue, membership, self.once)
         self._owned: set[asyncio.Task[None]] = set()  # small writes and controls
         self._dispatcher: asyncio.Task[None] | None = None
         self.upkeep = upkeep.Upkeep([
@@ -124,21 +124,29 @@ class Scheduler:
     def force_stop(self) -> None:
         """Kill every running task now (a second SIGTERM/SIGINT during the drain)."""
         log.warning("shutdown_forced", running=self.runs.busy)
-        self._kill_all("shutdown")
+        self.kill_all("shutdown")
 
-    def _kill_all(self, reason: str) -> None:
+    def kill_all(self, reason: str) -> None:
+        """Stop every attempt now (SIGKILL)."""
         for attempt in self._attempts():
             attempt.request_stop(reason)
             if attempt.run is not None:
                 attempt.run.signal(signal.SIGKILL)
 
-    async def abandon(self) -> None:
-        """Kill every run and forget every task, writing nothing (fenced out: others have
-        recorded them)."""
-        self._kill_all("lost")
-        if self.runs.running:
-            await asyncio.wait(set(self.runs.running), timeout=30)
+    async def abandon(self, wait_s: float) -> bool:
+        """Once every run has ended (each writing nothing: fenced), forget every task; False
+        while some run has not ended after `wait_s`."""
+        running = set(self.runs.running)
+        if running:
+            await asyncio.wait(running, timeout=wait_s)
+            if not all(task.done() for task in running):
+                return False
         self.tasks.clear()
+        return True
+
+    def recover_again(self) -> None:
+        """Record in the background what this server's previous epoch left (rejoined)."""
+        self.own(self.recovery.recover(), name="recover")
 
     async def drain(self, grace_s: float) -> None:
         """Stop taking work, let running tasks finish for `grace_s`, then stop the rest."""
@@ -248,6 +256,7 @@ class Scheduler:
         entry, is written in the task's own transaction."""
         if not self.accepting:
             raise Unavailable("the server is shutting down and takes no new tasks")
+        self.membership.writable()
         placement = await self.queue.admit(script.name, request)
         params = script.validate(request.get("params", {}))
         try:
@@ -300,6 +309,7 @@ class Scheduler:
                      ) -> dict[str, Any]:
         """Cancel a pending or running task wherever it is; Conflict if it already ended.
         `audit` is written with the cancellation (for a running task, before it is asked)."""
+        self.membership.writable()
         audit_rows = [] if audit is None else [store.insert_audit(audit, task_id=task_id)]
         state = self.tasks.get(task_id)
         if state is None:

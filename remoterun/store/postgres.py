@@ -73,8 +73,17 @@ class Fence(Guarded):
     __slots__ = ()
 
 
-class Fenced(StaleWrite):
-    """A write of a node that another node has declared lost: nothing was written."""
+class Fenced(StaleWrite, Unavailable):
+    """A write of a node that lost its lease (declared lost, or fenced by its watchdog):
+    nothing was written. On a request's path it answers 503 `node_fenced`: the node joins
+    again under a new epoch within a heartbeat or two."""
+
+    code = "node_fenced"
+
+    def __init__(self, detail: str = ""):
+        super().__init__("this node lost its lease to the cluster and is joining again; "
+                         "try again, or another node", retry_after_s=1.0)
+        self.detail = detail  # the fence that failed
 
 
 class Unsure(DatabaseBusy):
