@@ -1,11 +1,26 @@
-# The two commands of the README: `make serve` and `make test`. Each installs what it needs first.
-PYTHON ?= python3
-APT_PACKAGES = chromium bubblewrap prometheus openssl docker.io debootstrap postgresql redis-server
+# The two commands of the README: `make serve` and `make test`. Each installs what it needs first,
+# into .venv (made here: Debian's and Ubuntu's python3 refuse a system-wide pip, PEP 668), and only
+# when pyproject.toml, setup.py or package-lock.json changed since (the stamp files below).
+SYSTEM_PYTHON ?= python3
+VENV ?= .venv
+PYTHON ?= $(VENV)/bin/python
+# e.g. SERVE_ARGS="--port 8081"
+SERVE_ARGS ?=
+# Tests, and the programs they start, find the venv's `python3` and `remoterun` first.
+export PATH := $(abspath $(VENV))/bin:$(PATH)
+# Make the venv only when PYTHON is the venv's (PYTHON=python3 uses an environment of one's own,
+# whose stamps live under build/).
+VENV_PYTHON = $(filter $(VENV)/bin/python,$(PYTHON))
+STAMPS = $(if $(VENV_PYTHON),$(VENV),build/stamps)
+RUNTIME_STAMP = $(STAMPS)/.installed-runtime
+TEST_STAMP = $(STAMPS)/.installed-test
+NODE_STAMP = node_modules/.installed
+APT_PACKAGES = chromium bubblewrap libseccomp2 prometheus openssl docker.io debootstrap postgresql redis-server
 
-.PHONY: serve test screenshot bench bench-install install install-python install-node install-system vendor dist image
+.PHONY: serve test screenshot bench bench-install install install-runtime install-python install-node install-system vendor dist image
 
-serve: install-python install-node
-	$(PYTHON) -m remoterun serve --config config.toml
+serve: install-runtime install-node
+	$(PYTHON) -m remoterun serve --config config.toml $(SERVE_ARGS)
 
 test: install
 	$(PYTHON) -m pytest
@@ -33,25 +48,46 @@ bench-install: install-python
 
 # Copy the pinned xterm.js packages from node_modules into remoterun/page/vendor (a wheel or
 # sdist build does this itself; the server serves that copy first, then node_modules).
-vendor: install-node
+vendor: install-runtime install-node
 	$(PYTHON) setup.py -q vendor
 
 # The wheel and the sdist, each with the whole page inside, under dist/.
-dist: install-node
+dist: install-runtime install-node
 	$(PYTHON) -m pip wheel --no-deps -q -w dist .
 
 # The container image (Dockerfile): the wheel and its dependencies' wheels, then docker build.
 # BASE may be a locally imported Debian image where no registry is reachable.
 BASE ?= debian:bookworm-slim
-image: install-node
+image: install-runtime install-node
 	rm -rf dist/wheels && $(PYTHON) -m pip wheel -q -w dist/wheels .
 	docker build --build-arg BASE=$(BASE) -t remoterun .
 
-install-python:
-	$(PYTHON) -m pip install --quiet --disable-pip-version-check -e '.[test]'
+# The runtime alone (what `make serve` needs), or with the test packages (`make test`).
+install-runtime: $(RUNTIME_STAMP)
+install-python: $(TEST_STAMP)
 
-install-node:
-	@if [ -f package-lock.json ]; then npm ci --no-audit --no-fund --loglevel=error; fi
+$(VENV)/bin/python:
+	@$(SYSTEM_PYTHON) -c 'import sys; assert sys.version_info >= (3, 11)' 2>/dev/null || { \
+	  echo "make: RemoteRun needs Python 3.11 or later as $(SYSTEM_PYTHON) (or SYSTEM_PYTHON=...)"; exit 1; }
+	@$(SYSTEM_PYTHON) -c 'import ensurepip, venv' 2>/dev/null || { \
+	  echo "make: $(SYSTEM_PYTHON) cannot make a virtual environment; on Debian or Ubuntu:"; \
+	  echo "    sudo apt-get install python3-venv"; exit 1; }
+	$(SYSTEM_PYTHON) -m venv $(VENV) || { rm -rf $(VENV); exit 1; }
+
+$(RUNTIME_STAMP): pyproject.toml setup.py | $(VENV_PYTHON)
+	$(PYTHON) -m pip install --quiet --disable-pip-version-check -e .
+	@mkdir -p $(@D) && touch $@
+
+# The test packages include the runtime's: the runtime stamp is fresh too.
+$(TEST_STAMP): pyproject.toml setup.py | $(VENV_PYTHON)
+	$(PYTHON) -m pip install --quiet --disable-pip-version-check -e '.[test]'
+	@mkdir -p $(@D) && touch $@ $(RUNTIME_STAMP)
+
+install-node: $(NODE_STAMP)
+
+$(NODE_STAMP): package-lock.json
+	npm ci --no-audit --no-fund --loglevel=error
+	@touch $@
 
 # Debian packages for the browser tests, the sandbox, the dashboard test (prometheus) and the
 # cluster tests (postgresql, redis-server: started by the tests themselves, never as services);

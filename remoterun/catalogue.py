@@ -23,7 +23,7 @@ from remoterun.config import (
     parse_limits,
     parse_sandbox,
 )
-from remoterun.errors import BadRequest, InvalidParams, NotFound
+from remoterun.errors import BadMetadata, BadRequest, InvalidParams, NotFound
 
 KEY_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")  # \Z: "$" would let "k\n" through
 MAX_NAME_CHARS = 1024  # a script name; one path part is at most 255 bytes on Linux
@@ -94,10 +94,12 @@ class Script:
     # The SHA-256 of the sidecar bytes this metadata was parsed from (None: no sidecar read):
     # a signature covers the script and these bytes together (integrity.py).
     sidecar_sha256: str | None = None
+    # Why its metadata is unusable (MetadataError's text): listed with it, never run.
+    error: str | None = None
 
     def to_json(self) -> dict[str, Any]:
-        """The entry of GET /scripts."""
-        return {
+        """The entry of GET /scripts (`error` only for a script whose metadata is broken)."""
+        out = {
             "name": self.name,
             "description": self.description,
             "params": None if self.params is None else [p.to_json() for p in self.params],
@@ -105,6 +107,9 @@ class Script:
             "max_concurrency": self.max_concurrency,
             "roles": None if self.roles is None else list(self.roles),
         }
+        if self.error is not None:
+            out["error"] = self.error
+        return out
 
     @property
     def secret_keys(self) -> frozenset[str]:
@@ -207,8 +212,11 @@ def param_value(value: Scalar) -> str:
     return value if isinstance(value, str) else json.dumps(value)
 
 
-class MetadataError(Exception):
-    """A script's metadata (config.toml or sidecar) is malformed; names the script and key."""
+class MetadataError(BadMetadata):
+    """A script's metadata (config.toml or sidecar) is malformed; names the script and key.
+
+    A sidecar's never stops the server nor hides the script: the script is listed with this
+    text as its `error`, and a submission or an attempt is refused with it (422)."""
 
 
 def _parse_param(where: str, name: str, raw: Any) -> Param:
@@ -292,6 +300,11 @@ def check_sidecar(where: str, meta: Mapping[str, Any], sandbox: SandboxConfig,
                             f"it on {CONFIG_ONLY}")
     if box.get("run_as", sandbox.run_as) != sandbox.run_as:
         raise MetadataError(f"{where}.sandbox.run_as: the user a script runs as {CONFIG_ONLY}")
+    seccomp = box.get("seccomp", sandbox.seccomp)
+    if seccomp != sandbox.seccomp and not (seccomp == "default" and sandbox.seccomp == "off"):
+        raise MetadataError(f"{where}.sandbox.seccomp: {seccomp!r} is not [sandbox] seccomp "
+                            f"{sandbox.seccomp!r}: turning the filter off or choosing a "
+                            f"profile {CONFIG_ONLY}")
     for key, value in meta.get("limits", {}).items():
         base = getattr(limits, key)
         if base and (value == 0 or value > base):
@@ -337,7 +350,9 @@ class Catalogue:
         if not real.is_relative_to(self.root):
             raise NotFound(f"{name!r} leads outside the scripts directory", code="unknown_script")
         if not runnable:
-            raise NotFound(f"no executable script named {name!r}", code="unknown_script")
+            raise NotFound(f"{name!r} is not executable: chmod +x it in the scripts directory"
+                           if real.is_file() else f"no executable script named {name!r}",
+                           code="unknown_script")
         return clean, real
 
     def resolve(self, name: str) -> Script:
@@ -364,16 +379,20 @@ class Catalogue:
     def _metadata(self, name: str) -> dict[str, Any]:
         if name in self._config_meta:
             return parse_metadata(f"scripts.{name!r}", self._config_meta[name])
-        sidecar = self.root / (name + SIDECAR_SUFFIX)
+        where = name + SIDECAR_SUFFIX  # the sidecar's path in the scripts directory
+        sidecar = self.root / where
         if not sidecar.is_file():
             return {}
         data = sidecar.read_bytes()  # read once: what is parsed is what a signature covers
         try:
             raw = tomllib.loads(data.decode())
         except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
-            raise MetadataError(f"{sidecar.name}: not valid TOML: {exc}") from exc
-        meta = parse_metadata(sidecar.name, raw)
-        check_sidecar(sidecar.name, meta, self._sandbox, self._limits)
+            raise MetadataError(f"{where}: not valid TOML: {exc}") from exc
+        try:
+            meta = parse_metadata(where, raw)
+        except (TypeError, ValueError, re.error) as exc:  # e.g. enum = 5: a value of a wrong kind
+            raise MetadataError(f"{where}: {exc}") from exc
+        check_sidecar(where, meta, self._sandbox, self._limits)
         return {**meta, "sidecar_sha256": hashlib.sha256(data).hexdigest()}
 
     def names(self) -> list[str]:
@@ -392,19 +411,27 @@ class Catalogue:
         return sorted(found)
 
     def scripts(self) -> list[Script]:
-        """Every runnable script with its metadata (malformed metadata is skipped, not fatal)."""
+        """Every runnable script with its metadata; one whose metadata is malformed is listed
+        with its `error` instead (and never runs: resolve refuses it)."""
         out: dict[str, Script] = {}
         for name in self.names():
             try:
                 script = self.resolve(name)
-            except MetadataError:
+            except MetadataError as exc:
+                script = self.broken(name, exc)
+            except NotFound:  # removed since names() saw it
                 continue
             out.setdefault(script.name, script)  # an alias is listed as its target
         return list(out.values())
 
-    def check(self) -> None:
-        """Raise MetadataError for the first script whose metadata is malformed."""
+    def broken(self, name: str, exc: MetadataError) -> Script:
+        """The listing of a script whose metadata is malformed: its name and the error."""
+        _, real = self._confine(name)
+        return Script(name=real.relative_to(self.root).as_posix(), path=real, error=str(exc))
+
+    def check(self) -> list[Script]:
+        """Raise MetadataError for config.toml's first malformed script table (the server's own
+        configuration); return the scripts whose sidecars are broken (those only warn)."""
         for name in self._config_meta:
             parse_metadata(f"scripts.{name!r}", self._config_meta[name])
-        for name in self.names():
-            self.resolve(name)
+        return [s for s in self.scripts() if s.error is not None]

@@ -65,6 +65,7 @@ class SandboxConfig:
     network: bool = True
     image: str = ""  # docker: the image each attempt runs in
     run_as: str = ""  # a user name the task runs as, when the server runs as root
+    seccomp: str = "default"  # bwrap's filter: "default", "off" or a profile's path
 
 
 def parse_limits(where: str, raw: Any) -> dict[str, int]:
@@ -84,7 +85,7 @@ def parse_limits(where: str, raw: Any) -> dict[str, int]:
 def parse_sandbox(where: str, raw: Any) -> dict[str, Any]:
     """A `sandbox` table's keys, checked."""
     if not isinstance(raw, dict):
-        raise ConfigError(f"{where}: expected a table (mode, network, image, run_as)")
+        raise ConfigError(f"{where}: expected a table (mode, network, image, run_as, seccomp)")
     for key, value in raw.items():
         if key == "mode" and value not in SANDBOX_MODES:
             raise ConfigError(f"{where}.mode: one of {list(SANDBOX_MODES)}, got {value!r}")
@@ -92,7 +93,10 @@ def parse_sandbox(where: str, raw: Any) -> dict[str, Any]:
             raise ConfigError(f"{where}.network: expected true or false, got {value!r}")
         if key in ("image", "run_as") and not isinstance(value, str):
             raise ConfigError(f"{where}.{key}: expected a string, got {value!r}")
-        if key not in ("mode", "network", "image", "run_as"):
+        if key == "seccomp" and (not isinstance(value, str) or not value):
+            raise ConfigError(f"{where}.seccomp: \"default\", \"off\" or a profile's path, "
+                              f"got {value!r}")
+        if key not in ("mode", "network", "image", "run_as", "seccomp"):
             raise ConfigError(f"{where}.{key}: unknown key")
     return dict(raw)
 
@@ -183,7 +187,7 @@ class Settings:
     auth_fail_limit: int = 20  # failed logins / 401s per address per window, then 429
     auth_fail_window_s: float = 60.0
     max_connections: int = 1000  # open client connections; more are closed at once
-    header_timeout_s: float = 10.0  # a connection's first request headers must arrive by then
+    header_timeout_s: float = 10.0  # each request's headers, and its body, must arrive by then
     tls_cert: Path | None = None
     tls_key: Path | None = None
     max_pending: int = 10000  # waiting tasks; past it a submission gets 503 queue_full

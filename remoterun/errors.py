@@ -38,6 +38,19 @@ class InvalidParams(RemoteRunError):
     code = "invalid_params"
 
 
+class BadMetadata(RemoteRunError):
+    """A script's metadata (its sidecar `<script>.toml`) is malformed: listed, never run."""
+
+    code = "bad_metadata"
+
+
+class Unencodable(RemoteRunError):
+    """Text UTF-8 cannot encode (a lone surrogate, a header that is not UTF-8): refused at
+    the door, since stored it would break every answer that shows it."""
+
+    code = "invalid_encoding"
+
+
 class NotFound(RemoteRunError):
     """No such task or script."""
 

@@ -529,6 +529,31 @@ def _discard(stream: str, data: bytes) -> None:
     pass
 
 
+NOT_STARTED = 127  # the shell's "command not found": the task's exit code when it cannot start
+
+
+def start_problem(path: Path) -> str | None:
+    """Why the script at `path` cannot start, in words that say what to do; None if its #!
+    line (if any) names an interpreter that exists. Reads the file: call it off the loop."""
+    try:
+        with path.open("rb") as file:
+            head = file.read(256)
+    except OSError:  # out of descriptors, removed since: the spawn meets it and says so
+        return None
+    if not head.startswith(b"#!"):
+        return None  # exec decides (ENOEXEC names it)
+    line = head[2:].split(b"\n", 1)[0]
+    if line.endswith(b"\r"):
+        return (f"{path.name} has Windows line endings (CRLF): its #! line names "
+                f"{line.strip().decode(errors='replace')!r}^M, which does not exist; "
+                f"convert it: sed -i 's/\\r$//' {path.name} (or dos2unix)")
+    interpreter = line.split()[0].decode(errors="replace") if line.split() else ""
+    if not interpreter or not os.path.isfile(interpreter):
+        return (f"{path.name}: the interpreter {interpreter!r} of its #! line is not installed "
+                f"on the server: install it or fix the #! line (e.g. #!/usr/bin/env python3)")
+    return None
+
+
 def spawn_message(path: str, exc: Exception) -> str:
     """A spawn's failure as the task's `error` says it."""
     if not isinstance(exc, OSError):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sqlite3
+
 import aiohttp
 import pytest
 from conftest import TOKENS
@@ -120,8 +122,9 @@ async def test_pages_carry_csp_nosniff_and_no_framing(client):
 
 
 async def test_unforeseen_error_is_json_500(client, settings):
-    """An error of no class of ours (malformed sidecar metadata) answers 500 internal JSON."""
-    (settings.scripts_dir / "hello.sh.toml").write_text("this = = not toml")
+    """An error of no class of ours (the audit table gone) answers 500 internal JSON."""
+    with sqlite3.connect(settings.db_path) as conn:
+        conn.execute("DROP TABLE audit")
     response = await client.post("/tasks", json={"script": "hello.sh"})
     assert response.status == 500
     body = await response.json()

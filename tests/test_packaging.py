@@ -9,6 +9,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import sysconfig
 import tarfile
 import time
 import urllib.request
@@ -48,6 +49,9 @@ def venv(wheel: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     where = tmp_path_factory.mktemp("venv") / "env"
     subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", str(where)],
                    check=True, timeout=120)
+    if sys.prefix != sys.base_prefix:  # run from a venv (`make test`): its packages, not the base's
+        (site,) = where.glob("lib/python3*/site-packages")
+        (site / "outer-venv.pth").write_text(sysconfig.get_path("purelib") + "\n")
     subprocess.run([str(where / "bin/pip"), "install", "-q", "--no-deps", "--no-index",
                     "--force-reinstall", str(wheel)], check=True, capture_output=True,
                    timeout=300, env=clean_env(), cwd=where)

@@ -20,10 +20,11 @@ from aiohttp import web
 from remoterun import archive
 from remoterun.api import CATALOGUE, DB, SCHEDULER, SETTINGS, identity, json_response, nodes
 from remoterun.api.guard import asked, audit_entry, record
+from remoterun.catalogue import MetadataError
 from remoterun.engine.scheduler import Scheduler
-from remoterun.errors import BadRequest, Gone, NotFound
+from remoterun.errors import BadRequest, Gone, NotFound, Unencodable
 from remoterun.state import TaskStatus
-from remoterun.wire import sse_data, task_json
+from remoterun.wire import sse_data, task_json, unencodable
 
 log = structlog.get_logger(__name__)
 routes = web.RouteTableDef()
@@ -88,11 +89,17 @@ def _finite(text: str) -> float:
 
 def loads(raw: str | bytes) -> Any:
     """Strict JSON: no NaN or Infinity, no float that overflows, no integer longer than
-    Python's 4300-digit limit; BadRequest (400 invalid_json) for anything else."""
+    Python's 4300-digit limit; BadRequest (400 invalid_json) for anything else, and
+    Unencodable (422) for a lone surrogate (`"\\ud800"`) anywhere in it."""
     try:
-        return json.loads(raw, parse_constant=_refuse_constant, parse_float=_finite)
+        value = json.loads(raw, parse_constant=_refuse_constant, parse_float=_finite)
     except (UnicodeDecodeError, ValueError, RecursionError) as exc:  # JSONDecodeError too
         raise BadRequest(f"not valid JSON: {str(exc)[:200]}", code="invalid_json") from None
+    where = unencodable(value)
+    if where is not None:
+        raise Unencodable(f"{where} holds a lone surrogate, which is not Unicode text",
+                          details=[{"field": where, "message": "not encodable as UTF-8"}])
+    return value
 
 
 async def read_json(request: web.Request) -> Any:
@@ -142,6 +149,9 @@ async def submit(request: web.Request, body: Any) -> dict[str, Any]:
         if task is None:
             raise
         return task
+    except MetadataError as exc:  # 422 naming the sidecar, to whoever may see the script
+        identity(request).require_script(app[CATALOGUE].broken(fields["script"], exc))
+        raise
     who = identity(request)
     who.require_script(script)
     return await app[SCHEDULER].submit(script, fields, who.name,
@@ -433,7 +443,8 @@ async def list_scripts(request: web.Request) -> web.Response:
     who.require("viewer")
     scripts = await asyncio.to_thread(request.app[CATALOGUE].scripts)
     return json_response({"scripts": [
-        {**s.to_json(), "runnable": who.may_run(s)} for s in scripts if who.allows(s.name)]})
+        {**s.to_json(), "runnable": who.may_run(s) and s.error is None}
+        for s in scripts if who.allows(s.name)]})
 
 
 @routes.get("/healthz")

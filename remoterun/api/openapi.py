@@ -148,6 +148,9 @@ SCHEMAS: dict[str, Any] = {
             "max_concurrency": {"type": ["integer", "null"]},
             "roles": {"type": ["array", "null"], "items": {"type": "string"}},
             "runnable": {"type": "boolean"},
+            "error": {"type": "string",
+                      "description": "its metadata (sidecar) is malformed: the file, key and "
+                                     "problem; it is not runnable until fixed"},
         },
     },
     "Identity": {
@@ -157,6 +160,9 @@ SCHEMAS: dict[str, Any] = {
             "name": {"type": "string"},
             "role": {"enum": ["viewer", "operator", "admin"]},
             "auth": {"type": "boolean"},
+            # /login's answer: sent beside the cookie (X-RemoteRun-Session-Key), which alone
+            # never authenticates
+            "session_key": {"type": "string"},
         },
     },
 }

@@ -204,7 +204,8 @@ async def scripts(remote: Remote, args: argparse.Namespace) -> int:
             declared = s.get("params")
             names = "(free-form)" if declared is None else ",".join(
                 p["name"] + ("" if p.get("required") else "?") for p in declared)
-            rows.append([s["name"], names or "-", s.get("description") or ""])
+            about = f"ERROR: {s['error']}" if s.get("error") else s.get("description") or ""
+            rows.append([s["name"], names or "-", about])
         print(table(rows))
     return 0
 

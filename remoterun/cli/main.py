@@ -53,8 +53,8 @@ def serve(args: argparse.Namespace) -> int:
                                      f"got {settings.port}")
         if not settings.scripts_dir.is_dir():
             raise config.ConfigError(f"paths.scripts: {settings.scripts_dir} is not a directory")
-        Catalogue(settings.scripts_dir, settings.scripts, settings.sandbox,
-                  settings.limits).check()
+        broken = Catalogue(settings.scripts_dir, settings.scripts, settings.sandbox,
+                           settings.limits).check()
         if os.environ.get(KEY_ENV):  # a malformed key stops here, before anything is opened
             parse_key(os.environ[KEY_ENV], KEY_ENV)
         logs.configure(settings.log_level)
@@ -65,6 +65,8 @@ def serve(args: argparse.Namespace) -> int:
     except (config.ConfigError, MetadataError) as exc:
         print(f"remoterun: config error: {exc}", file=sys.stderr)
         return 2
+    for script in broken:  # listed with its error, refused at submit; the server runs on
+        log.warning("script_metadata_invalid", script=script.name, error=script.error)
     requested = settings.host
     if not settings.auth_enabled and not _is_loopback(settings.host):
         settings = dataclasses.replace(settings, host="127.0.0.1")
@@ -82,7 +84,11 @@ def serve(args: argparse.Namespace) -> int:
              scripts=str(settings.scripts_dir), archive=str(settings.archive_dir),
              db=str(settings.db_path), workers=settings.workers)
     with sock:
-        asyncio.run(_run_server(create_app(settings), settings, sock))
+        try:
+            asyncio.run(_run_server(create_app(settings), settings, sock))
+        except config.ConfigError as exc:  # found as the server starts: a seccomp profile
+            print(f"remoterun: config error: {exc}", file=sys.stderr)
+            return 2
     log.info("server_stopped")
     return 0
 
@@ -200,9 +206,9 @@ def archive_command(args: argparse.Namespace) -> int:
 
 async def _verify(settings: config.Settings, repair: bool) -> Report:
     from remoterun.retention import verify
-    from remoterun.store import Database
+    from remoterun.store import Database, Store
 
-    db = Database(settings.db_path)
+    db: Store = Database(settings.db_path)
     if settings.cluster is not None:  # the cluster's rows against the shared archive
         from remoterun.store.postgres import PostgresDatabase
         db = PostgresDatabase(settings.cluster.database_url)

@@ -47,6 +47,7 @@ log = structlog.get_logger(__name__)
 S = TaskStatus
 Row = dict[str, Any]
 SCAN_S = 10.0  # how often the node lists its scripts/ again for its row
+REQUEST_SLOW_S = 15.0  # beyond a request's wait for PostgreSQL, what its write may queue
 CONTROL_RETRY_S = 1.0  # a cancel may reach the owner a moment before its claim is held
 
 
@@ -212,6 +213,14 @@ class Node:
         if self.watchdog.fenced:
             raise pg.Fenced("fenced: joining again")
 
+    async def commit_request(self, statements: list[store.Statement], within_s: float
+                             ) -> int | None:
+        """A request's write, beside the engine's: it waits `within_s` for an unreachable
+        PostgreSQL, longer for a merely busy one (a lock held by another node's write)."""
+        async with asyncio.timeout(within_s + REQUEST_SLOW_S):
+            return await self.db.commit(statements, within_s,
+                                        lock_wait_s=within_s + REQUEST_SLOW_S)
+
     def track(self, task_id: str, attempt: int) -> None:
         """The watchdog kills this attempt's processes if the lease lapses."""
         self.watchdog.track(task_id, attempt)
@@ -225,9 +234,7 @@ class Node:
         host of its runs that a survivor recorded while it was down."""
         found = await asyncio.to_thread(task_ids_on_host)
         if found:
-            for row in await self.db.fetch_all(
-                    "SELECT id FROM tasks WHERE id = ANY(?) AND owner = ? AND status <> ?",
-                    [sorted(found), self.name, str(S.RUNNING)]):
+            for row in await self.db.recorded_elsewhere(self.name, sorted(found)):
                 await asyncio.to_thread(kill_left_behind, row["id"])
         return [Lost(row, f"the server stopped during attempt {row['attempt']}", kill=True)
                 for row in await self.db.owned(self.name, S.RUNNING)]

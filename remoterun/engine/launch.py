@@ -13,7 +13,7 @@ import structlog
 from remoterun import store
 from remoterun.archive import Segment, TaskArchive, deflate_of, settle
 from remoterun.archive.compressor import Compressor
-from remoterun.catalogue import Catalogue, Script
+from remoterun.catalogue import Catalogue, MetadataError, Script
 from remoterun.config import Settings
 from remoterun.engine.attempt import (
     Attempt,
@@ -27,7 +27,7 @@ from remoterun.engine.protect import Protection
 from remoterun.errors import IntegrityFailed, NotFound
 from remoterun.isolation.sandbox import Sandbox
 from remoterun.metrics import Metrics
-from remoterun.runner import RunResult, SpawnError
+from remoterun.runner import NOT_STARTED, RunResult, SpawnError, start_problem
 from remoterun.spawn import Children
 from remoterun.vault import SecretsUnavailable
 
@@ -79,11 +79,18 @@ async def run_attempt(attempt: Attempt, catalogue: Catalogue, protection: Protec
         secrets, script, copy = await protection.prepare(row, script)
         attempt.masker = protection.masker(secrets)
         policy = sandbox.policy(script.sandbox, script.limits, script.env)
+        # A CRLF #! line or a missing interpreter: named here, since inside bwrap it would
+        # read as bwrap's own "execvp: No such file" (an image has interpreters of its own).
+        problem = None if policy.mode == "docker" else await asyncio.to_thread(
+            start_problem, script.path)
+        if problem is not None:
+            attempt.retryable = False
+            return RunResult(NOT_STARTED), problem
         run = await attempt.start(build_spec(row, script, catalogue.root, (), secrets), policy)
         row["pid"] = run.pid  # persisted by the next flush tick
         log.debug("task_started", pid=run.pid, script=row["script"])
         return await attempt.wait(), None
-    except (IntegrityFailed, SecretsUnavailable) as exc:  # another attempt would be too
+    except (IntegrityFailed, SecretsUnavailable, MetadataError) as exc:  # so would a retry
         attempt.retryable = False
         log.warning("attempt_refused", script=row["script"], error=str(exc))
         return None, str(exc)

@@ -67,7 +67,8 @@ class Engine(Protocol):
     problems: dict[str, str]
 
     async def transition(self, state: TaskState, new: TaskStatus,
-                         extra: Iterable[store.Statement] = (), **fields: Any) -> None:
+                         extra: Iterable[store.Statement] = (), within_s: float | None = None,
+                         **fields: Any) -> None:
         """Check, persist, then announce a status change."""
 
     async def commit(self, statements: list[store.Statement]) -> int | None:

@@ -70,6 +70,10 @@ class Membership(Protocol):
     def writable(self) -> None:
         """Unavailable (503) while this server may not write (a fenced node)."""
 
+    async def commit_request(self, statements: list[store.Statement], within_s: float
+                             ) -> int | None:
+        """A request's write side by side with the engine's (when not `requests_in_order`)."""
+
     def track(self, task_id: str, attempt: int) -> None:
         """An attempt may start processes from now on."""
 
@@ -105,7 +109,7 @@ class Alone:
 
     requests_in_order = True
 
-    def __init__(self, db: store.Database, reaper_interval_s: float):
+    def __init__(self, db: store.Store, reaper_interval_s: float):
         self.db = db
         self.orphan_interval_s = reaper_interval_s
 
@@ -117,6 +121,11 @@ class Alone:
 
     def writable(self) -> None:
         """Always: one server is never fenced."""
+
+    async def commit_request(self, statements: list[store.Statement], within_s: float
+                             ) -> int | None:
+        """Not used: one server's requests write in order behind its engine's."""
+        return await self.db.commit(statements, within_s)
 
     def track(self, task_id: str, attempt: int) -> None:
         """Nothing watches a single server's runs but itself."""

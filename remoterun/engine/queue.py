@@ -111,7 +111,7 @@ class Queue(Protocol):
 class LocalQueue:
     """One server's queue: waiting rows in a heap, in the policy's order."""
 
-    def __init__(self, policy: QueuePolicy, db: store.Database, max_pending: int):
+    def __init__(self, policy: QueuePolicy, db: store.Store, max_pending: int):
         self.policy = policy
         self.db = db
         self.max_pending = max_pending
@@ -126,8 +126,7 @@ class LocalQueue:
 
     async def recover(self) -> list[Row]:
         """Number after the highest number stored; every pending row is this server's."""
-        top = await self.db.fetch_one("SELECT MAX(num) AS n FROM tasks")
-        self._next_num = (top["n"] or 0) + 1 if top else 1
+        self._next_num = await self.db.last_num() + 1
         return await self.db.tasks_in(TaskStatus.PENDING)
 
     async def admit(self, script: str, request: dict[str, Any]) -> Placement:

@@ -24,8 +24,10 @@ from remoterun.config import Settings
 from remoterun.engine.live import Engine, TaskState, Where
 from remoterun.engine.membership import Lost, Membership
 from remoterun.engine.queue import Queue
+from remoterun.isolation.sandbox import Sandbox
 from remoterun.reaper import kill_left_behind
-from remoterun.state import TaskStatus
+from remoterun.state import FINAL, TaskStatus
+from remoterun.wire import exit_event, task_json
 
 log = structlog.get_logger(__name__)
 S = TaskStatus
@@ -43,7 +45,7 @@ class Ending:
 class Recovery:
     """Records the runs no live server holds, for one engine."""
 
-    def __init__(self, engine: Engine, settings: Settings, db: store.Database, queue: Queue,
+    def __init__(self, engine: Engine, settings: Settings, db: store.Store, queue: Queue,
                  membership: Membership):
         self.engine, self.settings, self.db = engine, settings, db
         self.queue, self.membership = queue, membership
@@ -57,6 +59,29 @@ class Recovery:
                 self.engine.enqueue(TaskState(row, next_segment=1 if row["attempt"] == 1
                                               else None))
         log.info("recovered", pending=len(self.engine.tasks))
+
+    async def sweep_work_folders(self, sandbox: Sandbox) -> None:
+        """Remove the work folders a crashed server's attempts left (their finish never ran):
+        those of this database's tasks, unless the task runs that attempt now (at start, after
+        `recover`, none does here); a folder of a task we do not know is another server's."""
+        dead = []
+        for folder, task_id, attempt in await sandbox.work_folders():
+            row = await self.db.get_task(task_id)
+            if row is not None and (row["status"] != S.RUNNING or row["attempt"] != attempt):
+                dead.append(folder)
+        if dead:
+            removed = await sandbox.remove_work_folders(dead)
+            log.info("work_folders_swept", removed=removed, found=len(dead))
+
+    async def let_go(self, state: TaskState) -> None:
+        """Record a task whose end could not be concluded as the reaper does (unless it is
+        final already), and tell its attached clients how it ended."""
+        row = await self.db.get_task(state.row["id"])
+        if row is not None and row["status"] not in FINAL:
+            row = await self.reap_one(row)
+        if row is not None and state.hub is not None:
+            state.hub.task = task_json(row)
+            state.hub.publish(exit_event(row))
 
     async def reap(self) -> None:
         """Record runs no live server holds (a dead server's, a lost node's)."""

@@ -17,7 +17,7 @@ import structlog
 from remoterun import store
 from remoterun.archive import next_number
 from remoterun.archive.compressor import Compressor
-from remoterun.catalogue import Catalogue, Script
+from remoterun.catalogue import Catalogue, MetadataError, Script
 from remoterun.config import Settings
 from remoterun.engine import launch
 from remoterun.engine.attempt import decide
@@ -25,6 +25,7 @@ from remoterun.engine.live import Engine, TaskState, Where
 from remoterun.engine.membership import Membership
 from remoterun.engine.protect import Protection
 from remoterun.engine.queue import Queue
+from remoterun.engine.recovery import Recovery
 from remoterun.engine.writes import Once
 from remoterun.errors import NotFound
 from remoterun.isolation.sandbox import Sandbox
@@ -44,12 +45,12 @@ class Runs:
     def __init__(self, engine: Engine, settings: Settings, catalogue: Catalogue,
                  metrics: Metrics, compressor: Compressor, children: Children,
                  protection: Protection, sandbox: Sandbox, queue: Queue,
-                 membership: Membership, once: Once):
+                 membership: Membership, recovery: Recovery, once: Once):
         self.engine = engine
         self.settings, self.catalogue, self.metrics = settings, catalogue, metrics
         self.compressor, self.children = compressor, children
         self.protection, self.sandbox, self.queue = protection, sandbox, queue
-        self.membership, self.once = membership, once
+        self.membership, self.recovery, self.once = membership, recovery, once
         self.busy = 0  # worker slots held (starting, running)
         self.running: set[asyncio.Task[None]] = set()  # one per attempt
 
@@ -73,7 +74,7 @@ class Runs:
         """The script as the catalogue has it now (None: gone)."""
         try:
             return self.catalogue.resolve(name)
-        except NotFound:
+        except (NotFound, MetadataError):
             return None
 
     def _reserve(self, task_id: str) -> None:
@@ -137,7 +138,20 @@ class Runs:
         finally:
             self.metrics.child(self.metrics.duration, row["script"]).observe(
                 time.time() - started)
-            await asyncio.shield(self._conclude(state, result, error))
+            await asyncio.shield(self._conclude_or_let_go(state, result, error))
+
+    async def _conclude_or_let_go(self, state: TaskState, result: RunResult | None,
+                                  error: str | None) -> None:
+        """`_conclude`; if it raises, the task is let go instead of held (a TaskState held hides
+        the task from the reaper, and it stayed running with no process: issue 25)."""
+        try:
+            await self._conclude(state, result, error)
+        except Exception:
+            log.exception("conclude_failed")
+            task_id = state.row["id"]
+            if self.engine.tasks.get(task_id) is state:
+                del self.engine.tasks[task_id]
+            self.engine.own(self.recovery.let_go(state), name=f"let-go-{task_id}")
 
     def _release(self, state: TaskState) -> None:
         """Give the worker slot back."""

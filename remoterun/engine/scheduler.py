@@ -65,7 +65,7 @@ Publish = Callable[[str, TaskHub], Any]  # a live task's extra subscriber (the c
 class Scheduler:
     """Owns every live task: its queue slot, its attempt and its hub."""
 
-    def __init__(self, settings: Settings, db: store.Database, catalogue: Catalogue,
+    def __init__(self, settings: Settings, db: store.Store, catalogue: Catalogue,
                  metrics: Metrics, compressor: Compressor, children: Children, *,
                  protection: Protection, sandbox: Sandbox, queue: Queue,
                  membership: Membership, publish: Publish | None = None):
@@ -87,7 +87,7 @@ class Scheduler:
         self.writes = Writes(db, membership, settings.db_retry_s, self.problems, self.once)
         self.recovery = recovery.Recovery(self, settings, db, queue, membership)
         self.runs = Runs(self, settings, catalogue, metrics, compressor, children, protection,
-                         sandbox, queue, membership, self.once)
+                         sandbox, queue, membership, self.recovery, self.once)
         self._owned: set[asyncio.Task[None]] = set()  # small writes and controls
         self._dispatcher: asyncio.Task[None] | None = None
         self.upkeep = upkeep.Upkeep([
@@ -109,6 +109,7 @@ class Scheduler:
         await self.membership.join(self)
         await self.recovery.recover()
         await self.sandbox.start()
+        await self.recovery.sweep_work_folders(self.sandbox)
         if not become_subreaper():
             log.warning("no_subreaper", detail="double-forked daemons may outlive their task")
         await self.queue.start(self._wake.set)
@@ -221,8 +222,10 @@ class Scheduler:
         await self.commit(statements, within_s=self._request_wait())
 
     async def transition(self, state: TaskState, new: TaskStatus,
-                          extra: Iterable[store.Statement] = (), **fields: Any) -> None:
-        """Check, persist (with the membership's guards), then announce a status change."""
+                         extra: Iterable[store.Statement] = (), within_s: float | None = None,
+                         **fields: Any) -> None:
+        """Check, persist (with the membership's guards), then announce a status change.
+        `within_s`: a request's, which gets Unavailable past it; the engine's wait."""
         row = state.row
         old = S(row["status"])
         check_transition(old, new)
@@ -234,7 +237,7 @@ class Scheduler:
         wake = self.queue.requeued() if new is S.PENDING else []
         statements = store.transition(row["id"], old, new, attempt, dict(fields),
                                       detail=fields.get("error"))
-        event_id = await self.commit([*guards, *extra, *wake, *statements])
+        event_id = await self.commit([*guards, *extra, *wake, *statements], within_s)
         row.update(fields, status=str(new))
         row.update(after)
         self.feed.publish(event_id, row, str(old), fields)  # GET /events
@@ -326,7 +329,7 @@ class Scheduler:
         state.where = Where.FINISHING
         try:
             await self.transition(state, S.CANCELLED, finished_at=time.time(), run_after=None,
-                                   extra=audit_rows)
+                                  extra=audit_rows, within_s=self._request_wait())
         except BaseException:
             self.enqueue(state)  # nothing was recorded: it waits as before
             raise
@@ -349,7 +352,8 @@ class Scheduler:
             self.hub(state)
             with contextlib.suppress(store.StaleWrite):  # claimed meanwhile: its owner cancels
                 await self.transition(state, S.CANCELLED, finished_at=time.time(),
-                                       run_after=None, extra=[guard, *audit_rows])
+                                      run_after=None, extra=[guard, *audit_rows],
+                                      within_s=self._request_wait())
                 self.finish(state)
                 return task_json(state.row)
         elif audit_rows:

@@ -4,14 +4,13 @@ The engine's own writes (a task's end, progress) queue in order and retry until 
 is back (until shutdown), so nothing is recorded that did not happen and nothing that happened
 is lost; while they wait, `problems["database"]` says why (for /readyz). A request's write
 (`request`) waits at most its `within_s`, then Unavailable: in order behind the engine's on
-one server, side by side on a cluster node (other nodes write too, so this node's order tells
-nothing), where it may wait a little longer for a merely busy PostgreSQL.
+one server, side by side on a cluster node (`Membership.commit_request`: other nodes write
+too, so this node's order tells nothing).
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from typing import Any
 
 import structlog
@@ -21,7 +20,6 @@ from remoterun.engine.membership import Membership
 from remoterun.errors import Unavailable
 
 log = structlog.get_logger(__name__)
-REQUEST_SLOW_S = 15.0  # side by side (a cluster): beyond the wait, what a request may queue
 
 
 class Once:
@@ -46,7 +44,7 @@ class Once:
 class Writes:
     """Commits of one engine: the order, the retries and what they report."""
 
-    def __init__(self, db: store.Database, membership: Membership, retry_s: float,
+    def __init__(self, db: store.Store, membership: Membership, retry_s: float,
                  problems: dict[str, str], once: Once):
         self.db = db
         self.membership = membership
@@ -76,11 +74,11 @@ class Writes:
     async def request(self, statements: list[store.Statement], within_s: float
                       ) -> int | None:
         """A request's write; Unavailable once the database stayed away past `within_s`."""
-        in_order = self.membership.requests_in_order
         try:
-            async with asyncio.timeout(within_s if in_order else within_s + REQUEST_SLOW_S):
-                async with self.lock if in_order else contextlib.nullcontext():
-                    return await self.db.commit(statements, within_s)
+            if not self.membership.requests_in_order:
+                return await self.membership.commit_request(statements, within_s)
+            async with asyncio.timeout(within_s), self.lock:
+                return await self.db.commit(statements, within_s)
         except (TimeoutError, store.DatabaseUnavailable) as exc:
             raise Unavailable("the database is busy or cannot be written; try again",
                               code="database_unavailable", retry_after_s=1.0) from exc

@@ -16,9 +16,10 @@ export async function loadScripts() {
   const filter = $("#filter-script");
   for (const script of body.scripts) {
     scripts.set(script.name, script);
-    const label = script.runnable ? script.name : `${script.name} (not allowed)`;
+    const label = script.error ? `${script.name} (metadata error)`
+      : script.runnable ? script.name : `${script.name} (not allowed)`;
     select.append(el("option", { value: script.name, textContent: label,
-                                 disabled: !script.runnable }));
+                                 disabled: !script.runnable && !script.error }));
     filter.append(el("option", { value: script.name, textContent: script.name }));
   }
   const first = body.scripts.find((s) => s.runnable);
@@ -29,9 +30,11 @@ export async function loadScripts() {
 
 export function renderParams() {
   const script = scripts.get($("#script").value);
-  $("#script-help").textContent = script?.description ?? "";
+  // A broken sidecar: the script stays listed, its help says what to fix, Run answers 422.
+  $("#script-help").textContent = script?.error ?? script?.description ?? "";
+  $("#script-help").classList.toggle("error", Boolean(script?.error));
   $("#run").timeout.placeholder = script?.timeout ? `${script.timeout} (script's)` : "default";
-  const fields = !script ? [] : script.params === null ? [freeFormField()]
+  const fields = !script || script.error ? [] : script.params === null ? [freeFormField()]
     : script.params.map(paramField);
   $("#params").replaceChildren(...fields);
   $("#run-error").textContent = "";
