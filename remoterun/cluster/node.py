@@ -92,6 +92,11 @@ class Node:
                        asyncio.create_task(self._judge_loop(), name="node-judge")]
         log.info("node_joined", node=self.name, labels=self.labels, scripts=len(self.scripts))
 
+    @property
+    def alive(self) -> bool:
+        """Whether the lease and judging loops run."""
+        return bool(self._loops) and not any(loop.done() for loop in self._loops)
+
     async def close(self) -> None:
         """Stop the loops and the controls in flight, then the watchdog and the relay."""
         tasks = [*self._loops, *self._owned]

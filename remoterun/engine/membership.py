@@ -59,6 +59,10 @@ class Membership(Protocol):
     """The engine's view of the other servers (none, or a cluster's nodes)."""
 
     requests_in_order: bool  # a request's write queues behind the engine's (one server)
+
+    @property
+    def alive(self) -> bool:
+        """Whether the loops join() started still run (for /readyz)."""
     orphan_interval_s: float  # how often orphans() is asked
 
     async def join(self, host: Host) -> None:
@@ -108,6 +112,7 @@ class Alone:
     """One server on its own database."""
 
     requests_in_order = True
+    alive = True  # nothing of its own runs
 
     def __init__(self, db: store.Store, reaper_interval_s: float):
         self.db = db

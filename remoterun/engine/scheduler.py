@@ -118,9 +118,9 @@ class Scheduler:
 
     @property
     def alive(self) -> bool:
-        """Whether the dispatcher and the upkeep loops are running."""
+        """Whether the dispatcher, the upkeep loops and the membership's are running."""
         return self._dispatcher is not None and not self._dispatcher.done() and \
-            self.upkeep.alive
+            self.upkeep.alive and self.membership.alive
 
     def force_stop(self) -> None:
         """Kill every running task now (a second SIGTERM/SIGINT during the drain)."""
