@@ -627,8 +627,10 @@ def _isolation(section: str, body: Any) -> SandboxConfig | ResourceLimits:
 
 def load(path: Path | None, overrides: Mapping[str, Any] | None = None) -> Settings:
     """Read config.toml (if given) and apply command-line overrides."""
-    if path is None:
-        settings = Settings()
+    if path is None:  # the defaults are relative to the current folder: say so, absolutely
+        cwd = Path.cwd()
+        settings = Settings(scripts_dir=cwd / "scripts", archive_dir=cwd / "archive",
+                            db_path=cwd / "remoterun.db")
     else:
         try:
             with path.open("rb") as fh:
