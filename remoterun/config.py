@@ -13,6 +13,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from remoterun.hooks import Hook, HookConfigError, parse_hooks
+
 ROLES = ("viewer", "operator", "admin")
 
 
@@ -205,6 +207,7 @@ class Settings:
     work_dir: Path | None = None  # per-attempt work folders go under it; None: the temp folder
     config_path: Path | None = None  # the file these came from (hidden from sandboxed tasks)
     cluster: Cluster | None = None  # [cluster] (issue 16); None: one node on SQLite
+    hooks: tuple[Hook, ...] = ()  # [[hooks]] (issue 30): incoming webhooks
 
     @property
     def auth_enabled(self) -> bool:
@@ -596,6 +599,12 @@ def parse(data: Mapping[str, Any], base: Path) -> Settings:
             values["env"] = parse_env("engine.env", body.pop("env"))
         if section == "cluster":
             values["cluster"] = _cluster(body)
+            continue
+        if section == "hooks":
+            try:
+                values["hooks"] = parse_hooks(body, base)
+            except HookConfigError as exc:
+                raise ConfigError(str(exc)) from None
             continue
         if section == "scripts":
             if not isinstance(body, dict) or not all(isinstance(v, dict) for v in body.values()):

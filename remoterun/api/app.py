@@ -30,6 +30,7 @@ from remoterun.api import (
     audit,
     events,
     guard,
+    hooks,
     http,
     json_response,
     listen,
@@ -323,6 +324,7 @@ def create_app(settings: Settings) -> web.Application:
     app.router.add_routes(nodes.routes)  # GET /nodes (issue 16)
     if settings.cluster is not None:
         nodes.setup_cluster(app)  # the redis readiness check
+    hooks.setup(app)  # POST /hooks/{name}, GET /hooks (issue 30)
     app.router.add_routes(monitor.routes)
     app.router.add_routes(openapi.routes)
     app.router.add_get("/", index)

@@ -254,9 +254,12 @@ class Scheduler:
     # Submissions and cancels -----------------------------------------------------------------
 
     async def submit(self, script: Script, request: dict[str, Any], submitted_by: str,
-                     audit: dict[str, Any] | None = None) -> dict[str, Any]:
+                     audit: dict[str, Any] | None = None,
+                     extra: Callable[[str], list[store.Statement]] | None = None
+                     ) -> dict[str, Any]:
         """Create a pending task from a validated request; returns its JSON. `audit`, an audit
-        entry, is written in the task's own transaction."""
+        entry, is written in the task's own transaction, and so are the statements `extra`
+        makes for the new task's id (a hook's delivery: it and the task exist together)."""
         if not self.accepting:
             raise Unavailable("the server is shutting down and takes no new tasks")
         self.membership.writable()
@@ -274,6 +277,8 @@ class Scheduler:
                       submitted_by, now)
         audit_rows = [] if audit is None else [
             store.insert_audit(audit, task_id=task_id, script=script.name)]
+        if extra is not None:
+            audit_rows.extend(extra(task_id))
         insert, event = store.insert_task(row)
         # The event's insert last: its row id is the feed's event id.
         event_id = await self.commit([*audit_rows, *self.queue.entry(insert, placement), event],
