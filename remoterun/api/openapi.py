@@ -32,6 +32,7 @@ ERROR_TEXT = {
     416: "a Range that cannot be served",
     421: "auth off and a Host that is not loopback",
     422: "params that fail the script's schema; no node could take it",
+    429: "too many failed signatures from this address of late: wait (Retry-After)",
     503: "shutting down, the queue is full, or not ready",
 }
 COMMON = (401, 403, 421)
@@ -554,6 +555,35 @@ def _paths() -> dict[str, Any]:
     }
 
 
+HOOK_NAME = {"name": "name", "in": "path", "required": True,
+             "schema": {"type": "string", "pattern": "^[a-z0-9][a-z0-9_-]{0,62}$"}}
+HOOK_ANSWER = {"type": "object", "required": ["triggered"], "properties": {
+    "triggered": {"type": "boolean"}, "reason": {"type": "string"}, "task": _ref("Task"),
+    "output": {"type": "string"}, "duplicate": {"type": "boolean"}}}
+
+
+def _hook_paths() -> dict[str, Any]:
+    """POST /hooks/{name} (signed, no token) and GET /hooks (issue 30)."""
+    post = _op("postHook", "a signed request from another system starts the hook's script",
+               {200: {"description": "not triggered (a `match` miss), a `wait` hook's ended "
+                                     "task with its output, or a `stream` hook's output",
+                      "content": {JSON: {"schema": HOOK_ANSWER}, **TEXT}},
+                202: {**_json(HOOK_ANSWER, "the task was started (async, or a wait ran out)"),
+                      "headers": {"Location": {"schema": {"type": "string"}}}}},
+               (401, 403, 404, 413, 422, 429, 503), [HOOK_NAME], public=True)
+    post["requestBody"] = {"required": False, "content": {
+        JSON: {"schema": OBJECT}, "application/x-www-form-urlencoded": {"schema": OBJECT}}}
+    hooks = {"type": "object", "required": ["hooks"], "properties": {"hooks": {
+        "type": "array", "items": {"type": "object", "properties": {
+            "name": {"type": "string"}, "script": {"type": "string"},
+            "signature": {"enum": ["github", "gitlab", "hmac-sha256"]},
+            "mode": {"enum": ["async", "wait", "stream"]},
+            "deliveries": {"type": "array", "items": OBJECT}}}}}}
+    listing = _op("listHooks", "the hooks (operator), without secrets, with their latest "
+                  "deliveries", {200: _json(hooks, "the hooks")})
+    return {"/hooks/{name}": {"post": post}, "/hooks": {"get": listing}}
+
+
 def document() -> dict[str, Any]:
     """The whole OpenAPI document."""
     return {
@@ -565,7 +595,7 @@ def document() -> dict[str, Any]:
             "live, keep every byte. The WebSocket endpoints (`/ws`, "
             "`/tasks/{id}/ws`) are described in docs/PROTOCOL.md.",
         },
-        "paths": _paths(),
+        "paths": {**_paths(), **_hook_paths()},
         "components": {
             "schemas": SCHEMAS,
             "securitySchemes": {
