@@ -51,9 +51,12 @@ class Hook:
     timeout: float | None = None
 
     def describe(self) -> dict[str, Any]:
-        """The hook as `GET /hooks` shows it: no secret, not even how many there are."""
+        """The hook as `GET /hooks` shows it (what a sender needs to sign for it): no secret,
+        not even how many there are."""
         return {"name": self.name, "script": self.script, "signature": self.signature,
-                "mode": self.mode, "delivery_header": self.delivery_header or None}
+                "mode": self.mode, "signature_header": self.signature_header,
+                "timestamp_header": self.timestamp_header or None,
+                "delivery_header": self.delivery_header or None}
 
 
 # Configuration ---------------------------------------------------------------------------------

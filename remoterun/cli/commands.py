@@ -15,6 +15,7 @@ import aiohttp
 
 from remoterun.cli.attach import Output, follow
 from remoterun.cli.clock import short, task_times
+from remoterun.cli.hooks import command as hook
 from remoterun.cli.remote import Remote, RemoteError, UsageError, error_of, say
 
 
@@ -218,7 +219,7 @@ async def scripts(remote: Remote, args: argparse.Namespace) -> int:
 
 
 VERBS = {"run": run, "attach": attach, "logs": logs, "ls": ls, "show": show, "cancel": cancel,
-         "scripts": scripts}
+         "scripts": scripts, "hook": hook}
 
 
 def report(exc: RemoteError) -> None:

@@ -280,6 +280,16 @@ def _client_verbs(sub: Any, common: argparse.ArgumentParser) -> None:
     c.add_argument("ids", nargs="+", metavar="ID")
     sc = verb("scripts", "list the scripts one may run")
     sc.add_argument("-o", "--output", choices=("table", "json", "name"), default="table")
+    hk = verb("hook", "list the server's hooks, or send one a signed request (a test)")
+    actions = hk.add_subparsers(dest="action", required=True)
+    hl = actions.add_parser("ls", help="the hooks and their latest delivery", parents=[common])
+    hl.add_argument("-o", "--output", choices=("table", "json"), default="table")
+    hs = actions.add_parser("send", help="POST a body to a hook, signed as it expects",
+                            parents=[common])
+    hs.add_argument("name")
+    hs.add_argument("--body", required=True, metavar="FILE", help="the body ('-': stdin)")
+    hs.add_argument("--header", action="append", default=[], metavar="K=V")
+    hs.add_argument("--secret", help="the hook's secret (default: $REMOTERUN_HOOK_SECRET)")
 
 
 def parser() -> argparse.ArgumentParser:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import re
 import tomllib
 from pathlib import Path
 
@@ -104,3 +105,14 @@ def test_match_and_params_read_headers_query_and_body_paths() -> None:
     assert mapped_params(hook, delivery) == {"p": "$(id)", "h": "v"}
     assert unmatched(hook, Delivery({}, {"q": "x"}, {"a": {"b": 2}, "flag": 1})) == "body:flag"
     assert unmatched(hook, Delivery({}, {}, {"a": {"b": 3}})) == "body:a.b"
+
+
+def test_the_readme_hook_examples_parse(tmp_path: Path) -> None:
+    """Every `[[hooks]]` block of README.md is a valid hook (its secrets file made here)."""
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    (tmp_path / "deploy.secrets").write_text("a-secret\n")
+    blocks = [b for b in re.findall(r"```toml\n(.*?)```", readme, re.S) if "[[hooks]]" in b]
+    assert len(blocks) >= 3
+    for block in blocks:
+        text = block.replace("/etc/remoterun/deploy.secrets", str(tmp_path / "deploy.secrets"))
+        assert parse(tomllib.loads(text), tmp_path).hooks
