@@ -34,6 +34,7 @@ Group = Callable[[Context], Awaitable[list[Row]]]
 GROUPS: dict[str, tuple[str, str]] = {
     "trivial": ("b_tasks", "trivial"),
     "submissions": ("b_tasks", "submissions"),
+    "hooks": ("b_hooks", "hooks"),
     "stream": ("b_stream", "stream"),
     "stream_masked": ("b_stream", "stream_masked"),
     "latency": ("b_stream", "latency"),
