@@ -294,9 +294,13 @@ async def test_a_match_miss_starts_nothing_and_names_the_key(hooked):
     key; a value of its list of accepted ones runs."""
     client = await hooked()
     body = encoded(PUSH)
-    response = await client.post("/hooks/deploy", data=body, headers=github(body, event="issues"))
+    missed = github(body, event="issues", delivery="missed-1")
+    response = await client.post("/hooks/deploy", data=body, headers=missed)
     assert response.status == 200
     assert await response.json() == {"triggered": False, "reason": "header:X-GitHub-Event"}
+    again = await client.post("/hooks/deploy", data=body, headers=missed)
+    assert again.status == 200 and await again.json() == {
+        "triggered": False, "reason": "header:X-GitHub-Event", "duplicate": True}
     other = encoded({**PUSH, "ref": "refs/heads/feature"})
     response = await client.post("/hooks/deploy", data=other, headers=github(other))
     assert (await response.json())["reason"] == "body:ref"

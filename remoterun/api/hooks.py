@@ -128,12 +128,12 @@ async def _denied(request: web.Request, hook: Hook, reason: str) -> web.Response
     """401 `bad_signature` (429 past the address's failure budget), the same answer whatever
     was wrong; the reason is logged and audited, at most one row per address a second."""
     app, address = request.app, request.remote or "-"
-    log.warning("hook_denied", hook=hook.name, reason=reason, address=address)
     wait = app[LIMITER].retry_after(address)
-    if wait is not None:
+    if wait is not None:  # past the budget: counted, not logged one by one
         _count(request, hook, "limited")
         raise errors.TooManyRequests(f"too many failed attempts from {address}: wait",
                                      retry_after_s=wait)
+    log.warning("hook_denied", hook=hook.name, reason=reason, address=address)
     app[LIMITER].record(address)
     _count(request, hook, "denied")
     if app[DENIALS].admit(address, "bad_signature"):
