@@ -321,3 +321,19 @@ async def test_rlimits_hold_inside(aiohttp_client, outside_tmp):
     done = await wait_final(client, task["id"], timeout=60)
     out = await output(client, task["id"])
     assert done["exit_code"] == 4 and "refused: Too many open files" in out, out
+
+
+async def test_memory_limit_bounds_the_sandbox(aiohttp_client, outside_tmp):
+    """memory_bytes is the memory cgroup of the whole sandbox (the Sentry holds the script's
+    memory): a hog is killed, and the error names the limit."""
+    shutil.copytree(TEST_SCRIPTS, outside_tmp / "scripts", symlinks=True)
+    settings = make_settings(outside_tmp, sandbox=GVISOR, work_dir=outside_tmp / "work",
+                             limits=ResourceLimits(memory_bytes=256 << 20))
+    client = await aiohttp_client(create_app(settings))
+    task = await submit(client, "memhog.py", params={"mb": 1024})
+    done = await wait_final(client, task["id"], timeout=60)
+    assert done["status"] == "failed", done
+    assert "memory_bytes limit of 268435456 bytes" in done["error"], done
+    await nothing_left(client, task["id"])
+    task = await submit(client, "memhog.py", params={"mb": 32})
+    assert (await wait_final(client, task["id"], timeout=60))["status"] == "success"
