@@ -146,12 +146,16 @@ def running(state: Path, container: str) -> bool:
 
 
 def sandbox_pid(runsc_pid: int) -> int | None:
-    """The Sentry's process among `runsc run`'s children, once it has started one."""
+    """The Sentry's process among `runsc run`'s children, once it has started one; 0 once
+    `runsc run` has ended (or is ending) without one."""
     try:
+        with open(f"/proc/{runsc_pid}/stat", "rb") as fh:
+            if fh.read().rsplit(b")", 1)[1].split()[0] in (b"Z", b"X"):
+                return 0
         with open(f"/proc/{runsc_pid}/task/{runsc_pid}/children", "rb") as fh:
             kids = fh.read().split()
-    except OSError:
-        return None
+    except (OSError, IndexError):
+        return 0
     for kid in kids:
         try:
             with open(f"/proc/{int(kid)}/cmdline", "rb") as fh:

@@ -105,7 +105,8 @@ class Launch:
         """bwrap is spawned: bound its first process and let it start the script; the group
         that signals go to (that process's). gVisor: its Sentry's (see gvisor.py)."""
         if self.state is not None:
-            self._first = await _poll(lambda: gvisor.sandbox_pid(pid), gvisor.START_TIMEOUT_S)
+            self._first = await _poll(lambda: gvisor.sandbox_pid(pid),
+                                      gvisor.START_TIMEOUT_S) or None
             return self._first
         for name in ("info_w", "block_r"):  # the child's ends: it has them now
             os.close(self._fds.pop(name))
