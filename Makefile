@@ -15,7 +15,7 @@ STAMPS = $(if $(VENV_PYTHON),$(VENV),build/stamps)
 RUNTIME_STAMP = $(STAMPS)/.installed-runtime
 TEST_STAMP = $(STAMPS)/.installed-test
 NODE_STAMP = node_modules/.installed
-APT_PACKAGES = chromium bubblewrap prometheus openssl docker.io debootstrap postgresql redis-server
+APT_PACKAGES = chromium bubblewrap prometheus openssl docker.io debootstrap postgresql redis-server runsc
 
 .PHONY: serve test screenshot bench bench-install install install-runtime install-python install-node install-system vendor dist image
 
