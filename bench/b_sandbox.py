@@ -1,6 +1,7 @@
-"""The sandbox's cost: trivial tasks/s and stream MB/s with mode none, bwrap, docker and gvisor,
-side by side in one run (one server per mode, measured in turn); gVisor's trivial tasks beside
-raw `runsc --network=none do true` at the same concurrency."""
+"""The sandbox's cost: trivial tasks/s and stream MB/s with mode none, bwrap (its seccomp filter
+on, and off: `bwrap-noseccomp`), docker and gvisor, side by side in one run (one server per
+mode, measured in turn); gVisor's trivial tasks beside raw `runsc --network=none do true` at
+the same concurrency."""
 
 from __future__ import annotations
 
@@ -18,8 +19,16 @@ from bench.lib import BENCH, MB, Context, Row, interleave, median, progress
 from bench.server import CpuMeter, Server
 
 # BENCH_SANDBOX_MODES="none bwrap" leaves Docker out (its image takes minutes to build).
-MODES = tuple(os.environ.get("BENCH_SANDBOX_MODES", "none bwrap docker gvisor").split())
+MODES = tuple(os.environ.get("BENCH_SANDBOX_MODES", "none bwrap bwrap-noseccomp docker gvisor").split())
 CONCURRENCY = 8
+OFF = "bwrap-noseccomp"  # bwrap with `seccomp = "off"`: the filter's cost is bwrap's over it
+
+
+def sandbox_config(mode: str, image: str | None) -> str:
+    """The `[sandbox]` table of a mode's server."""
+    if mode == OFF:
+        return '[sandbox]\nmode = "bwrap"\nseccomp = "off"\n'
+    return f"[sandbox]\nmode = \"{mode}\"\nimage = \"{image or ''}\"\n"
 
 
 def docker_image() -> str | None:
@@ -39,7 +48,7 @@ def docker_image() -> str | None:
 async def sandbox(ctx: Context) -> list[Row]:
     """Trivial tasks and one task's stream through each sandbox mode."""
     image = await asyncio.to_thread(docker_image)
-    modes = [m for m in MODES if (m != "bwrap" or shutil.which("bwrap"))
+    modes = [m for m in MODES if (not m.startswith("bwrap") or shutil.which("bwrap"))
              and (m != "docker" or image)
              and (m != "gvisor" or (shutil.which("runsc") and os.geteuid() == 0))]
     # The text streamed must be inside the scripts folder: the one a container mounts.
@@ -48,9 +57,10 @@ async def sandbox(ctx: Context) -> list[Row]:
     times = ctx.size(3, 1)
     expected = ctx.log_bytes * times
     counts = {"none": ctx.size(600, 150), "bwrap": ctx.size(600, 150),
-              "docker": ctx.size(40, 16), "gvisor": ctx.size(80, 24)}
-    servers = {m: Server(ctx, f"sandbox-{m}", workers=8, extra_config=(
-        f"[sandbox]\nmode = \"{m}\"\nimage = \"{image or ''}\"\n")) for m in modes}
+              OFF: ctx.size(600, 150), "docker": ctx.size(40, 16),
+              "gvisor": ctx.size(80, 24)}
+    servers = {m: Server(ctx, f"sandbox-{m}", workers=8, extra_config=sandbox_config(m, image))
+               for m in modes}
     for server in servers.values():
         await server.start()
     cpu = {m: CpuMeter(s) for m, s in servers.items()}
@@ -86,7 +96,8 @@ async def sandbox(ctx: Context) -> list[Row]:
     mbs = dict(zip(modes, streams, strict=True))
     rows = []
     for mode in modes:
-        base = "raw runsc" if mode == "gvisor" else "none" if mode != "none" else None
+        base = ("raw runsc" if mode == "gvisor" else
+                "none" if mode != "none" and "none" in modes else None)
         note = (f"{counts[mode]} tasks, 8 concurrent clients, workers = 8; "
                 f"{cpu[mode].describe(counts[mode] * ctx.runs, 'task')}")
         rows.append(Row(f"trivial tasks, sandbox {mode}", "tasks/s", median(tasks[mode]),
@@ -96,11 +107,19 @@ async def sandbox(ctx: Context) -> list[Row]:
                         "-", runs=tasks[mode], baseline_runs=tasks[base] if base else [],
                         notes=note))
     for mode in modes:
-        base = "none" if mode != "none" else None
+        base = "none" if mode != "none" and "none" in modes else None
         rows.append(Row(f"one task's stream, sandbox {mode}", "MB/s", median(mbs[mode]),
                         median(mbs[base]) if base else None, f"sandbox {base}" if base else "",
                         "-", runs=mbs[mode], baseline_runs=mbs[base] if base else [],
                         notes=f"{expected / MB:.0f} MB of log text to one WS client"))
+    if "bwrap" in modes and OFF in modes:  # the seccomp filter's cost (target: within 5%)
+        for what, unit, figures in (("trivial tasks", "tasks/s", tasks), ("one task's stream",
+                                                                         "MB/s", mbs)):
+            on, off = median(figures["bwrap"]), median(figures[OFF])
+            rows.append(Row(f"{what}, bwrap seccomp on vs off", unit, on, off, "seccomp off",
+                            ">= 0.95", met=bool(on and off and on / off >= 0.95),
+                            runs=figures["bwrap"], baseline_runs=figures[OFF],
+                            notes="the same server settings but [sandbox] seccomp"))
     return rows
 
 
