@@ -19,7 +19,8 @@ from bench.lib import BENCH, MB, Context, Row, interleave, median, progress
 from bench.server import CpuMeter, Server
 
 # BENCH_SANDBOX_MODES="none bwrap" leaves Docker out (its image takes minutes to build).
-MODES = tuple(os.environ.get("BENCH_SANDBOX_MODES", "none bwrap bwrap-noseccomp docker gvisor").split())
+MODES = tuple(os.environ.get("BENCH_SANDBOX_MODES",
+                            "none bwrap bwrap-noseccomp docker gvisor").split())
 CONCURRENCY = 8
 OFF = "bwrap-noseccomp"  # bwrap with `seccomp = "off"`: the filter's cost is bwrap's over it
 
