@@ -1,4 +1,4 @@
-"""Isolation of a task's processes: bubblewrap or Docker around the script, its environment.
+"""Isolation of a task's processes: bwrap, Docker or gVisor around the script, its environment.
 
 `[sandbox] mode` (and a script's `sandbox` table) picks how an attempt runs: `bwrap` (the
 system read-only, a private /tmp and /run, the scripts folder read-only, a writable work
