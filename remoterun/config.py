@@ -34,7 +34,7 @@ class Token:
 
 # Isolation and limits (issue 13: sandbox.py) ---------------------------------------------------
 
-SANDBOX_MODES = ("auto", "bwrap", "docker", "none")
+SANDBOX_MODES = ("auto", "bwrap", "docker", "gvisor", "none")
 LIMIT_KEYS = ("memory_bytes", "processes", "cpu_seconds", "file_bytes", "open_files",
               "disk_bytes")
 ENV_NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")

@@ -278,6 +278,9 @@ BLOCKS_ALLOWED: list[tuple[str, set[str], tuple[str, ...]]] = [
     # it empty (sandbox.prepare and finish say why a thread hop cost more).
     ("remoterun/isolation/sandbox.py", {"_make", "_check_exec", "finish"}, (*_FILE_CALLS, "os.rmdir")),
     ("remoterun/isolation/limits.py", {"place"}, _FILE_CALLS),
+    # gVisor's Sentry among runsc's children (procfs), and whether its container runs (runsc's
+    # state file, a page-cache read), looked at as it starts and while a signal waits for it.
+    ("remoterun/isolation/gvisor.py", {"sandbox_pid", "running"}, _FILE_CALLS),
     # asyncpg looks for ~/.pgpass (a stat, maybe a read) as it opens a connection: once per
     # pooled connection at start and after PostgreSQL restarts, never per query (cluster mode).
     ("asyncpg/connect_utils.py", {"_read_password_file", "_read_password_from_pgpass",
