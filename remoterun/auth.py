@@ -17,6 +17,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from typing import NamedTuple
 
 from remoterun.catalogue import Script
 from remoterun.config import MIN_TOKEN_CHARS, ROLES, Token
@@ -24,6 +25,8 @@ from remoterun.errors import Forbidden, TooManyRequests, Unauthorized
 
 RANK = {"viewer": 0, "operator": 1, "admin": 2}
 COOKIE = "remoterun_session"
+# Over TLS: a cookie only a secure page of this host, path /, could have set (not a subdomain).
+SECURE_COOKIE = "__Host-" + COOKIE
 Clock = Callable[[], float]
 
 
@@ -114,49 +117,90 @@ class Authenticator:
         return Identity(match.name, match.role, match.scripts)
 
 
+class NewSession(NamedTuple):
+    """What a login hands out: the cookie's id and the key the page keeps and sends with it."""
+
+    id: str
+    key: str
+
+
 class Sessions:
-    """Server-side sessions: an opaque random id for the cookie, kept here only as its digest.
+    """Server-side sessions: an opaque random id for the cookie and a key for the page, both
+    kept here only as digests.
+
+    A cookie alone never authenticates: cookies are not scoped by port, so any page of the
+    host (another port is another origin) may receive ours, or set its own in its place. The
+    key is answered once, in the login's body, which only our origin's page can read; it keeps
+    it in its origin's storage and sends it with every call (issue 26).
 
     A session points at its token's digest, so a token removed from the config or expired
-    ends its sessions too. Held in memory: a restart logs every browser out, which fails safe.
+    ends its sessions too. Each token has at most PER_TOKEN sessions: a new one past that ends
+    that token's oldest, never another token's (one token's logins in a loop evicted every
+    session, an admin's included: issue 26). Held in memory: a restart logs every browser
+    out, which fails safe.
     """
 
-    def __init__(self, ttl_s: float, max_sessions: int = 10_000, clock: Clock = time.time):
+    PER_TOKEN = 100
+
+    def __init__(self, ttl_s: float, clock: Clock = time.time):
         self.ttl_s = ttl_s
-        self._max = max_sessions
         self._clock = clock
-        self._by_digest: collections.OrderedDict[str, tuple[str, float]] = (
+        # session digest -> (token digest, key digest, expiry), oldest first (one ttl: also
+        # the first to expire)
+        self._by_digest: collections.OrderedDict[str, tuple[str, str, float]] = (
             collections.OrderedDict())
+        self._of_token: dict[str, collections.OrderedDict[str, None]] = {}
 
-    def create(self, token_digest: str) -> str:
-        """A new session id for the token with this digest (shown once, to the cookie)."""
+    def create(self, token_digest: str) -> NewSession:
+        """A new session for the token with this digest (its id and key shown once)."""
         now = self._clock()
-        for key, (_, expires) in list(self._by_digest.items()):
-            if expires > now and len(self._by_digest) < self._max:
+        while self._by_digest:
+            key, (_, _, expires) = next(iter(self._by_digest.items()))
+            if expires > now:
                 break
-            del self._by_digest[key]  # expired, or the oldest past the bound
-        session_id = secrets.token_urlsafe(32)
-        self._by_digest[digest(session_id)] = (token_digest, now + self.ttl_s)
-        return session_id
+            self._forget(key)
+        mine = self._of_token.setdefault(token_digest, collections.OrderedDict())
+        while len(mine) >= self.PER_TOKEN:
+            self._forget(next(iter(mine)))
+        made = NewSession(secrets.token_urlsafe(32), secrets.token_urlsafe(32))
+        key = digest(made.id)
+        self._by_digest[key] = (token_digest, digest(made.key), now + self.ttl_s)
+        mine[key] = None
+        return made
 
-    def token_digest(self, session_id: str) -> str | None:
-        """The token digest of a live session, or None (unknown, revoked or expired)."""
+    def _forget(self, key: str) -> bool:
+        found = self._by_digest.pop(key, None)
+        if found is None:
+            return False
+        mine = self._of_token.get(found[0])
+        if mine is not None:
+            mine.pop(key, None)
+            if not mine:
+                del self._of_token[found[0]]
+        return True
+
+    def token_digest(self, session_id: str, session_key: str) -> str | None:
+        """The token digest of a live session whose key this is, or None (unknown, revoked,
+        expired, or another key)."""
         key = digest(session_id)
         found = self._by_digest.get(key)
-        if found is None:
+        if found is None or not hmac.compare_digest(found[1], digest(session_key)):
             return None
-        if found[1] <= self._clock():
-            del self._by_digest[key]
+        if found[2] <= self._clock():
+            self._forget(key)
             return None
         return found[0]
 
-    def revoke(self, session_id: str) -> bool:
-        """End a session; whether it existed."""
-        return self._by_digest.pop(digest(session_id), None) is not None
+    def revoke(self, session_id: str, session_key: str) -> bool:
+        """End a session (its key must match); whether it existed."""
+        if self.token_digest(session_id, session_key) is None:
+            return False
+        return self._forget(digest(session_id))
 
 
 class FailureLimiter:
-    """Counts failed logins and 401s per address; past `limit` in `window_s` it answers 429."""
+    """Counts failed logins and 401s per address; past `limit` in `window_s` a wrong or
+    missing credential from there answers 429 (a valid one is still served: guard.py)."""
 
     def __init__(self, limit: int, window_s: float, clock: Clock = time.monotonic):
         self.limit = limit
@@ -176,21 +220,35 @@ class FailureLimiter:
             return None
         return stamps
 
+    def retry_after(self, address: str) -> float | None:
+        """Seconds this address must wait when it failed too often of late, else None."""
+        stamps = self._recent(address)
+        if stamps is None or len(stamps) < self.limit:
+            return None
+        return max(stamps[0] + self.window_s - self._clock(), 1.0)
+
     def check(self, address: str) -> None:
         """TooManyRequests (with the wait) if this address failed too often of late."""
-        stamps = self._recent(address)
-        if stamps is not None and len(stamps) >= self.limit:
-            wait = stamps[0] + self.window_s - self._clock()
+        wait = self.retry_after(address)
+        if wait is not None:
             raise TooManyRequests(f"too many failed attempts from {address}: wait",
-                                  retry_after_s=max(wait, 1.0))
+                                  retry_after_s=wait)
 
-    def record(self, address: str) -> None:
-        """Count one failure from this address."""
+    def record(self, address: str) -> float:
+        """Count one failure from this address; its stamp, for `forgive`."""
         if len(self._failures) > 100_000:  # a flood of addresses: forget the quiet ones
             for key in list(self._failures)[:50_000]:
                 self._recent(key)
-        self._failures.setdefault(address, collections.deque(maxlen=self.limit)).append(
-            self._clock())
+        stamp = self._clock()
+        self._failures.setdefault(address, collections.deque(maxlen=self.limit)).append(stamp)
+        return stamp
+
+    def forgive(self, address: str, stamp: float) -> None:
+        """Take back a failure counted before it was known (a login, counted before its body
+        was read, that turned out right)."""
+        stamps = self._failures.get(address)
+        if stamps is not None and stamp in stamps:
+            stamps.remove(stamp)
 
 
 _DURATION = re.compile(r"(\d+)([smhdw])")

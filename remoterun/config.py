@@ -184,7 +184,7 @@ class Settings:
     auth_fail_limit: int = 20  # failed logins / 401s per address per window, then 429
     auth_fail_window_s: float = 60.0
     max_connections: int = 1000  # open client connections; more are closed at once
-    header_timeout_s: float = 10.0  # a connection's first request headers must arrive by then
+    header_timeout_s: float = 10.0  # each request's headers, and its body, must arrive by then
     tls_cert: Path | None = None
     tls_key: Path | None = None
     max_pending: int = 10000  # waiting tasks; past it a submission gets 503 queue_full

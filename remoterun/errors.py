@@ -44,6 +44,13 @@ class BadMetadata(RemoteRunError):
     code = "bad_metadata"
 
 
+class Unencodable(RemoteRunError):
+    """Text UTF-8 cannot encode (a lone surrogate, a header that is not UTF-8): refused at
+    the door, since stored it would break every answer that shows it."""
+
+    code = "invalid_encoding"
+
+
 class NotFound(RemoteRunError):
     """No such task or script."""
 

@@ -79,7 +79,7 @@ def _remove_folder(root: Path, logs_path: str) -> None:
 class Sweeper:
     """Applies the retention policy every `retention_interval_s`; run() is owned by the app."""
 
-    def __init__(self, settings: Settings, db: dbm.Database):
+    def __init__(self, settings: Settings, db: dbm.Store):
         self.settings = settings
         self.db = db
 
@@ -169,7 +169,7 @@ class Report:
 class _Verifier:
     """One pass of `archive verify`: rows against files, then files against rows."""
 
-    def __init__(self, settings: Settings, db: dbm.Database, repair: bool, live: bool):
+    def __init__(self, settings: Settings, db: dbm.Store, repair: bool, live: bool):
         self.root = settings.archive_dir
         self.deflate = archive.deflate_of(settings)
         self.db = db
@@ -261,7 +261,7 @@ def _archive_files(root: Path) -> list[Path]:
     return sorted(p for p in root.rglob("*") if p.is_file() and p.name != LOCK_NAME)
 
 
-async def verify(settings: Settings, db: dbm.Database, repair: bool = False) -> Report:
+async def verify(settings: Settings, db: dbm.Store, repair: bool = False) -> Report:
     """Check every segment row against its files and every file against the rows."""
     with archive_lock(settings.archive_dir) as locked:
         live = not locked and settings.archive_dir.is_dir()

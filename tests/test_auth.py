@@ -74,11 +74,13 @@ async def test_query_token_and_websocket(secured):
 
 
 async def test_login_cookie(secured):
-    """POST /login with a token sets an HttpOnly session cookie that authenticates later calls."""
+    """POST /login with a token sets an HttpOnly session cookie that, with the session key the
+    answer holds, authenticates later calls (the cookie alone does not: issue 26)."""
     response = await secured.post("/login", json={"token": "wrong"})
     assert response.status == 401
     response = await secured.post("/login", json={"token": "viewer-token"})
     assert response.status == 200
     assert "httponly" in response.headers["Set-Cookie"].lower()
-    assert (await secured.get("/tasks")).status == 200
-    assert (await (await secured.get("/whoami")).json())["role"] == "viewer"
+    key = {"X-RemoteRun-Session-Key": (await response.json())["session_key"]}
+    assert (await secured.get("/tasks", headers=key)).status == 200
+    assert (await (await secured.get("/whoami", headers=key)).json())["role"] == "viewer"

@@ -7,8 +7,8 @@ import time
 
 import pytest
 
+from remoterun import store as dbm
 from remoterun.state import TaskStatus
-from remoterun.store import sqlite as dbm
 
 
 def _row(num: int, task_id: str) -> dict[str, object]:

@@ -8,7 +8,7 @@ import time
 
 from conftest import submit, wait_final, wait_for, ws_collect
 
-from remoterun.api import DB
+from remoterun.api import DB, SCHEDULER
 
 
 class LoopWatch:
@@ -106,3 +106,65 @@ async def test_transitions_during_a_lock_wait_and_are_recorded_truthfully(make_c
     assert [(e["old_status"], e["new_status"]) for e in events] == [
         (None, "pending"), ("pending", "running"), ("running", "success")]
     assert watch.worst < 0.1, watch.worst
+
+
+async def test_a_pending_cancel_during_a_lock_answers_503_after_the_request_wait(
+        make_client, settings):
+    """Cancel of a pending task while another connection holds BEGIN IMMEDIATE for 6 s: 503
+    database_unavailable with Retry-After after the request wait (~2 s, as a submission), not
+    once the lock goes; the task waits on as if never asked, and a cancel after the lock
+    works."""
+    client = await make_client(workers=1)
+    blocker = await submit(client, "sleep.sh", params={"seconds": 30})
+    waiting = await submit(client, "hello.sh")
+
+    async def blocker_running():
+        task = await (await client.get(f"/tasks/{blocker['id']}")).json()
+        return task["status"] == "running"
+
+    await wait_for(blocker_running, what="the blocker to run")
+    holder = sqlite3.connect(settings.db_path, isolation_level=None)
+    holder.execute("BEGIN IMMEDIATE")
+    release = asyncio.get_running_loop().call_later(6, holder.execute, "ROLLBACK")
+    try:
+        began = time.monotonic()
+        response = await client.post(f"/tasks/{waiting['id']}/cancel")
+        waited = time.monotonic() - began
+        body = await response.json()
+    finally:
+        release.cancel()
+        if holder.in_transaction:
+            holder.execute("ROLLBACK")
+        holder.close()
+    assert response.status == 503 and body["error"] == "database_unavailable", (waited, body)
+    assert response.headers["Retry-After"].isdigit() and waited < 4, waited
+    assert (await (await client.get(f"/tasks/{waiting['id']}")).json())["status"] == "pending"
+    assert (await client.post(f"/tasks/{waiting['id']}/cancel")).status == 200
+    assert (await wait_final(client, waiting["id"]))["status"] == "cancelled"
+    assert (await client.post(f"/tasks/{blocker['id']}/cancel")).status == 200
+    assert (await wait_final(client, blocker["id"]))["status"] == "cancelled"
+
+
+async def test_a_run_whose_end_cannot_be_recorded_is_let_go(make_client, settings):
+    """Another writer moves a running task to a final state under the server (its end's write,
+    guarded by the old status, then raises): the engine lets the task go instead of holding
+    it running; its attached client gets an exit with the recorded state, GET shows it."""
+    client = await make_client()
+    task = await submit(client, "lines.py", params={"n": 20, "delay": 0.05})
+    ws = await client.ws_connect(f"/tasks/{task['id']}/ws")
+    attached = asyncio.create_task(ws_collect(ws, timeout=20))
+
+    async def running():
+        return (await (await client.get(f"/tasks/{task['id']}")).json())["status"] == "running"
+
+    await wait_for(running, what="the task to run")
+    other = sqlite3.connect(settings.db_path, isolation_level=None)
+    try:
+        other.execute("UPDATE tasks SET status = 'cancelled', finished_at = started_at + 1 "
+                      "WHERE id = ?", (task["id"],))
+    finally:
+        other.close()
+    frames = await attached
+    assert frames[-1]["type"] == "exit" and frames[-1]["status"] == "cancelled", frames[-1]
+    assert (await wait_final(client, task["id"]))["status"] == "cancelled"
+    assert task["id"] not in client.app[SCHEDULER].tasks

@@ -12,6 +12,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 from conftest import ServerProcess, submit, wait_final, wait_for, ws_collect
+from test_restart import tasks_with_env
 
 from remoterun.api import DB
 
@@ -171,3 +172,72 @@ async def test_a_full_disk_mid_stream_names_the_last_archived_seq(tmp_path, smal
                 assert r.status == 200
     finally:
         server.stop()
+
+
+@pytest.fixture
+def db_disk(tmp_path: Path) -> Iterator[Path]:
+    """tmp_path/dbdisk, an 8 MiB tmpfs for the database alone."""
+    folder = tmp_path / "dbdisk"
+    folder.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={DISK_BYTES}", "tmpfs", str(folder)],
+                   check=True)
+    try:
+        yield folder
+    finally:
+        subprocess.run(["umount", "-l", str(folder)], check=False)
+
+
+async def test_a_full_database_disk_waits_then_records_the_truth(make_client, db_disk):
+    """The database's disk fills while three tasks stream and 3-line tasks are submitted every
+    0.3 s: /readyz names the database, a submission answers 201 or 503 with Retry-After (never
+    500); once space returns every task ends as it really did (success, exit 0, all its
+    output), the attached client gets its exit, and /readyz is ready again."""
+    client = await make_client(db_path=db_disk / "rr.db")
+    streams = [await submit(client, "lines.py", params={"n": 40, "delay": 0.05})
+               for _ in range(3)]
+    ws = await client.ws_connect(f"/tasks/{streams[0]['id']}/ws")
+    attached = asyncio.create_task(ws_collect(ws, timeout=60))  # read on: it answers pings
+
+    async def all_running() -> bool:
+        for task in streams:
+            if (await (await client.get(f"/tasks/{task['id']}")).json())["status"] != "running":
+                return False
+        return True
+
+    await wait_for(all_running, what="the streaming tasks to run")
+    filler = await asyncio.to_thread(_fill, db_disk)
+    accepted, refused = [], []
+    try:
+        ready = await client.get("/readyz")
+        checks = (await ready.json())["checks"]
+        assert ready.status == 503 and not checks["database"]["ok"], checks
+        assert "No space left" in checks["database"]["error"] and checks["archive"]["ok"]
+        for _ in range(8):  # a submission every 0.3 s (each refused after the 2 s wait)
+            response = await client.post("/tasks", json={"script": "lines.py",
+                                                          "params": {"n": 3}})
+            body = await response.json()
+            if response.status == 201:
+                accepted.append(body["id"])
+            else:
+                assert response.status == 503, (response.status, body)
+                assert body["error"] == "database_unavailable", body
+                assert response.headers["Retry-After"].isdigit()
+                refused.append(body)
+            await asyncio.sleep(0.3)
+        await wait_for(lambda: not any(tasks_with_env(t["id"]) for t in streams), 15,
+                       what="the streaming scripts to exit")
+    finally:
+        await asyncio.to_thread(filler.unlink)
+    assert refused, "a full database disk refused no submission"
+    for task in streams:
+        done = await wait_final(client, task["id"], timeout=20)
+        assert (done["status"], done["exit_code"]) == ("success", 0), done
+        text = await (await client.get(f"/tasks/{task['id']}/output")).text()
+        assert text.splitlines() == [f"line {i}" for i in range(1, 41)]
+    for task_id in accepted:
+        assert (await wait_final(client, task_id, timeout=20))["status"] == "success"
+    frames = await attached
+    assert frames[-1]["type"] == "exit" and frames[-1]["status"] == "success", frames[-1]
+    events = await client.app[DB].events(streams[0]["id"])
+    assert [e["new_status"] for e in events] == ["pending", "running", "success"]
+    assert (await client.get("/readyz")).status == 200

@@ -121,3 +121,31 @@ def test_cli_client_modules_import_no_engine():
                     node.module.startswith("remoterun"):
                 assert node.module.startswith("remoterun.cli."), (name, node.module)
                 assert node.module.split(".")[2] in client, (name, node.module)
+
+
+def _store_modules(path: Path) -> set[str]:
+    """The modules of store/ a file imports, by name (`from remoterun.store import x` too)."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.module:
+            if node.module == "remoterun.store":
+                found.update(alias.name for alias in node.names
+                             if (PACKAGE / "store" / f"{alias.name}.py").exists())
+            elif node.module.startswith("remoterun.store."):
+                found.add(node.module.split(".")[2])
+        elif isinstance(node, ast.Import):
+            found.update(alias.name.split(".")[2] for alias in node.names
+                         if alias.name.startswith("remoterun.store."))
+    return found
+
+
+def test_the_two_stores_are_siblings():
+    """store/sqlite.py and store/postgres.py each implement store/base.py's Protocol on their
+    own: neither imports the other, and what they share (base, schema, queries, nodes)
+    imports neither; only the package's __init__ names a backend."""
+    backends = {"sqlite", "postgres"}
+    for path in sorted((PACKAGE / "store").glob("*.py")):
+        if path.name == "__init__.py":
+            continue
+        imported = _store_modules(path) & backends - {path.stem}
+        assert not imported, f"store/{path.name} imports {sorted(imported)}"

@@ -39,7 +39,8 @@ def tls_server(tmp_path: Path):
 
 
 async def test_https_and_wss_with_a_secure_cookie(tls_server):
-    """HTTPS answers, WSS submits and streams, and the session cookie is Secure over TLS."""
+    """HTTPS answers, WSS submits and streams, and the session cookie is Secure and
+    `__Host-` prefixed over TLS, and needs its key."""
     server, context = tls_server
     base = f"https://127.0.0.1:{server.port}"
     async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=context)) as http:
@@ -48,6 +49,11 @@ async def test_https_and_wss_with_a_secure_cookie(tls_server):
         assert login.status == 200
         cookie = login.headers["Set-Cookie"].lower()
         assert "secure" in cookie and "httponly" in cookie
+        assert cookie.startswith("__host-remoterun_session=") and "domain" not in cookie
+        key = {"X-RemoteRun-Session-Key": (await login.json())["session_key"]}
+        stolen = {"Cookie": login.headers["Set-Cookie"].split(";")[0]}
+        assert (await http.get(base + "/whoami", headers=stolen)).status == 401
+        assert (await http.get(base + "/whoami", headers={**stolen, **key})).status == 200
         ws = await http.ws_connect(f"wss://127.0.0.1:{server.port}/ws",
                                    headers={"Authorization": "Bearer operator-token-123456",
                                             "Origin": base})
@@ -124,3 +130,54 @@ def _healthy(port: int) -> bool:
             return sock.recv(4096).startswith(b"HTTP/1.1 200")
     except OSError:
         return False
+
+
+def read_to_close(sock: socket.socket) -> bool:
+    """Whether the server closed this connection, after whatever answer it sent first."""
+    while not closed_by_server(sock):
+        pass
+    return True
+
+
+def stalled_body(port: int, request_line: bytes) -> socket.socket:
+    """Headers promising a 100-byte body, then one byte of it and nothing more."""
+    sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+    sock.sendall(request_line + b"\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                 b"Content-Length: 100\r\n\r\n{")
+    return sock
+
+
+def stalled_second_request(port: int) -> socket.socket:
+    """One whole keep-alive request, answered; then half the headers of a second one."""
+    sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+    sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+    assert sock.recv(4096).startswith(b"HTTP/1.1 200")
+    sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\nX-a: ")
+    return sock
+
+
+async def test_stalled_bodies_and_keep_alive_requests_are_cut(tmp_path):
+    """Issue 26, attack 6: a body that stops after its first byte (read by the handler or
+    not) and a second keep-alive request whose headers never end each lose their connection
+    after header_timeout_s, so they cannot hold server.max_connections."""
+    server = ServerProcess(tmp_path, "max_connections = 4\nheader_timeout_s = 1.0\n")
+    server.start()
+    try:
+        await wait_for(lambda: _healthy(server.port), what="the server")
+        held = [stalled_body(server.port, b"POST /tasks HTTP/1.1"),
+                stalled_body(server.port, b"POST /login HTTP/1.1"),
+                stalled_body(server.port, b"GET /healthz HTTP/1.1"),
+                stalled_second_request(server.port)]
+        started = time.monotonic()
+        extra = socket.create_connection(("127.0.0.1", server.port), timeout=10)
+        extra.sendall(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+        assert extra.recv(4096).startswith(b"HTTP/1.1 503")  # they do hold every slot
+        extra.close()
+        for sock in held:
+            assert read_to_close(sock)
+        assert time.monotonic() - started < 5  # lingering alone would be 10 s; before: never
+        for sock in held:
+            sock.close()
+        await wait_for(lambda: _healthy(server.port), what="room again")
+    finally:
+        server.stop()

@@ -318,7 +318,8 @@ def test_plain_view_without_the_module(page: Page) -> None:
 
 
 def test_login_with_a_token(browser: Browser, secure_site: ServerProcess) -> None:
-    """With tokens configured the page asks for one, keeps it only in an HttpOnly cookie."""
+    """With tokens configured the page asks for one, keeps its session in an HttpOnly cookie
+    and the session's key (never the token) in the origin's storage."""
     page = new_page(browser, secure_site)
     try:
         page.goto("/")
@@ -333,11 +334,15 @@ def test_login_with_a_token(browser: Browser, secure_site: ServerProcess) -> Non
         page.wait_for_function(READY, timeout=WAIT_MS)
         run(page, "hello.sh")
         wait_text(page, "Hello, world!")
-        assert page.evaluate("localStorage.length + sessionStorage.length") == 0
+        # The token is in no storage a script reads: only the session's key (issue 26) is.
+        stored = page.evaluate("JSON.stringify([{...localStorage}, {...sessionStorage}])")
+        assert "operator-token" not in stored
+        assert page.evaluate("Object.keys(localStorage)") == ["remoterun.sessionKey"]
         cookies = page.context.cookies()
         assert [c["httpOnly"] for c in cookies] == [True]
         page.click("#logout")
         expect(login).to_be_visible()
+        assert page.evaluate("localStorage.length") == 0
         assert page.request.get("/tasks").status == 401
     finally:
         page.context.close()

@@ -236,3 +236,37 @@ async def test_seqs_never_repeat_after_a_crash(tmp_path, http):
             assert by_seq.get(seq, data) == data, seq
     finally:
         server.stop()
+
+
+def _work_folders(root: Path, task_id: str) -> list[Path]:
+    """The work folders under root of the task's attempts (named '{id}-{attempt}-...')."""
+    return [p for p in root.iterdir() if p.name.startswith(task_id + "-")]
+
+
+async def test_a_crashed_attempts_work_folder_is_swept_at_start(tmp_path, http):
+    """SIGKILL during a run leaves its work folder (its finish never ran); the next start
+    removes it, but not a folder of a task this database does not know (another server's),
+    nor anything a symlink named like one of ours points to."""
+    server = ServerProcess(tmp_path)
+    server.config.write_text(server.config.read_text().replace(
+        "[paths]\n", "[paths]\nwork = \"work\"\n"))
+    work = tmp_path / "work"
+    server.start()
+    try:
+        task = await _post(http, server, "/tasks", {"script": "sleep.sh"})
+        (left,) = await wait_for(lambda: _work_folders(work, task["id"]), what="its folder")
+        (left / "scratch").write_text("written by the task")
+        server.kill(signal.SIGKILL)
+        stranger = work / "0b6c3a8e-2f0d-4a57-9d3e-5c1f2e7a9b10-1-k3j2h1g0"
+        stranger.mkdir()
+        precious = tmp_path / "precious"
+        precious.mkdir()
+        (precious / "keep").write_text("not the server's")
+        (work / f"{task['id']}-7-symlink0").symlink_to(precious)
+        server.start()
+        await wait_for(lambda: not left.exists(), what="the crashed attempt's folder swept")
+        assert stranger.is_dir() and (precious / "keep").exists()
+        task_now = await _get(http, server, f"/tasks/{task['id']}")
+        assert task_now["status"] == "failed" and "server stopped" in task_now["error"]
+    finally:
+        server.stop()

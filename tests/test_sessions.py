@@ -3,7 +3,9 @@ logout revocation, the cookie's flags), the failed-attempt limiter, `token creat
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
+import json
 import subprocess
 import sys
 import time
@@ -14,13 +16,21 @@ import pytest
 from conftest import TOKENS, wait_for
 
 from remoterun import config
-from remoterun.auth import COOKIE
+from remoterun.auth import COOKIE, Sessions
 from remoterun.config import Token
 
 
 def session_of(response) -> str:
     """The session id a /login response set."""
     return SimpleCookie(response.headers["Set-Cookie"])[COOKIE].value
+
+
+async def logged_in(client, token: str) -> dict[str, str]:
+    """Log in; the headers a page sends with each call then: the cookie and the key."""
+    response = await client.post("/login", json={"token": token})
+    client.session.cookie_jar.clear()
+    return {"Cookie": f"{COOKIE}={session_of(response)}",
+            "X-RemoteRun-Session-Key": (await response.json())["session_key"]}
 
 
 async def test_session_cookie_is_opaque_and_flagged(make_client):
@@ -37,9 +47,7 @@ async def test_session_cookie_is_opaque_and_flagged(make_client):
 async def test_logout_revokes_the_session_on_the_server(make_client):
     """After POST /logout the old session id is refused even if a client kept it."""
     client = await make_client(tokens=TOKENS)
-    session = session_of(await client.post("/login", json={"token": "viewer-token"}))
-    kept = {"Cookie": f"{COOKIE}={session}"}
-    client.session.cookie_jar.clear()
+    kept = await logged_in(client, "viewer-token")
     assert (await client.get("/tasks", headers=kept)).status == 200
     out = await client.post("/logout", headers=kept)
     assert (await out.json())["revoked"] is True
@@ -50,9 +58,7 @@ async def test_logout_revokes_the_session_on_the_server(make_client):
 async def test_session_expires_after_ttl(make_client):
     """A session older than server.session_ttl_s is refused (401)."""
     client = await make_client(tokens=TOKENS, session_ttl_s=0.5)
-    session = session_of(await client.post("/login", json={"token": "operator-token"}))
-    kept = {"Cookie": f"{COOKIE}={session}"}
-    client.session.cookie_jar.clear()
+    kept = await logged_in(client, "operator-token")
     assert (await client.get("/tasks", headers=kept)).status == 200
 
     async def refused():
@@ -121,23 +127,73 @@ def test_empty_script_list_from_config_allows_nothing(tmp_path):
 
 
 async def test_failed_attempts_are_rate_limited(make_client):
-    """Past auth_fail_limit failures an address gets 429 with Retry-After, even with a good
-    token, until the window passes."""
+    """Past auth_fail_limit failures an address gets 429 with Retry-After for every wrong or
+    missing credential until the window passes; a valid token is still served (issue 26)."""
     client = await make_client(tokens=TOKENS, auth_fail_limit=3, auth_fail_window_s=1.0)
     for _ in range(2):
         assert (await client.get("/tasks", headers={"Authorization": "Bearer nope"})).status \
             == 401
     assert (await client.post("/login", json={"token": "wrong"})).status == 401
-    limited = await client.get("/tasks", headers={"Authorization": "Bearer admin-token"})
+    limited = await client.get("/tasks", headers={"Authorization": "Bearer nope"})
     assert limited.status == 429 and int(limited.headers["Retry-After"]) >= 1
     assert (await limited.json())["error"] == "too_many_requests"
-    assert (await client.post("/login", json={"token": "admin-token"})).status == 429
+    assert (await client.post("/login", json={"token": "wrong"})).status == 429
+    assert (await client.get("/tasks")).status == 429
 
     async def back():
-        response = await client.get("/tasks", headers={"Authorization": "Bearer admin-token"})
-        return response.status == 200
+        response = await client.get("/tasks", headers={"Authorization": "Bearer nope"})
+        return response.status == 401
 
     await wait_for(back, timeout=5, what="the window to pass")
+
+
+async def test_parallel_wrong_logins_are_counted_before_their_bodies(make_client):
+    """Issue 26, attack 8: of 100 wrong logins sent at once, only auth_fail_limit are checked
+    (401); the rest get 429, because each is counted before its body is read."""
+    client = await make_client(tokens=TOKENS, auth_fail_limit=20, auth_fail_window_s=60.0)
+    connections = [await asyncio.open_connection("127.0.0.1", client.port)
+                   for _ in range(100)]
+    bodies = [json.dumps({"token": f"guess-{i:03}"}).encode() for i in range(100)]
+    for (_, writer), body in zip(connections, bodies, strict=True):
+        writer.write(b"POST /login HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n"
+                     b"Content-Type: application/json\r\nContent-Length: "
+                     + str(len(body)).encode() + b"\r\n\r\n")
+    await asyncio.sleep(0.5)  # every request's headers are in before any body
+    for (_, writer), body in zip(connections, bodies, strict=True):
+        writer.write(body)
+    answers = await asyncio.gather(*(reader.read() for reader, _ in connections))
+    for _, writer in connections:
+        writer.close()
+    statuses = [int(a.split(b" ", 2)[1]) for a in answers]
+    assert statuses.count(401) == 20 and statuses.count(429) == 80, statuses
+
+
+async def test_a_valid_credential_is_never_locked_out(make_client):
+    """Issue 26, attack 8: after 22 bad tokens from the address, the admin's token (header,
+    login, session) is served there while wrong ones get 429."""
+    client = await make_client(tokens=TOKENS, auth_fail_limit=20, auth_fail_window_s=60.0)
+    for _ in range(22):
+        await client.get("/tasks", headers={"Authorization": "Bearer guessed-token-123"})
+    assert (await client.get("/tasks", headers={"Authorization": "Bearer guessed"})).status \
+        == 429
+    assert (await client.get("/tasks", headers={"Authorization": "Bearer admin-token"})).status \
+        == 200
+    assert (await client.post("/login", json={"token": "wrong"})).status == 429
+    login = await client.post("/login", json={"token": "admin-token"})
+    assert login.status == 200, await login.text()
+
+
+def test_sessions_are_capped_per_token():
+    """Issue 26, attack 8: 10,000 logins with one viewer token evict only that token's oldest
+    sessions; an admin's session (and the viewer's newest) live on."""
+    sessions = Sessions(ttl_s=600)
+    admin = sessions.create("admin-digest")
+    viewer = [sessions.create("viewer-digest") for _ in range(10_000)]
+    assert sessions.token_digest(*admin) == "admin-digest"
+    assert sessions.token_digest(*viewer[-1]) == "viewer-digest"
+    assert sessions.token_digest(*viewer[0]) is None
+    alive = sum(sessions.token_digest(*v) is not None for v in viewer)
+    assert alive == Sessions.PER_TOKEN
 
 
 def test_token_create_prints_a_token_and_its_config_lines(tmp_path):

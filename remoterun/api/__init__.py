@@ -13,20 +13,22 @@ from remoterun.catalogue import Catalogue
 from remoterun.config import Settings
 from remoterun.engine.scheduler import Scheduler
 from remoterun.metrics import Metrics
-from remoterun.store import Database
+from remoterun.store import Store
 from remoterun.wire import dumps
 
 if TYPE_CHECKING:
+    from remoterun.api.audit import Denials
     from remoterun.api.monitor import Readiness
 
 SETTINGS = web.AppKey("settings", Settings)
-DB = web.AppKey("db", Database)
+DB: web.AppKey[Store] = web.AppKey("db")
 CATALOGUE = web.AppKey("catalogue", Catalogue)
 SCHEDULER = web.AppKey("scheduler", Scheduler)
 METRICS = web.AppKey("metrics", Metrics)
 AUTH = web.AppKey("auth", Authenticator)
 ALERTS = web.AppKey("alerts", Alerts)
 READINESS: web.AppKey[Readiness] = web.AppKey("readiness")
+DENIALS: web.AppKey[Denials] = web.AppKey("denials")
 SESSIONS = web.AppKey("sessions", Sessions)
 LIMITER = web.AppKey("limiter", FailureLimiter)
 SOCKETS: web.AppKey[weakref.WeakSet[web.WebSocketResponse]] = web.AppKey("sockets")

@@ -17,6 +17,7 @@ from remoterun.api import (
     AUTH,
     CATALOGUE,
     DB,
+    DENIALS,
     IDENTITY,
     LIMITER,
     METRICS,
@@ -30,6 +31,7 @@ from remoterun.api import (
     guard,
     http,
     json_response,
+    listen,
     monitor,
     nodes,
     openapi,
@@ -39,14 +41,14 @@ from remoterun.api import (
 )
 from remoterun.archive.compressor import Compressor
 from remoterun.archive.segments import make_private
-from remoterun.auth import COOKIE, Authenticator, FailureLimiter, Sessions, digest
+from remoterun.auth import Authenticator, FailureLimiter, Sessions, digest
 from remoterun.catalogue import Catalogue
 from remoterun.config import Settings
 from remoterun.engine.scheduler import Scheduler
 from remoterun.metrics import Metrics
 from remoterun.retention import Sweeper
 from remoterun.spawn import Children
-from remoterun.store import Database
+from remoterun.store import Database, Store
 
 log = structlog.get_logger(__name__)
 PAGE_DIR = Path(__file__).resolve().parent.parent / "page"
@@ -67,6 +69,7 @@ STATUS: dict[type[errors.RemoteRunError], int] = {
     errors.MisdirectedRequest: 421,
     errors.InvalidParams: 422,
     errors.BadMetadata: 422,
+    errors.Unencodable: 422,
     errors.TooManyRequests: 429,
     errors.Unavailable: 503,
     errors.QueueFull: 503,
@@ -135,21 +138,34 @@ async def _login_token(request: web.Request) -> str | None:
 
 async def login(request: web.Request) -> web.Response:
     """Exchange a token for a server-side session: the cookie holds an opaque id, never the
-    token, and POST /logout revokes it."""
-    token = await _login_token(request)
+    token; the body's `session_key` is what the page sends with it (a cookie alone never
+    authenticates: auth.Sessions); POST /logout revokes it."""
     app = request.app
+    limiter, address = app[LIMITER], request.remote or "-"
+    wait = limiter.retry_after(address) if app[AUTH].enabled else None
+    # Counted as failed before the body is read, so that logins sent at once cannot all be
+    # checked before the first is counted; forgiven if the token is right.
+    stamp = limiter.record(address) if app[AUTH].enabled and wait is None else None
+    token = await _login_token(request)
     try:
         who = app[AUTH].identify(token)
     except errors.Unauthorized:
-        if app[AUTH].enabled:
-            app[LIMITER].record(request.remote or "-")
+        if wait is not None:  # over the budget: a wrong token learns nothing
+            raise errors.TooManyRequests(f"too many failed attempts from {address}: wait",
+                                         retry_after_s=wait) from None
         raise
-    response = json_response({"name": who.name, "role": who.role})
+    if stamp is not None:
+        limiter.forgive(address, stamp)
+    body: dict[str, str] = {"name": who.name, "role": who.role}
+    session = None
     if app[AUTH].enabled and token is not None:
-        sessions = app[SESSIONS]
-        response.set_cookie(COOKIE, sessions.create(digest(token)), httponly=True,
+        session = app[SESSIONS].create(digest(token))
+        body["session_key"] = session.key  # read only by a page of our origin: the answer
+    response = json_response(body)
+    if session is not None:
+        response.set_cookie(guard.cookie_name(request), session.id, httponly=True,
                             samesite="Strict", path="/", secure=request.secure,
-                            max_age=math.ceil(sessions.ttl_s))
+                            max_age=math.ceil(app[SESSIONS].ttl_s))
     await guard.record(request, "login", who=who)
     return response
 
@@ -165,10 +181,12 @@ async def whoami(request: web.Request) -> web.Response:
 
 async def logout(request: web.Request) -> web.Response:
     """Revoke the session on the server and drop its cookie."""
-    session_id = request.cookies.get(COOKIE)
-    revoked = request.app[SESSIONS].revoke(session_id) if session_id else False
+    key = guard.session_key(request)
+    sessions = request.app[SESSIONS]
+    revoked = key is not None and any(
+        sessions.revoke(session_id, key) for session_id in guard.session_ids(request))
     response = json_response({"ok": True, "revoked": revoked})
-    response.del_cookie(COOKIE, path="/")
+    response.del_cookie(guard.cookie_name(request), path="/", secure=request.secure)
     await guard.record(request, "logout", result="ok" if revoked else "no_session")
     return response
 
@@ -213,6 +231,7 @@ async def services(app: web.Application) -> AsyncIterator[None]:
     # The server's alone, even where it existed before (the repository ships archive/).
     await asyncio.to_thread(make_private, settings.archive_dir)
     compressor = Compressor()
+    db: Store
     if settings.cluster is None:
         db = app[DB] = Database(settings.db_path, observe_write=app[METRICS].db_write.observe)
         await db.open()
@@ -250,8 +269,8 @@ async def on_shutdown(app: web.Application) -> None:
 def create_app(settings: Settings) -> web.Application:
     """The RemoteRun aiohttp application for these settings."""
     app = web.Application(client_max_size=settings.max_body_bytes,
-                          middlewares=[monitor.observe_middleware, error_middleware,
-                                       guard.guard_middleware])
+                          middlewares=[listen.deadline_middleware, monitor.observe_middleware,
+                                       error_middleware, guard.guard_middleware])
     app[SETTINGS] = settings
     app[CATALOGUE] = Catalogue(settings.scripts_dir, settings.scripts, settings.sandbox,
                                settings.limits)
@@ -261,9 +280,11 @@ def create_app(settings: Settings) -> web.Application:
     app[LIMITER] = FailureLimiter(settings.auth_fail_limit, settings.auth_fail_window_s)
     app[SOCKETS] = weakref.WeakSet[web.WebSocketResponse]()
     app[READINESS] = monitor.Readiness()
+    app[DENIALS] = audit.Denials()
     monitor.add_default_checks(app)
     app.cleanup_ctx.append(monitor.alerts_service)  # before the scheduler, closed after it
     app.cleanup_ctx.append(services)
+    app.cleanup_ctx.append(audit.denial_summaries)  # needs the scheduler; closed before it
     app.on_shutdown.append(on_shutdown)
     app.on_response_prepare.append(guard.security_headers)
     app.router.add_routes(http.routes)

@@ -25,7 +25,7 @@ from remoterun.api.ws import parse_since
 from remoterun.auth import Identity
 from remoterun.engine.feed import Dropped, Follower, TaskChange
 from remoterun.errors import Forbidden, NotFound
-from remoterun.store import Database
+from remoterun.store import Store
 from remoterun.wire import dumps, rfc3339, task_json
 
 routes = web.RouteTableDef()
@@ -84,8 +84,7 @@ async def events(request: web.Request) -> web.StreamResponse:
     raw = request.headers.get("Last-Event-ID") or request.query.get("since")
     db = request.app[DB]
     if raw in (None, ""):
-        newest = await db.fetch_one("SELECT MAX(id) AS id FROM task_events")
-        since = int(newest["id"] or 0) if newest else 0
+        since = await db.last_event_id()
     else:
         since = parse_since(raw)
     feed = request.app[SCHEDULER].feed
@@ -124,7 +123,7 @@ def _cut(request: web.Request) -> None:
         request.transport.abort()
 
 
-async def _replay(response: web.StreamResponse, db: Database, since: int,
+async def _replay(response: web.StreamResponse, db: Store, since: int,
                   visible: Callable[[str], bool]) -> int:
     """Write every stored transition after `since`; the last id read."""
     last = since

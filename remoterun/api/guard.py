@@ -1,10 +1,12 @@
 """Browser safety and access control in front of every handler: Host, Origin, body type,
-credentials (token, `?token=`, session cookie), the failed-attempt limiter, security headers,
-and the audit entries handlers record.
+credentials (token, `?token=`, session cookie with its key), the failed-attempt limiter,
+security headers, and the audit entries handlers record.
 
-The checks run in this order, each before any handler reads the body: a rebinding Host (421),
-a foreign Origin (403 `bad_origin`), an address over its failure budget (429), a body that is
-not JSON (415), then who is calling (401). A request refused here never reaches the engine.
+The checks run in this order, each before any handler reads the body: a header that is not
+UTF-8 (422), a rebinding Host (421), a foreign Origin (403 `bad_origin`), a body that is not
+JSON (415), then who is calling: a valid credential is served, a wrong or missing one answers
+401, or 429 once its address is over the failure budget. A request refused here never reaches
+the engine.
 """
 
 from __future__ import annotations
@@ -18,9 +20,10 @@ from aiohttp import web
 from yarl import URL
 
 from remoterun import errors
-from remoterun.api import AUTH, IDENTITY, LIMITER, SCHEDULER, SESSIONS, SETTINGS
-from remoterun.auth import COOKIE, Identity
+from remoterun.api import AUTH, DENIALS, IDENTITY, LIMITER, SCHEDULER, SESSIONS, SETTINGS
+from remoterun.auth import COOKIE, SECURE_COOKIE, Identity
 from remoterun.store import insert_audit
+from remoterun.wire import unencodable
 
 log = structlog.get_logger(__name__)
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -29,6 +32,7 @@ LOOPBACK_HOSTS = frozenset({"localhost", "127.0.0.1", "[::1]", "::1"})
 # Paths any browser may load before logging in: the page is code, not data.
 PUBLIC_PREFIXES = ("/healthz", "/static/", "/vendor/", "/login", "/openapi.json")
 JSON = "application/json"
+SESSION_KEY = "X-RemoteRun-Session-Key"
 FORM_TYPES = frozenset({"application/x-www-form-urlencoded", "multipart/form-data"})
 # connect-src 'self' covers ws:// and wss:// of the page's own origin (CSP Level 3).
 CSP = ("default-src 'self'; script-src 'self'; style-src 'self' 'unsafe-inline'; "
@@ -51,7 +55,14 @@ def own_origin(request: web.Request) -> tuple[str, str, int | None]:
 
 
 def check_origin(request: web.Request) -> None:
-    """BadOrigin for a request sent by a page of any origin but ours or a configured one."""
+    """BadOrigin for a request sent by a page of any origin but ours or a configured one.
+
+    The page itself (`GET /`, `/?task=<id>`) is the exception: a link to a task in an alert
+    (chat, mail) is a cross-site navigation, and the page is code that reads and changes
+    nothing until its own scripts call the API, from our origin (framing stays refused).
+    """
+    if request.path == "/" and request.method in ("GET", "HEAD"):
+        return
     origin = request.headers.get("Origin")
     if origin is None:
         # Browsers send Origin on every cross-origin POST, fetch and WebSocket; a cross-site
@@ -71,6 +82,16 @@ def check_origin(request: web.Request) -> None:
         return
     raise errors.BadOrigin(f"requests from {origin[:200]!r} are not accepted "
                            "(server.allowed_origins)")
+
+
+def check_headers(request: web.Request) -> None:
+    """Unencodable (422) for a header that is not UTF-8 text: aiohttp hands its bytes on as
+    lone surrogates, which no answer, log line or audit row that repeats them can encode."""
+    for name, value in request.headers.items():
+        if not value.isascii() and unencodable(value) is not None:
+            raise errors.Unencodable(f"the {name} header is not UTF-8 text",
+                                     details=[{"field": f"header:{name}",
+                                               "message": "not encodable as UTF-8"}])
 
 
 def check_host(request: web.Request) -> None:
@@ -109,27 +130,60 @@ def presented_token(request: web.Request) -> tuple[str | None, str | None]:
     """(token, session id) as presented: Bearer header, else `?token=`, else the cookie."""
     header = request.headers.get("Authorization", "")
     token = header[7:].strip() if header[:7].lower() == "bearer " else None
-    token = token or request.query.get("token")
-    return token, (None if token else request.cookies.get(COOKIE))
+    token = token or request.query.get("token") or None
+    return token, (None if token else next(iter(session_ids(request)), None))
+
+
+def cookie_name(request: web.Request) -> str:
+    """The session cookie's name: `__Host-` prefixed over TLS."""
+    return SECURE_COOKIE if request.secure else COOKIE
+
+
+def session_ids(request: web.Request) -> list[str]:
+    """Every session id the request's cookies hold: a page of another port may have set one
+    beside ours (cookies are not scoped by port), so none is trusted for being first."""
+    name = cookie_name(request)
+    found = []
+    for header in request.headers.getall("Cookie", []):
+        for part in header.split(";"):
+            key, _, value = part.strip().partition("=")
+            if key == name and value:
+                found.append(value.strip('"'))
+    return found
+
+
+def session_key(request: web.Request) -> str | None:
+    """The page's session key: its header, or `?session_key=` (a WebSocket, an EventSource or
+    a download link cannot set a header)."""
+    return request.headers.get(SESSION_KEY) or request.query.get("session_key") or None
 
 
 def authenticate(request: web.Request) -> Identity:
-    """Who is calling; Unauthorized for no, an unknown or an expired credential."""
+    """Who is calling; Unauthorized for no, an unknown or an expired credential, and for a
+    session cookie without its key."""
     auth = request.app[AUTH]
-    token, session_id = presented_token(request)
-    if token is not None or session_id is None or not auth.enabled:
+    token, _ = presented_token(request)
+    ids = session_ids(request) if token is None and auth.enabled else []
+    if not ids:
         return auth.identify(token)
-    token_digest = request.app[SESSIONS].token_digest(session_id)
-    if token_digest is None:
-        raise errors.Unauthorized("the session has expired or was logged out; log in again",
-                                  code="session_expired")
-    return auth.identify_digest(token_digest)
+    key = session_key(request)
+    if key is None:
+        raise errors.Unauthorized(f"a session cookie alone does not authenticate: send the "
+                                  f"session key the login answered ({SESSION_KEY})",
+                                  code="session_key_required")
+    for session_id in ids:
+        token_digest = request.app[SESSIONS].token_digest(session_id, key)
+        if token_digest is not None:
+            return auth.identify_digest(token_digest)
+    raise errors.Unauthorized("the session has expired or was logged out; log in again",
+                              code="session_expired")
 
 
 @web.middleware
 async def guard_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Host, Origin, the failure budget, the body's type, then the caller, for every request."""
     auth = request.app[AUTH]
+    check_headers(request)
     if not auth.enabled:
         check_host(request)
     check_origin(request)
@@ -137,9 +191,6 @@ async def guard_middleware(request: web.Request, handler: Handler) -> web.Stream
     if not auth.enabled:
         request[IDENTITY] = auth.identify(None)
         return await handler(request)
-    address = request.remote or "-"
-    limiter = request.app[LIMITER]
-    limiter.check(address)
     path = request.path
     public = path == "/" or path.startswith(PUBLIC_PREFIXES) or (
         path == "/metrics" and request.app[SETTINGS].metrics_public)
@@ -147,16 +198,22 @@ async def guard_middleware(request: web.Request, handler: Handler) -> web.Stream
         request[IDENTITY] = authenticate(request)
     except errors.Unauthorized:
         if not public:
-            limiter.record(address)
+            # Past the budget a wrong credential learns nothing (429); a valid one was
+            # served above, whoever else failed from its address.
+            address = request.remote or "-"
+            request.app[LIMITER].check(address)
+            request.app[LIMITER].record(address)
             raise
         request[IDENTITY] = None
     return await handler(request)
 
 
 def asked(request: web.Request) -> str:
-    """The request's path and query for the audit, without a `?token=` (never stored)."""
+    """The request's path and query for the audit, without a `?token=` or `?session_key=`
+    (never stored)."""
     query = request.rel_url.query
-    return str(request.rel_url.with_query({k: v for k, v in query.items() if k != "token"}))
+    return str(request.rel_url.with_query(
+        [(k, v) for k, v in query.items() if k not in ("token", "session_key")]))
 
 
 def audit_entry(request: web.Request, action: str, result: str = "ok",
@@ -178,7 +235,10 @@ async def record(request: web.Request, action: str, *, task_id: str | None = Non
 
 
 async def record_denied(request: web.Request, exc: errors.RemoteRunError) -> None:
-    """The audit row of a 401 or 403: who asked for what, and why it was refused."""
+    """The audit row of a 401 or 403: who asked for what, and why it was refused; at most one
+    per address and reason a second, the rest counted in a summary row (audit.Denials)."""
+    if not request.app[DENIALS].admit(request.remote or "-", exc.code):
+        return
     task_id = request.match_info.get("id")
     detail = f"{request.method} {asked(request)[:300]}: {exc.message}"[:1000]
     try:

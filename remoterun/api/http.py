@@ -22,9 +22,9 @@ from remoterun.api import CATALOGUE, DB, SCHEDULER, SETTINGS, identity, json_res
 from remoterun.api.guard import asked, audit_entry, record
 from remoterun.catalogue import MetadataError
 from remoterun.engine.scheduler import Scheduler
-from remoterun.errors import BadRequest, Gone, NotFound
+from remoterun.errors import BadRequest, Gone, NotFound, Unencodable
 from remoterun.state import TaskStatus
-from remoterun.wire import sse_data, task_json
+from remoterun.wire import sse_data, task_json, unencodable
 
 log = structlog.get_logger(__name__)
 routes = web.RouteTableDef()
@@ -89,11 +89,17 @@ def _finite(text: str) -> float:
 
 def loads(raw: str | bytes) -> Any:
     """Strict JSON: no NaN or Infinity, no float that overflows, no integer longer than
-    Python's 4300-digit limit; BadRequest (400 invalid_json) for anything else."""
+    Python's 4300-digit limit; BadRequest (400 invalid_json) for anything else, and
+    Unencodable (422) for a lone surrogate (`"\\ud800"`) anywhere in it."""
     try:
-        return json.loads(raw, parse_constant=_refuse_constant, parse_float=_finite)
+        value = json.loads(raw, parse_constant=_refuse_constant, parse_float=_finite)
     except (UnicodeDecodeError, ValueError, RecursionError) as exc:  # JSONDecodeError too
         raise BadRequest(f"not valid JSON: {str(exc)[:200]}", code="invalid_json") from None
+    where = unencodable(value)
+    if where is not None:
+        raise Unencodable(f"{where} holds a lone surrogate, which is not Unicode text",
+                          details=[{"field": where, "message": "not encodable as UTF-8"}])
+    return value
 
 
 async def read_json(request: web.Request) -> Any:

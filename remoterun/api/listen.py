@@ -1,9 +1,12 @@
-"""The listening socket: HTTPS/WSS when configured, a bound on open connections, and a
-deadline for a new connection's request headers (slowloris).
+"""The listening socket: HTTPS/WSS when configured, a bound on open connections, and
+deadlines for every request's headers and body (slowloris, slow bodies, stalled keep-alive).
 
-aiohttp's server has neither bound, so each connection's protocol (aiohttp's own handler) is
-wrapped in a thin one that counts connections and watches the headers arrive before passing
-every byte through unchanged.
+aiohttp's server has none of these bounds, so each connection's protocol (aiohttp's own
+handler) is wrapped in a thin one that counts connections and passes every byte through
+unchanged, with one timer: armed while the connection waits for a request's headers (from its
+start, and again from the end of each request: idle keep-alive time counts) and while a
+request's body is still arriving. `deadline_middleware` tells it where each request begins and
+ends; when the timer fires the connection is cut.
 """
 
 from __future__ import annotations
@@ -11,15 +14,17 @@ from __future__ import annotations
 import asyncio
 import socket
 import ssl
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import orjson
 import structlog
-from aiohttp import web
+from aiohttp import StreamReader, web
 
 from remoterun.config import ConfigError, Settings
 
 log = structlog.get_logger(__name__)
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 END_OF_HEADERS = b"\r\n\r\n"
 
 
@@ -46,7 +51,7 @@ def _busy_response() -> bytes:
 
 
 class _Guard(asyncio.Protocol):
-    """One connection: counted against the bound, closed if its first headers are slow."""
+    """One connection: counted against the bound, cut if a request's headers or body are slow."""
 
     def __init__(self, inner: asyncio.Protocol, site: GuardedSite):
         self.inner = inner
@@ -54,6 +59,9 @@ class _Guard(asyncio.Protocol):
         self.counted = False
         self.tail = b""  # the last bytes seen, for a terminator split across reads
         self.timer: asyncio.TimerHandle | None = None
+        self.waiting_for = ""  # what the timer waits for: "headers", "body" or nothing
+        self.in_app = False  # a request of this connection is being handled
+        self.transport: asyncio.Transport | None = None
         self.raw: asyncio.BaseTransport | None = None  # the socket's own transport (under TLS)
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -67,23 +75,58 @@ class _Guard(asyncio.Protocol):
             return
         self.site.open += 1
         self.counted = True
-        self.timer = asyncio.get_running_loop().call_later(
-            self.site.header_timeout_s, self._too_slow, transport)
+        self.transport = transport
+        self._arm("headers")
         self.inner.connection_made(transport)
 
-    def _too_slow(self, transport: asyncio.Transport) -> None:
+    def _arm(self, waiting_for: str) -> None:
+        self._disarm()
+        self.waiting_for, self.tail = waiting_for, b""
+        self.timer = asyncio.get_running_loop().call_later(
+            self.site.header_timeout_s, self._too_slow)
+
+    def _disarm(self) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+        self.timer, self.waiting_for = None, ""
+
+    def _too_slow(self) -> None:
         self.site.timed_out += 1
-        log.info("header_timeout", peer=transport.get_extra_info("peername"))
-        transport.abort()
+        if self.transport is not None:
+            log.info("request_timeout", waiting_for=self.waiting_for,
+                     peer=self.transport.get_extra_info("peername"))
+            self.transport.abort()
+
+    def request_started(self) -> None:
+        """A request's headers are in (aiohttp parsed them)."""
+        self.in_app = True
+        self._disarm()
+
+    def body_expected(self, content: StreamReader) -> None:
+        """The request has a body still arriving: it must be whole within the deadline."""
+        self._arm("body")
+        content.on_eof(self._body_done)
+
+    def _body_done(self) -> None:
+        if self.waiting_for == "body":
+            self._disarm()
+            if not self.in_app:  # answered before its body came (aiohttp read it after)
+                self._arm("headers")
+
+    def request_ended(self) -> None:
+        """The request was answered: the next one's headers (or the body aiohttp still reads
+        from this one) must come within the deadline."""
+        self.in_app = False
+        if self.counted and self.waiting_for != "body":
+            self._arm("headers")
 
     def data_received(self, data: bytes) -> None:
         if not self.counted:
             return
-        if self.timer is not None:
+        if self.waiting_for == "headers":
             seen = self.tail + data
             if END_OF_HEADERS in seen:
-                self.timer.cancel()
-                self.timer = None
+                self._disarm()
             else:
                 self.tail = seen[-3:]
         self.inner.data_received(data)
@@ -101,13 +144,30 @@ class _Guard(asyncio.Protocol):
         if self.raw is not None:  # the transport closes its socket once this returns
             asyncio.get_running_loop().call_soon(_release, self.raw)
             self.raw = None
+        self.transport = None
         if not self.counted:
             return
         self.counted = False
         self.site.open -= 1
-        if self.timer is not None:
-            self.timer.cancel()
+        self._disarm()
         self.inner.connection_lost(exc)
+
+
+@web.middleware
+async def deadline_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Tell the connection's guard where a request begins, whether its body is still coming,
+    and where it ends (a test client's connections have no guard: nothing to tell)."""
+    transport = request.transport
+    guard = transport.get_protocol() if transport is not None else None
+    if not isinstance(guard, _Guard):
+        return await handler(request)
+    guard.request_started()
+    if not request.content.is_eof():
+        guard.body_expected(request.content)
+    try:
+        return await handler(request)
+    finally:
+        guard.request_ended()
 
 
 def _release(transport: asyncio.BaseTransport) -> None:

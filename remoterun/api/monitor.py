@@ -148,16 +148,35 @@ class Readiness:
         return {"ok": True, **(details or {})}
 
 
+def write_probe(folder: Path) -> None:
+    """Write, sync and remove a small file in `folder` (blocking): OSError unless the folder's
+    filesystem takes a write that needs a new block."""
+    fd, name = tempfile.mkstemp(prefix=".readyz-", dir=folder)
+    try:
+        os.write(fd, b"ready\n")
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+        os.unlink(name)
+
+
+def probe_database_disk(path: Path) -> None:
+    """NotReady unless the SQLite file's folder takes a write that needs space (blocking).
+
+    A write transaction that is rolled back needs no room, so the database's own probe passes
+    on a full disk while every commit fails (issue 25).
+    """
+    try:
+        write_probe(path.parent)
+    except OSError as exc:
+        raise NotReady(f"the database cannot be written: its disk ({path.parent}) takes no "
+                       f"write: {exc.strerror}") from exc
+
+
 def probe_archive(root: Path, floor: int) -> dict[str, Any]:
     """Write and remove a small file in the archive, then look at the free space (blocking)."""
     try:
-        fd, name = tempfile.mkstemp(prefix=".readyz-", dir=root)
-        try:
-            os.write(fd, b"ready\n")
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-            os.unlink(name)
+        write_probe(root)
     except OSError as exc:
         raise NotReady(f"the archive {root} is not writable: {exc.strerror}") from exc
     fs = os.statvfs(root)
@@ -177,6 +196,8 @@ def add_default_checks(app: web.Application) -> None:
         problem = app[DB].probe_write() or app[SCHEDULER].problems.get("database")
         if problem is not None:
             raise NotReady(f"the database cannot be written: {problem}")
+        if settings.cluster is None:  # the SQLite file (PostgreSQL's disk is its own)
+            await asyncio.to_thread(probe_database_disk, settings.db_path)
 
     async def archive() -> dict[str, Any]:
         return await asyncio.to_thread(probe_archive, settings.archive_dir,

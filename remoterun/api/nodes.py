@@ -15,6 +15,7 @@ from remoterun.api.guard import presented_token
 from remoterun.api.monitor import NotReady
 from remoterun.errors import Relayed, Unavailable
 from remoterun.state import TaskStatus
+from remoterun.store import Membership
 from remoterun.wire import rfc3339
 
 routes = web.RouteTableDef()
@@ -31,6 +32,14 @@ def node_json(row: dict[str, Any]) -> dict[str, Any]:
             "lost_at": rfc3339(row["lost_at"]), "lost_by": row["lost_by"]}
 
 
+def members(app: web.Application) -> Membership:
+    """The cluster's nodes, as the store keeps them (cluster mode: the PostgreSQL store)."""
+    db = app[DB]
+    if not isinstance(db, Membership):
+        raise Unavailable("this server's store keeps no nodes", code="not_a_cluster")
+    return db
+
+
 @routes.get("/nodes")
 async def list_nodes(request: web.Request) -> web.Response:
     """Every node the cluster knows, alive or not, by name; without [cluster], this one."""
@@ -44,7 +53,7 @@ async def list_nodes(request: web.Request) -> web.Response:
         return json_response({"node": "local", "nodes": [{
             "name": "local", "alive": True, "labels": [], "workers": settings.workers,
             "running": running, "last_seen": rfc3339(time.time())}]})
-    rows = await app[DB].nodes(cluster.node_timeout_s)  # type: ignore[attr-defined]
+    rows = await members(app).nodes(cluster.node_timeout_s)
     return json_response({"node": cluster.node, "nodes": [node_json(r) for r in rows]})
 
 
@@ -76,7 +85,7 @@ async def pass_on_submission(request: web.Request, body: dict[str, Any], script:
     token, _ = presented_token(request)
     if app[AUTH].enabled and token is None:
         return None
-    rows = await app[DB].nodes(cluster.node_timeout_s)  # type: ignore[attr-defined]
+    rows = await members(app).nodes(cluster.node_timeout_s)
     having = [r for r in rows if r["alive"] and r["name"] != cluster.node
               and script in r["scripts"] and r["url"]]
     random.shuffle(having)

@@ -160,6 +160,9 @@ SCHEMAS: dict[str, Any] = {
             "name": {"type": "string"},
             "role": {"enum": ["viewer", "operator", "admin"]},
             "auth": {"type": "boolean"},
+            # /login's answer: sent beside the cookie (X-RemoteRun-Session-Key), which alone
+            # never authenticates
+            "session_key": {"type": "string"},
         },
     },
 }

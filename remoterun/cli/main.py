@@ -202,9 +202,9 @@ def archive_command(args: argparse.Namespace) -> int:
 
 async def _verify(settings: config.Settings, repair: bool) -> Report:
     from remoterun.retention import verify
-    from remoterun.store import Database
+    from remoterun.store import Database, Store
 
-    db = Database(settings.db_path)
+    db: Store = Database(settings.db_path)
     if settings.cluster is not None:  # the cluster's rows against the shared archive
         from remoterun.store.postgres import PostgresDatabase
         db = PostgresDatabase(settings.cluster.database_url)

@@ -146,8 +146,7 @@ class ClusterScheduler(Scheduler):
         """A single node's commit; a submission's carries its placement and a NOTIFY."""
         placing = _PLACING.get()
         if placing is not None:
-            statements = [pg.placed(s, *placing) if s[0].startswith('INSERT INTO "tasks"')
-                          else s for s in statements]
+            statements = [pg.placed(s, *placing) for s in statements]
             statements.append(pg.notify())
             _PLACING.set(None)
         if within_s is None:  # the engine's: its segment rows name this node
@@ -158,13 +157,14 @@ class ClusterScheduler(Scheduler):
         # It waits `within_s` for an unreachable PostgreSQL, longer for a merely busy one.
         try:
             async with asyncio.timeout(within_s + REQUEST_SLOW_S):
-                return await self.db.commit(statements, within_s)
+                return await self.db.commit(statements, within_s,
+                                            lock_wait_s=within_s + REQUEST_SLOW_S)
         except (TimeoutError, store.DatabaseUnavailable) as exc:
             raise Unavailable("the database cannot be reached; try again",
                               code="database_unavailable", retry_after_s=1.0) from exc
 
-    async def _transition(self, state: TaskState, new: TaskStatus,
-                          extra: Any = (), **fields: Any) -> None:
+    async def _transition(self, state: TaskState, new: TaskStatus, extra: Any = (),
+                          within_s: float | None = None, **fields: Any) -> None:
         """A single node's transition, fenced by the task's attempt, owner and status; a task
         that goes back to pending is handed to the cluster's queue (no owner, a NOTIFY).
         Nothing is written while the node is fenced (it joins again first)."""
@@ -176,7 +176,8 @@ class ClusterScheduler(Scheduler):
         fence = [] if owner is None else [
             pg.task_fence(row["id"], row["attempt"], owner, new_owner, row["status"])]
         wake = [pg.notify()] if new is S.PENDING else []
-        await super()._transition(state, new, extra=[*fence, *extra, *wake], **fields)
+        await super()._transition(state, new, extra=[*fence, *extra, *wake], within_s=within_s,
+                                  **fields)
         row["owner"] = new_owner
 
     def _hub(self, state: TaskState) -> TaskHub:
@@ -256,7 +257,8 @@ class ClusterScheduler(Scheduler):
             try:
                 await self._transition(state, S.CANCELLED, finished_at=time.time(),
                                        run_after=None,
-                                       extra=[pg.cancel_unclaimed(task_id), *audit_rows])
+                                       extra=[pg.cancel_unclaimed(task_id), *audit_rows],
+                                       within_s=self._request_wait())
             except store.StaleWrite:  # claimed meanwhile: its owner cancels it
                 pass
             else:
@@ -506,9 +508,7 @@ class ClusterScheduler(Scheduler):
         # processes on this host: kill those too (found by RR_TASK_ID, owned by this node).
         found = await asyncio.to_thread(_task_ids_on_host)
         if found:
-            for row in await self.db.fetch_all(
-                    "SELECT id FROM tasks WHERE id = ANY(?) AND owner = ? AND status <> ?",
-                    [sorted(found), self.node, str(S.RUNNING)]):
+            for row in await self.db.recorded_elsewhere(self.node, sorted(found)):
                 await asyncio.to_thread(kill_left_behind, row["id"])
         for row in await self.db.owned(self.node, S.PENDING):
             with contextlib.suppress(store.StaleWrite):

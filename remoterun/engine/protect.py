@@ -58,7 +58,7 @@ class Protection:
         log.info("secret_key", source=source, fingerprint=vault.kid)
         return vault
 
-    async def open(self, db: store.Database) -> list[store.Statement]:
+    async def open(self, db: store.Store) -> list[store.Statement]:
         """Read (or make, on first start) the key, empty the run folder of a previous server's
         copies; the statements that seal what an older server stored in clear (dropping it for
         tasks that ended)."""

@@ -10,7 +10,7 @@ Every status change goes through `_transition`: it checks the table, commits the
 event together (guarded by the old status, so a final state is never overwritten), and only
 then publishes. Commits queue in order behind one lock; while the database is locked by another
 connection or cannot be written they wait and retry without holding the event loop
-(`store.Database.commit`), up to `engine.db_retry_s` for a request, and for as long as it takes
+(`store.Store.commit`), up to `engine.db_retry_s` for a request, and for as long as it takes
 for the engine's own transitions (until shutdown).
 """
 
@@ -103,7 +103,7 @@ class TaskState:
 class Scheduler:
     """Owns every live task: its queue slot, its attempt and its hub."""
 
-    def __init__(self, settings: Settings, db: store.Database, catalogue: Catalogue,
+    def __init__(self, settings: Settings, db: store.Store, catalogue: Catalogue,
                  metrics: Metrics, compressor: Compressor, children: Children):
         self.settings = settings
         self.db = db
@@ -139,8 +139,7 @@ class Scheduler:
 
     async def start(self) -> None:
         """Recover what a previous server left, then start dispatching."""
-        top = await self.db.fetch_one("SELECT MAX(num) AS n FROM tasks")
-        self._next_num = (top["n"] or 0) + 1 if top else 1
+        self._next_num = await self.db.last_num() + 1
         sealing = await self.protection.open(self.db)
         if sealing:  # an older server's secrets in clear: sealed, and no copy left in the log
             await self._commit(sealing)
@@ -148,6 +147,7 @@ class Scheduler:
             log.warning("secrets_sealed", tasks=len(sealing))
         await self._recover()
         await self.sandbox.start()
+        await self._sweep_work_folders()
         if not become_subreaper():
             log.warning("no_subreaper", detail="double-forked daemons may outlive their task")
         self._loops = [asyncio.create_task(self._dispatch_loop(), name="dispatcher"),
@@ -259,8 +259,10 @@ class Scheduler:
             log.warning(kind, task_id=task_id or None, **data)
 
     async def _transition(self, state: TaskState, new: TaskStatus,
-                          extra: Iterable[store.Statement] = (), **fields: Any) -> None:
-        """Check, persist, then announce a status change."""
+                          extra: Iterable[store.Statement] = (), within_s: float | None = None,
+                          **fields: Any) -> None:
+        """Check, persist, then announce a status change. `within_s`: a request's, which
+        gets Unavailable past it (see `_commit`); the engine's own wait as long as it takes."""
         row = state.row
         old = S(row["status"])
         check_transition(old, new)
@@ -270,7 +272,7 @@ class Scheduler:
         attempt = fields.get("attempt", row["attempt"])
         statements = store.transition(row["id"], old, new, attempt, dict(fields),
                                       detail=fields.get("error"))
-        event_id = await self._commit([*extra, *statements])
+        event_id = await self._commit([*extra, *statements], within_s)
         row.update(fields, status=str(new))
         self.feed.publish(event_id, row, str(old), fields)  # GET /events
         hub = state.hub
@@ -377,7 +379,8 @@ class Scheduler:
         try:
             await self._transition(state, S.CANCELLED, finished_at=time.time(), run_after=None,
                                    extra=[] if audit is None else [
-                                       store.insert_audit(audit, task_id=task_id)])
+                                       store.insert_audit(audit, task_id=task_id)],
+                                   within_s=self._request_wait())
         except BaseException:
             self._enqueue(state)  # nothing was recorded: it waits as before
             raise
@@ -559,7 +562,7 @@ class Scheduler:
             finally:
                 self.metrics.child(self.metrics.duration, row["script"]).observe(
                     time.time() - started)
-                await asyncio.shield(self._conclude(state, result, error))
+                await asyncio.shield(self._conclude_or_let_go(state, result, error))
 
     async def _attempt(self, state: TaskState, attempt: Attempt
                        ) -> tuple[RunResult | None, str | None]:
@@ -599,6 +602,29 @@ class Scheduler:
             return None, f"internal error: {exc}"
         finally:
             await self.protection.discard(copy)
+
+    async def _conclude_or_let_go(self, state: TaskState, result: RunResult | None,
+                                  error: str | None) -> None:
+        """`_conclude`; if it raises, the task is let go instead of held (a TaskState held hides
+        the task from the reaper, and it stayed running with no process: issue 25)."""
+        try:
+            await self._conclude(state, result, error)
+        except Exception:
+            log.exception("conclude_failed")
+            task_id = state.row["id"]
+            if self.tasks.get(task_id) is state:
+                del self.tasks[task_id]
+            self._own(self._settle_let_go(state), name=f"let-go-{task_id}")
+
+    async def _settle_let_go(self, state: TaskState) -> None:
+        """Record a let-go task as the reaper does (unless it is final already), and tell its
+        attached clients how it ended."""
+        row = await self.db.get_task(state.row["id"])
+        if row is not None and row["status"] not in FINAL:
+            row = await self._reap_one(row) or row
+        if row is not None and state.hub is not None:
+            state.hub.task = task_json(row)
+            state.hub.publish(exit_event(row))
 
     def _release(self, state: TaskState) -> None:
         """Give the worker slot back."""
@@ -798,6 +824,19 @@ class Scheduler:
             if row["id"] not in self.tasks:  # a retry's folder may hold segments already
                 self._enqueue(TaskState(row, next_segment=1 if row["attempt"] == 1 else None))
         log.info("recovered", pending=len(self.queue))
+
+    async def _sweep_work_folders(self) -> None:
+        """Remove the work folders a crashed server's attempts left (their finish never ran):
+        those of this database's tasks, unless the task runs that attempt now (at start, after
+        `_recover`, none does here); a folder of a task we do not know is another server's."""
+        dead = []
+        for folder, task_id, attempt in await self.sandbox.work_folders():
+            row = await self.db.get_task(task_id)
+            if row is not None and (row["status"] != S.RUNNING or row["attempt"] != attempt):
+                dead.append(folder)
+        if dead:
+            removed = await self.sandbox.remove_work_folders(dead)
+            log.info("work_folders_swept", removed=removed, found=len(dead))
 
     async def _recover_running(self, row: dict[str, Any]) -> dict[str, Any]:
         kill_left_behind(row["id"])

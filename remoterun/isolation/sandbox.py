@@ -29,6 +29,7 @@ import contextlib
 import errno
 import os
 import pwd
+import re
 import shutil
 import subprocess
 import tempfile
@@ -225,6 +226,14 @@ class Sandbox:
                       image=sandbox.get("image", config.image),
                       run_as=sandbox.get("run_as", config.run_as),
                       limits=merged, env=env)
+
+    async def work_folders(self) -> list[tuple[Path, str, int]]:
+        """The attempt work folders under the work root, off the loop (see `work_folders`)."""
+        return await asyncio.to_thread(work_folders, self.work_root)
+
+    async def remove_work_folders(self, folders: Sequence[Path]) -> int:
+        """Remove these work folders off the loop; how many went."""
+        return await asyncio.to_thread(remove_work_folders, folders)
 
     # One attempt -----------------------------------------------------------------------------
 
@@ -430,6 +439,43 @@ def _user(name: str) -> pwd.struct_passwd:
 def _setpriv(setpriv: str, user: pwd.struct_passwd) -> list[str]:
     """util-linux `setpriv` running what follows as this user (uid, gid and groups)."""
     return [setpriv, f"--reuid={user.pw_uid}", f"--regid={user.pw_gid}", "--init-groups", "--"]
+
+
+# An attempt's work folder: tempfile.mkdtemp(prefix="{task id}-{attempt}-") in the work root.
+_WORK_FOLDER = re.compile(r"(?P<task>[0-9a-f]{8}(?:-[0-9a-f]{4}){3}-[0-9a-f]{12})-(?P<attempt>\d+)-"
+                          r"[^/]+")
+
+
+def work_folders(root: Path) -> list[tuple[Path, str, int]]:
+    """(folder, task id, attempt) of each attempt work folder under `root`: real folders only,
+    never a symlink named like one (blocking)."""
+    found = []
+    try:
+        with os.scandir(root) as entries:
+            for entry in entries:
+                named = _WORK_FOLDER.fullmatch(entry.name)
+                if named and entry.is_dir(follow_symlinks=False):
+                    found.append((Path(entry.path), named["task"], int(named["attempt"])))
+    except FileNotFoundError:
+        return []
+    return found
+
+
+def remove_work_folders(folders: Sequence[Path]) -> int:
+    """Remove each folder and what it holds (blocking); how many went. rmtree works by file
+    descriptor here (`avoids_symlink_attacks`): a symlink inside is unlinked, never followed,
+    and one put in a folder's place is refused; a folder still mounted on is left."""
+    removed = 0
+    for folder in folders:
+        if os.path.ismount(folder):  # a live disk quota (a dead server's went at start)
+            log.warning("work_folder_mounted", path=str(folder))
+            continue
+        try:
+            shutil.rmtree(folder)
+            removed += 1
+        except OSError as exc:
+            log.warning("work_folder_not_removed", path=str(folder), error=str(exc))
+    return removed
 
 
 def _clean(launch: Launch) -> Counters:

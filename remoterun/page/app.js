@@ -6,7 +6,7 @@ import { durationText, showDetails } from "./details.js";
 import * as form from "./form.js";
 import * as historyList from "./history.js";
 import { follow } from "./live.js";
-import { $, api, ApiError, el, FINAL, formatSeconds, seconds } from "./util.js";
+import { $, api, ApiError, el, FINAL, formatSeconds, seconds, sessionKey, withKey } from "./util.js";
 import { addView, showView } from "./views.js";
 
 // `started` tells index.html's plain-text fallback to stand down; `addView` and `api` are for
@@ -170,7 +170,7 @@ async function refreshPosition() {
 
 function connect() {
   const scheme = location.protocol === "https:" ? "wss" : "ws";
-  const url = `${scheme}://${location.host}/tasks/${view.id}/ws?since=${view.lastSeq}`;
+  const url = withKey(`${scheme}://${location.host}/tasks/${view.id}/ws?since=${view.lastSeq}`);
   const socket = new WebSocket(url);
   view.socket = socket;
   view.awaitingPong = false;
@@ -267,7 +267,7 @@ function showTask(task, duration) {
     : "Esc leaves the terminal";
   showDetails(task, view.events);
   for (const [selector, href] of [["#task-link", `/?task=${task.id}`],
-                                  ["#task-download", `/tasks/${task.id}/output`]]) {
+                                  ["#task-download", withKey(`/tasks/${task.id}/output`)]]) {
     Object.assign($(selector), { href, hidden: false });
   }
   if (task.error) notice(task.error);
@@ -360,7 +360,8 @@ function globalKey(event) {
 
 // --- Login and start-up -------------------------------------------------------------------
 
-// Resolves once the user logged in; the token becomes an HttpOnly cookie, never stored here.
+// Resolves once the user logged in; the token becomes an HttpOnly cookie, never stored here,
+// and the answer's session key is kept in this origin's storage (util.js says why).
 function login() {
   const form = $("#login");
   form.hidden = false;
@@ -369,7 +370,8 @@ function login() {
     form.onsubmit = async (event) => {
       event.preventDefault();
       try {
-        await api("/login", { method: "POST", body: { token: form.token.value } });
+        const answer = await api("/login", { method: "POST", body: { token: form.token.value } });
+        sessionKey.set(answer.session_key);
         form.reset();
         form.hidden = true;
         resolve();
@@ -429,8 +431,12 @@ function tick() {
 
 function wireControls() {
   $("#logout").addEventListener("click", async () => {
-    await api("/logout", { method: "POST" });
-    location.replace("/");
+    try {
+      await api("/logout", { method: "POST" });
+    } finally {
+      sessionKey.set(null);
+      location.replace("/");
+    }
   });
   $("#cancel").addEventListener("click", cancelTask);
   $("#rerun").addEventListener("click", () => view.task && form.rerun(view.task));

@@ -1,6 +1,8 @@
 // The audit trail for admins: a card under the history, filled from GET /audit (newest first).
 // Separate from app.js on purpose: it only needs the page's #app to be shown, and /whoami.
 
+import { apiHeaders } from "./util.js";
+
 const ACTIONS = ["", "submit", "cancel", "signal", "stdin", "attach", "download", "login",
   "logout", "denied"];
 
@@ -30,7 +32,7 @@ function card() {
     const query = new URLSearchParams({ limit: "50" });
     if (filter.value) query.set("action", filter.value);
     if (append && cursor) query.set("cursor", cursor);
-    const response = await fetch(`/audit?${query}`, { headers: { Accept: "application/json" } });
+    const response = await fetch(`/audit?${query}`, { headers: apiHeaders() });
     const body = await response.json().catch(() => ({}));
     if (!response.ok) {
       rows.replaceChildren(element("tr", {}, [element("td", { colSpan: 6,
@@ -58,7 +60,7 @@ function card() {
 }
 
 async function showIfAdmin() {
-  const response = await fetch("/whoami", { headers: { Accept: "application/json" } });
+  const response = await fetch("/whoami", { headers: apiHeaders() });
   if (!response.ok) return;
   const me = await response.json();
   const existing = document.getElementById("audit");

@@ -1,6 +1,6 @@
 // The open task's whole story beside its terminal: facts, params, each attempt, downloads.
 
-import { $, el, FINAL, formatBytes, formatSeconds, formatTime, seconds } from "./util.js";
+import { $, el, FINAL, formatBytes, formatSeconds, formatTime, seconds, withKey } from "./util.js";
 
 // Each attempt from the task's transitions: it starts when the task goes running and ends at
 // the next transition out of running (a retry, or the final state).
@@ -74,5 +74,5 @@ export function showDetails(task, events) {
   if (!task.pty) links.splice(1, 0, ["stdout", `${base}?stream=stdout`],
                              ["stderr", `${base}?stream=stderr`]);
   $("#task-downloads").replaceChildren(...links.map(([label, href]) => el("a", {
-    href, textContent: label, download: "", title: `Download the ${label} output` })));
+    href: withKey(href), textContent: label, download: "", title: `Download the ${label} output` })));
 }

@@ -1,7 +1,7 @@
 // The history: filters kept in the URL, cursor paging both ways, and live updates from
 // GET /events (no polling): each transition updates its row, or adds it when it matches.
 
-import { $, api, el, formatSeconds, formatWhen, seconds } from "./util.js";
+import { $, api, el, formatSeconds, formatWhen, seconds, withKey } from "./util.js";
 
 export const PAGE_SIZE = 25;
 export const FILTERS = ["q", "status", "script", "submitted_by", "since", "until"];
@@ -123,7 +123,7 @@ function taskRow(task) {
     el("td", { className: "wide", textContent: task.submitted_by }),
     el("td", { textContent: formatWhen(created), title: created.toLocaleString() }),
     el("td", { className: "wide", textContent: took == null ? "" : formatSeconds(took) }),
-    el("td", {}, el("a", { href: `/tasks/${task.id}/output`, download: "", textContent: "log",
+    el("td", {}, el("a", { href: withKey(`/tasks/${task.id}/output`), download: "", textContent: "log",
                            title: `Download the log of ${task.script}` })));
   row.addEventListener("click", (event) => {
     const target = event.target.closest("a");

@@ -2,7 +2,7 @@
 // or a server restart from the last event id seen (EventSource sends Last-Event-ID itself;
 // a stream we reopen says ?since=).
 
-import { $ } from "./util.js";
+import { $, withKey } from "./util.js";
 
 const RETRY_MS = 3000;
 
@@ -13,7 +13,7 @@ export function follow(onTask) {
   const status = (text) => { $("#live").textContent = text; };
 
   function open() {
-    const source = new EventSource(lastId == null ? "/events" : `/events?since=${lastId}`);
+    const source = new EventSource(withKey(lastId == null ? "/events" : `/events?since=${lastId}`));
     source.addEventListener("task", (event) => {
       lastId = event.lastEventId;
       onTask(JSON.parse(event.data));

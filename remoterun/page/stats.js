@@ -2,6 +2,8 @@
 // A dialog of its own, so the terminal page's app.js knows nothing of it: the header's
 // "Stats" button or `/?view=stats` opens it.
 
+import { apiHeaders } from "./util.js";
+
 const SVG = "http://www.w3.org/2000/svg";
 const WINDOWS = [["1h", "last hour"], ["24h", "last 24 hours"], ["7d", "last 7 days"]];
 const ROW = 28;        // px per script in the chart
@@ -105,7 +107,7 @@ function table(scripts) {
 async function load(since) {
   const out = dialog.querySelector("#stats-body");
   out.replaceChildren(el("p", { class: "help" }, "loading…"));
-  const response = await fetch(`/stats?since=${encodeURIComponent(since)}`);
+  const response = await fetch(`/stats?since=${encodeURIComponent(since)}`, { headers: apiHeaders() });
   const body = await response.json();
   if (!response.ok) {
     out.replaceChildren(el("p", { class: "error", role: "alert" }, body.message || response.statusText));

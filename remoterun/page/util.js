@@ -12,8 +12,32 @@ export class ApiError extends Error {
   }
 }
 
+// The session's key: the login's answer, kept in this origin's storage (another port of the
+// host is another origin and cannot read it) and sent beside the HttpOnly cookie, which alone
+// never authenticates (the server's cookie is readable by every port of the host).
+const SESSION_KEY = "remoterun.sessionKey";
+
+export const sessionKey = {
+  get: () => localStorage.getItem(SESSION_KEY),
+  set: (key) => (key ? localStorage.setItem(SESSION_KEY, key) : localStorage.removeItem(SESSION_KEY)),
+};
+
+// Headers for a call of the API: JSON, and the session key when there is one.
+export function apiHeaders(extra = {}) {
+  const key = sessionKey.get();
+  return { Accept: "application/json", ...(key ? { "X-RemoteRun-Session-Key": key } : {}), ...extra };
+}
+
+// A URL with the session key in its query, for what cannot send a header: a WebSocket, an
+// EventSource, a download link. Never for a link meant to be shared (`/?task=`).
+export function withKey(path) {
+  const key = sessionKey.get();
+  if (!key) return path;
+  return `${path}${path.includes("?") ? "&" : "?"}session_key=${encodeURIComponent(key)}`;
+}
+
 export async function api(path, { method = "GET", body } = {}) {
-  const init = { method, headers: { Accept: "application/json" } };
+  const init = { method, headers: apiHeaders() };
   if (body !== undefined) {
     init.headers["Content-Type"] = "application/json";
     init.body = JSON.stringify(body);
