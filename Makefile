@@ -15,7 +15,10 @@ STAMPS = $(if $(VENV_PYTHON),$(VENV),build/stamps)
 RUNTIME_STAMP = $(STAMPS)/.installed-runtime
 TEST_STAMP = $(STAMPS)/.installed-test
 NODE_STAMP = node_modules/.installed
-APT_PACKAGES = chromium bubblewrap prometheus openssl docker.io debootstrap postgresql redis-server
+# strace and systemd (systemd-analyze) check deploy/remoterun.service; neither starts a service
+# (systemd is installed wherever it runs as init; in a container there is no init to start).
+APT_PACKAGES = chromium bubblewrap libseccomp2 prometheus openssl docker.io debootstrap \
+	postgresql redis-server strace systemd
 
 .PHONY: serve test screenshot bench bench-install install install-runtime install-python install-node install-system vendor dist image
 

@@ -1,5 +1,6 @@
-"""The sandbox's cost: trivial tasks/s and stream MB/s with mode none, bwrap and docker, side
-by side in one run (one server per mode, measured in turn)."""
+"""The sandbox's cost: trivial tasks/s and stream MB/s with mode none, bwrap (its seccomp filter
+on, and off: `bwrap-noseccomp`) and docker, side by side in one run (one server per mode,
+measured in turn)."""
 
 from __future__ import annotations
 
@@ -17,7 +18,15 @@ from bench.lib import BENCH, MB, Context, Row, interleave, median, progress
 from bench.server import CpuMeter, Server
 
 # BENCH_SANDBOX_MODES="none bwrap" leaves Docker out (its image takes minutes to build).
-MODES = tuple(os.environ.get("BENCH_SANDBOX_MODES", "none bwrap docker").split())
+MODES = tuple(os.environ.get("BENCH_SANDBOX_MODES", "none bwrap bwrap-noseccomp docker").split())
+OFF = "bwrap-noseccomp"  # bwrap with `seccomp = "off"`: the filter's cost is bwrap's over it
+
+
+def sandbox_config(mode: str, image: str | None) -> str:
+    """The `[sandbox]` table of a mode's server."""
+    if mode == OFF:
+        return '[sandbox]\nmode = "bwrap"\nseccomp = "off"\n'
+    return f"[sandbox]\nmode = \"{mode}\"\nimage = \"{image or ''}\"\n"
 
 
 def docker_image() -> str | None:
@@ -37,7 +46,7 @@ def docker_image() -> str | None:
 async def sandbox(ctx: Context) -> list[Row]:
     """Trivial tasks and one task's stream through each sandbox mode."""
     image = await asyncio.to_thread(docker_image)
-    modes = [m for m in MODES if (m != "bwrap" or shutil.which("bwrap"))
+    modes = [m for m in MODES if (not m.startswith("bwrap") or shutil.which("bwrap"))
              and (m != "docker" or image)]
     # The text streamed must be inside the scripts folder: the one a container mounts.
     log_file = ctx.scripts / "sandbox-logtext.txt"
@@ -45,9 +54,9 @@ async def sandbox(ctx: Context) -> list[Row]:
     times = ctx.size(3, 1)
     expected = ctx.log_bytes * times
     counts = {"none": ctx.size(600, 150), "bwrap": ctx.size(600, 150),
-              "docker": ctx.size(40, 16)}
-    servers = {m: Server(ctx, f"sandbox-{m}", workers=8, extra_config=(
-        f"[sandbox]\nmode = \"{m}\"\nimage = \"{image or ''}\"\n")) for m in modes}
+              OFF: ctx.size(600, 150), "docker": ctx.size(40, 16)}
+    servers = {m: Server(ctx, f"sandbox-{m}", workers=8, extra_config=sandbox_config(m, image))
+               for m in modes}
     for server in servers.values():
         await server.start()
     cpu = {m: CpuMeter(s) for m, s in servers.items()}
@@ -78,7 +87,7 @@ async def sandbox(ctx: Context) -> list[Row]:
     mbs = dict(zip(modes, streams, strict=True))
     rows = []
     for mode in modes:
-        base = "none" if mode != "none" else None
+        base = "none" if mode != "none" and "none" in modes else None
         note = (f"{counts[mode]} tasks, 8 concurrent clients, workers = 8; "
                 f"{cpu[mode].describe(counts[mode] * ctx.runs, 'task')}")
         rows.append(Row(f"trivial tasks, sandbox {mode}", "tasks/s", median(tasks[mode]),
@@ -86,9 +95,17 @@ async def sandbox(ctx: Context) -> list[Row]:
                         "-", runs=tasks[mode], baseline_runs=tasks[base] if base else [],
                         notes=note))
     for mode in modes:
-        base = "none" if mode != "none" else None
+        base = "none" if mode != "none" and "none" in modes else None
         rows.append(Row(f"one task's stream, sandbox {mode}", "MB/s", median(mbs[mode]),
                         median(mbs[base]) if base else None, f"sandbox {base}" if base else "",
                         "-", runs=mbs[mode], baseline_runs=mbs[base] if base else [],
                         notes=f"{expected / MB:.0f} MB of log text to one WS client"))
+    if "bwrap" in modes and OFF in modes:  # the seccomp filter's cost (target: within 5%)
+        for what, unit, figures in (("trivial tasks", "tasks/s", tasks), ("one task's stream",
+                                                                         "MB/s", mbs)):
+            on, off = median(figures["bwrap"]), median(figures[OFF])
+            rows.append(Row(f"{what}, bwrap seccomp on vs off", unit, on, off, "seccomp off",
+                            ">= 0.95", met=bool(on and off and on / off >= 0.95),
+                            runs=figures["bwrap"], baseline_runs=figures[OFF],
+                            notes="the same server settings but [sandbox] seccomp"))
     return rows

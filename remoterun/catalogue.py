@@ -300,6 +300,11 @@ def check_sidecar(where: str, meta: Mapping[str, Any], sandbox: SandboxConfig,
                             f"it on {CONFIG_ONLY}")
     if box.get("run_as", sandbox.run_as) != sandbox.run_as:
         raise MetadataError(f"{where}.sandbox.run_as: the user a script runs as {CONFIG_ONLY}")
+    seccomp = box.get("seccomp", sandbox.seccomp)
+    if seccomp != sandbox.seccomp and not (seccomp == "default" and sandbox.seccomp == "off"):
+        raise MetadataError(f"{where}.sandbox.seccomp: {seccomp!r} is not [sandbox] seccomp "
+                            f"{sandbox.seccomp!r}: turning the filter off or choosing a "
+                            f"profile {CONFIG_ONLY}")
     for key, value in meta.get("limits", {}).items():
         base = getattr(limits, key)
         if base and (value == 0 or value > base):

@@ -65,6 +65,7 @@ class SandboxConfig:
     network: bool = True
     image: str = ""  # docker: the image each attempt runs in
     run_as: str = ""  # a user name the task runs as, when the server runs as root
+    seccomp: str = "default"  # bwrap's filter: "default", "off" or a profile's path
 
 
 def parse_limits(where: str, raw: Any) -> dict[str, int]:
@@ -84,7 +85,7 @@ def parse_limits(where: str, raw: Any) -> dict[str, int]:
 def parse_sandbox(where: str, raw: Any) -> dict[str, Any]:
     """A `sandbox` table's keys, checked."""
     if not isinstance(raw, dict):
-        raise ConfigError(f"{where}: expected a table (mode, network, image, run_as)")
+        raise ConfigError(f"{where}: expected a table (mode, network, image, run_as, seccomp)")
     for key, value in raw.items():
         if key == "mode" and value not in SANDBOX_MODES:
             raise ConfigError(f"{where}.mode: one of {list(SANDBOX_MODES)}, got {value!r}")
@@ -92,7 +93,10 @@ def parse_sandbox(where: str, raw: Any) -> dict[str, Any]:
             raise ConfigError(f"{where}.network: expected true or false, got {value!r}")
         if key in ("image", "run_as") and not isinstance(value, str):
             raise ConfigError(f"{where}.{key}: expected a string, got {value!r}")
-        if key not in ("mode", "network", "image", "run_as"):
+        if key == "seccomp" and (not isinstance(value, str) or not value):
+            raise ConfigError(f"{where}.seccomp: \"default\", \"off\" or a profile's path, "
+                              f"got {value!r}")
+        if key not in ("mode", "network", "image", "run_as", "seccomp"):
             raise ConfigError(f"{where}.{key}: unknown key")
     return dict(raw)
 
@@ -625,8 +629,10 @@ def _isolation(section: str, body: Any) -> SandboxConfig | ResourceLimits:
 
 def load(path: Path | None, overrides: Mapping[str, Any] | None = None) -> Settings:
     """Read config.toml (if given) and apply command-line overrides."""
-    if path is None:
-        settings = Settings()
+    if path is None:  # the defaults are relative to the current folder: say so, absolutely
+        cwd = Path.cwd()
+        settings = Settings(scripts_dir=cwd / "scripts", archive_dir=cwd / "archive",
+                            db_path=cwd / "remoterun.db")
     else:
         try:
             with path.open("rb") as fh:

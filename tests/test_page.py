@@ -196,7 +196,7 @@ def test_ctrl_c_interrupts_a_pipe_task(page: Page) -> None:
     page.locator("#terminal").click()
     page.keyboard.press("Control+C")
     wait_status(page, "failed")
-    expect(page.locator("#task-exit")).to_contain_text("exit -2")
+    expect(page.locator("#task-exit")).to_contain_text("exit SIGINT (-2)")
 
 
 def test_terminal_size_follows_the_window(page: Page) -> None:

@@ -4,6 +4,7 @@ the page runs under its Content-Security-Policy without a violation."""
 from __future__ import annotations
 
 from collections.abc import Iterator
+from datetime import datetime, timedelta, timezone
 
 import pytest
 from conftest import ROOT, ServerProcess
@@ -62,3 +63,25 @@ def test_operator_has_no_audit_card(browser: Browser, audited: ServerProcess) ->
         assert page.evaluate("violations") == []
     finally:
         page.context.close()
+
+
+def test_audit_times_are_the_browsers_local_time(browser: Browser, audited: ServerProcess) -> None:
+    """In a browser at UTC+8, the audit card's "when" is that zone's local time (not ISO with
+    Z); the exact UTC instant stays in the cell's title."""
+    context = browser.new_context(base_url=audited.url, timezone_id="Asia/Shanghai",
+                                  locale="en-US")
+    page = context.new_page()
+    try:
+        page.goto("/")
+        page.fill("#login [name=token]", "admin-token-0123456789")
+        page.click("#login button")
+        page.wait_for_function(READY, timeout=WAIT_MS)
+        cell = page.locator("#audit tbody tr td").first
+        expect(cell).to_be_visible(timeout=WAIT_MS)
+        instant = cell.get_attribute("title") or ""
+        assert instant.endswith("Z"), instant
+        local = datetime.fromisoformat(instant.replace("Z", "+00:00")).astimezone(
+            timezone(timedelta(hours=8)))
+        assert cell.inner_text() == local.strftime("%-m/%-d/%Y, %-I:%M:%S %p")
+    finally:
+        context.close()

@@ -23,6 +23,7 @@ from typing import Any
 
 import aiohttp
 
+from remoterun.cli.clock import precise
 from remoterun.cli.remote import EXIT_REMOTERUN, Remote, RemoteError, exit_code
 
 RECONNECT_S = 60.0  # give up after this long without a connection
@@ -48,9 +49,11 @@ def raw_terminal(fd: int | None) -> Iterator[None]:
 class Output:
     """Writes output frames to our stdout/stderr, optionally one stream, optionally timestamped."""
 
-    def __init__(self, stream: str | None = None, timestamps: bool = False):
+    def __init__(self, stream: str | None = None, timestamps: bool = False,
+                 utc: bool = False):
         self.stream = stream
         self.timestamps = timestamps
+        self.utc = utc  # timestamps in UTC (Z) rather than local time with its offset
         self.line_start = {"stdout": True, "stderr": True, "pty": True}
 
     def write(self, frame: dict[str, Any]) -> None:
@@ -69,7 +72,7 @@ class Output:
         lines = data.splitlines(keepends=True)
         out = []
         for line in lines:
-            out.append(f"{ts} {line}" if self.line_start[name] else line)
+            out.append(f"{precise(ts, self.utc)} {line}" if self.line_start[name] else line)
             self.line_start[name] = line.endswith("\n")
         return "".join(out)
 

@@ -14,6 +14,7 @@ from urllib.parse import urlencode
 import aiohttp
 
 from remoterun.cli.attach import Output, follow
+from remoterun.cli.clock import short, task_times
 from remoterun.cli.remote import Remote, RemoteError, UsageError, error_of, say
 
 
@@ -68,14 +69,14 @@ async def logs(remote: Remote, args: argparse.Namespace) -> int:
         return await grep(remote, task_id, args)
     if args.follow:
         return await follow(remote, task_id, since=args.since, forward_interrupt=False,
-                            output=Output(args.stream, args.timestamps))
+                            output=Output(args.stream, args.timestamps, _utc(args)))
     query = {"since": args.since} if args.since else {}
     if args.stream:
         query["stream"] = args.stream
     if args.timestamps:
         query["format"] = "jsonl"
     url = f"{remote.url}/tasks/{task_id}/output?{urlencode(query)}"
-    output = Output(args.stream, args.timestamps)
+    output = Output(args.stream, args.timestamps, _utc(args))
     try:
         async with remote.session.get(url, auto_decompress=True) as response:
             if response.status >= 400:
@@ -116,6 +117,11 @@ async def grep(remote: Remote, task_id: str, args: argparse.Namespace) -> int:
         query["cursor"] = page["next_cursor"]
 
 
+def _utc(args: argparse.Namespace) -> bool:
+    """Whether --utc was given (before or after the verb)."""
+    return bool(getattr(args, "utc", False))
+
+
 def _duration(task: dict[str, Any]) -> str:
     start = task.get("started_at")
     if not start:
@@ -154,14 +160,14 @@ async def ls(remote: Remote, args: argparse.Namespace) -> int:
     for t in page["tasks"]:
         code = t.get("exit_code")
         rows.append([t["id"][:8], t["script"], t["status"], "-" if code is None else str(code),
-                     _duration(t), t["created_at"][:19].replace("T", " ")])
+                     _duration(t), short(t["created_at"], _utc(args))])
     print(table(rows))
     if args.watch:
-        await _watch(remote, args.status)
+        await _watch(remote, args.status, _utc(args))
     return 0
 
 
-async def _watch(remote: Remote, status: str | None) -> None:
+async def _watch(remote: Remote, status: str | None, utc: bool) -> None:
     """Print each task transition as GET /events streams it, resuming after a drop (or a
     server restart) from the last event id, until interrupted (Ctrl-C: exit 130)."""
     last: str | None = None
@@ -183,7 +189,8 @@ async def _watch(remote: Remote, status: str | None) -> None:
                     if fields.get("event") == "task":
                         t = json.loads(fields["data"])
                         if not status or t["status"] == status:
-                            print(f"{t['id']}  {t['status']:<9}  {t['updated_at']}  "
+                            print(f"{t['id']}  {t['status']:<9}  "
+                                  f"{short(t['updated_at'], utc)}  "
                                   f"{t['script']}", flush=True)
                     fields = {}
         except aiohttp.ClientError:
@@ -198,7 +205,7 @@ async def show(remote: Remote, args: argparse.Namespace) -> int:
         print(json.dumps(task, indent=2))
         return 0
     width = max(map(len, task))
-    for key, value in task.items():
+    for key, value in task_times(task, _utc(args)).items():
         shown = json.dumps(value) if isinstance(value, dict | list | bool) or value is None \
             else value
         print(f"{key + ':':<{width + 1}} {shown}")

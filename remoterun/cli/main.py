@@ -37,6 +37,7 @@ def _is_loopback(host: str) -> bool:
 def serve(args: argparse.Namespace) -> int:
     """Run the server until SIGTERM/SIGINT."""
     from remoterun.api.app import create_app
+    from remoterun.cli.firstrun import check_scripts, message
     from remoterun.vault import KEY_ENV, parse_key
 
     logs.configure()
@@ -51,8 +52,7 @@ def serve(args: argparse.Namespace) -> int:
         if not 0 <= settings.port <= 65535:
             raise config.ConfigError(f"server.port: must be between 0 and 65535, "
                                      f"got {settings.port}")
-        if not settings.scripts_dir.is_dir():
-            raise config.ConfigError(f"paths.scripts: {settings.scripts_dir} is not a directory")
+        made_scripts = check_scripts(settings, first_run=path is None and not args.scripts)
         broken = Catalogue(settings.scripts_dir, settings.scripts, settings.sandbox,
                            settings.limits).check()
         if os.environ.get(KEY_ENV):  # a malformed key stops here, before anything is opened
@@ -80,13 +80,27 @@ def serve(args: argparse.Namespace) -> int:
         log.warning("auth_off_loopback_only", requested_host=requested, host=settings.host)
     elif not settings.auth_enabled:
         log.info("auth_off_loopback_only", host=settings.host)
+    if path is None:
+        print(message(settings, _page_url(settings, sock), made_scripts), file=sys.stderr)
     log.info("server_starting", host=settings.host, port=settings.port,
              scripts=str(settings.scripts_dir), archive=str(settings.archive_dir),
              db=str(settings.db_path), workers=settings.workers)
     with sock:
-        asyncio.run(_run_server(create_app(settings), settings, sock))
+        try:
+            asyncio.run(_run_server(create_app(settings), settings, sock))
+        except config.ConfigError as exc:  # found as the server starts: a seccomp profile
+            print(f"remoterun: config error: {exc}", file=sys.stderr)
+            return 2
     log.info("server_stopped")
     return 0
+
+
+def _page_url(settings: config.Settings, sock: socket.socket) -> str:
+    """The page's address on the bound socket."""
+    host = settings.host if settings.host not in ("0.0.0.0", "::", "") else "localhost"
+    host = f"[{host}]" if ":" in host else host
+    scheme = "https" if settings.tls_cert else "http"
+    return f"{scheme}://{host}:{sock.getsockname()[1]}/"
 
 
 class StartError(Exception):
@@ -176,12 +190,10 @@ async def _run_server(app: Any, settings: config.Settings, sock: socket.socket) 
 
 def archive_command(args: argparse.Namespace) -> int:
     """`archive verify [--repair]`: the database against the archive directory; 1 if wrong."""
-    path = Path(args.config) if args.config else (Path("config.toml")
-                                                 if Path("config.toml").is_file() else None)
-    overrides = {"archive_dir": Path(args.archive).resolve() if args.archive else None,
-                 "db_path": Path(args.db).resolve() if args.db else None}
+    from remoterun.cli.backup import settings_from
+
     try:
-        settings = config.load(path, overrides)
+        settings = settings_from(args)
     except config.ConfigError as exc:
         print(f"remoterun: config error: {exc}", file=sys.stderr)
         return 2
@@ -281,6 +293,8 @@ def parser() -> argparse.ArgumentParser:
                              "http://127.0.0.1:8080)")
     common.add_argument("--token", default=argparse.SUPPRESS,
                         help="a bearer token (default: $REMOTERUN_TOKEN, the config file)")
+    common.add_argument("--utc", action="store_true", default=argparse.SUPPRESS,
+                        help="print times in UTC (Z) instead of local time with its offset")
     p = argparse.ArgumentParser(prog="remoterun", parents=[common], epilog=EPILOG,
                                 description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -298,6 +312,9 @@ def parser() -> argparse.ArgumentParser:
                         help="finalize what a crash left open; fix rows; adopt strays of "
                              "known tasks; delete pruned leftovers")
     _server_flags(verify)
+    from remoterun.cli import backup
+
+    backup.add_parsers(sub, _server_flags)
     _client_verbs(sub, common)
     comp = sub.add_parser("completion", help="print a shell completion script")
     comp.add_argument("shell", choices=("bash", "zsh"))
@@ -450,6 +467,10 @@ def main(argv: list[str] | None = None) -> int:
         return serve(args)
     if args.verb == "archive":
         return archive_command(args)
+    if args.verb in ("backup", "restore"):
+        from remoterun.cli import backup
+
+        return backup.command(args)
     if args.verb == "completion":
         print(completion.script(args.shell, p))
         return 0

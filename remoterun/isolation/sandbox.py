@@ -41,7 +41,7 @@ from typing import Any
 import structlog
 
 from remoterun.config import ResourceLimits, SandboxConfig, Settings
-from remoterun.isolation import bwrap, docker
+from remoterun.isolation import bwrap, docker, seccomp
 from remoterun.isolation.limits import (
     Cgroups,
     Counters,
@@ -71,6 +71,7 @@ class Policy:
     run_as: str = ""
     limits: ResourceLimits = ResourceLimits()
     env: Mapping[str, str] = field(default_factory=dict)
+    seccomp: str = "default"  # bwrap's filter: default, off or a profile's absolute path
 
 
 @dataclass(eq=False)
@@ -96,8 +97,9 @@ class Launch:
     async def started(self, pid: int) -> int | None:
         """bwrap is spawned: bound its first process and let it start the script; the group
         that signals go to (that process's)."""
-        for name in ("info_w", "block_r"):  # the child's ends: it has them now
-            os.close(self._fds.pop(name))
+        for name in ("info_w", "block_r", "seccomp"):  # the child's ends: it has them now
+            if name in self._fds:
+                os.close(self._fds.pop(name))
         first = await bwrap.read_child_pid(self._fds["info_r"])
         if first is None:  # bwrap failed (its error is in the output): let it end
             os.close(self._fds.pop("block_w"))
@@ -149,6 +151,9 @@ class Sandbox:
         self._head: list[str] = []  # bwrap's filesystem before the work folder, and after
         self._tail: list[str] = []
         self._null = -1
+        self.filters = seccomp.Filters()  # bwrap's seccomp programs, one per profile
+        self._config_dir = (settings.config_path.parent if settings.config_path is not None
+                            else Path.cwd())  # a profile's relative path starts there
 
     async def start(self) -> None:
         """Probe bubblewrap and the cgroups (in a thread), and say which mode is in force."""
@@ -157,7 +162,9 @@ class Sandbox:
         resolved = self.auto if mode == "auto" else mode
         details: dict[str, Any] = dict(mode=resolved, configured=mode,
                                        cgroups=sorted(self.cgroups.controllers),
-                                       network_off=self.bwrap_network_off)
+                                       network_off=self.bwrap_network_off,
+                                       seccomp=self.settings.sandbox.seccomp
+                                       if resolved == "bwrap" else "not applied")
         if resolved == "none":
             log.warning("sandbox_mode", **details, detail="tasks run unsandboxed: they see "
                         "what the server's user sees (install bubblewrap, or set [sandbox])")
@@ -166,6 +173,10 @@ class Sandbox:
         if resolved == "bwrap" and self.bwrap is None:
             log.error("sandbox_unavailable", mode="bwrap", detail="bwrap does not work here: "
                       "bwrap tasks fail at start")
+        if (self.filters.unavailable and resolved == "bwrap"
+                and self.settings.sandbox.seccomp != seccomp.OFF):
+            log.error("seccomp_unavailable", detail=self.filters.unavailable + ": bwrap tasks "
+                      "with a seccomp filter fail at start")
         limits = self.settings.limits
         if os.geteuid() == 0 and limits.processes and "pids" not in self.cgroups.controllers:
             log.warning("limit_not_enforced", limit="processes",
@@ -206,6 +217,17 @@ class Sandbox:
         dirs, files = bwrap.hidden(s.archive_dir, self.work_root, s.db_path, s.config_path,
                                    s.tls_cert, s.tls_key, *self.secret_files)
         self._head, self._tail = bwrap.filesystem(self.scripts, dirs, files)
+        self.filters.build(self._seccomp_settings())
+
+    def _seccomp_settings(self) -> list[tuple[str, str]]:
+        """Every seccomp setting config.toml makes, resolved (a sidecar may name no other)."""
+        found = [("sandbox.seccomp", self.settings.sandbox.seccomp),
+                 ("sidecars", seccomp.DEFAULT)]
+        for name, meta in self.settings.scripts.items():
+            box = meta.get("sandbox")
+            if isinstance(box, dict) and isinstance(box.get("seccomp"), str):
+                found.append((f"scripts.{name!r}.sandbox.seccomp", box["seccomp"]))
+        return [(where, seccomp.resolve(value, self._config_dir)) for where, value in found]
 
     async def close(self) -> None:
         """Remove the server's cgroup folders; close what start() opened."""
@@ -225,7 +247,9 @@ class Sandbox:
                       network=sandbox.get("network", config.network),
                       image=sandbox.get("image", config.image),
                       run_as=sandbox.get("run_as", config.run_as),
-                      limits=merged, env=env)
+                      limits=merged, env=env,
+                      seccomp=seccomp.resolve(sandbox.get("seccomp", config.seccomp),
+                                              self._config_dir))
 
     async def work_folders(self) -> list[tuple[Path, str, int]]:
         """The attempt work folders under the work root, off the loop (see `work_folders`)."""
@@ -331,6 +355,7 @@ class Sandbox:
                 "--block-fd", str(block_r)]
         if not policy.network:
             argv.append("--unshare-net")
+        argv += self._seccomp(launch)
         head = self._head
         if launch.quota is not None:  # /tmp and /run: folders of its quota, not tmpfs of their own
             head = bwrap.in_quota(head, str(launch.quota.tmp), str(launch.quota.run))
@@ -342,9 +367,23 @@ class Sandbox:
         if user is not None:  # bwrap then runs unprivileged, in a user namespace
             launch.argv = [*_setpriv(self._needs(self.setpriv, "setpriv"), user),
                            *launch.argv]
-        launch.pass_fds = (info_w, block_r)
+        launch.pass_fds = tuple(launch._fds[n] for n in ("info_w", "block_r", "seccomp")
+                                if n in launch._fds)
         launch.take_ctty = False
         launch.signal_exit_codes = True
+
+    def _seccomp(self, launch: Launch) -> list[str]:
+        """bwrap's options loading the policy's filter just before it execs the script (the
+        program on a pipe of the launch's); none when it is off."""
+        try:
+            program = self.filters.program(launch.policy.seccomp)
+        except KeyError:
+            raise SandboxError(self.filters.unavailable or f"its seccomp profile "
+                               f"{launch.policy.seccomp!r} was not loaded at start") from None
+        if program is None:
+            return []
+        launch._fds["seccomp"] = seccomp.pipe_of(program)
+        return ["--seccomp", str(launch._fds["seccomp"])]
 
     def _unsandboxed(self, launch: Launch, user: pwd.struct_passwd | None) -> None:
         """Mode none: the script behind its rlimits (prlimit), its user (setpriv) and, first,

@@ -2,7 +2,7 @@
 // story, re-run it, browse and search the history, all live from GET /events (no polling).
 // Speaks only the wire contract (REST, the task WebSocket, SSE); no framework, no build step.
 
-import { durationText, showDetails } from "./details.js";
+import { durationText, exitText, showDetails } from "./details.js";
 import * as find from "./find.js";
 import * as form from "./form.js";
 import * as historyList from "./history.js";
@@ -269,7 +269,7 @@ function showTask(task, duration) {
   $("#task-queue").textContent = task.status === "pending" && task.queue_position != null
     ? `#${task.queue_position} in the queue` : "";
   const took = duration ?? seconds(task);
-  const parts = [task.exit_code == null ? "" : `exit ${task.exit_code}`,
+  const parts = [task.exit_code == null ? "" : `exit ${exitText(task.exit_code)}`,
                  FINAL.has(task.status) && took != null ? formatSeconds(took) : ""];
   $("#task-exit").textContent = parts.filter(Boolean).join(" · ");
   $("#cancel").disabled = FINAL.has(task.status) || me.role === "viewer";

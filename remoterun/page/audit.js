@@ -1,7 +1,7 @@
 // The audit trail for admins: a card under the history, filled from GET /audit (newest first).
 // Separate from app.js on purpose: it only needs the page's #app to be shown, and /whoami.
 
-import { apiHeaders } from "./util.js";
+import { apiHeaders, formatTime } from "./util.js";
 
 const ACTIONS = ["", "submit", "cancel", "signal", "stdin", "attach", "download", "login",
   "logout", "denied"];
@@ -41,11 +41,12 @@ function card() {
     }
     if (!append) rows.replaceChildren();
     for (const e of body.events) {
-      const cells = [e.ts.replace("T", " ").replace(/\.\d+Z$/, "Z"),
+      const cells = [formatTime(e.ts),
         `${e.actor}${e.role ? ` (${e.role})` : ""}${e.address ? ` ${e.address}` : ""}`,
         e.action, e.script || "", e.result, e.detail || (e.task_id || "")];
       const row = element("tr", { className: `audit-${e.result === "ok" ? "ok" : "refused"}` },
         cells.map((text) => element("td", { textContent: text })));
+      row.cells[0].title = e.ts; // the exact instant, in UTC
       if (e.task_id) row.title = `task ${e.task_id}`;
       rows.append(row);
     }

@@ -1,6 +1,25 @@
 // The open task's whole story beside its terminal: facts, params, each attempt, downloads.
 
+import { scripts } from "./form.js";
 import { $, el, FINAL, formatBytes, formatSeconds, formatTime, seconds, withKey } from "./util.js";
+
+// Linux's signal numbers, for exit codes -N (the task was killed by signal N).
+const SIGNALS = { 1: "SIGHUP", 2: "SIGINT", 3: "SIGQUIT", 4: "SIGILL", 5: "SIGTRAP",
+  6: "SIGABRT", 7: "SIGBUS", 8: "SIGFPE", 9: "SIGKILL", 10: "SIGUSR1", 11: "SIGSEGV",
+  12: "SIGUSR2", 13: "SIGPIPE", 14: "SIGALRM", 15: "SIGTERM", 24: "SIGXCPU", 25: "SIGXFSZ" };
+
+// An exit code as people read it: "SIGTERM (-15)" for a signal, the number otherwise.
+export function exitText(code) {
+  if (code == null) return "—";
+  return code < 0 ? `${SIGNALS[-code] ?? `signal ${-code}`} (${code})` : String(code);
+}
+
+// The timeout the run had: the submission's, else the script's, else the server's default.
+function timeoutText(task) {
+  if (task.timeout != null) return `${task.timeout} s`;
+  const own = scripts.get(task.script)?.timeout;
+  return own != null ? `${own} s (the script's)` : "server default";
+}
 
 // Each attempt from the task's transitions: it starts when the task goes running and ends at
 // the next transition out of running (a retry, or the final state).
@@ -43,13 +62,13 @@ export function showDetails(task, events) {
     fact("submitted by", task.submitted_by),
     fact("node", task.node ?? "—"),
     fact("priority", String(task.priority)),
-    fact("timeout", task.timeout == null ? "default" : `${task.timeout} s`),
+    fact("timeout", timeoutText(task)),
     fact("mode", task.pty ? "PTY" : task.interactive ? "interactive" : "pipes"),
     fact("created", formatTime(task.created_at)),
     fact("started", formatTime(task.started_at)),
     fact("finished", formatTime(task.finished_at)),
     fact("duration", durationText(task), "task-duration"),
-    fact("exit code", task.exit_code == null ? "—" : String(task.exit_code)),
+    fact("exit code", exitText(task.exit_code)),
     fact("output", formatBytes(task.output_bytes)),
     task.error ? fact("error", task.error) : [],
   ];
@@ -62,8 +81,8 @@ export function showDetails(task, events) {
     el("td", { textContent: String(a.attempt) }),
     el("td", { textContent: clock(a.start), title: formatTime(a.start) }),
     el("td", { textContent: a.end ? clock(a.end) : a.outcome, title: formatTime(a.end) }),
-    el("td", { textContent: a.exitCode == null ? "—" : String(a.exitCode) }),
-    el("td", { textContent: a.error ?? (a.end ? a.outcome : "") })));
+    el("td", { textContent: exitText(a.exitCode) }),
+    el("td", { textContent: a.error ?? (a.end && a.outcome !== "success" ? a.outcome : "—") })));
   if (!rows.length) {
     const why = FINAL.has(task.status) ? "it never ran" : "not started yet";
     rows.push(el("tr", {}, el("td", { colSpan: 5, textContent: why })));
