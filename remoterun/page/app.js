@@ -62,7 +62,7 @@ async function createTerminal(element) {
       import("/vendor/xterm-addon-fit/lib/addon-fit.mjs"),
     ]);
     const xterm = new Terminal({
-      convertEol: true, cursorBlink: true, scrollback: 20000, fontSize: 14,
+      convertEol: true, cursorBlink: true, scrollback: 20000, fontSize: 14, lineHeight: 1.2,
       fontFamily: "ui-monospace, 'DejaVu Sans Mono', Menlo, Consolas, monospace",
       theme: LIGHT.matches ? THEMES.light : THEMES.dark,
     });
