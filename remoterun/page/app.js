@@ -6,6 +6,7 @@ import { durationText, exitText, showDetails } from "./details.js";
 import * as find from "./find.js";
 import * as form from "./form.js";
 import * as historyList from "./history.js";
+import { t, translate } from "./i18n.js";
 import { follow } from "./live.js";
 import { $, api, ApiError, el, FINAL, formatSeconds, seconds, sessionKey, withKey } from "./util.js";
 import { addView, showView } from "./views.js";
@@ -133,7 +134,7 @@ async function openTask(id, { push = true } = {}) {
     const path = `/tasks/${encodeURIComponent(id)}`;
     [task, { events }] = await Promise.all([api(path), api(`${path}/events`)]);
   } catch (error) {
-    $("#task-title").textContent = `Task ${id}`;
+    $("#task-title").textContent = t("task.title", { id });
     notice(error.message);
     return;
   }
@@ -186,7 +187,7 @@ function connect() {
   socket.onopen = () => view.outbox.splice(0).forEach((m) => socket.send(JSON.stringify(m)));
   // Events of a socket we have already given up on are stale: ignore them.
   socket.onmessage = (event) => view.socket === socket && onFrame(JSON.parse(event.data));
-  socket.onclose = (event) => view.socket === socket && onDrop(`connection closed (${event.code})`);
+  socket.onclose = (event) => view.socket === socket && onDrop(t("closed", { code: event.code }));
 }
 
 function disconnect() {
@@ -200,7 +201,7 @@ function onDrop(reason) {
   disconnect();
   if (view.done || !view.following) return;
   const delay = Math.min(5000, 250 * 2 ** view.retries++);
-  notice(`${reason}; reconnecting…`);
+  notice(t("reconnecting", { reason }));
   view.timer = setTimeout(reconnect, delay);
 }
 
@@ -254,7 +255,7 @@ function send(message) {
 // A dead network does not always close a socket; a ping left unanswered does.
 function keepAlive() {
   if (view.socket?.readyState !== WebSocket.OPEN) return;
-  if (view.awaitingPong) return onDrop("no answer from the server");
+  if (view.awaitingPong) return onDrop(t("no_answer"));
   view.awaitingPong = true;
   send({ type: "ping" });
 }
@@ -264,18 +265,17 @@ function showTask(task, duration) {
   // A PTY sends "\r\n" itself; pipes send bare "\n", which a terminal must also return on.
   term.options.convertEol = !task.pty;
   $("#task-title").textContent = `${task.script} · ${task.id.slice(0, 8)}`;
-  $("#task-status").textContent = task.status;
+  $("#task-status").textContent = t(`status.${task.status}`);
   $("#task-status").className = `status ${task.status}`;
   $("#task-queue").textContent = task.status === "pending" && task.queue_position != null
-    ? `#${task.queue_position} in the queue` : "";
+    ? t("task.queue", { n: task.queue_position }) : "";
   const took = duration ?? seconds(task);
-  const parts = [task.exit_code == null ? "" : `exit ${exitText(task.exit_code)}`,
+  const parts = [task.exit_code == null ? "" : t("task.exit", { code: exitText(task.exit_code) }),
                  FINAL.has(task.status) && took != null ? formatSeconds(took) : ""];
   $("#task-exit").textContent = parts.filter(Boolean).join(" · ");
   $("#cancel").disabled = FINAL.has(task.status) || me.role === "viewer";
   $("#rerun").disabled = $("#run").hidden || !scripts.get(task.script)?.runnable;
-  $("#term-keys").textContent = ptyLive() ? "Shift+Esc leaves the terminal (Esc goes to the program)"
-    : "Esc leaves the terminal";
+  $("#term-keys").textContent = t(ptyLive() ? "keys.leave_pty" : "keys.leave");
   showDetails(task, view.events);
   for (const [selector, href] of [["#task-link", `/?task=${task.id}`],
                                   ["#task-download", withKey(`/tasks/${task.id}/output`)]]) {
@@ -415,6 +415,7 @@ function taskInUrl() {
 }
 
 async function main() {
+  translate();
   Object.assign(me, await whoami());
   $("#who").textContent = `${me.name} (${me.role})`;
   $("#logout").hidden = !me.auth;
@@ -486,6 +487,6 @@ function wireControls() {
 
 main().catch((error) => {
   console.error(error);
-  notice(`The page failed to start: ${error.message}`);
+  notice(t("failed_start", { message: error.message }));
   $("#app").hidden = false;
 });

@@ -1,6 +1,7 @@
 // Ctrl+F: find in the whole log through GET /tasks/{id}/search, next and previous, each
 // match shown wherever it is (the terminal loads the frames around it).
 
+import { t } from "./i18n.js";
 import { $, api } from "./util.js";
 
 const PAGE = 1000;
@@ -56,13 +57,13 @@ async function step(direction, taskId) {
     }
     const count = state.matches.length;
     if (!count) {
-      $("#find-count").textContent = "no match";
+      $("#find-count").textContent = t("find.none");
       return;
     }
     state.index = (state.index + direction + count) % count;
     const match = state.matches[state.index];
-    $("#find-count").textContent =
-      `${state.index + 1} of ${count}${state.cursor ? "+" : ""} · line ${match.line}`;
+    $("#find-count").textContent = t("find.count", {
+      i: state.index + 1, n: `${count}${state.cursor ? "+" : ""}`, line: match.line });
     await show(match, query);
   } catch (error) {
     $("#find-count").textContent = error.message;
