@@ -228,6 +228,9 @@ BLOCKS_ALLOWED: list[tuple[str, set[str], tuple[str, ...]]] = [
     # vfork + exec on the loop (spawn.py): the exec-error pipe is read until the child has
     # exec'd (~0.1 ms), cheaper than a hop to a thread and back (bench/README.md).
     ("remoterun/spawn.py", {"spawn"}, ("os.read",)),
+    # A cluster node's watchdog process started (subprocess.Popen reads its exec-error pipe
+    # the same way): once at the node's start, and again only if it died before a rejoin.
+    ("remoterun/cluster/watchdog.py", {"start"}, ("os.read",)),
     # A short run's whole segment is written once at its end (~0.1 ms: archive.py docstring).
     ("remoterun/archive/writer.py", {"close"}, ("os.mkdir", "os.write", "io.open", "builtins.open")),
     # Resolving a script: a realpath walk and a few stats of the scripts folder, cached for

@@ -37,9 +37,10 @@ ALLOWED: dict[str, set[str]] = {
     "cluster": LEAVES | {"store", "archive", "catalogue", "runner", "reaper", "metrics",
                          "engine"},
     # the API talks to the engine, reads through the store, uses the leaves; only the CLI's
-    # `serve` (and __main__) sit above it
+    # `serve` (and __main__) sit above it. api/app.py is the composition root: it builds the
+    # engine's parts, the Sandbox among them (issue 24), hence `isolation`
     "api": LEAVES | {"store", "archive", "catalogue", "metrics", "auth", "alerts", "retention",
-                     "engine", "cluster", "integrity", "vault", "redact"},
+                     "engine", "cluster", "integrity", "vault", "redact", "isolation"},
     "cli": LEAVES | {"api", "store", "catalogue", "auth", "integrity", "retention", "vault",
                      "archive"},
 }

@@ -102,7 +102,9 @@ async def test_database_locked(client, settings):
 
 async def test_engine_dead(client):
     """A dispatcher loop that has ended (here: cancelled, as a bug would end it) is not ready."""
-    client.app[SCHEDULER]._loops[0].cancel()
+    dispatcher = client.app[SCHEDULER]._dispatcher
+    assert dispatcher is not None
+    dispatcher.cancel()
     status, body = await readyz(client)
     assert status == 503 and body["checks"]["engine"]["ok"] is False
     assert "dispatcher" in body["checks"]["engine"]["error"]

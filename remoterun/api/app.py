@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import math
 import os
 import weakref
@@ -42,9 +43,13 @@ from remoterun.api import (
 from remoterun.archive.compressor import Compressor
 from remoterun.archive.segments import make_private
 from remoterun.auth import Authenticator, FailureLimiter, Sessions, digest
-from remoterun.catalogue import Catalogue
+from remoterun.catalogue import Catalogue, MetadataError
 from remoterun.config import Settings
+from remoterun.engine.membership import Alone
+from remoterun.engine.protect import Protection
+from remoterun.engine.queue import LocalQueue, QueuePolicy
 from remoterun.engine.scheduler import Scheduler
+from remoterun.isolation.sandbox import Sandbox
 from remoterun.metrics import Metrics
 from remoterun.retention import Sweeper
 from remoterun.spawn import Children
@@ -231,17 +236,8 @@ async def services(app: web.Application) -> AsyncIterator[None]:
     # The server's alone, even where it existed before (the repository ships archive/).
     await asyncio.to_thread(make_private, settings.archive_dir)
     compressor = Compressor()
-    db: Store
-    if settings.cluster is None:
-        db = app[DB] = Database(settings.db_path, observe_write=app[METRICS].db_write.observe)
-        await db.open()
-        scheduler = app[SCHEDULER] = Scheduler(settings, db, app[CATALOGUE], app[METRICS],
-                                               compressor, Children())
-    else:  # issue 16: PostgreSQL and Redis, imported only here
-        from remoterun import cluster
-        db, scheduler = await cluster.open_node(settings, app[CATALOGUE], app[METRICS],
-                                                compressor)
-        app[DB], app[SCHEDULER] = db, scheduler
+    db, scheduler = await _engine(app, compressor)
+    app[DB], app[SCHEDULER] = db, scheduler
     scheduler.on_transition = monitor.observer(app)
     try:
         await scheduler.start()
@@ -255,6 +251,39 @@ async def services(app: web.Application) -> AsyncIterator[None]:
         await scheduler.close()
         await asyncio.to_thread(compressor.close)
         await db.close()
+
+
+async def _engine(app: web.Application, compressor: Compressor) -> tuple[Store, Scheduler]:
+    """The composition root of the engine: one `Scheduler`, built on one server with the
+    SQLite store, its local queue and no membership, and on a cluster node with PostgreSQL,
+    the claim queue, the node's membership and the relay's publish hook (issue 24)."""
+    settings, catalogue, metrics = app[SETTINGS], app[CATALOGUE], app[METRICS]
+    children = Children()
+    # Made first: it takes REMOTERUN_SECRET_KEY out of the server's environment before the
+    # sandbox reads its allow-list from it.
+    protection = Protection(settings)
+    sandbox = Sandbox(settings, children, (protection.key_path,))
+    if settings.cluster is None:
+        db = Database(settings.db_path, observe_write=metrics.db_write.observe)
+        await db.open()
+        policy = QueuePolicy(settings.aging_s, functools.partial(_limit_of, catalogue))
+        return db, Scheduler(settings, db, catalogue, metrics, compressor, children,
+                             queue=LocalQueue(policy, db, settings.max_pending),
+                             membership=Alone(db, settings.reaper_interval_s),
+                             protection=protection, sandbox=sandbox)
+    from remoterun import cluster  # issue 16: PostgreSQL and Redis, imported only here
+    pg, queue, node, publish = await cluster.open_node(settings, catalogue, metrics, children)
+    return pg, Scheduler(settings, pg, catalogue, metrics, compressor, children, queue=queue,
+                         membership=node, publish=publish, protection=protection,
+                         sandbox=sandbox)
+
+
+def _limit_of(catalogue: Catalogue, script: str) -> int | None:
+    """A script's max_concurrency (None: unlimited, or no longer in the catalogue)."""
+    try:
+        return catalogue.resolve(script).max_concurrency
+    except (errors.NotFound, MetadataError):
+        return None
 
 
 async def on_shutdown(app: web.Application) -> None:

@@ -1,35 +1,40 @@
 """Cluster mode (issue 16): nodes sharing PostgreSQL (state, queue), Redis (live output,
-controls) and the archive folder; see docs/cluster.md."""
+controls) and the archive folder; see docs/cluster.md. It provides the parts the engine's one
+`Scheduler` is built with on a node: a claim queue, a membership and a publish hook."""
 
 from __future__ import annotations
 
+import functools
 import urllib.parse
 
 import structlog
 
-from remoterun.archive.compressor import Compressor
 from remoterun.catalogue import Catalogue
-from remoterun.cluster.relay import Relay
-from remoterun.cluster.scheduler import ClusterScheduler
+from remoterun.cluster.claims import ClaimQueue
+from remoterun.cluster.node import Node
+from remoterun.cluster.relay import Relay, RelaySink
 from remoterun.config import Settings
+from remoterun.engine.scheduler import Publish
 from remoterun.metrics import Metrics
 from remoterun.spawn import Children
 from remoterun.store.postgres import PostgresDatabase
 
-__all__ = ["ClusterScheduler", "PostgresDatabase", "Relay", "open_node"]
+__all__ = ["ClaimQueue", "Node", "PostgresDatabase", "Relay", "open_node"]
 log = structlog.get_logger(__name__)
 
 
 async def open_node(settings: Settings, catalogue: Catalogue, metrics: Metrics,
-                    compressor: Compressor) -> tuple[PostgresDatabase, ClusterScheduler]:
-    """Connect to the cluster's engines; the database and this node's scheduler (not started)."""
+                    children: Children) -> tuple[PostgresDatabase, ClaimQueue, Node, Publish]:
+    """Connect to the cluster's PostgreSQL: the database, and this node's queue, membership
+    and publish hook (the relay to Redis, started when the node joins)."""
     assert settings.cluster is not None
     _warn_open_doors(settings)
     db = PostgresDatabase(settings.cluster.database_url, observe_write=metrics.db_write.observe,
                           max_size=max(10, settings.workers + 6))
     await db.open()
     relay = Relay(settings.cluster.redis_url)
-    return db, ClusterScheduler(settings, db, catalogue, metrics, compressor, Children(), relay)
+    node = Node(settings, db, relay, catalogue, children)
+    return db, ClaimQueue(settings, db, node), node, functools.partial(RelaySink, relay)
 
 
 def _warn_open_doors(settings: Settings) -> None:

@@ -1,0 +1,90 @@
+"""One live task as the engine holds it: where it is, its row, its hub and its attempt; the
+row a new submission starts with; and what the engine's parts (runs, recovery) may ask of it."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Coroutine, Iterable
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Any, Protocol
+
+from remoterun import store
+from remoterun.archive import logs_path_for
+from remoterun.engine.attempt import Attempt
+from remoterun.engine.hub import TaskHub
+from remoterun.state import TaskStatus
+
+# What a new task's row holds before anything happened to it (beside new_row's fields).
+UNSET: dict[str, Any] = {**dict.fromkeys(("exit_code", "error", "started_at", "finished_at",
+                                          "run_after", "pid")),
+                         "output_bytes": 0, "last_seq": 0, "seq_reserved": 0}
+
+
+class Where(StrEnum):
+    """Where a live task is."""
+
+    QUEUED = "queued"  # pending, in the queue
+    STARTING = "starting"  # taken from the queue, its running transition being committed
+    RUNNING = "running"  # its attempt holds a worker slot
+    FINISHING = "finishing"  # its process ended, its next state being committed
+
+
+@dataclass(eq=False)
+class TaskState:
+    """Everything the engine knows of one live task."""
+
+    row: dict[str, Any]
+    where: Where = Where.QUEUED
+    hub: TaskHub | None = None
+    attempt: Attempt | None = None
+    flush_due: float = 0.0  # time.monotonic() of its archive's next flush
+    recorded: dict[str, Any] = field(default_factory=dict)  # progress the last flush wrote
+    reserving: bool = False  # a seq reservation is being committed
+    next_segment: int | None = 1  # the number its next archive segment takes (None: unknown)
+    spawn_retries: int = 0  # spawns retried for a shortage of descriptors (EMFILE, ENFILE)
+
+
+def new_row(num: int, task_id: str, script: str, request: dict[str, Any], shown: str,
+            sealed: str, submitted_by: str, now: float) -> dict[str, Any]:
+    """A submission's row as inserted: numbered `num`, params as shown and sealed."""
+    return {
+        "num": num, "id": task_id, "script": script, "status": str(TaskStatus.PENDING),
+        "params": shown, "secret_params": sealed,
+        "priority": request.get("priority", 0), "timeout": request.get("timeout"),
+        "max_retries": request.get("max_retries", 0), "attempt": 1,
+        "pty": request.get("pty", False),
+        "interactive": request.get("interactive", False) or request.get("pty", False),
+        "stdin": request.get("stdin", ""), "created_at": now, "updated_at": now,
+        "submitted_by": submitted_by, "logs_path": logs_path_for(task_id, now),
+    }
+
+
+class Engine(Protocol):
+    """What the runs need of the scheduler that owns them."""
+
+    tasks: dict[str, TaskState]
+    problems: dict[str, str]
+
+    async def transition(self, state: TaskState, new: TaskStatus,
+                         extra: Iterable[store.Statement] = (), within_s: float | None = None,
+                         **fields: Any) -> None:
+        """Check, persist, then announce a status change."""
+
+    async def commit(self, statements: list[store.Statement]) -> int | None:
+        """The engine's commit, in order."""
+
+    def enqueue(self, state: TaskState) -> None:
+        """The task waits again."""
+
+    def finish(self, state: TaskState) -> None:
+        """Announce the end and forget the task."""
+
+    def hub(self, state: TaskState) -> TaskHub:
+        """The task's hub (made on first use)."""
+
+    def own(self, coro: Coroutine[Any, Any, None], name: str) -> asyncio.Task[None]:
+        """Run a background coroutine that close() cancels."""
+
+    def wake(self) -> None:
+        """A slot came free: the dispatcher looks again."""
