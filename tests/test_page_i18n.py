@@ -4,8 +4,10 @@ keeps the choice."""
 
 from __future__ import annotations
 
+import os
 import re
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 from conftest import ROOT, ServerProcess
@@ -19,6 +21,7 @@ from test_page import (  # noqa: F401  (the module's fixtures: one Chromium, one
 )
 
 PAGE = ROOT / "remoterun" / "page"
+DOCS = ROOT / "docs"
 
 
 def open_in(browser: Browser, server: ServerProcess, locale: str) -> Page:  # noqa: F811
@@ -88,4 +91,37 @@ def test_the_switch_keeps_the_choice(browser: Browser, site: ServerProcess) -> N
     expect(page.locator("#history-title")).to_have_text("历史")
     page.select_option("#lang", "en")
     expect(page.locator("#history-title")).to_have_text("History", timeout=WAIT_MS)
+    page.context.close()
+
+
+def test_a_task_reads_in_chinese(browser: Browser, site: ServerProcess) -> None:  # noqa: F811
+    """A finished task in a zh-CN browser: its status, facts and duration are in Chinese."""
+    page = open_in(browser, site, "zh-CN")
+    task = page.request.post("/tasks", data={"script": "hello.sh"}).json()
+    page.goto(f"/?task={task['id']}")
+    page.wait_for_function(READY, timeout=WAIT_MS)
+    expect(page.locator("#task-status")).to_have_text("成功", timeout=WAIT_MS)
+    expect(page.locator("#task-facts")).to_contain_text("退出码")
+    expect(page.locator("#task-facts")).to_contain_text("秒")
+    expect(page.locator("#tasks")).to_contain_text("成功")
+    page.context.close()
+
+
+@pytest.mark.parametrize("locale", ["en-US", "zh-CN"])
+def test_screenshot_of_each_locale_and_360_px(browser: Browser, site: ServerProcess,  # noqa: F811
+                                              locale: str, tmp_path: Path) -> None:
+    """The console with a task open in each locale (docs/console-<locale>.png under `make
+    screenshot`); at 360 px wide nothing runs off the side in either."""
+    page = open_in(browser, site, locale)
+    task = page.request.post("/tasks", data={"script": "lines.py",
+                                             "params": {"n": 12, "both": True}}).json()
+    page.goto(f"/?task={task['id']}")
+    page.wait_for_function(READY, timeout=WAIT_MS)
+    page.wait_for_function("() => terminalText().includes('line 12')", timeout=WAIT_MS)
+    folder = DOCS if os.environ.get("REMOTERUN_SCREENSHOT") else tmp_path
+    target = folder / f"console-{locale}.png"
+    page.screenshot(path=target)
+    assert target.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    page.set_viewport_size({"width": 360, "height": 760})
+    page.wait_for_function("() => document.documentElement.scrollWidth <= 360", timeout=WAIT_MS)
     page.context.close()
