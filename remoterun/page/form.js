@@ -34,7 +34,8 @@ export function renderParams() {
   // A broken sidecar: the script stays listed, its help says what to fix, Run answers 422.
   $("#script-help").textContent = script?.error ?? script?.description ?? "";
   $("#script-help").classList.toggle("error", Boolean(script?.error));
-  $("#run").timeout.placeholder = script?.timeout ? `${script.timeout} (script's)` : "default";
+  $("#run").timeout.placeholder = script?.timeout ? t("form.timeout_script", { s: script.timeout })
+    : t("form.default");
   const fields = !script || script.error ? [] : script.params === null ? [freeFormField()]
     : script.params.map(paramField);
   $("#params").replaceChildren(...fields);
@@ -42,8 +43,8 @@ export function renderParams() {
 }
 
 function freeFormField() {
-  const input = el("textarea", { name: "free", rows: 3, placeholder: "key=value, one a line" });
-  return el("label", { className: "param" }, "Params", input, errorSlot("params"));
+  const input = el("textarea", { name: "free", rows: 3, placeholder: t("form.free") });
+  return el("label", { className: "param" }, t("task.params"), input, errorSlot("params"));
 }
 
 function paramField(param) {

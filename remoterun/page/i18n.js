@@ -123,6 +123,9 @@ export const STRINGS = {
     "form.not_allowed": "{name} (not allowed)",
     "form.pattern": "must match {pattern}",
     "form.rerun_of": "Re-run of {script} · {id}: edit, then Run.",
+    "form.timeout_script": "{s} (script's)",
+    "form.default": "default",
+    "form.free": "key=value, one a line",
   },
   "zh-CN": {
     "skip": "跳到终端",
@@ -242,6 +245,9 @@ export const STRINGS = {
     "form.not_allowed": "{name}（无权限）",
     "form.pattern": "须匹配 {pattern}",
     "form.rerun_of": "重新运行 {script} · {id}：修改后点“运行”。",
+    "form.timeout_script": "{s}（脚本设置）",
+    "form.default": "默认",
+    "form.free": "每行一个 key=value",
   },
 };
 
