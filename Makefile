@@ -31,7 +31,7 @@ test: install
 # Refresh docs/*.png (the README's pictures) from the page tests.
 screenshot: install
 	REMOTERUN_SCREENSHOT=1 $(PYTHON) -m pytest tests/test_page.py tests/test_page_console.py \
-	  tests/test_page_stats.py -k "screenshot or 360"
+	  tests/test_page_stats.py tests/test_page_i18n.py -k "screenshot or 360"
 
 install: install-system install-node install-python
 
