@@ -3,6 +3,7 @@ GitHub, GitLab and a generic HMAC sender sign them, computed here from the secre
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import hmac
 import json
@@ -287,6 +288,21 @@ async def test_a_redelivered_id_returns_the_first_task(hooked):
     other = github(body, delivery="another-delivery")
     assert (await client.post("/hooks/deploy", data=body, headers=other)).status == 202
     assert len(await tasks_of(client)) == 2
+
+
+async def test_the_same_delivery_sent_twice_at_once_runs_once(hooked):
+    """Two copies of one delivery at the same moment: one task, the other answer its
+    duplicate (the lookup and the task's creation are one step per hook)."""
+    client = await hooked()
+    body = encoded(PUSH)
+    headers = github(body, delivery="sent-twice")
+    answers = await asyncio.gather(*(client.post("/hooks/deploy", data=body, headers=headers)
+                                     for _ in range(2)))
+    bodies = [await a.json() for a in answers]
+    assert [a.status for a in answers] == [202, 202]
+    assert sorted(b.get("duplicate", False) for b in bodies) == [False, True]
+    assert bodies[0]["task"]["id"] == bodies[1]["task"]["id"]
+    assert len(await tasks_of(client)) == 1
 
 
 async def test_a_match_miss_starts_nothing_and_names_the_key(hooked):
