@@ -21,7 +21,7 @@ from conftest import TOKENS, make_settings, wait_final
 from remoterun.api import SETTINGS
 from remoterun.api.app import create_app
 from remoterun.api.openapi import document
-from remoterun.config import SandboxConfig
+from remoterun.config import Cluster, SandboxConfig
 from remoterun.hooks import parse_hooks
 
 SECRET, ROTATED = "github-secret-one", "github-secret-two"
@@ -489,3 +489,21 @@ def test_openapi_lists_the_hook_routes():
     assert "post" in paths["/hooks/{name}"] and "get" in paths["/hooks"]
     assert {"200", "202", "401", "404", "413", "422"} <= set(paths["/hooks/{name}"]["post"]
                                                              ["responses"])
+
+
+@pytest.mark.slow
+async def test_a_hook_on_a_cluster_node_runs_once_per_delivery(hooked, engines):
+    """On a cluster node (real PostgreSQL and Redis) a signed delivery runs through the
+    claim queue, and the same delivery twice at once still makes one task."""
+    _, redis_server, url = engines
+    client = await hooked(cluster=Cluster(database_url=url, redis_url=redis_server.url,
+                                          node="n1"))
+    body = encoded(PUSH)
+    headers = github(body, delivery="cluster-delivery")
+    answers = await asyncio.gather(*(client.post("/hooks/deploy", data=body, headers=headers)
+                                     for _ in range(2)))
+    bodies = [await a.json() for a in answers]
+    assert [a.status for a in answers] == [202, 202], bodies
+    assert bodies[0]["task"]["id"] == bodies[1]["task"]["id"]
+    assert (await wait_final(client, bodies[0]["task"]["id"], timeout=30))["status"] == "success"
+    assert len(await tasks_of(client)) == 1
