@@ -60,7 +60,7 @@ async def list_nodes(request: web.Request) -> web.Response:
 def setup_cluster(app: web.Application) -> None:
     """The redis readiness check."""
     async def redis() -> None:
-        relay = app[SCHEDULER].membership.relay  # type: ignore[attr-defined]
+        relay = app[SCHEDULER].peers.relay  # type: ignore[attr-defined]
         try:
             await relay.ping()
         except Exception as exc:

@@ -34,7 +34,7 @@ from remoterun.cluster.relay import Relay
 from remoterun.cluster.watchdog import Watchdog, lease_clock
 from remoterun.config import Settings
 from remoterun.engine.hub import Subscription
-from remoterun.engine.membership import Host, Lost
+from remoterun.engine.peers import Host, Lost
 from remoterun.engine.recovery import task_ids_on_host
 from remoterun.errors import BadRequest, NotFound
 from remoterun.reaper import kill_left_behind

@@ -71,8 +71,9 @@ class Engine(Protocol):
                          **fields: Any) -> None:
         """Check, persist, then announce a status change."""
 
-    async def commit(self, statements: list[store.Statement]) -> int | None:
-        """The engine's commit, in order."""
+    async def commit(self, statements: list[store.Statement], within_s: float | None = None
+                     ) -> int | None:
+        """The engine's commit, in order (or a request's, waiting at most `within_s`)."""
 
     def enqueue(self, state: TaskState) -> None:
         """The task waits again."""

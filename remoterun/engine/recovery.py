@@ -4,7 +4,7 @@ those of a cluster node declared lost. One path for both modes, every scan off t
 `settle` kills what such a run left on this host (found by RR_TASK_ID in /proc), makes whole
 the archive segments it left open, and says what its row must record; `Recovery` then writes
 the end ("failed", or pending again while retries remain) through the engine's one transition
-and publishes the exit event like any other end. Which runs are lost is the membership's to
+and publishes the exit event like any other end. Which runs are lost is the peers' to
 say (`leftovers` at start, `orphans` on the reaper's beat); the rest is the same in both modes.
 """
 
@@ -22,7 +22,7 @@ from remoterun import store
 from remoterun.archive import Segment, deflate_of, recover
 from remoterun.config import Settings
 from remoterun.engine.live import Engine, TaskState, Where
-from remoterun.engine.membership import Lost, Membership
+from remoterun.engine.peers import Lost, Peers
 from remoterun.engine.queue import Queue
 from remoterun.isolation.sandbox import Sandbox
 from remoterun.reaper import kill_left_behind
@@ -46,13 +46,13 @@ class Recovery:
     """Records the runs no live server holds, for one engine."""
 
     def __init__(self, engine: Engine, settings: Settings, db: store.Store, queue: Queue,
-                 membership: Membership):
+                 peers: Peers):
         self.engine, self.settings, self.db = engine, settings, db
-        self.queue, self.membership = queue, membership
+        self.queue, self.peers = queue, peers
 
     async def recover(self) -> None:
         """At start: record runs an earlier server left, and hold the pending tasks again."""
-        for lost in await self.membership.leftovers():
+        for lost in await self.peers.leftovers():
             await self.end(lost)
         for row in await self.queue.recover():
             if row["id"] not in self.engine.tasks:  # a retry's folder may hold segments
@@ -85,7 +85,7 @@ class Recovery:
 
     async def reap(self) -> None:
         """Record runs no live server holds (a dead server's, a lost node's)."""
-        for lost in await self.membership.orphans(self.engine.tasks.keys()):
+        for lost in await self.peers.orphans(self.engine.tasks.keys()):
             if lost.row["id"] not in self.engine.tasks:
                 log.warning("reaped_lost_run", task_id=lost.row["id"])
                 await self.end(lost)

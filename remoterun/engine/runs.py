@@ -22,7 +22,7 @@ from remoterun.config import Settings
 from remoterun.engine import launch
 from remoterun.engine.attempt import decide
 from remoterun.engine.live import Engine, TaskState, Where
-from remoterun.engine.membership import Membership
+from remoterun.engine.peers import Peers
 from remoterun.engine.protect import Protection
 from remoterun.engine.queue import Queue
 from remoterun.engine.recovery import Recovery
@@ -45,12 +45,12 @@ class Runs:
     def __init__(self, engine: Engine, settings: Settings, catalogue: Catalogue,
                  metrics: Metrics, compressor: Compressor, children: Children,
                  protection: Protection, sandbox: Sandbox, queue: Queue,
-                 membership: Membership, recovery: Recovery, once: Once):
+                 peers: Peers, recovery: Recovery, once: Once):
         self.engine = engine
         self.settings, self.catalogue, self.metrics = settings, catalogue, metrics
         self.compressor, self.children = compressor, children
         self.protection, self.sandbox, self.queue = protection, sandbox, queue
-        self.membership, self.recovery, self.once = membership, recovery, once
+        self.peers, self.recovery, self.once = peers, recovery, once
         self.busy = 0  # worker slots held (starting, running)
         self.running: set[asyncio.Task[None]] = set()  # one per attempt
 
@@ -98,11 +98,11 @@ class Runs:
 
     async def _run(self, state: TaskState) -> None:
         """One attempt, start to end; a write fenced out (another server recorded the task,
-        or this node was declared lost) ends it here without a word written. The membership
-        tracks it meanwhile (a cluster node's watchdog kills it if the node's lease lapses)."""
+        or this node was declared lost) ends it here without a word written. The peers
+        track it meanwhile (a cluster node's watchdog kills it if the node's lease lapses)."""
         row = state.row
         task_id, number = row["id"], row["attempt"]
-        self.membership.track(task_id, number)
+        self.peers.track(task_id, number)
         with structlog.contextvars.bound_contextvars(task_id=task_id, attempt=number):
             try:
                 await self._attempt(state)
@@ -110,7 +110,7 @@ class Runs:
                 self.engine.tasks.pop(task_id, None)
                 log.warning("write_fenced", reason=type(exc).__name__)
             finally:
-                self.membership.untrack(task_id, number)
+                self.peers.untrack(task_id, number)
 
     async def _attempt(self, state: TaskState) -> None:
         row = state.row

@@ -1,10 +1,10 @@
-"""Membership: what the engine knows of the servers beside it, and of tasks it does not hold.
+"""Peers: what the engine knows of the servers beside it, and of tasks it does not hold.
 
 One server is `Alone`: every task in its database is its own, a running one it does not hold
 was left by a dead server, and nothing guards its writes beyond the old status. A cluster node
 (`cluster.node.Node`) beats, fences every write by its epoch and each task's attempt and owner,
 judges silent nodes lost, and follows or controls tasks that other nodes run. The scheduler
-asks its membership at those few points and nothing else differs between the modes.
+asks its peers at those few points and nothing else differs between the modes.
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ class Lost:
 
 
 class Host(Protocol):
-    """What a membership may ask of the engine it belongs to."""
+    """What the peers may ask of the engine it belongs to."""
 
     problems: dict[str, str]  # what /readyz reports: kind -> latest failure
     replay_slots: asyncio.Semaphore  # archive readers, shared with remote followers
@@ -55,7 +55,7 @@ class Host(Protocol):
         """Record, in the background, what this server's previous epoch left (rejoined)."""
 
 
-class Membership(Protocol):
+class Peers(Protocol):
     """The engine's view of the other servers (none, or a cluster's nodes)."""
 
     requests_in_order: bool  # a request's write queues behind the engine's (one server)
