@@ -19,7 +19,7 @@ from remoterun.engine.attempt import Attempt
 from remoterun.engine.hub import Subscription
 from remoterun.engine.protect import Protection
 from remoterun.errors import Conflict
-from remoterun.state import TaskStatus
+from remoterun.state import Task, TaskStatus
 
 Row = dict[str, Any]
 
@@ -90,8 +90,8 @@ class Peers(Protocol):
     async def orphans(self, held: Collection[str]) -> list[Lost]:
         """Runs recorded running that no live server holds (`held`: this one's)."""
 
-    def fence(self, row: Row, new: TaskStatus) -> tuple[list[store.Statement], Row]:
-        """The guards of a task's status write, and the row's changes once it commits
+    def fence(self, task: Task, new: TaskStatus) -> tuple[list[store.Statement], Row]:
+        """The guards of a task's status write, and the Task's changes once it commits
         (store.StaleWrite at once if nothing this server writes may land now)."""
 
     def stamp(self, statements: list[store.Statement]) -> list[store.Statement]:
@@ -147,7 +147,7 @@ class Alone:
         return [_stopped(row) for row in await self.db.tasks_in(TaskStatus.RUNNING)
                 if row["id"] not in held]
 
-    def fence(self, row: Row, new: TaskStatus) -> tuple[list[store.Statement], Row]:
+    def fence(self, task: Task, new: TaskStatus) -> tuple[list[store.Statement], Row]:
         """No guard beyond the old status (store.transition's own)."""
         return [], {}
 

@@ -26,8 +26,8 @@ from remoterun.engine.peers import Lost, Peers
 from remoterun.engine.queue import Queue
 from remoterun.isolation.sandbox import Sandbox
 from remoterun.reaper import kill_left_behind
-from remoterun.state import FINAL, TaskStatus
-from remoterun.wire import exit_event, task_json
+from remoterun.state import FINAL, Task, TaskStatus
+from remoterun.wire import exit_event
 
 log = structlog.get_logger(__name__)
 S = TaskStatus
@@ -56,8 +56,8 @@ class Recovery:
             await self.end(lost)
         for row in await self.queue.recover():
             if row["id"] not in self.engine.tasks:  # a retry's folder may hold segments
-                self.engine.enqueue(TaskState(row, next_segment=1 if row["attempt"] == 1
-                                              else None))
+                self.engine.enqueue(TaskState(Task.from_row(row),
+                                              next_segment=1 if row["attempt"] == 1 else None))
         log.info("recovered", pending=len(self.engine.tasks))
 
     async def sweep_work_folders(self, sandbox: Sandbox) -> None:
@@ -76,11 +76,11 @@ class Recovery:
     async def let_go(self, state: TaskState) -> None:
         """Record a task whose end could not be concluded as the reaper does (unless it is
         final already), and tell its attached clients how it ended."""
-        row = await self.db.get_task(state.row["id"])
+        row = await self.db.get_task(state.task.id)
         if row is not None and row["status"] not in FINAL:
             row = await self.reap_one(row)
         if row is not None and state.hub is not None:
-            state.hub.task = task_json(row)
+            state.record(Task.from_row(row))
             state.hub.publish(exit_event(row))
 
     async def reap(self) -> None:
@@ -104,7 +104,7 @@ class Recovery:
         ending = await settle(self.settings, lost)
         if row["id"] in self.engine.tasks:  # held again meanwhile: not lost
             return None
-        state = TaskState(row, where=Where.FINISHING, next_segment=None)
+        state = TaskState(Task.from_row(row), where=Where.FINISHING, next_segment=None)
         self.engine.hub(state)
         try:
             await self.engine.transition(state, ending.status, extra=ending.extra,
@@ -115,9 +115,9 @@ class Recovery:
             self.engine.enqueue(state)
         else:
             self.engine.finish(state)
-        log.warning("recovered_interrupted_run", task_id=row["id"], status=row["status"],
-                    error=lost.error)
-        return row
+        log.warning("recovered_interrupted_run", task_id=row["id"],
+                    status=str(state.task.status), error=lost.error)
+        return state.task.to_row()
 
 
 async def settle(settings: Settings, lost: Lost) -> Ending:

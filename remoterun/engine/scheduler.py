@@ -38,7 +38,7 @@ from remoterun.config import Settings
 from remoterun.engine import recovery, upkeep
 from remoterun.engine.attempt import Attempt
 from remoterun.engine.feed import TaskFeed
-from remoterun.engine.live import UNSET, TaskState, Where, new_row
+from remoterun.engine.live import TaskState, Where, new_task
 from remoterun.engine.peers import Peers
 from remoterun.engine.protect import Protection
 from remoterun.engine.queue import Queue
@@ -50,9 +50,9 @@ from remoterun.isolation.sandbox import Sandbox
 from remoterun.metrics import Metrics
 from remoterun.reaper import become_subreaper, tend_orphans
 from remoterun.spawn import Children
-from remoterun.state import FINAL, TaskStatus, check_transition
+from remoterun.state import FINAL, Task, TaskStatus, check_transition
 from remoterun.vault import NONE
-from remoterun.wire import Event, exit_event, rfc3339, task_json
+from remoterun.wire import Event, exit_event, rfc3339
 
 log = structlog.get_logger(__name__)
 S = TaskStatus
@@ -168,9 +168,9 @@ class Scheduler:
             await asyncio.wait(set(self.runs.running))
         for state in list(self.tasks.values()):
             if state.hub is not None:
-                row = state.row
+                task = state.task
                 state.hub.publish(Event("status", {
-                    "status": row["status"], "attempt": row["attempt"],
+                    "status": str(task.status), "attempt": task.attempt,
                     "ts": rfc3339(time.time()), "error": "server shutting down"}))
 
     async def close(self) -> None:
@@ -230,29 +230,27 @@ class Scheduler:
                          **fields: Any) -> None:
         """Check, persist (with the peers' guards), then announce a status change.
         `within_s`: a request's, which gets Unavailable past it; the engine's wait."""
-        row = state.row
-        old = S(row["status"])
+        task = state.task
+        old = task.status
         check_transition(old, new)
         fields["updated_at"] = time.time()
-        if new in FINAL and row.get("secret_params", NONE) != NONE:
+        if new in FINAL and task.secret_params != NONE:
             fields["secret_params"] = NONE  # its secrets are not needed any more: dropped
-        attempt = fields.get("attempt", row["attempt"])
-        guards, after = self.peers.fence(row, new)
+        attempt = fields.get("attempt", task.attempt)
+        guards, after = self.peers.fence(task, new)
         wake = self.queue.requeued() if new is S.PENDING else []
-        statements = store.transition(row["id"], old, new, attempt, dict(fields),
+        statements = store.transition(task.id, old, new, attempt, dict(fields),
                                       detail=fields.get("error"))
         event_id = await self.commit([*guards, *extra, *wake, *statements], within_s)
-        row.update(fields, status=str(new))
-        row.update(after)
+        state.record(task := task.evolve(**fields, **after, status=new))
+        row = task.to_row()  # the listeners' own copy
         self.feed.publish(event_id, row, str(old), fields)  # GET /events
-        hub = state.hub
-        if hub is not None:
-            hub.task = task_json(row)
-            body = {"status": str(new), "attempt": row["attempt"],
+        if state.hub is not None:
+            body = {"status": str(new), "attempt": task.attempt,
                     "ts": rfc3339(fields["updated_at"])}
             if new is not S.RUNNING:
-                body.update(exit_code=row["exit_code"], error=row["error"])
-            hub.publish(Event("status", body))
+                body.update(exit_code=task.exit_code, error=task.error)
+            state.hub.publish(Event("status", body))
         self.on_transition(row, old, new)
 
     # Submissions and cancels -----------------------------------------------------------------
@@ -274,21 +272,20 @@ class Scheduler:
         now = time.time()
         task_id = str(uuid.uuid4())
         shown, sealed = self.protection.seal(task_id, script, params)
-        row = new_row(await self.queue.number(), task_id, script.name, request, shown, sealed,
-                      submitted_by, now)
+        task = new_task(await self.queue.number(), task_id, script.name, request, shown,
+                        sealed, submitted_by, now)
         audit_rows = [] if audit is None else [
             store.insert_audit(audit, task_id=task_id, script=script.name)]
-        insert, event = store.insert_task(row)
+        insert, event = store.insert_task(task.to_row())
         # The event's insert last: its row id is the feed's event id.
         event_id = await self.commit([*audit_rows, *self.queue.entry(insert, placement), event],
                                       within_s=self.writes.request_wait_s)
-        full = {**UNSET, **row}
-        self.feed.publish(event_id, full, None)  # GET /events
-        self.enqueue(TaskState(full))
+        self.feed.publish(event_id, task.to_row(), None)  # GET /events
+        self.enqueue(TaskState(task))
         self.metrics.child(self.metrics.submitted, script.name).inc()
         log.info("task_submitted", task_id=task_id, script=script.name,
                  submitted_by=submitted_by)
-        return task_json(full)
+        return task.to_json()
 
     async def _refused(self, script: Script, exc: IntegrityFailed,
                        audit: dict[str, Any] | None) -> None:
@@ -303,10 +300,10 @@ class Scheduler:
         """The task waits: held here if the queue is this server's, else in the database."""
         state.where = Where.QUEUED
         state.attempt = None
-        if self.queue.put(state.row):
-            self.tasks[state.row["id"]] = state
+        if self.queue.put(state.task.to_row()):
+            self.tasks[state.task.id] = state
         else:
-            self.tasks.pop(state.row["id"], None)
+            self.tasks.pop(state.task.id, None)
         self._wake.set()
 
     async def cancel(self, task_id: str, audit: dict[str, Any] | None = None
@@ -319,13 +316,13 @@ class Scheduler:
         if state is None:
             return await self.streams.cancel_elsewhere(task_id, audit_rows)
         if state.where is Where.FINISHING:
-            raise Conflict(f"task {task_id} has already ended ({state.row['status']})",
+            raise Conflict(f"task {task_id} has already ended ({state.task.status})",
                            code="already_finished")
         if state.attempt is not None:  # starting or running: its run ends it
             if audit_rows:
                 await self.commit(audit_rows, within_s=self.writes.request_wait_s)
             state.attempt.request_stop("cancel")
-            return task_json(state.row)
+            return state.task.to_json()
         assert self.queue.remove(task_id) is not None
         state.where = Where.FINISHING
         try:
@@ -335,7 +332,7 @@ class Scheduler:
             self.enqueue(state)  # nothing was recorded: it waits as before
             raise
         self.finish(state)
-        return task_json(state.row)
+        return state.task.to_json()
 
     def queue_positions(self, task_ids: Collection[str]) -> dict[str, int]:
         """The 1-based place in dispatch order of each of `task_ids` that waits in the queue."""
@@ -366,21 +363,20 @@ class Scheduler:
             return DISPATCH_RETRY_S
         for row in rows:  # held here already (a local queue's), or new (claimed)
             state = self.tasks.get(row["id"]) or TaskState(
-                row, next_segment=1 if row["attempt"] == 1 else None)
+                Task.from_row(row), next_segment=1 if row["attempt"] == 1 else None)
             self.tasks[row["id"]] = state
             self.runs.launch(state)
         return wait_s
 
     def finish(self, state: TaskState) -> None:
         """Announce the end and forget the task: late clients replay it from the archive."""
-        row = state.row
-        self.tasks.pop(row["id"], None)
-        self.metrics.child(self.metrics.finished, row["script"], row["status"]).inc()
+        task = state.task
+        self.tasks.pop(task.id, None)
+        self.metrics.child(self.metrics.finished, task.script, str(task.status)).inc()
         if state.hub is not None:
-            state.hub.publish(exit_event(row))
-        log.info("task_finished", task_id=row["id"], script=row["script"], status=row["status"],
-                 exit_code=row["exit_code"], error=row["error"],
-                 output_bytes=row["output_bytes"])
+            state.hub.publish(exit_event(task.to_row()))
+        log.info("task_finished", task_id=task.id, script=task.script, status=str(task.status),
+                 exit_code=task.exit_code, error=task.error, output_bytes=task.output_bytes)
 
     # Upkeep and recovery ---------------------------------------------------------------------
 

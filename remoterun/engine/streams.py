@@ -25,7 +25,7 @@ from remoterun.engine.peers import Peers
 from remoterun.engine.queue import Queue
 from remoterun.engine.recovery import Recovery
 from remoterun.errors import Conflict, NotFound
-from remoterun.state import FINAL, TaskStatus
+from remoterun.state import FINAL, Task, TaskStatus
 from remoterun.wire import task_json
 
 Publish = Callable[[str, TaskHub], Any]  # a live task's extra subscriber (the cluster relay)
@@ -45,10 +45,10 @@ class Streams:
     def hub(self, state: TaskState) -> TaskHub:
         """The task's hub, made on first use (with the publish hook's subscriber)."""
         if state.hub is None:
-            row = state.row
-            task_id = row["id"]
-            state.hub = TaskHub(task_json(row), memory_bytes=self.settings.replay_memory_bytes,
-                                next_seq=max(row["last_seq"], row["seq_reserved"]) + 1,
+            task = state.task
+            task_id = task.id
+            state.hub = TaskHub(task, memory_bytes=self.settings.replay_memory_bytes,
+                                next_seq=max(task.last_seq, task.seq_reserved) + 1,
                                 flush_archive=lambda: self.start_flush(task_id))
             if self.publish is not None:
                 state.hub.subscribers.add(self.publish(task_id, state.hub))
@@ -86,10 +86,10 @@ class Streams:
         return state.attempt if state is not None else None
 
     def live_row(self, task_id: str) -> dict[str, Any] | None:
-        """The row of a task this scheduler holds (queued to finishing), else None; the
-        caller only reads it."""
+        """The row of a task this scheduler holds (queued to finishing), else None: a copy of
+        its Task's fields as last committed."""
         state = self.engine.tasks.get(task_id)
-        return state.row if state is not None else None
+        return state.task.to_row() if state is not None else None
 
     def start_flush(self, task_id: str) -> Future[None] | None:
         """Start a flush of the task's current archive (whichever attempt is writing)."""
@@ -116,7 +116,7 @@ class Streams:
                            code="already_finished")
         guard = self.queue.unclaimed(row)
         if guard is not None:
-            state = TaskState(row, where=Where.FINISHING)
+            state = TaskState(Task.from_row(row), where=Where.FINISHING)
             self.hub(state)
             with contextlib.suppress(store.StaleWrite):  # claimed meanwhile: its owner cancels
                 await self.engine.transition(state, TaskStatus.CANCELLED,
@@ -124,7 +124,7 @@ class Streams:
                                              extra=[guard, *audit_rows],
                                              within_s=self.request_wait_s)
                 self.engine.finish(state)
-                return task_json(state.row)
+                return state.task.to_json()
         elif audit_rows:
             await self.engine.commit(audit_rows, within_s=self.request_wait_s)
         await self.peers.cancel_elsewhere(row)
