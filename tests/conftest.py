@@ -28,6 +28,7 @@ from blockbuster import blockbuster_ctx
 from remoterun.api.app import create_app
 from remoterun.archive.compressor import Compressor
 from remoterun.config import Settings, Token
+from remoterun.state import Task, TaskStatus
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -39,6 +40,15 @@ TOKENS = (
     Token("hello-only", "hello-token", "operator", ("hello.sh",)),
     Token("root", "admin-token", "admin"),
 )
+
+
+def a_task(**changes: Any) -> Task:
+    """A pending task "t" of hello.sh whose archive folder is "t", with `changes` (pure tests)."""
+    task = Task(num=1, id="t", script="hello.sh", status=TaskStatus.PENDING, params="{}",
+                secret_params="{}", priority=0, timeout=None, max_retries=0, attempt=1,
+                pty=False, interactive=False, stdin="", created_at=0.0, updated_at=0.0,
+                submitted_by="tester", logs_path="t")
+    return task.evolve(**changes)
 
 
 async def wait_for(condition: Callable[[], Any], timeout: float = 10.0,

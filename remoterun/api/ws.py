@@ -195,7 +195,7 @@ class Session:
         active = self.scheduler.attempt(task_id)
         if active is None:
             raise BadRequest("the task is not running", code="not_running")
-        if interactive and not (active.row["interactive"] or active.row["pty"]):
+        if interactive and not (active.task.interactive or active.task.pty):
             raise BadRequest("the task is neither interactive nor PTY", code="not_interactive")
         return active
 

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from remoterun.archive import aread_frames, tail
+from remoterun.state import Task
 from remoterun.wire import Event, Frame, Item, exit_event, item_size
 
 
@@ -122,9 +123,9 @@ class Subscription:
 class TaskHub:
     """Fan-out for one task that has not finished: numbering, memory window, subscribers."""
 
-    def __init__(self, task: dict[str, Any], *, memory_bytes: int, next_seq: int = 1,
+    def __init__(self, task: Task, *, memory_bytes: int, next_seq: int = 1,
                  flush_archive: Callable[[], Future[None] | None] = lambda: None):
-        self.task = task
+        self.task = task  # as its scheduler last published it (replaced, never changed)
         self.memory_bytes = memory_bytes
         self.next_seq = next_seq
         self.flush_archive = flush_archive  # starts a flush; its future: done once on disk
@@ -157,7 +158,7 @@ class TaskHub:
                   slots: asyncio.Semaphore | None = None) -> Subscription:
         """A subscription for every frame after `since`; taken atomically with the window."""
         first_in_memory = self.window[0].seq if self.window else self.next_seq
-        sub = Subscription(task=dict(self.task), since=since, archive_root=archive_root,
+        sub = Subscription(task=self.task.to_json(), since=since, archive_root=archive_root,
                            limit_bytes=limit_bytes, hub=self, slots=slots)
         sub.from_archive = since + 1 < first_in_memory
         sub.archive_until = first_in_memory - 1
