@@ -1,1 +1,1 @@
-"""The `remoterun` command: its parser (main), `serve`, the admin commands, and the HTTP client verbs."""
+"""The `remoterun` command: its parser (main), `serve`, the admin commands, the client verbs."""
