@@ -41,6 +41,7 @@ GROUPS: dict[str, tuple[str, str]] = {
     "idle": ("b_fanout", "idle"),
     "pending": ("b_pending", "pending"),
     "archive": ("b_archive", "archive"),
+    "search": ("b_search", "search_group"),  # issue 28
     "replay": ("b_replay", "replay"),
     "soak": ("b_soak", "soak"),
     "sandbox": ("b_sandbox", "sandbox"),

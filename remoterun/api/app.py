@@ -36,6 +36,7 @@ from remoterun.api import (
     monitor,
     nodes,
     openapi,
+    search,
     sse,
     ws,
 )
@@ -319,6 +320,7 @@ def create_app(settings: Settings) -> web.Application:
     app.router.add_routes(audit.routes)
     app.router.add_routes(ws.routes)
     app.router.add_routes(sse.routes)
+    app.router.add_routes(search.routes)  # GET /tasks/{id}/search (issue 28)
     events.setup(app)  # GET /events, GET /tasks/{id}/events (issue 18)
     app.router.add_routes(nodes.routes)  # GET /nodes (issue 16)
     if settings.cluster is not None:

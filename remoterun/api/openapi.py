@@ -260,6 +260,29 @@ LIST = {
     },
 }
 OBJECT = {"type": "object"}
+TAIL = _query("tail", {"type": "integer", "minimum": 0},
+              "start at the frames holding the last N lines (at most 10,000)")
+SEARCH_CURSOR = r"^[0-9]{1,18}\.[1-9][0-9]{0,17}$"
+SEARCH = {
+    "type": "object",
+    "required": ["matches", "next_cursor"],
+    "properties": {
+        "matches": {
+            "type": "array",
+            "items": {
+                "type": "object",
+                "required": ["line", "seq", "offset", "text"],
+                "properties": {
+                    "line": {"type": "integer", "minimum": 1},
+                    "seq": {"type": "integer", "minimum": 1},
+                    "offset": {"type": "integer", "minimum": 0},
+                    "text": {"type": "string"},
+                },
+            },
+        },
+        "next_cursor": {"type": ["string", "null"]},
+    },
+}
 
 
 def _paths() -> dict[str, Any]:
@@ -311,7 +334,26 @@ def _paths() -> dict[str, Any]:
                     204: {"description": "resumed after the end: nothing more (stops EventSource)"},
                 },
                 (400, 404),
-                [TASK_ID, SINCE, LAST_EVENT_ID],
+                [TASK_ID, SINCE, LAST_EVENT_ID, TAIL],
+            )
+        },
+        "/tasks/{id}/search": {
+            "get": _op(
+                "taskSearch",
+                "the lines of the output that match, oldest first, a page at a time",
+                {200: _json(SEARCH, "a page of matching lines")},
+                (400, 404, 410, 422),
+                [
+                    TASK_ID,
+                    {**_query("q", {"type": "string", "minLength": 1}, "the text or regex"),
+                     "required": True},
+                    _query("regex", {"enum": ["true", "false"]}, "q is a Python regex"),
+                    _query("stream", {"enum": ["stdout", "stderr", "pty"]}),
+                    _query("limit", {"type": "integer", "minimum": 1},
+                           "matches per page: 100 by default, at most 1000 (more is cut)"),
+                    _query("cursor", {"type": "string", "pattern": SEARCH_CURSOR},
+                           "next_cursor of the previous page"),
+                ],
             )
         },
         "/tasks/{id}/output": {

@@ -35,7 +35,7 @@ _META_KEYS = {"description", "timeout_s", "max_concurrency", "roles", "cwd", "pa
 _ISOLATION_KEYS = {"sandbox": parse_sandbox, "limits": parse_limits, "env": parse_env}
 _META_KEYS |= {"sha256"}  # integrity (issue 13 B): the digest the script's bytes must have
 # How strongly a mode isolates: a sidecar may not choose a weaker one than config.toml's.
-MODE_STRENGTH = {"none": 0, "auto": 1, "bwrap": 2, "docker": 2}
+MODE_STRENGTH = {"none": 0, "auto": 1, "bwrap": 2, "docker": 2, "gvisor": 3}
 CONFIG_ONLY = "may be set only in config.toml"
 
 

@@ -47,6 +47,9 @@ def _client_verbs(sub: Any, common: argparse.ArgumentParser) -> None:
     lg.add_argument("--since", type=int, default=0, metavar="SEQ", help="after this frame")
     lg.add_argument("--stream", choices=("stdout", "stderr", "pty"))
     lg.add_argument("--timestamps", action="store_true", help="each line's time first")
+    lg.add_argument("--grep", metavar="PATTERN",
+                    help="only the lines holding PATTERN, as LINE:text (the server searches)")
+    lg.add_argument("-E", "--regex", action="store_true", help="--grep PATTERN is a regex")
     ls = verb("ls", "list tasks, newest first")
     ls.add_argument("--status", choices=("pending", "running", "success", "failed", "timeout",
                                          "cancelled"))

@@ -220,9 +220,10 @@ class Attempt:
             raise SpawnError(spawn_message(str(spec.argv[0]), exc), is_transient(exc)) from exc
         return dataclasses.replace(
             spec, argv=launch.argv, env=launch.env, inherited=(), pass_fds=launch.pass_fds,
-            started=launch.started if launch.pass_fds else None,
-            group_ready=launch.group_ready if launch.pass_fds else None,
+            started=launch.started if launch.hooked else None,
+            group_ready=launch.group_ready if launch.hooked else None,
             take_ctty=launch.take_ctty,
+            typed_signals=launch.typed_signals,
             signal_exit_codes=launch.signal_exit_codes)
 
     async def _finish_launch(self, result: RunResult | None) -> None:

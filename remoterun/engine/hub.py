@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from remoterun.archive import aread_frames
+from remoterun.archive import aread_frames, tail
 from remoterun.wire import Event, Frame, Item, exit_event, item_size
 
 
@@ -48,6 +48,7 @@ class Subscription:
     # slot until its archive part is sent, so readers (and their inflaters) stay bounded
     # however many clients replay; the others wait for a slot holding nothing.
     slots: asyncio.Semaphore | None = None
+    tail: int | None = None  # start at the frames holding the last `tail` lines (?tail=N)
 
     def push(self, item: Item) -> None:
         """Queue a live item (called by the hub; never blocks); frames at or before `since`
@@ -65,6 +66,8 @@ class Subscription:
 
     async def batches(self) -> AsyncIterator[list[Item]]:
         """Every item after `since`, in order, in batches; ends after the exit event."""
+        if self.tail is not None:
+            await self._skip_to_tail(self.tail)
         if self.from_archive and (self.archive_until is None or self.archive_until > self.since):
             async with self.slots or contextlib.nullcontext():
                 flushed = self.hub.flush_archive() if self.hub is not None else None
@@ -93,6 +96,22 @@ class Subscription:
             yield batch
             if isinstance(batch[-1], Event) and batch[-1].final:
                 return
+
+    async def _skip_to_tail(self, lines: int) -> None:
+        """Move `since` up to the frames that hold the last `lines` lines: the memory window's
+        newest frames first, then the archive's, read backwards off the event loop."""
+        count = tail.TailCount(lines)
+        window = [tail.frame_lines(i.seq, i.data) for i in self.snapshot if isinstance(i, Frame)]
+        if not count.feed_all(reversed(window)) and self.from_archive:
+            async with self.slots or contextlib.nullcontext():
+                flushed = self.hub.flush_archive() if self.hub is not None else None
+                if flushed is not None:
+                    await asyncio.wrap_future(flushed)
+                await asyncio.to_thread(tail.count_archive, self.archive_root,
+                                        self.task["logs_path"], count, self.archive_until)
+        self.since = max(self.since, count.since or 0)
+        self.snapshot = [i for i in self.snapshot
+                         if not isinstance(i, Frame) or i.seq > self.since]
 
     def close(self) -> None:
         """Stop receiving live items."""

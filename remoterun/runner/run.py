@@ -14,7 +14,7 @@ import os
 import signal
 
 from remoterun.runner.failures import SpawnError, is_transient, spawn_message
-from remoterun.runner.signals import GroupSignals
+from remoterun.runner.signals import GroupSignals, typed_signals
 from remoterun.runner.spec import OnOutput, RunResult, RunSpec
 from remoterun.runner.streams import (
     Coalescer,
@@ -222,6 +222,9 @@ class Run:
         """Send bytes to stdin (or the PTY as typed keys)."""
         if self.stdin is not None:
             self.stdin.write(data)
+            if self.spec.typed_signals and self.master_fd is not None:
+                for signum in typed_signals(self.master_fd, data):
+                    self.signal(signum)
 
     def close_stdin(self) -> None:
         """End of input: close the pipe, or send the terminal's EOF character on a PTY."""

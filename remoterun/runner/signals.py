@@ -13,6 +13,8 @@ import termios
 from remoterun.runner.spec import RunSpec
 
 TIOCGSID = getattr(termios, "TIOCGSID", 0x5429)  # a terminal's session (Linux's number)
+TYPED_SIGNALS = ((termios.VINTR, signal.SIGINT), (termios.VQUIT, signal.SIGQUIT),
+                 (termios.VSUSP, signal.SIGTSTP))
 GROUP_WAIT_S = 2.0  # a sandbox forks the script within a few ms: signals wait this long at most
 
 
@@ -82,3 +84,20 @@ class GroupSignals:
         if self.target() != self.pid:
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.killpg(self.pid, signal.SIGKILL)
+
+
+def typed_signals(master_fd: int, data: bytes) -> list[int]:
+    """The signals of the keys typed in `data` (INTR, QUIT, SUSP), as the line discipline
+    sends them to a terminal's foreground group, if its ISIG is on."""
+    try:
+        attrs = termios.tcgetattr(master_fd)
+    except termios.error:
+        return []
+    if not attrs[3] & termios.ISIG:
+        return []
+    found: list[int] = []
+    for key, signum in TYPED_SIGNALS:
+        char = attrs[6][key]
+        if char not in (b"\0", b"") and char in data:
+            found.append(signum)
+    return found

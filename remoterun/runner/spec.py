@@ -27,12 +27,16 @@ class RunSpec:
     # run once it is spawned (given its pid; returns the process group that signals go to),
     # whether that group holds the script yet (signals wait until it does), whether it takes
     # the PTY as its controlling terminal (bwrap does not: the script's session inside does),
-    # and whether it reports a death by signal N as exit 128 + N.
+    # and whether it reports a death by signal N as exit 128 + N. `typed_signals`: nobody holds
+    # the PTY as a controlling terminal (gVisor's Sentry does not), so the signal keys typed
+    # (^C, ^\\, ^Z, while the terminal's ISIG is on) are sent by the run, as the line
+    # discipline would send them.
     pass_fds: Sequence[int] = ()
     started: Callable[[int], Awaitable[int | None]] | None = None
     group_ready: Callable[[], bool] | None = None
     take_ctty: bool = True
     signal_exit_codes: bool = False
+    typed_signals: bool = False
 
 
 @dataclass(frozen=True)
