@@ -278,8 +278,8 @@ BLOCKS_ALLOWED: list[tuple[str, set[str], tuple[str, ...]]] = [
     # A short run's whole segment is written once at its end (~0.1 ms: archive.py docstring).
     ("remoterun/archive/writer.py", {"close"}, ("os.mkdir", "os.write", "io.open", "builtins.open")),
     # Resolving a script: a realpath walk and a few stats of the scripts folder, cached for
-    # catalogue.RESOLVE_CACHE_S per name.
-    ("remoterun/catalogue.py", {"_confine", "_metadata", "resolve"}, _FILE_CALLS),
+    # catalogue.directory.RESOLVE_CACHE_S per name.
+    ("remoterun/catalogue/directory.py", {"_confine", "_metadata", "resolve"}, _FILE_CALLS),
     # Logging an exception: the console renderer reads the traceback's source lines.
     ("structlog/dev.py", {"__call__"}, _FILE_CALLS),
     # /proc files (a process's children, environ, stat): procfs reads never wait on a disk.

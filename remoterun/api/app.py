@@ -42,7 +42,7 @@ from remoterun.api import (
     ws,
 )
 from remoterun.archive.compressor import Compressor
-from remoterun.archive.segments import make_private
+from remoterun.archive.private import make_private
 from remoterun.auth import Authenticator, FailureLimiter, Sessions, digest
 from remoterun.catalogue import Catalogue, MetadataError
 from remoterun.config import Settings
