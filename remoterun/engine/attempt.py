@@ -29,7 +29,7 @@ from remoterun.redact import LINE_HOLD_S, Masker
 from remoterun.runner import Run, RunResult, RunSpec, SpawnError, is_transient, spawn_message
 from remoterun.spawn import Children
 from remoterun.state import TaskStatus
-from remoterun.wire import Frame
+from remoterun.wire import Frame, rfc3339
 
 S = TaskStatus
 # A task whose output the compressor thread is this far behind on stops being read until it is
@@ -120,6 +120,9 @@ def build_spec(row: dict[str, Any], script: Script, root: Path,
     env = {f"RR_PARAM_{k.upper()}": param_value(v) for k, v in (*params.items(),
                                                                 *secrets.items())}
     env.update(RR_TASK_ID=row["id"], RR_ATTEMPT=str(row["attempt"]))
+    if row.get("schedule"):
+        env.update(RR_SCHEDULE=row["schedule"], RR_SCHEDULED_FOR=rfc3339(
+            row.get("scheduled_for")) or "")
     if row["pty"]:
         env["TERM"] = "xterm-256color"
     cwd = root

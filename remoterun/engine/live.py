@@ -57,6 +57,7 @@ def new_row(num: int, task_id: str, script: str, request: dict[str, Any], shown:
         "interactive": request.get("interactive", False) or request.get("pty", False),
         "stdin": request.get("stdin", ""), "created_at": now, "updated_at": now,
         "submitted_by": submitted_by, "logs_path": logs_path_for(task_id, now),
+        "schedule": request.get("schedule"), "scheduled_for": request.get("scheduled_for"),
     }
 
 

@@ -254,9 +254,12 @@ class Scheduler:
     # Submissions and cancels -----------------------------------------------------------------
 
     async def submit(self, script: Script, request: dict[str, Any], submitted_by: str,
-                     audit: dict[str, Any] | None = None) -> dict[str, Any]:
+                     audit: dict[str, Any] | None = None,
+                     extra: Callable[[str], Iterable[store.Statement]] | None = None
+                     ) -> dict[str, Any]:
         """Create a pending task from a validated request; returns its JSON. `audit`, an audit
-        entry, is written in the task's own transaction."""
+        entry, and `extra(task_id)` (a schedule's slot record) are written in the task's own
+        transaction: StaleWrite if a guard of `extra` fails, and then no task exists."""
         if not self.accepting:
             raise Unavailable("the server is shutting down and takes no new tasks")
         self.membership.writable()
@@ -276,7 +279,9 @@ class Scheduler:
             store.insert_audit(audit, task_id=task_id, script=script.name)]
         insert, event = store.insert_task(row)
         # The event's insert last: its row id is the feed's event id.
-        event_id = await self.commit([*audit_rows, *self.queue.entry(insert, placement), event],
+        slot_rows = [] if extra is None else list(extra(task_id))
+        event_id = await self.commit([*slot_rows, *audit_rows,
+                                      *self.queue.entry(insert, placement), event],
                                       within_s=self._request_wait())
         full = {**UNSET, **row}
         self.feed.publish(event_id, full, None)  # GET /events

@@ -11,7 +11,16 @@ import time
 from typing import Any
 
 from remoterun.store.base import Guarded, Row, Statement
-from remoterun.store.schema import SCHEMA_VERSION, AuditEvent, Meta, Task, TaskEvent, _Base
+from remoterun.store.schema import (
+    SCHEMA_VERSION,
+    AuditEvent,
+    Meta,
+    Schedule,
+    ScheduleSlot,
+    Task,
+    TaskEvent,
+    _Base,
+)
 from remoterun.wire import rfc3339
 
 
@@ -105,3 +114,40 @@ def version_row() -> Statement:
     """A statement that records this server's schema version."""
     return Statement(("upsert", "meta", ("key", "value"), "key", ("value",)),
                      ("schema_version", str(SCHEMA_VERSION)))
+
+
+# Schedules (issue 29) --------------------------------------------------------------------------
+
+def record_slot(schedule: str, slot: float, outcome: str, task_id: str | None = None,
+                reason: str | None = None) -> Statement:
+    """A guarded insert of a slot's record: it fails (and its transaction with it) when the
+    slot was recorded already, by this server earlier or by another node."""
+    values = {"schedule": schedule, "slot": slot, "outcome": outcome, "task_id": task_id,
+              "reason": reason, "recorded_at": time.time()}
+    return Guarded(("insert_once", ScheduleSlot._meta.table_name, tuple(values)),
+                   tuple(values.values()))
+
+
+def settle_slot(schedule: str, slot: float, was: str, outcome: str, task_id: str | None,
+                reason: str | None = None) -> Statement:
+    """A guarded change of a slot's outcome from `was` (a queued slot that started)."""
+    moved = update("schedule_slots", {"outcome": outcome, "task_id": task_id, "reason": reason},
+                   {"schedule": schedule, "slot": slot, "outcome": was})
+    return Guarded(moved.shape, moved.params)
+
+
+def save_schedule(values: dict[str, Any]) -> Statement:
+    """An insert of a schedule's row, guarded: it fails if the name is taken."""
+    return Guarded(("insert_once", Schedule._meta.table_name, tuple(values)),
+                   tuple(values.values()))
+
+
+def change_schedule(name: str, values: dict[str, Any]) -> Statement:
+    """A guarded change of an existing schedule's row."""
+    moved = update("schedules", values, {"name": name})
+    return Guarded(moved.shape, moved.params)
+
+
+def delete_schedule(name: str) -> Statement:
+    """A guarded removal of a schedule's row (its slot records stay)."""
+    return Guarded(("delete", "schedules", (("name", "="),)), (name,))
