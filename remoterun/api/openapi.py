@@ -12,6 +12,7 @@ from aiohttp import web
 
 from remoterun import __version__
 from remoterun.api import json_response
+from remoterun.api import openapi_schedules
 
 routes = web.RouteTableDef()
 
@@ -97,6 +98,9 @@ SCHEMAS: dict[str, Any] = {
             "last_seq": {"type": "integer", "minimum": 0},
             "node": {"type": ["string", "null"]},
             "queue_position": {"type": "integer", "minimum": 1},
+            "schedule": {"type": ["string", "null"], "description": "the schedule that "
+                                                                    "submitted it"},
+            "scheduled_for": NULLABLE_TIME,
         },
     },
     "Submit": {
@@ -565,9 +569,9 @@ def document() -> dict[str, Any]:
             "live, keep every byte. The WebSocket endpoints (`/ws`, "
             "`/tasks/{id}/ws`) are described in docs/PROTOCOL.md.",
         },
-        "paths": _paths(),
+        "paths": {**_paths(), **openapi_schedules.paths()},
         "components": {
-            "schemas": SCHEMAS,
+            "schemas": {**SCHEMAS, **openapi_schedules.SCHEMAS},
             "securitySchemes": {
                 "bearer": {"type": "http", "scheme": "bearer"},
                 "query": {"type": "apiKey", "in": "query", "name": "token"},

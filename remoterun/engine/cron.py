@@ -10,6 +10,7 @@ back) runs once, at its first occurrence. Instants are unix seconds (floats).
 from __future__ import annotations
 
 import hashlib
+import itertools
 import math
 import re
 from collections.abc import Iterator
@@ -93,9 +94,8 @@ class Timing:
         return out
 
     def next(self, instant: float, count: int) -> list[float]:
-        """The next `count` slots after `instant`."""
-        found = self.after(instant)
-        return [next(found) for _ in range(count)]
+        """The next `count` slots after `instant` (fewer if the cron names no more)."""
+        return list(itertools.islice(self.after(instant), count))
 
 
 def place(local: datetime, zone: ZoneInfo) -> float:

@@ -187,8 +187,8 @@ class Schedules:
             if not entry.active or not self.scheduler.accepting:
                 continue
             await self._due(entry, now)
-            upcoming = entry.spec.timing.next(entry.cursor, 1)[0] + entry.spec.offset_s
-            wait_s = min(wait_s, max(upcoming - self.clock(), 0.0))
+            for upcoming in entry.spec.timing.next(entry.cursor, 1):
+                wait_s = min(wait_s, max(upcoming + entry.spec.offset_s - self.clock(), 0.0))
         return wait_s
 
     async def _due(self, entry: Entry, now: float) -> None:
