@@ -129,13 +129,20 @@ async def test_queue_starts_the_slot_when_the_previous_ends(client):
     """overlap = queue: a slot during a run is recorded queued, then started (with its own
     task) once the run ended, never alongside it."""
     await create(client, script="sleep.sh", params={"seconds": "2"}, overlap="queue")
-    await wait_for(lambda: _with(client, "queued"), timeout=10, what="a queued slot")
-    rows = await wait_for(lambda: _started(client, 2), timeout=15, what="the queued slot run")
+    queued = await wait_for(lambda: _queued_with_task(client), timeout=15,
+                            what="a queued slot that started")
     await client.post("/schedules/tick/pause")
-    first = await wait_final(client, rows[0]["task_id"])
-    second = await wait_final(client, rows[1]["task_id"])
-    assert second["started_at"] >= first["finished_at"]
-    assert second["scheduled_for"] == rows[1]["slot"]
+    rows = await runs(client)
+    first = next(r for r in reversed(rows) if r["outcome"] == "started")
+    before = await wait_final(client, first["task_id"])
+    after = await wait_final(client, queued["task_id"])
+    assert after["started_at"] >= before["finished_at"]
+    assert after["scheduled_for"] == queued["slot"]
+
+
+async def _queued_with_task(client):
+    rows = await runs(client)
+    return next((r for r in rows if r["outcome"] == "queued" and r["task_id"]), None)
 
 
 async def test_allow_runs_alongside(client):

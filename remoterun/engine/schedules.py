@@ -259,7 +259,7 @@ class Schedules:
             else:
                 await self._record(entry, slot, "failed_to_submit", None, message)
             return None
-        if slot is not None:
+        if slot is not None and was is None:
             self._counted(entry, slot, outcome, task["id"], reason)
         log.info("schedule_slot_started", schedule=name, slot=slot, task_id=task["id"],
                  outcome=outcome)
@@ -303,7 +303,7 @@ class Schedules:
                 continue
             seen.add(row["schedule"])
             if entry.active and not await self.db.schedule_active(row["schedule"]):
-                await self.submit(entry, row["slot"], "started", None, was="queued")
+                await self.submit(entry, row["slot"], "queued", row["reason"], was="queued")
             waiting = True
         return waiting
 

@@ -279,8 +279,10 @@ class Queries:
         return {row["schedule"]: row for row in await self._rows(query)}
 
     async def queued_slots(self) -> list[Row]:
-        """Slots waiting for their schedule's previous run to end (overlap = "queue")."""
-        query = ScheduleSlot.select().where(ScheduleSlot.outcome == "queued")
+        """Slots waiting for their schedule's previous run to end (overlap = "queue"), their
+        task not started yet."""
+        query = ScheduleSlot.select().where((ScheduleSlot.outcome == "queued") &
+                                            ScheduleSlot.task_id.is_null())
         return await self._rows(query.order_by(ScheduleSlot.slot))
 
     async def schedule_active(self, schedule: str) -> list[Row]:

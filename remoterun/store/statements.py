@@ -130,10 +130,11 @@ def record_slot(schedule: str, slot: float, outcome: str, task_id: str | None = 
 
 def settle_slot(schedule: str, slot: float, was: str, outcome: str, task_id: str | None,
                 reason: str | None = None) -> Statement:
-    """A guarded change of a slot's outcome from `was` (a queued slot that started)."""
-    moved = update("schedule_slots", {"outcome": outcome, "task_id": task_id, "reason": reason},
-                   {"schedule": schedule, "slot": slot, "outcome": was})
-    return Guarded(moved.shape, moved.params)
+    """A guarded change of a slot recorded `was` and no task yet (a queued slot that starts,
+    or fails to): it changes nothing, and fails, once the slot has its task."""
+    return Guarded(("update", "schedule_slots", ("outcome", "task_id", "reason"), (
+        ("schedule", "="), ("slot", "="), ("outcome", "="), ("task_id", "null"))),
+        (outcome, task_id, reason, schedule, slot, was))
 
 
 def save_schedule(values: dict[str, Any]) -> Statement:
