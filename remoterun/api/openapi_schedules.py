@@ -90,10 +90,14 @@ def paths() -> dict[str, Any]:
         {"name": "limit", "in": "query", "required": False,
          "schema": {"type": "integer", "minimum": 1, "maximum": 500}},
         {"name": "cursor", "in": "query", "required": False, "schema": {"type": "string"}}]
+    made = {**one, "links": {name: {"operationId": name,
+                                    "parameters": {"name": "$response.body#/name"}}
+                             for name in ("getSchedule", "scheduleRuns", "pauseSchedule",
+                                          "resumeSchedule", "runSchedule")}}
     return {
         "/schedules": {
             "get": _op("listSchedules", "every schedule", {200: listed}),
-            "post": _op("createSchedule", "create an API schedule", {201: one},
+            "post": _op("createSchedule", "create an API schedule", {201: made},
                         (400, 409, 422, 503), body=True)},
         "/schedules/{name}": {
             "get": _op("getSchedule", "one schedule", {200: one}, (404,)),

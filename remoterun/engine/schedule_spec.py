@@ -91,7 +91,8 @@ def parse(body: Any, default_zone: str, source: str = "api") -> Spec:
     body = {k: v for k, v in body.items() if v is not None or k not in NULLABLE}
     problems = _types(body)
     values = {k: v for k, v in body.items() if k in FIELDS}
-    problems += _values(values)
+    mistyped = {p["field"] for p in problems if p["message"].startswith("expected")}
+    problems += _values({k: v for k, v in values.items() if k not in mistyped})
     if problems:
         raise _invalid(problems)
     values.setdefault("timezone", default_zone)
