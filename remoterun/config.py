@@ -267,7 +267,8 @@ def _cluster(body: Any) -> Cluster:
 # Monitoring and alerts (issue 14) -------------------------------------------------------------
 
 ALERT_KINDS = ("webhook", "dingtalk", "email")
-ALERT_EVENTS = ("success", "failed", "timeout", "cancelled", "retry", "retries_exhausted")
+ALERT_EVENTS = ("success", "failed", "timeout", "cancelled", "retry", "retries_exhausted",
+                "missed", "failed_to_submit")  # the last two: a schedule's slots (issue 29)
 _ALERT_KEYS: dict[str, tuple[type, ...]] = {
     "kind": (str,), "url": (str,), "secret": (str,), "on": (list,), "scripts": (list,),
     "dedupe_s": (int, float), "timeout_s": (int, float), "retries": (int,),

@@ -6,9 +6,11 @@ from __future__ import annotations
 
 import time
 
+from aiohttp import web
 from conftest import TOKENS, wait_final, wait_for
 
 from remoterun.api.schedules import SCHEDULES
+from remoterun.config import Alert
 
 OPS = {"Authorization": "Bearer operator-token"}
 ADMIN = {"Authorization": "Bearer admin-token"}
@@ -225,7 +227,7 @@ async def test_restart_records_missed_slots_and_runs_the_latest(make_client, tmp
     assert down and all(r["outcome"] == "missed" for r in down[1:]), latest
     gap = [r for r in reversed(await runs(second, "latest")) if _seconds(r["slot"]) > stopped]
     slots = [_seconds(r["slot"]) for r in gap]
-    assert slots == sorted(slots) and all(b - a == 1 for a, b in zip(slots, slots[1:])), slots
+    assert slots == sorted(slots) and all(b - a == 1 for a, b in zip(slots, slots[1:], strict=False)), slots
     caught = [r for r in gap if r["outcome"] == "started"]
     missed = [r for r in gap if r["outcome"] == "missed"]
     assert len(missed) >= 3 and caught, gap
@@ -274,3 +276,30 @@ async def test_config_schedule_is_read_only_but_pausable(make_client):
         assert response.status == 409 and (await response.json())["error"] == \
             "defined_in_config"
     assert (await (await client.post("/schedules/cfg/pause")).json())["paused"] is True
+
+
+async def test_failed_to_submit_is_recorded_and_alerted(make_client, aiohttp_server, tmp_path):
+    """A slot whose script is gone is recorded failed_to_submit with the reason, and a
+    webhook asking for failed_to_submit is sent one message for it (de-duplicated)."""
+    got: list[dict] = []
+
+    async def receive(request):
+        got.append(await request.json())
+        return web.json_response({})
+
+    hook_app = web.Application()
+    hook_app.router.add_post("/hook", receive)
+    hook = await aiohttp_server(hook_app)
+    alert = Alert(kind="webhook", url=str(hook.make_url("/hook")), dedupe_s=60,
+                  on=("failed_to_submit", "missed"))
+    client = await make_client(alerts=(alert,))
+    await create(client, script="quiet.sh")
+    await wait_for(lambda: _started(client, 1), timeout=10, what="a started slot")
+    (tmp_path / "scripts" / "quiet.sh").unlink()
+    rows = await wait_for(lambda: _with(client, "failed_to_submit"), timeout=20,
+                          what="a failed slot")
+    failed = next(r for r in rows if r["outcome"] == "failed_to_submit")
+    assert failed["task_id"] is None and failed["reason"]
+    await wait_for(lambda: got, timeout=10, what="the alert")
+    assert got[0]["event"] == "failed_to_submit"
+    assert got[0]["task"]["schedule"] == "tick" and got[0]["task"]["scheduled_for"]

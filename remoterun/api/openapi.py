@@ -11,8 +11,7 @@ from typing import Any
 from aiohttp import web
 
 from remoterun import __version__
-from remoterun.api import json_response
-from remoterun.api import openapi_schedules
+from remoterun.api import json_response, openapi_schedules
 
 routes = web.RouteTableDef()
 

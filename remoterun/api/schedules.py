@@ -12,7 +12,16 @@ from typing import Any
 from aiohttp import web
 
 from remoterun import errors, store
-from remoterun.api import CATALOGUE, DB, METRICS, SCHEDULER, SETTINGS, identity, json_response
+from remoterun.api import (
+    ALERTS,
+    CATALOGUE,
+    DB,
+    METRICS,
+    SCHEDULER,
+    SETTINGS,
+    identity,
+    json_response,
+)
 from remoterun.api.guard import audit_entry
 from remoterun.api.http import read_json
 from remoterun.auth import Identity
@@ -40,6 +49,7 @@ async def service(app: web.Application) -> AsyncIterator[None]:
         timer.on_transition(row, new)
 
     scheduler.on_transition = on_transition
+    timer.on_unstarted = app[ALERTS].on_slot
     await timer.start()
     try:
         yield

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import os
@@ -157,10 +158,8 @@ def local_zone(configured: str | None) -> str:
     """The default zone: `[server] timezone`, else the server's local zone by IANA name
     (TZ, /etc/timezone, the /etc/localtime link), else UTC."""
     candidates = [configured, os.environ.get("TZ", "").lstrip(":")]
-    try:
+    with contextlib.suppress(OSError):
         candidates.append(Path("/etc/timezone").read_text().strip())
-    except OSError:
-        pass
     link = Path("/etc/localtime")
     if link.is_symlink():
         candidates.append(str(link.resolve()).partition("zoneinfo/")[2])

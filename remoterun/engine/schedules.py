@@ -62,6 +62,10 @@ class Schedules:
         self.zone = "UTC"  # the default zone, read in start()
         self.entries: dict[str, Entry] = {}
         self._wake = asyncio.Event()
+        # Told of each slot that started nothing and is worth an alert (set by api/app.py's
+        # side: the engine does not import the alerts); it must not block or raise.
+        self.on_unstarted: Callable[[str, str, float, str, str | None], None] = \
+            lambda schedule, script, slot, outcome, reason: None
         self._loop: asyncio.Task[None] | None = None
         self.up_since = clock()
 
@@ -286,6 +290,8 @@ class Schedules:
     def _counted(self, entry: Entry, slot: float, outcome: str, task_id: str | None,
                  reason: str | None) -> None:
         self.metrics.child(self.metrics.schedule_runs, entry.spec.name, outcome).inc()
+        if outcome in ("missed", "failed_to_submit"):
+            self.on_unstarted(entry.spec.name, entry.spec.script, slot, outcome, reason)
         if entry.last is None or slot >= entry.last["slot"]:
             entry.last = {"schedule": entry.spec.name, "slot": slot, "outcome": outcome,
                           "task_id": task_id, "reason": reason}
