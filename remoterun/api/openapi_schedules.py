@@ -112,4 +112,20 @@ def paths() -> dict[str, Any]:
         "/schedules/{name}/run": {"post": _op("runSchedule", "submit one task now",
                                               {201: task}, (404, 409, 422, 503))},
         "/schedules/{name}/runs": {"get": runs_op},
+        "/cron/next": {"get": _preview()},
     }
+
+
+def _preview() -> dict[str, Any]:
+    """GET /cron/next: a cron's (or a period's) next instants and its words."""
+    op = _op("cronNext", "the next instants of a cron or a period, and the cron in words",
+             {200: _answer({"type": "object", "required": ["next_runs", "description"],
+                            "properties": {"next_runs": {"type": "array", "items": TIME},
+                                           "timezone": {"type": "string"},
+                                           "description": {"type": "string"}}},
+                           "the instants")}, (422,))
+    op["parameters"] = [{"name": key, "in": "query", "required": False,
+                         "schema": {"type": "string"}} for key in ("cron", "every", "timezone")]
+    op["parameters"].append({"name": "n", "in": "query", "required": False,
+                             "schema": {"type": "integer", "minimum": 1, "maximum": 100}})
+    return op

@@ -26,7 +26,7 @@ from remoterun.api.guard import audit_entry
 from remoterun.api.http import read_json
 from remoterun.auth import Identity
 from remoterun.catalogue import MetadataError
-from remoterun.engine.cron import rfc
+from remoterun.engine.cron import explain, rfc
 from remoterun.engine.schedule_spec import Spec, parse
 from remoterun.engine.schedules import Entry, Schedules, new_row
 from remoterun.store import statements
@@ -249,3 +249,27 @@ async def schedule_runs(request: web.Request) -> web.Response:
     rows = rows[:limit]
     return json_response({"runs": [slot_json(r) for r in rows],
                           "next_cursor": repr(rows[-1]["slot"]) if more else None})
+
+
+@routes.get("/cron/next")
+async def cron_next(request: web.Request) -> web.Response:
+    """The next instants of a cron expression or a period in a zone, and the cron in words:
+    what the page shows as one types, and `remoterun schedule next`."""
+    identity(request).require("viewer")
+    query = request.query
+    body: dict[str, Any] = {"name": "preview", "script": "-"}
+    for key in ("cron", "every", "timezone"):
+        if query.get(key):
+            body[key] = query[key]
+    try:
+        count = int(query.get("n", str(NEXT_RUNS)))
+    except ValueError:
+        count = 0
+    if not 1 <= count <= 100:
+        raise _invalid("n", "an integer from 1 to 100")
+    spec = await asyncio.to_thread(parse, body, request.app[SCHEDULES].zone)
+    upcoming = spec.timing.next(time.time(), count)
+    return json_response({"next_runs": [rfc(at) for at in upcoming],
+                          "timezone": spec.timezone,
+                          "description": explain(spec.cron) if spec.cron else
+                          f"every {spec.every}, counted from the epoch (UTC)"})

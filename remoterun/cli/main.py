@@ -313,6 +313,9 @@ def parser() -> argparse.ArgumentParser:
 
     backup.add_parsers(sub, _server_flags)
     _client_verbs(sub, common)
+    from remoterun.cli import schedule  # issue 29
+
+    schedule.add_parser(sub, common)
     comp = sub.add_parser("completion", help="print a shell completion script")
     comp.add_argument("shell", choices=("bash", "zsh"))
     _token_parser(sub)
@@ -476,6 +479,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.verb == "sign":
         return sign_command(args)
     try:
+        if args.verb == "schedule":
+            from remoterun.cli import schedule
+
+            return asyncio.run(_client(args, schedule.command))
         return asyncio.run(_client(args, commands.VERBS[args.verb]))
     except UsageError as exc:
         say(str(exc))
