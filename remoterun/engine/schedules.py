@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -45,11 +46,18 @@ class Entry:
     created_at: float
     cursor: float  # the newest slot decided
     last: dict[str, Any] | None = None  # the newest slot record
+    due: float = 0.0  # when its next slot starts (jitter included); inf: never
 
     @property
     def active(self) -> bool:
         """Whether its slots start."""
         return self.spec.enabled and not self.paused
+
+    def advance(self, cursor: float) -> None:
+        """Its slots up to `cursor` are decided: find when the next one starts."""
+        self.cursor = cursor
+        upcoming = self.spec.timing.next(cursor, 1)
+        self.due = upcoming[0] + self.spec.offset_s if upcoming else math.inf
 
 
 class Schedules:
@@ -115,10 +123,14 @@ class Schedules:
             last = latest.get(name)
             cursor = max(row["since"], last["slot"] if last else row["since"])
             old = self.entries.get(name)
-            if old is not None and old.since == row["since"]:
-                cursor = max(cursor, old.cursor)
-            entries[name] = Entry(spec, bool(row["paused"]), row["since"], row["created_at"],
-                                  cursor, last)
+            entry = Entry(spec, bool(row["paused"]), row["since"], row["created_at"], cursor,
+                          last)
+            if old is not None and old.since == row["since"] and old.spec is spec and \
+                    old.cursor >= cursor:
+                entry.cursor, entry.due = old.cursor, old.due  # unchanged: no cron to step
+            else:
+                entry.advance(cursor)
+            entries[name] = entry
         self.entries = entries
         self.wake()
 
@@ -187,12 +199,13 @@ class Schedules:
         wait_s = 3600.0
         if await self._queued():
             wait_s = RECHECK_S
+        # Only the schedules due are stepped: 10,000 idle ones cost a comparison each.
         for entry in list(self.entries.values()):
             if not entry.active or not self.scheduler.accepting:
                 continue
-            await self._due(entry, now)
-            for upcoming in entry.spec.timing.next(entry.cursor, 1):
-                wait_s = min(wait_s, max(upcoming + entry.spec.offset_s - self.clock(), 0.0))
+            if entry.due <= now:
+                await self._due(entry, now)
+            wait_s = min(wait_s, max(entry.due - self.clock(), 0.0))
         return wait_s
 
     async def _due(self, entry: Entry, now: float) -> None:
@@ -211,6 +224,7 @@ class Schedules:
             else:
                 await self._record(entry, choice.slot, "missed", None, choice.reason)
             entry.cursor = choice.slot
+        entry.advance(entry.cursor)
 
     async def fire(self, entry: Entry, slot: float) -> None:
         """Start a slot as its overlap policy says: started, skipped_overlap, queued or
