@@ -108,9 +108,13 @@ class Schedules:
         rows = {r["name"]: r for r in await self.db.schedule_rows()}
         fresh = [statements.save_schedule(_row(spec, now)) for name, spec in config.items()
                  if name not in rows]
-        for each in fresh:
-            with contextlib.suppress(store.StaleWrite):  # another node made it meanwhile
-                await self.scheduler.commit([each])
+        try:
+            if fresh:
+                await self.scheduler.commit(fresh)  # one transaction for a new config's all
+        except store.StaleWrite:  # another node made some meanwhile: each on its own
+            for each in fresh:
+                with contextlib.suppress(store.StaleWrite):
+                    await self.scheduler.commit([each])
         if fresh:
             rows = {r["name"]: r for r in await self.db.schedule_rows()}
         latest = await self.db.latest_slots()
@@ -230,8 +234,8 @@ class Schedules:
         """Start a slot as its overlap policy says: started, skipped_overlap, queued or
         replaced."""
         spec = entry.spec
-        busy = [r for r in await self.db.schedule_active(spec.name)]
-        if not busy or spec.overlap == "allow":
+        busy = [] if spec.overlap == "allow" else await self.db.schedule_active(spec.name)
+        if not busy:
             await self.submit(entry, slot, "started")
         elif spec.overlap == "forbid":
             await self._record(entry, slot, "skipped_overlap", busy[-1]["id"],
