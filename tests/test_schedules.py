@@ -303,3 +303,15 @@ async def test_failed_to_submit_is_recorded_and_alerted(make_client, aiohttp_ser
     await wait_for(lambda: got, timeout=10, what="the alert")
     assert got[0]["event"] == "failed_to_submit"
     assert got[0]["task"]["schedule"] == "tick" and got[0]["task"]["scheduled_for"]
+
+
+async def test_a_changed_timing_counts_slots_from_the_change(client):
+    """PATCHing a yearly schedule to every second starts from the change: the seconds that
+    passed since its creation are not its slots, so none is recorded missed."""
+    await create(client, every=None, cron="0 0 1 1 *")
+    made = time.time()
+    await wait_for(lambda: time.time() > made + 4, timeout=10, what="four seconds")
+    response = await client.patch("/schedules/tick", json={"every": "1s"})
+    assert response.status == 200, await response.text()
+    await wait_for(lambda: _started(client, 2), timeout=10, what="two started slots")
+    assert "missed" not in await outcomes(client)

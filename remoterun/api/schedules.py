@@ -28,7 +28,7 @@ from remoterun.auth import Identity
 from remoterun.catalogue import MetadataError
 from remoterun.engine.cron import explain, rfc
 from remoterun.engine.schedule_spec import Spec, parse
-from remoterun.engine.schedules import Entry, Schedules, new_row
+from remoterun.engine.schedules import Entry, Schedules, new_row, timing_of
 from remoterun.store import statements
 from remoterun.wire import rfc3339
 
@@ -178,9 +178,11 @@ async def patch_schedule(request: web.Request) -> web.Response:
         merged.pop("every", None)
     spec = await _checked(request, {**merged, **body})
     stored = {k: v for k, v in spec.fields().items() if k != "name"}
+    values: dict[str, Any] = {"spec": json.dumps(stored), "updated_at": time.time()}
+    if timing_of(spec) != timing_of(entry.spec):  # its slots are the new timing's from now
+        values["since"] = values["updated_at"]
     await _write(request, "schedule_update", spec.name, spec.script,
-                 statements.change_schedule(spec.name, {"spec": json.dumps(stored),
-                                                        "updated_at": time.time()}))
+                 statements.change_schedule(spec.name, values))
     return _shown(request, spec.name)
 
 

@@ -106,16 +106,7 @@ class Schedules:
         now = self.clock()
         config = {s.name: s for s in await asyncio.to_thread(self.config_specs)}
         rows = {r["name"]: r for r in await self.db.schedule_rows()}
-        fresh = [statements.save_schedule(_row(spec, now)) for name, spec in config.items()
-                 if name not in rows]
-        try:
-            if fresh:
-                await self.scheduler.commit(fresh)  # one transaction for a new config's all
-        except store.StaleWrite:  # another node made some meanwhile: each on its own
-            for each in fresh:
-                with contextlib.suppress(store.StaleWrite):
-                    await self.scheduler.commit([each])
-        if fresh:
+        if await self._save_config(config, rows, now):
             rows = {r["name"]: r for r in await self.db.schedule_rows()}
         latest = await self.db.latest_slots()
         stored = await asyncio.to_thread(self._stored_specs, list(rows.values()))
@@ -137,6 +128,28 @@ class Schedules:
             entries[name] = entry
         self.entries = entries
         self.wake()
+
+    async def _save_config(self, config: dict[str, Spec], rows: dict[str, dict[str, Any]],
+                           now: float) -> bool:
+        """Keep a row for each config schedule (its pauses live there); one whose timing
+        changed in config.toml counts its slots from now. Whether anything was written."""
+        fresh = [statements.save_schedule(_row(spec, now)) for name, spec in config.items()
+                 if name not in rows]
+        changed = [statements.change_schedule(name, {"spec": timing_of(spec), "since": now,
+                                                     "updated_at": now})
+                   for name, spec in config.items() if name in rows and
+                   rows[name]["source"] == "config" and rows[name]["spec"] != timing_of(spec)]
+        try:
+            if fresh:
+                await self.scheduler.commit(fresh)  # one transaction for a new config's all
+        except store.StaleWrite:  # another node made some meanwhile: each on its own
+            for each in fresh:
+                with contextlib.suppress(store.StaleWrite):
+                    await self.scheduler.commit([each])
+        for each in changed:
+            with contextlib.suppress(store.StaleWrite):  # removed meanwhile
+                await self.scheduler.commit([each])
+        return bool(fresh or changed)
 
     def _stored_specs(self, rows: list[dict[str, Any]]) -> dict[str, Spec]:
         """The API schedules' specs (parsed on a thread: a zone is read from disk)."""
@@ -332,11 +345,19 @@ class Schedules:
         return waiting
 
 
+TIMING = ("cron", "every", "timezone", "enabled")  # what changes which slots are its
+
+
+def timing_of(spec: Spec) -> str:
+    """A config schedule's timing as its row keeps it: a change counts slots from then on."""
+    return json.dumps({key: getattr(spec, key) for key in TIMING}, sort_keys=True)
+
+
 def _row(spec: Spec, now: float) -> dict[str, Any]:
-    """A schedule's new database row."""
-    stored = {} if spec.source == "config" else {
-        k: v for k, v in spec.fields().items() if k != "name"}
-    return {"name": spec.name, "source": spec.source, "spec": json.dumps(stored),
+    """A schedule's new database row (an API one's whole definition; a config one's timing)."""
+    stored = timing_of(spec) if spec.source == "config" else json.dumps(
+        {k: v for k, v in spec.fields().items() if k != "name"})
+    return {"name": spec.name, "source": spec.source, "spec": stored,
             "paused": False, "created_at": now, "updated_at": now, "since": now}
 
 
