@@ -5,6 +5,7 @@ never started twice, pause/resume/run now, audit rows and metrics. Real app, rea
 from __future__ import annotations
 
 import time
+from datetime import UTC, datetime
 
 from aiohttp import web
 from conftest import TOKENS, wait_final, wait_for
@@ -193,7 +194,6 @@ async def _more(client, count):
 
 
 def _seconds(text):
-    from datetime import datetime
     return datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp()
 
 
@@ -315,3 +315,29 @@ async def test_a_changed_timing_counts_slots_from_the_change(client):
     assert response.status == 200, await response.text()
     await wait_for(lambda: _started(client, 2), timeout=10, what="two started slots")
     assert "missed" not in await outcomes(client)
+
+
+async def test_an_injected_clock_records_months_of_missed_slots_across_dst(client):
+    """The timer on an injected clock three months ahead (the server "down" meanwhile): every
+    daily slot of 02:30 New York time is recorded, the newest runs (catch_up = latest), and
+    the spring-forward day's slot is 03:00 EDT, the first instant after the gap."""
+    await create(client, every=None, cron="30 2 * * *", timezone="America/New_York",
+                 catch_up_window_s=10**8)
+    timer = client.app[SCHEDULES]
+    later = datetime(2027, 3, 16, 12, tzinfo=UTC).timestamp()
+    timer.clock = lambda: later
+    timer.wake()
+    rows = await wait_for(lambda: _reached(client, "2027-03-16T06:30:00.000Z"), timeout=20,
+                          what="the slots up to the clock")
+    by_slot = {r["slot"]: r["outcome"] for r in rows}
+    assert by_slot["2027-03-13T07:30:00.000Z"] == "missed"  # 02:30 EST
+    assert by_slot["2027-03-14T07:00:00.000Z"] == "missed"  # 02:30 does not exist: 03:00 EDT
+    assert by_slot["2027-03-16T06:30:00.000Z"] == "started"  # 02:30 EDT, the newest
+    assert [o for o in by_slot.values() if o != "missed"] == ["started"]
+    days = {s[:10] for s in by_slot}
+    assert len(days) == len(by_slot)  # one slot a day, never two
+
+
+async def _reached(client, slot):
+    rows = await runs(client, limit=500)
+    return rows if rows and rows[0]["slot"] == slot and rows[0]["task_id"] else None
