@@ -227,7 +227,8 @@ async def test_restart_records_missed_slots_and_runs_the_latest(make_client, tmp
     assert down and all(r["outcome"] == "missed" for r in down[1:]), latest
     gap = [r for r in reversed(await runs(second, "latest")) if _seconds(r["slot"]) > stopped]
     slots = [_seconds(r["slot"]) for r in gap]
-    assert slots == sorted(slots) and all(b - a == 1 for a, b in zip(slots, slots[1:], strict=False)), slots
+    steps = [b - a for a, b in zip(slots, slots[1:], strict=False)]
+    assert slots == sorted(slots) and set(steps) <= {1.0}, slots
     caught = [r for r in gap if r["outcome"] == "started"]
     missed = [r for r in gap if r["outcome"] == "missed"]
     assert len(missed) >= 3 and caught, gap
