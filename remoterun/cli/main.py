@@ -102,6 +102,9 @@ def parser() -> argparse.ArgumentParser:
     admin.add_archive_parser(sub, _server_flags)
     backup.add_parsers(sub, _server_flags)
     _client_verbs(sub, common)
+    from remoterun.cli import schedule  # issue 29
+
+    schedule.add_parser(sub, common)
     comp = sub.add_parser("completion", help="print a shell completion script")
     comp.add_argument("shell", choices=("bash", "zsh"))
     admin.add_token_parser(sub)
@@ -138,6 +141,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.verb == "sign":
         return admin.sign_command(args)
     try:
+        if args.verb == "schedule":
+            from remoterun.cli import schedule
+
+            return asyncio.run(_client(args, schedule.command))
         return asyncio.run(_client(args, commands.VERBS[args.verb]))
     except UsageError as exc:
         say(str(exc))
