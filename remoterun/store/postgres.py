@@ -80,6 +80,19 @@ CLUSTER_DDL = (
     'CREATE INDEX IF NOT EXISTS "task_pending" ON "tasks" ("num") WHERE "status" = \'pending\'',
     'CREATE INDEX IF NOT EXISTS "task_owner" ON "tasks" ("owner") WHERE "status" = \'running\'',
     'ALTER TABLE "task_logs" ADD COLUMN IF NOT EXISTS "node" TEXT',
+    # GET /events' frontier (docs/cluster.md, "GET /events"): the highest event id drawn so
+    # far, then (a new snapshot: this function is volatile) the next transaction id and the
+    # oldest one still running. Once that oldest is past this `xmax`, every transaction that
+    # could hold an id up to `drawn` has ended: those ids are final.
+    """CREATE OR REPLACE FUNCTION rr_event_frontier(OUT drawn bigint, OUT xmax bigint,
+                                                    OUT xmin bigint)
+        LANGUAGE plpgsql VOLATILE AS $$
+        BEGIN
+            SELECT CASE WHEN is_called THEN last_value ELSE 0 END INTO drawn
+                FROM task_events_id_seq;
+            SELECT pg_snapshot_xmax(s)::text::bigint, pg_snapshot_xmin(s)::text::bigint
+                INTO xmax, xmin FROM pg_current_snapshot() AS s;
+        END $$""",
     # A token's script globs (fnmatch, `[!` already turned into `[^`) as an anchored regex.
     r"""CREATE OR REPLACE FUNCTION rr_glob(p text) RETURNS text LANGUAGE sql IMMUTABLE AS $$
         SELECT '^' || replace(replace(regexp_replace(p, '([.+(){}|$\\])', '\\\1', 'g'),

@@ -1,0 +1,187 @@
+"""GET /events and queue_position across a cluster: real nodes, PostgreSQL and Redis."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from typing import Any
+
+import aiohttp
+import asyncpg
+import pytest
+from cluster_nodes import Node, get_json, make_nodes, start_all
+from conftest import wait_for
+from test_cluster import FINAL, ONCE, add_script, final, post, submit, submit_many
+
+pytestmark = pytest.mark.slow
+GATE = "#!/bin/sh\nsleep 60\n"
+SseEvent = tuple[int, str, dict[str, Any]]
+
+
+async def sse_until(response: aiohttp.ClientResponse, done: Any, got: list[SseEvent],
+                    timeout: float = 30.0) -> list[SseEvent]:
+    """Parse a GET /events stream into `got` as (id, event, data) until `done(got)`."""
+    fields: dict[str, str] = {}
+    async with asyncio.timeout(timeout):
+        while not done(got):
+            raw = await response.content.readline()
+            assert raw, "the stream ended"
+            line = raw.decode().rstrip("\n")
+            if not line:
+                if "event" in fields:
+                    got.append((int(fields.get("id", "0")), fields["event"],
+                                json.loads(fields["data"])))
+                fields = {}
+            elif not line.startswith(":"):
+                key, _, value = line.partition(": ")
+                fields[key] = value
+    return got
+
+
+@pytest.fixture
+async def cluster(tmp_path, engines):
+    """Three nodes n1..n3 (started), stopped after the test."""
+    nodes = make_nodes(tmp_path, engines, 3)
+    add_script(nodes, "once.sh", ONCE)
+    add_script(nodes, "gate.sh", GATE, "max_concurrency = 1\n")
+    await start_all(nodes)
+    yield nodes
+    for node in nodes:
+        node.stop()
+
+
+def ready(got: list[SseEvent]) -> bool:
+    """The stream's replay is over (its `ready` event came)."""
+    return any(kind == "ready" for _, kind, _ in got)
+
+
+def finished(task_ids: set[str]) -> Any:
+    """A `done` predicate: every one of the tasks' final transitions arrived."""
+    return lambda got: task_ids <= {d["id"] for _, k, d in got
+                                    if k == "task" and d["status"] in FINAL}
+
+
+def transitions(got: list[SseEvent]) -> list[tuple[int, str, str]]:
+    """(id, task, status) of each `task` event received."""
+    return [(i, d["id"], d["status"]) for i, k, d in got if k == "task"]
+
+
+async def stored_events(url: str, after: int) -> list[tuple[int, str, str]]:
+    """(id, task, new status) of every transition recorded after the id, by id."""
+    conn = await asyncpg.connect(url)
+    try:
+        rows = await conn.fetch("SELECT id, task_id, new_status FROM task_events WHERE id > $1 "
+                                "ORDER BY id", after)
+    finally:
+        await conn.close()
+    return [(r["id"], r["task_id"], r["new_status"]) for r in rows]
+
+
+async def test_events_on_one_node_carry_what_another_node_runs(cluster, http):
+    """A GET /events client on n2 gets, live on the one stream, pending, running and success
+    of a task submitted to and run by n1, in that order, ids increasing."""
+    got: list[SseEvent] = []
+    async with http.get(f"{cluster[1].url}/events") as response:
+        await sse_until(response, ready, got)
+        task = await submit(http, cluster[0], script="hello.sh", node="n1")
+        await sse_until(response, finished({task["id"]}), got)
+    mine = [(i, d) for i, k, d in got if k == "task" and d["id"] == task["id"]]
+    assert [d["status"] for _, d in mine] == ["pending", "running", "success"]
+    assert all(d["node"] == "n1" for _, d in mine[1:])
+    ids = [i for i, _ in mine]
+    assert ids == sorted(set(ids)) and all(d["event"]["id"] == i for i, d in mine)
+
+
+@pytest.mark.timeout(180)
+async def test_events_resumed_on_another_node_arrive_exactly_once(cluster, http, engines):
+    """60 tasks submitted to the three nodes at once (their commits interleave): a client
+    reads /events on n3, leaves part-way, resumes with Last-Event-ID on n2; together the two
+    streams hold every transition recorded, each once, in id order."""
+    first: list[SseEvent] = []
+    async with http.get(f"{cluster[2].url}/events") as response:
+        await sse_until(response, ready, first)
+        start = first[-1][0]
+        submitting = asyncio.create_task(submit_many(
+            http, cluster, 60, in_flight=12, script="once.sh", params={"out": "/dev/null"}))
+        await sse_until(response, lambda got: len(transitions(got)) >= 50, first)
+    tasks = await submitting
+    rest: list[SseEvent] = []
+    async with http.get(f"{cluster[1].url}/events",
+                        headers={"Last-Event-ID": str(first[-1][0])}) as response:
+        all_ended = finished({t["id"] for t in tasks})
+        await sse_until(response, lambda got: all_ended(first + got), rest, timeout=90)
+    seen = transitions(first + rest)
+    ids = [i for i, _, _ in seen]
+    assert ids == sorted(set(ids)), "an event came twice or out of order"
+    mine = {t["id"] for t in tasks}
+    stored = [e for e in await stored_events(engines[2], start) if e[1] in mine]
+    assert [e for e in seen if e[1] in mine] == stored
+    assert len(stored) == 3 * len(tasks)
+
+
+async def test_an_event_committed_late_comes_before_every_later_id(cluster, http, engines):
+    """A transaction draws an event id, then commits only after other nodes have committed
+    higher ids and their task ended: a follower on n1 still receives the ids in increasing
+    order, the late one in its place (never N+1 before N), and one resuming on n3 from
+    before it gets the same."""
+    got: list[SseEvent] = []
+    conn = await asyncpg.connect(engines[2])
+    try:
+        async with http.get(f"{cluster[0].url}/events") as response:
+            await sse_until(response, ready, got)
+            start = got[-1][0]
+            first = await submit(http, cluster[1], script="hello.sh", node="n2")
+            await final(http, cluster[1], first["id"])
+            held = conn.transaction()
+            await held.start()
+            late = await conn.fetchval(  # a transition of its own, in flight
+                "INSERT INTO task_events (task_id, ts, old_status, new_status, attempt) "
+                "VALUES ($1, 0, 'success', 'success', 1) RETURNING id", first["id"])
+            after = await submit(http, cluster[2], script="hello.sh", node="n3")
+            await final(http, cluster[2], after["id"])
+            await held.commit()
+            await sse_until(response, finished({after["id"]}), got)
+    finally:
+        await conn.close()
+    seen = transitions(got)
+    ids = [i for i, _, _ in seen]
+    assert ids == sorted(set(ids)), seen
+    assert late in ids and min(i for i, t, _ in seen if t == after["id"]) > late
+    resumed: list[SseEvent] = []
+    async with http.get(f"{cluster[2].url}/events?since={start}") as response:
+        await sse_until(response, lambda g: finished({after["id"]})(g) and ready(g), resumed)
+    assert transitions(resumed)[:len(seen)] == seen
+
+
+async def test_queue_position_follows_the_claim_order_across_nodes(cluster, http):
+    """Tasks waiting behind a script's max_concurrency of 1 have their queue_position on every
+    node, in claim order (aged priority, then submission), one list read included; the next
+    to start is the first in it, and the others move up."""
+    head = await submit(http, cluster[0], script="gate.sh")
+    await wait_for(lambda: _status(http, cluster[0], head["id"], "running"), 15)
+    waiting = [await submit(http, cluster[i % 3], script="gate.sh", priority=p)
+               for i, p in enumerate((0, 0, 5, 1))]
+    order = [waiting[2]["id"], waiting[3]["id"], waiting[0]["id"], waiting[1]["id"]]
+    try:
+        for place, task_id in enumerate(order, 1):
+            for node in cluster:
+                got = await get_json(http, f"{node.url}/tasks/{task_id}")
+                assert got.get("queue_position") == place, (node.name, place, got)
+        listed = await get_json(http, f"{cluster[1].url}/tasks?status=pending")
+        assert {t["id"]: t.get("queue_position") for t in listed["tasks"]} == {
+            task_id: place for place, task_id in enumerate(order, 1)}
+        running = await get_json(http, f"{cluster[2].url}/tasks/{head['id']}")
+        assert "queue_position" not in running
+        status, _ = await post(http, cluster[2], f"/tasks/{head['id']}/cancel")
+        assert status == 200
+        await wait_for(lambda: _status(http, cluster[0], order[0], "running"), 15)
+        for place, task_id in enumerate(order[1:], 1):
+            got = await get_json(http, f"{cluster[1].url}/tasks/{task_id}")
+            assert got.get("queue_position") == place, (place, got)
+    finally:
+        for task_id in [head["id"], *order]:
+            await post(http, cluster[0], f"/tasks/{task_id}/cancel")
+
+
+async def _status(http: aiohttp.ClientSession, node: Node, task_id: str, status: str) -> bool:
+    return (await get_json(http, f"{node.url}/tasks/{task_id}")).get("status") == status
