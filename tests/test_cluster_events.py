@@ -11,7 +11,16 @@ import asyncpg
 import pytest
 from cluster_nodes import Node, get_json, make_nodes, start_all
 from conftest import wait_for
-from test_cluster import FINAL, ONCE, add_script, final, post, submit, submit_many
+from test_cluster import (
+    FINAL,
+    ONCE,
+    _names_missing,
+    add_script,
+    final,
+    post,
+    submit,
+    submit_many,
+)
 
 pytestmark = pytest.mark.slow
 GATE = "#!/bin/sh\nsleep 60\n"
@@ -39,9 +48,11 @@ async def sse_until(response: aiohttp.ClientResponse, done: Any, got: list[SseEv
 
 
 @pytest.fixture
-async def cluster(tmp_path, engines):
-    """Three nodes n1..n3 (started), stopped after the test."""
-    nodes = make_nodes(tmp_path, engines, 3)
+async def cluster(tmp_path, engines, request):
+    """Three nodes n1..n3 (started), stopped after the test; their node_timeout_s is the
+    fixture's param, if it has one."""
+    timeout = {"node_timeout_s": request.param} if hasattr(request, "param") else {}
+    nodes = make_nodes(tmp_path, engines, 3, **timeout)
     add_script(nodes, "once.sh", ONCE)
     add_script(nodes, "gate.sh", GATE, "max_concurrency = 1\n")
     await start_all(nodes)
@@ -151,6 +162,31 @@ async def test_an_event_committed_late_comes_before_every_later_id(cluster, http
     async with http.get(f"{cluster[2].url}/events?since={start}") as response:
         await sse_until(response, lambda g: finished({after["id"]})(g) and ready(g), resumed)
     assert transitions(resumed)[:len(seen)] == seen
+
+
+@pytest.mark.timeout(180)
+@pytest.mark.parametrize("cluster", [16.0], indirect=True)  # a lease (8 s) over the outage
+async def test_events_resume_after_postgres_restarts(cluster, http, engines):
+    """PostgreSQL down under a GET /events stream on n2 while a task runs on n1: the stream
+    stays open, and once PostgreSQL is back it carries what was committed since, the task's
+    end included, in id order, without gap or repeat."""
+    got: list[SseEvent] = []
+    async with http.get(f"{cluster[1].url}/events") as response:
+        await sse_until(response, ready, got)
+        start = got[-1][0]
+        task = await submit(http, cluster[0], script="lines.py", node="n1",
+                            params={"n": 30, "delay": 0.1})
+        await sse_until(response, lambda g: ("running" in {s for _, _, s in transitions(g)}),
+                        got)
+        await asyncio.to_thread(engines[0].stop)
+        try:
+            await wait_for(lambda: _names_missing(http, cluster[1], "database"), 10,
+                           what="/readyz to name the database")
+        finally:
+            await asyncio.to_thread(engines[0].start)
+        await sse_until(response, finished({task["id"]}), got, timeout=60)
+    assert transitions(got) == await stored_events(engines[2], start)
+    assert [s for _, _, s in transitions(got)] == ["pending", "running", "success"]
 
 
 async def test_queue_position_follows_the_claim_order_across_nodes(cluster, http):

@@ -116,7 +116,7 @@ async def _replay(response: web.StreamResponse, db: Store, since: int,
     """Write every stored transition after `since` (up to the feed's frontier `upto`: above
     it ids are not final yet, and the feed brings them); the id to resume after."""
     last = since
-    while True:
+    while upto is None or last < upto:
         rows = await db.events_after(last, REPLAY_BATCH, upto)
         if rows:
             last = int(rows[-1]["event_id"])
@@ -124,7 +124,8 @@ async def _replay(response: web.StreamResponse, db: Store, since: int,
             if body:
                 await response.write(body)
         if len(rows) < REPLAY_BATCH:
-            return last if upto is None else max(last, upto)
+            break
+    return last if upto is None else max(last, upto)
 
 
 async def _live(response: web.StreamResponse, follower: Follower, last: int,

@@ -117,8 +117,12 @@ class PostgresDatabase(Nodes, Queries):
     dialect = POSTGRES
 
     def __init__(self, url: str, observe_write: Callable[[float], None] | None = None,
-                 min_size: int = 2, max_size: int = 10):
+                 min_size: int = 2, max_size: int = 10, idle_in_transaction_s: float = 0):
         self.url = url
+        # PostgreSQL ends a session left idle this long inside a transaction (0: never): a
+        # frozen node then holds no row lock, and no transaction that GET /events waits for
+        # (cluster/events.py), for longer than that.
+        self.idle_in_transaction_s = idle_in_transaction_s
         self.observe_write = observe_write  # seconds each write took (metrics)
         self.min_size = min_size
         self.max_size = max_size
@@ -139,7 +143,9 @@ class PostgresDatabase(Nodes, Queries):
             try:
                 self._pool = await asyncpg.create_pool(
                     self.url, min_size=self.min_size, max_size=self.max_size,
-                    init=_init_connection, command_timeout=30)
+                    init=_init_connection, command_timeout=30, server_settings={
+                        "idle_in_transaction_session_timeout":
+                            str(int(self.idle_in_transaction_s * 1000))})
                 break
             except CONNECTION_ERRORS as exc:
                 if time.monotonic() > deadline:
