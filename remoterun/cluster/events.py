@@ -5,10 +5,11 @@ committing side by side id 101 may be visible while 100 is still in flight; a cl
 101 and resumes after it would never get 100. Nothing is added to the commits to prevent it.
 Instead each node's tail delivers ids only up to a *frontier*, below which every id is final
 (committed, or never will be): it reads `rr_event_frontier()`, the highest id drawn so far and,
-after it, PostgreSQL's next transaction id (`xmax`). A writer's transaction has its id before it
+after it, a transaction id of its own (`xmax`). A writer's transaction has its id before it
 draws an event id (the store's first round trip asks `txid_current()`), so every transaction
 that may still commit an id up to `drawn` has an id below `xmax`; once the oldest transaction
-still running is past that `xmax`, all of them have ended and `drawn` is the new frontier. The
+still running is at or past that `xmax`, all of them have ended and `drawn` is the new
+frontier. The
 tail then reads the rows up to it, in id order, and hands them to the node's feed; a new
 client replays from the database up to the frontier and takes the feed from there. See
 docs/cluster.md, "GET /events".

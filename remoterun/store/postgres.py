@@ -81,17 +81,20 @@ CLUSTER_DDL = (
     'CREATE INDEX IF NOT EXISTS "task_owner" ON "tasks" ("owner") WHERE "status" = \'running\'',
     'ALTER TABLE "task_logs" ADD COLUMN IF NOT EXISTS "node" TEXT',
     # GET /events' frontier (docs/cluster.md, "GET /events"): the highest event id drawn so
-    # far, then (a new snapshot: this function is volatile) the next transaction id and the
-    # oldest one still running. Once that oldest is past this `xmax`, every transaction that
-    # could hold an id up to `drawn` has ended: those ids are final.
+    # far; then a transaction id of the reader's own (`xmax`: above every id given before, so
+    # above that of each writer that drew one of those event ids); then, in a new snapshot
+    # (this function is volatile), the oldest transaction still running. A snapshot's own
+    # xmax will not do: it is one past the newest *completed* transaction, and a running one
+    # above it is not listed. The reader's commit is not waited for (nothing to keep).
     """CREATE OR REPLACE FUNCTION rr_event_frontier(OUT drawn bigint, OUT xmax bigint,
                                                     OUT xmin bigint)
         LANGUAGE plpgsql VOLATILE AS $$
         BEGIN
             SELECT CASE WHEN is_called THEN last_value ELSE 0 END INTO drawn
                 FROM task_events_id_seq;
-            SELECT pg_snapshot_xmax(s)::text::bigint, pg_snapshot_xmin(s)::text::bigint
-                INTO xmax, xmin FROM pg_current_snapshot() AS s;
+            xmax := pg_current_xact_id()::text::bigint;
+            PERFORM set_config('synchronous_commit', 'off', true);
+            SELECT pg_snapshot_xmin(pg_current_snapshot())::text::bigint INTO xmin;
         END $$""",
     # A token's script globs (fnmatch, `[!` already turned into `[^`) as an anchored regex.
     r"""CREATE OR REPLACE FUNCTION rr_glob(p text) RETURNS text LANGUAGE sql IMMUTABLE AS $$
