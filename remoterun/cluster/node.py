@@ -91,9 +91,9 @@ class Node:
         self.relay.controls = Controls(host.protection.vault.derive(KEY_PURPOSE))
         self.relay.on_control = self._on_control
         await self.relay.start()
-        await self.events.start()
         self._loops = [asyncio.create_task(self._lease_loop(), name="node-heartbeat"),
                        asyncio.create_task(self._judge_loop(), name="node-judge")]
+        await self.events.start()  # after the lease: it may wait for a transaction to end
         log.info("node_joined", node=self.name, labels=self.labels, scripts=len(self.scripts))
 
     @property

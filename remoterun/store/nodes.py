@@ -202,8 +202,8 @@ class Nodes:
         return list(await self._transaction(work))
 
     async def event_frontier(self) -> tuple[int, int, int]:
-        """(the highest event id drawn, the next transaction id, the oldest running one), the
-        last two read after the first (`rr_event_frontier`)."""
+        """(the highest event id drawn, a transaction id given to this read after that, the
+        oldest transaction running after that): `rr_event_frontier`, cluster/events.py."""
         row = (await self.fetch_all("SELECT * FROM rr_event_frontier()"))[0]
         return int(row["drawn"]), int(row["xmax"]), int(row["xmin"])
 
