@@ -18,7 +18,7 @@ NODE_STAMP = node_modules/.installed
 # strace and systemd (systemd-analyze) check deploy/remoterun.service; neither starts a service
 # (systemd is installed wherever it runs as init; in a container there is no init to start).
 APT_PACKAGES = chromium bubblewrap libseccomp2 prometheus openssl docker.io debootstrap \
-	postgresql redis-server strace systemd
+	postgresql redis-server strace systemd runsc
 
 .PHONY: serve test screenshot bench bench-install install install-runtime install-python install-node install-system vendor dist image
 
@@ -31,7 +31,7 @@ test: install
 # Refresh docs/*.png (the README's pictures) from the page tests.
 screenshot: install
 	REMOTERUN_SCREENSHOT=1 $(PYTHON) -m pytest tests/test_page.py tests/test_page_console.py \
-	  tests/test_page_stats.py -k "screenshot or 360"
+	  tests/test_page_stats.py tests/test_page_i18n.py -k "screenshot or 360"
 
 install: install-system install-node install-python
 

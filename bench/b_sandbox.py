@@ -1,6 +1,7 @@
 """The sandbox's cost: trivial tasks/s and stream MB/s with mode none, bwrap (its seccomp filter
-on, and off: `bwrap-noseccomp`) and docker, side by side in one run (one server per mode,
-measured in turn)."""
+on, and off: `bwrap-noseccomp`), docker and gvisor, side by side in one run (one server per
+mode, measured in turn); gVisor's trivial tasks beside raw `runsc --network=none do true` at
+the same concurrency."""
 
 from __future__ import annotations
 
@@ -18,7 +19,9 @@ from bench.lib import BENCH, MB, Context, Row, interleave, median, progress
 from bench.server import CpuMeter, Server
 
 # BENCH_SANDBOX_MODES="none bwrap" leaves Docker out (its image takes minutes to build).
-MODES = tuple(os.environ.get("BENCH_SANDBOX_MODES", "none bwrap bwrap-noseccomp docker").split())
+MODES = tuple(os.environ.get("BENCH_SANDBOX_MODES",
+                            "none bwrap bwrap-noseccomp docker gvisor").split())
+CONCURRENCY = 8
 OFF = "bwrap-noseccomp"  # bwrap with `seccomp = "off"`: the filter's cost is bwrap's over it
 
 
@@ -47,14 +50,16 @@ async def sandbox(ctx: Context) -> list[Row]:
     """Trivial tasks and one task's stream through each sandbox mode."""
     image = await asyncio.to_thread(docker_image)
     modes = [m for m in MODES if (not m.startswith("bwrap") or shutil.which("bwrap"))
-             and (m != "docker" or image)]
+             and (m != "docker" or image)
+             and (m != "gvisor" or (shutil.which("runsc") and os.geteuid() == 0))]
     # The text streamed must be inside the scripts folder: the one a container mounts.
     log_file = ctx.scripts / "sandbox-logtext.txt"
     await asyncio.to_thread(shutil.copyfile, ctx.log_file, log_file)
     times = ctx.size(3, 1)
     expected = ctx.log_bytes * times
     counts = {"none": ctx.size(600, 150), "bwrap": ctx.size(600, 150),
-              OFF: ctx.size(600, 150), "docker": ctx.size(40, 16)}
+              OFF: ctx.size(600, 150), "docker": ctx.size(40, 16),
+              "gvisor": ctx.size(80, 24)}
     servers = {m: Server(ctx, f"sandbox-{m}", workers=8, extra_config=sandbox_config(m, image))
                for m in modes}
     for server in servers.values():
@@ -78,20 +83,28 @@ async def sandbox(ctx: Context) -> list[Row]:
                     return rate
                 return measure
 
-            rates = await interleave(ctx.runs, *(trivial(m) for m in modes))
+            def raw_runsc() -> Awaitable[float]:
+                return raw_runsc_do(counts["gvisor"])
+
+            gvisor = ["gvisor"] if "gvisor" in modes else []
+            rates = await interleave(ctx.runs, *(trivial(m) for m in modes),
+                                     *([raw_runsc] if gvisor else []))
             streams = await interleave(ctx.runs, *(stream(m) for m in modes))
     finally:
         for server in servers.values():
             await server.stop()
-    tasks = dict(zip(modes, rates, strict=True))
+    tasks = dict(zip([*modes, *(["raw runsc"] if gvisor else [])], rates, strict=True))
     mbs = dict(zip(modes, streams, strict=True))
     rows = []
     for mode in modes:
-        base = "none" if mode != "none" and "none" in modes else None
+        base = ("raw runsc" if mode == "gvisor" else
+                "none" if mode != "none" and "none" in modes else None)
         note = (f"{counts[mode]} tasks, 8 concurrent clients, workers = 8; "
                 f"{cpu[mode].describe(counts[mode] * ctx.runs, 'task')}")
         rows.append(Row(f"trivial tasks, sandbox {mode}", "tasks/s", median(tasks[mode]),
-                        median(tasks[base]) if base else None, f"sandbox {base}" if base else "",
+                        median(tasks[base]) if base else None,
+                        ("raw `runsc --network=none do true`" if base == "raw runsc"
+                         else f"sandbox {base}") if base else "",
                         "-", runs=tasks[mode], baseline_runs=tasks[base] if base else [],
                         notes=note))
     for mode in modes:
@@ -109,3 +122,24 @@ async def sandbox(ctx: Context) -> list[Row]:
                             runs=figures["bwrap"], baseline_runs=figures[OFF],
                             notes="the same server settings but [sandbox] seccomp"))
     return rows
+
+
+async def raw_runsc_do(count: int) -> float:
+    """`runsc --network=none do true` runs per second, CONCURRENCY at a time."""
+    runsc = shutil.which("runsc")
+    assert runsc is not None
+    left = count
+
+    async def worker() -> None:
+        nonlocal left
+        while left > 0:
+            left -= 1
+            proc = await asyncio.create_subprocess_exec(
+                runsc, "--network=none", "do", "true", stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            await proc.wait()
+
+    loop = asyncio.get_running_loop()
+    start = loop.time()
+    await asyncio.gather(*(worker() for _ in range(CONCURRENCY)))
+    return count / (loop.time() - start)

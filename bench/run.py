@@ -34,6 +34,7 @@ Group = Callable[[Context], Awaitable[list[Row]]]
 GROUPS: dict[str, tuple[str, str]] = {
     "trivial": ("b_tasks", "trivial"),
     "submissions": ("b_tasks", "submissions"),
+    "hooks": ("b_hooks", "hooks"),
     "stream": ("b_stream", "stream"),
     "stream_masked": ("b_stream", "stream_masked"),
     "latency": ("b_stream", "latency"),
@@ -41,6 +42,7 @@ GROUPS: dict[str, tuple[str, str]] = {
     "idle": ("b_fanout", "idle"),
     "pending": ("b_pending", "pending"),
     "archive": ("b_archive", "archive"),
+    "search": ("b_search", "search_group"),  # issue 28
     "replay": ("b_replay", "replay"),
     "soak": ("b_soak", "soak"),
     "sandbox": ("b_sandbox", "sandbox"),

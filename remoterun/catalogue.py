@@ -39,7 +39,7 @@ _ISOLATION_KEYS = {"sandbox": parse_sandbox, "limits": parse_limits, "env": pars
 _META_KEYS |= {"sha256"}  # integrity (issue 13 B): the digest the script's bytes must have
 SIG_SUFFIX = ".sig"  # a script's signature file (integrity.py), never itself a script
 # How strongly a mode isolates: a sidecar may not choose a weaker one than config.toml's.
-MODE_STRENGTH = {"none": 0, "auto": 1, "bwrap": 2, "docker": 2}
+MODE_STRENGTH = {"none": 0, "auto": 1, "bwrap": 2, "docker": 2, "gvisor": 3}
 CONFIG_ONLY = "may be set only in config.toml"
 
 Scalar = str | int | float | bool

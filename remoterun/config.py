@@ -13,6 +13,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from remoterun.hooks import Hook, HookConfigError, parse_hooks
+
 ROLES = ("viewer", "operator", "admin")
 
 
@@ -34,7 +36,7 @@ class Token:
 
 # Isolation and limits (issue 13: sandbox.py) ---------------------------------------------------
 
-SANDBOX_MODES = ("auto", "bwrap", "docker", "none")
+SANDBOX_MODES = ("auto", "bwrap", "docker", "gvisor", "none")
 LIMIT_KEYS = ("memory_bytes", "processes", "cpu_seconds", "file_bytes", "open_files",
               "disk_bytes")
 ENV_NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
@@ -160,6 +162,7 @@ class Settings:
     max_ws_message_bytes: int = 1024 * 1024
     client_queue_bytes: int = 8 * 1024 * 1024
     replay_memory_bytes: int = 1024 * 1024
+    search_budget_s: float = 2.0  # a search page's time; past it the page ends with a cursor
     read_chunk_bytes: int = 65536
     coalesce_ms: float = 4.0
     segment_max_bytes: int = 64 * 1024 * 1024
@@ -205,6 +208,7 @@ class Settings:
     work_dir: Path | None = None  # per-attempt work folders go under it; None: the temp folder
     config_path: Path | None = None  # the file these came from (hidden from sandboxed tasks)
     cluster: Cluster | None = None  # [cluster] (issue 16); None: one node on SQLite
+    hooks: tuple[Hook, ...] = ()  # [[hooks]] (issue 30): incoming webhooks
 
     @property
     def auth_enabled(self) -> bool:
@@ -389,6 +393,7 @@ _KEYS: dict[tuple[str, str], str] = {
     ("stream", "stall_timeout_s"): "stall_timeout_s",
     ("stream", "client_queue_bytes"): "client_queue_bytes",
     ("stream", "replay_memory_bytes"): "replay_memory_bytes",
+    ("stream", "search_budget_s"): "search_budget_s",
     ("stream", "read_chunk_bytes"): "read_chunk_bytes",
     ("stream", "coalesce_ms"): "coalesce_ms",
     ("archive", "segment_max_bytes"): "segment_max_bytes",
@@ -596,6 +601,12 @@ def parse(data: Mapping[str, Any], base: Path) -> Settings:
             values["env"] = parse_env("engine.env", body.pop("env"))
         if section == "cluster":
             values["cluster"] = _cluster(body)
+            continue
+        if section == "hooks":
+            try:
+                values["hooks"] = parse_hooks(body, base)
+            except HookConfigError as exc:
+                raise ConfigError(str(exc)) from None
             continue
         if section == "scripts":
             if not isinstance(body, dict) or not all(isinstance(v, dict) for v in body.values()):

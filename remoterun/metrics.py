@@ -135,6 +135,10 @@ class Metrics:
                               "Alert messages by channel and result: sent, failed (one attempt),"
                               " dropped (given up, or the queue was full), folded (de-duplicated"
                               " into a later message).", ["channel", "result"], registry=r)
+        self.hook_requests = Counter("remoterun_hook_requests",
+                                     "Requests to a configured hook, by result: accepted, "
+                                     "duplicate, skipped, invalid, denied, limited.",
+                                     ["hook", "result"], registry=r)
         build = Gauge("remoterun_build_info", "The running server's version (the value is 1).",
                       ["version", "python"], registry=r)
         build.labels(__version__, platform.python_version()).set(1)

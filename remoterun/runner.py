@@ -30,6 +30,8 @@ from remoterun.spawn import Children, encode_env, spawn
 OnOutput = Callable[[str, bytes], None]
 TIOCGSID = getattr(termios, "TIOCGSID", 0x5429)  # a terminal's session (Linux's number)
 MAX_SIGNAL = 64
+TYPED_SIGNALS = ((termios.VINTR, signal.SIGINT), (termios.VQUIT, signal.SIGQUIT),
+                 (termios.VSUSP, signal.SIGTSTP))
 GROUP_WAIT_S = 2.0  # a sandbox forks the script within a few ms: signals wait this long at most
 
 
@@ -71,12 +73,16 @@ class RunSpec:
     # run once it is spawned (given its pid; returns the process group that signals go to),
     # whether that group holds the script yet (signals wait until it does), whether it takes
     # the PTY as its controlling terminal (bwrap does not: the script's session inside does),
-    # and whether it reports a death by signal N as exit 128 + N.
+    # and whether it reports a death by signal N as exit 128 + N. `typed_signals`: nobody holds
+    # the PTY as a controlling terminal (gVisor's Sentry does not), so the signal keys typed
+    # (^C, ^\\, ^Z, while the terminal's ISIG is on) are sent by the run, as the line
+    # discipline would send them.
     pass_fds: Sequence[int] = ()
     started: Callable[[int], Awaitable[int | None]] | None = None
     group_ready: Callable[[], bool] | None = None
     take_ctty: bool = True
     signal_exit_codes: bool = False
+    typed_signals: bool = False
 
 
 @dataclass(frozen=True)
@@ -387,6 +393,23 @@ class Run:
         """Send bytes to stdin (or the PTY as typed keys)."""
         if self.stdin is not None:
             self.stdin.write(data)
+            if self.spec.typed_signals and self.master_fd is not None:
+                self._typed_signals(data)
+
+    def _typed_signals(self, data: bytes) -> None:
+        """The signals of the keys typed in `data` (INTR, QUIT, SUSP), sent as the line
+        discipline sends them to a terminal's foreground group, if its ISIG is on."""
+        assert self.master_fd is not None
+        try:
+            attrs = termios.tcgetattr(self.master_fd)
+        except termios.error:
+            return
+        if not attrs[3] & termios.ISIG:
+            return
+        for key, signum in TYPED_SIGNALS:
+            char = attrs[6][key]
+            if char not in (b"\0", b"") and char in data:
+                self.signal(signum)
 
     def close_stdin(self) -> None:
         """End of input: close the pipe, or send the terminal's EOF character on a PTY."""

@@ -14,7 +14,9 @@ in the child, signals are reset to their defaults, and a failed exec raises the 
 from __future__ import annotations
 
 import _posixsubprocess
+import asyncio
 import builtins
+import contextlib
 import fcntl
 import os
 import signal
@@ -143,3 +145,44 @@ class Children:
         self.spawning = 0
         self.open_runs = 0
 
+
+
+async def run_helper(argv: Sequence[str], children: Children, null: int, timeout_s: float
+                     ) -> int | None:
+    """Run a helper program (`docker rm`, `runsc delete`) to its end, its stdio on `null`,
+    reaped as a task's process is (the registry, a pidfd callback), never waited for on the
+    loop; its exit code, or None if it could not start or was killed after `timeout_s`."""
+    loop = asyncio.get_running_loop()
+    children.spawning += 1
+    try:
+        pid = spawn(argv, [], "/", null, null, null)
+        children.spawned.add(pid)
+    except OSError:
+        return None
+    finally:
+        children.spawning -= 1
+    pidfd = os.pidfd_open(pid)
+    done: asyncio.Future[int] = loop.create_future()
+
+    def exited() -> None:  # a callback, as Run reaps: never a wait inside a coroutine
+        with contextlib.suppress(ChildProcessError):
+            reaped, status = os.waitpid(pid, os.WNOHANG)
+            if not reaped:
+                return
+            if not done.done():
+                done.set_result(os.waitstatus_to_exitcode(status))
+        if not done.done():  # reaped by someone else
+            done.set_result(-1)
+
+    loop.add_reader(pidfd, exited)
+    try:
+        async with asyncio.timeout(timeout_s):
+            return await done
+    except TimeoutError:
+        with contextlib.suppress(OSError):
+            os.kill(pid, signal.SIGKILL)
+        return None
+    finally:
+        loop.remove_reader(pidfd)
+        os.close(pidfd)
+        children.spawned.discard(pid)  # if not reaped here, the reaper's (tend_orphans)

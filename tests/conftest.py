@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import dataclasses
 import json
 import os
@@ -13,6 +14,8 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.error
+import urllib.request
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -25,6 +28,7 @@ from blockbuster import blockbuster_ctx
 from remoterun.api.app import create_app
 from remoterun.archive.compressor import Compressor
 from remoterun.config import Settings, Token
+from remoterun.state import Task, TaskStatus
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -36,6 +40,15 @@ TOKENS = (
     Token("hello-only", "hello-token", "operator", ("hello.sh",)),
     Token("root", "admin-token", "admin"),
 )
+
+
+def a_task(**changes: Any) -> Task:
+    """A pending task "t" of hello.sh whose archive folder is "t", with `changes` (pure tests)."""
+    task = Task(num=1, id="t", script="hello.sh", status=TaskStatus.PENDING, params="{}",
+                secret_params="{}", priority=0, timeout=None, max_retries=0, attempt=1,
+                pty=False, interactive=False, stdin="", created_at=0.0, updated_at=0.0,
+                submitted_by="tester", logs_path="t")
+    return task.evolve(**changes)
 
 
 async def wait_for(condition: Callable[[], Any], timeout: float = 10.0,
@@ -138,6 +151,23 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def _listens(pid: int, port: int) -> bool:
+    """Whether process `pid` itself holds a socket listening on `port` (not merely whether
+    something answers there: in a parallel run another worker's server may have the port)."""
+    inodes = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with contextlib.suppress(OSError), open(table) as rows:
+            for row in list(rows)[1:]:
+                fields = row.split()
+                if fields[3] == "0A" and int(fields[1].rsplit(":", 1)[1], 16) == port:
+                    inodes.add(fields[9])
+    try:
+        links = [os.readlink(f"/proc/{pid}/fd/{fd}") for fd in os.listdir(f"/proc/{pid}/fd")]
+    except OSError:
+        return False
+    return any(link == f"socket:[{inode}]" for link in links for inode in inodes)
+
+
 class ServerProcess:
     """`python -m remoterun serve` as a real child process, on a free port."""
 
@@ -168,12 +198,21 @@ class ServerProcess:
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise AssertionError(f"server exited: {self.log.read_text()}")
-            try:
-                with socket.create_connection(("127.0.0.1", self.port), timeout=0.2):
-                    return
-            except OSError:
-                time.sleep(0.05)
+            if _listens(self.proc.pid, self.port) and self._answers():
+                return
+            time.sleep(0.05)
         raise AssertionError("server did not start")
+
+    def _answers(self) -> bool:
+        """Whether the app answers a request (the socket may listen before the app's start-up,
+        its database included, has run)."""
+        try:
+            with urllib.request.urlopen(f"{self.url}/healthz", timeout=2):
+                return True
+        except urllib.error.HTTPError:
+            return True  # an answer all the same (e.g. 401 where tokens are required)
+        except OSError:
+            return False
 
     def kill(self, sig: int = signal.SIGKILL) -> int:
         """Send a signal and wait for the process to end; its exit code."""
@@ -249,6 +288,9 @@ BLOCKS_ALLOWED: list[tuple[str, set[str], tuple[str, ...]]] = [
     # it empty (sandbox.prepare and finish say why a thread hop cost more).
     ("remoterun/isolation/sandbox.py", {"_make", "_check_exec", "finish"}, (*_FILE_CALLS, "os.rmdir")),
     ("remoterun/isolation/limits.py", {"place"}, _FILE_CALLS),
+    # gVisor's Sentry among runsc's children (procfs), and whether its container runs (runsc's
+    # state file, a page-cache read), looked at as it starts and while a signal waits for it.
+    ("remoterun/isolation/gvisor.py", {"sandbox_pid", "running"}, _FILE_CALLS),
     # asyncpg looks for ~/.pgpass (a stat, maybe a read) as it opens a connection: once per
     # pooled connection at start and after PostgreSQL restarts, never per query (cluster mode).
     ("asyncpg/connect_utils.py", {"_read_password_file", "_read_password_from_pgpass",

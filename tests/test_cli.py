@@ -212,6 +212,22 @@ def test_detach_prints_the_id_and_logs_since(running_server):
     assert lines[1].endswith(" line 3") and lines[3].endswith(" line 4")
 
 
+def test_logs_grep_prints_matching_lines_with_numbers(running_server):
+    """logs --grep prints each matching line as LINE:text (grep -n), -E takes a regex, and the
+    exit code is grep's: 0 for a match, 1 for none."""
+    made = cli(running_server, "run", "--detach", "lines.py", "-p", "n=30")
+    task_id = made.stdout.strip()
+    wait_status(running_server, task_id, "success")
+    found = cli(running_server, "logs", task_id[:8], "--grep", "line 2")
+    assert (found.returncode, found.stdout) == (0, "2:line 2\n" + "".join(
+        f"{i}:line {i}\n" for i in range(20, 30)))
+    regex = cli(running_server, "logs", task_id, "--grep", "^line [12]$", "-E")
+    assert regex.stdout == "1:line 1\n2:line 2\n"
+    assert cli(running_server, "logs", task_id, "--grep", "nothing").returncode == 1
+    bad = cli(running_server, "logs", task_id, "--grep", "(", "--regex")
+    assert bad.returncode == 125 and "regular expression" in bad.stderr
+
+
 def test_ls_show_scripts_and_prefixes(running_server):
     """ls is a table with a header and exit codes (filters, -o json); show and scripts read."""
     ok = cli(running_server, "run", "-d", "hello.sh").stdout.strip()

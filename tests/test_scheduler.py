@@ -210,10 +210,8 @@ async def test_a_finished_task_is_freed_by_reference_counting(client):
         ids = {streamed["id"], sleeper["id"]}
 
         def ours(o: object) -> bool:  # earlier tests' apps may leave objects of their own
-            if isinstance(o, (TaskState, Attempt)):
-                return o.row["id"] in ids
-            if isinstance(o, TaskHub):
-                return o.task.get("id") in ids
+            if isinstance(o, (TaskState, Attempt, TaskHub)):
+                return o.task.id in ids
             return isinstance(o, Run) and o.spec.env.get("RR_TASK_ID") in ids
 
         await wait_for(lambda: not any(isinstance(o, engine) and ours(o)

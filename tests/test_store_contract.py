@@ -279,6 +279,29 @@ async def test_audit_rows_list_newest_first_filtered_and_paged(backend):
     assert store.audit_json(newest)["ts"].startswith("1970-01-01T00:16:42")
 
 
+async def test_hook_deliveries_are_unique_per_hook_and_list_newest_first(backend):
+    """insert_delivery rows come back by hook and id; a second row of the same hook and
+    delivery id undoes its whole transaction; ids without a delivery header never clash."""
+    db = backend.db
+    await db.commit([store.insert_delivery("deploy", "d-1", "accepted", task_id="t1")], 5)
+    await db.commit([store.insert_delivery("other", "d-1", "skipped", reason="body:ref")], 5)
+    for _ in range(2):
+        await db.commit([store.insert_delivery("deploy", None, "skipped", reason="x")], 5)
+    entry = {"actor": "hook:deploy", "action": "hook", "result": "ok"}
+    with pytest.raises((sqlite3.IntegrityError, asyncpg.UniqueViolationError)):
+        await db.commit([store.insert_audit(entry, task_id="t2"),
+                         store.insert_delivery("deploy", "d-1", "accepted", task_id="t2")], 5)
+    assert (await db.delivery("deploy", "d-1"))["task_id"] == "t1"
+    assert (await db.delivery("other", "d-1"))["reason"] == "body:ref"
+    assert await db.delivery("deploy", "d-2") is None
+    rows = await db.deliveries("deploy", 10)
+    assert [(r["delivery_id"], r["result"]) for r in rows] == [
+        (None, "skipped"), (None, "skipped"), ("d-1", "accepted")]
+    assert len(await db.deliveries("deploy", 1)) == 1
+    assert await db.list_audit(actor=None, action="hook", task_id=None, since=None, limit=5,
+                               before=None) == []
+
+
 async def test_live_counts_and_stats_rows(backend):
     """Pending and running counted by script; durations and waits of recent submissions."""
     db = backend.db

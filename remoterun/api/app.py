@@ -30,12 +30,14 @@ from remoterun.api import (
     audit,
     events,
     guard,
+    hooks,
     http,
     json_response,
     listen,
     monitor,
     nodes,
     openapi,
+    search,
     sse,
     ws,
 )
@@ -44,7 +46,7 @@ from remoterun.archive.segments import make_private
 from remoterun.auth import Authenticator, FailureLimiter, Sessions, digest
 from remoterun.catalogue import Catalogue, MetadataError
 from remoterun.config import Settings
-from remoterun.engine.membership import Alone
+from remoterun.engine.peers import Alone
 from remoterun.engine.protect import Protection
 from remoterun.engine.queue import LocalQueue, QueuePolicy
 from remoterun.engine.scheduler import Scheduler
@@ -254,8 +256,8 @@ async def services(app: web.Application) -> AsyncIterator[None]:
 
 async def _engine(app: web.Application, compressor: Compressor) -> tuple[Store, Scheduler]:
     """The composition root of the engine: one `Scheduler`, built on one server with the
-    SQLite store, its local queue and no membership, and on a cluster node with PostgreSQL,
-    the claim queue, the node's membership and the relay's publish hook (issue 24)."""
+    SQLite store, its local queue and no peers (Alone), and on a cluster node with PostgreSQL,
+    the claim queue, the node (its peers) and the relay's publish hook (issue 24)."""
     settings, catalogue, metrics = app[SETTINGS], app[CATALOGUE], app[METRICS]
     children = Children()
     # Made first: it takes REMOTERUN_SECRET_KEY out of the server's environment before the
@@ -268,12 +270,12 @@ async def _engine(app: web.Application, compressor: Compressor) -> tuple[Store, 
         policy = QueuePolicy(settings.aging_s, functools.partial(_limit_of, catalogue))
         return db, Scheduler(settings, db, catalogue, metrics, compressor, children,
                              queue=LocalQueue(policy, db, settings.max_pending),
-                             membership=Alone(db, settings.reaper_interval_s),
+                             peers=Alone(db, settings.reaper_interval_s),
                              protection=protection, sandbox=sandbox)
     from remoterun import cluster  # issue 16: PostgreSQL and Redis, imported only here
     pg, queue, node, publish = await cluster.open_node(settings, catalogue, metrics, children)
     return pg, Scheduler(settings, pg, catalogue, metrics, compressor, children, queue=queue,
-                         membership=node, publish=publish, protection=protection,
+                         peers=node, publish=publish, protection=protection,
                          sandbox=sandbox, feed=node.feed)
 
 
@@ -319,10 +321,12 @@ def create_app(settings: Settings) -> web.Application:
     app.router.add_routes(audit.routes)
     app.router.add_routes(ws.routes)
     app.router.add_routes(sse.routes)
+    app.router.add_routes(search.routes)  # GET /tasks/{id}/search (issue 28)
     events.setup(app)  # GET /events, GET /tasks/{id}/events (issue 18)
     app.router.add_routes(nodes.routes)  # GET /nodes (issue 16)
     if settings.cluster is not None:
         nodes.setup_cluster(app)  # the redis readiness check
+    hooks.setup(app)  # POST /hooks/{name}, GET /hooks (issue 30)
     app.router.add_routes(monitor.routes)
     app.router.add_routes(openapi.routes)
     app.router.add_get("/", index)

@@ -22,7 +22,7 @@ log = structlog.get_logger(__name__)
 
 routes = web.RouteTableDef()
 ACTIONS = ("submit", "cancel", "signal", "stdin", "attach", "download", "login", "logout",
-           "denied")
+           "denied", "hook", "hook_denied")
 
 
 def _since(raw: str | None, problems: list[dict[str, str]]) -> float | None:

@@ -283,8 +283,8 @@ async def get_output(request: web.Request) -> web.StreamResponse:
         raise Gone(f"the output of task {task_id} was deleted by the retention policy")
     scheduler = app[SCHEDULER]
     active = scheduler.attempt(task_id)
-    now = active.row if active is not None else row
-    total, last_seq = now["output_bytes"], now["last_seq"]
+    total, last_seq = (row["output_bytes"], row["last_seq"]) if active is None else \
+        (active.progress.output_bytes, active.progress.last_seq)
     await scheduler.flush_archive(task_id)  # frames up to last_seq on disk (a compressor thread)
     span = _byte_range(request.headers.get("Range"), total)
     if span is not None and not ask.raw:

@@ -49,7 +49,7 @@ async def list_nodes(request: web.Request) -> web.Response:
     cluster = settings.cluster
     if cluster is None:
         running = sum(1 for s in app[SCHEDULER].tasks.values()
-                      if s.row["status"] == TaskStatus.RUNNING)
+                      if s.task.status is TaskStatus.RUNNING)
         return json_response({"node": "local", "nodes": [{
             "name": "local", "alive": True, "labels": [], "workers": settings.workers,
             "running": running, "last_seen": rfc3339(time.time())}]})
@@ -60,7 +60,7 @@ async def list_nodes(request: web.Request) -> web.Response:
 def setup_cluster(app: web.Application) -> None:
     """The redis readiness check."""
     async def redis() -> None:
-        relay = app[SCHEDULER].membership.relay  # type: ignore[attr-defined]
+        relay = app[SCHEDULER].peers.relay  # type: ignore[attr-defined]
         try:
             await relay.ping()
         except Exception as exc:

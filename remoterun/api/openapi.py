@@ -32,6 +32,7 @@ ERROR_TEXT = {
     416: "a Range that cannot be served",
     421: "auth off and a Host that is not loopback",
     422: "params that fail the script's schema; no node could take it",
+    429: "too many failed signatures from this address of late: wait (Retry-After)",
     503: "shutting down, the queue is full, or not ready",
 }
 COMMON = (401, 403, 421)
@@ -260,6 +261,29 @@ LIST = {
     },
 }
 OBJECT = {"type": "object"}
+TAIL = _query("tail", {"type": "integer", "minimum": 0},
+              "start at the frames holding the last N lines (at most 10,000)")
+SEARCH_CURSOR = r"^[0-9]{1,18}\.[1-9][0-9]{0,17}$"
+SEARCH = {
+    "type": "object",
+    "required": ["matches", "next_cursor"],
+    "properties": {
+        "matches": {
+            "type": "array",
+            "items": {
+                "type": "object",
+                "required": ["line", "seq", "offset", "text"],
+                "properties": {
+                    "line": {"type": "integer", "minimum": 1},
+                    "seq": {"type": "integer", "minimum": 1},
+                    "offset": {"type": "integer", "minimum": 0},
+                    "text": {"type": "string"},
+                },
+            },
+        },
+        "next_cursor": {"type": ["string", "null"]},
+    },
+}
 
 
 def _paths() -> dict[str, Any]:
@@ -311,7 +335,26 @@ def _paths() -> dict[str, Any]:
                     204: {"description": "resumed after the end: nothing more (stops EventSource)"},
                 },
                 (400, 404),
-                [TASK_ID, SINCE, LAST_EVENT_ID],
+                [TASK_ID, SINCE, LAST_EVENT_ID, TAIL],
+            )
+        },
+        "/tasks/{id}/search": {
+            "get": _op(
+                "taskSearch",
+                "the lines of the output that match, oldest first, a page at a time",
+                {200: _json(SEARCH, "a page of matching lines")},
+                (400, 404, 410, 422),
+                [
+                    TASK_ID,
+                    {**_query("q", {"type": "string", "minLength": 1}, "the text or regex"),
+                     "required": True},
+                    _query("regex", {"enum": ["true", "false"]}, "q is a Python regex"),
+                    _query("stream", {"enum": ["stdout", "stderr", "pty"]}),
+                    _query("limit", {"type": "integer", "minimum": 1},
+                           "matches per page: 100 by default, at most 1000 (more is cut)"),
+                    _query("cursor", {"type": "string", "pattern": SEARCH_CURSOR},
+                           "next_cursor of the previous page"),
+                ],
             )
         },
         "/tasks/{id}/output": {
@@ -554,6 +597,35 @@ def _paths() -> dict[str, Any]:
     }
 
 
+HOOK_NAME = {"name": "name", "in": "path", "required": True,
+             "schema": {"type": "string", "pattern": "^[a-z0-9][a-z0-9_-]{0,62}$"}}
+HOOK_ANSWER = {"type": "object", "required": ["triggered"], "properties": {
+    "triggered": {"type": "boolean"}, "reason": {"type": "string"}, "task": _ref("Task"),
+    "output": {"type": "string"}, "duplicate": {"type": "boolean"}}}
+
+
+def _hook_paths() -> dict[str, Any]:
+    """POST /hooks/{name} (signed, no token) and GET /hooks (issue 30)."""
+    post = _op("postHook", "a signed request from another system starts the hook's script",
+               {200: {"description": "not triggered (a `match` miss), a `wait` hook's ended "
+                                     "task with its output, or a `stream` hook's output",
+                      "content": {JSON: {"schema": HOOK_ANSWER}, **TEXT}},
+                202: {**_json(HOOK_ANSWER, "the task was started (async, or a wait ran out)"),
+                      "headers": {"Location": {"schema": {"type": "string"}}}}},
+               (401, 403, 404, 413, 422, 429, 503), [HOOK_NAME], public=True)
+    post["requestBody"] = {"required": False, "content": {
+        JSON: {"schema": OBJECT}, "application/x-www-form-urlencoded": {"schema": OBJECT}}}
+    hooks = {"type": "object", "required": ["hooks"], "properties": {"hooks": {
+        "type": "array", "items": {"type": "object", "properties": {
+            "name": {"type": "string"}, "script": {"type": "string"},
+            "signature": {"enum": ["github", "gitlab", "hmac-sha256"]},
+            "mode": {"enum": ["async", "wait", "stream"]},
+            "deliveries": {"type": "array", "items": OBJECT}}}}}}
+    listing = _op("listHooks", "the hooks (operator), without secrets, with their latest "
+                  "deliveries", {200: _json(hooks, "the hooks")})
+    return {"/hooks/{name}": {"post": post}, "/hooks": {"get": listing}}
+
+
 def document() -> dict[str, Any]:
     """The whole OpenAPI document."""
     return {
@@ -565,7 +637,7 @@ def document() -> dict[str, Any]:
             "live, keep every byte. The WebSocket endpoints (`/ws`, "
             "`/tasks/{id}/ws`) are described in docs/PROTOCOL.md.",
         },
-        "paths": _paths(),
+        "paths": {**_paths(), **_hook_paths()},
         "components": {
             "schemas": SCHEMAS,
             "securitySchemes": {

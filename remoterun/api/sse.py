@@ -15,7 +15,7 @@ from aiohttp import web
 from remoterun.api import METRICS, SCHEDULER, SETTINGS
 from remoterun.api.guard import record
 from remoterun.api.http import task_row
-from remoterun.api.ws import parse_since
+from remoterun.api.ws import parse_since, parse_tail
 from remoterun.config import Settings
 from remoterun.engine.hub import SlowConsumer, Subscription
 from remoterun.state import FINAL
@@ -27,14 +27,17 @@ HEARTBEAT = b": keep-alive\n\n"
 
 @routes.get("/tasks/{id}/logs")
 async def logs(request: web.Request) -> web.StreamResponse:
-    """The task, its output after `since`, live output and status, then `exit`."""
+    """The task, its output after `since` (or its last `tail` lines), live output and status,
+    then `exit`. A resumed stream (Last-Event-ID) ignores `tail`: it continues where it was."""
     row = await task_row(request)  # 404, or 403 outside the token's script list
     task_id = row["id"]
     resumed = request.headers.get("Last-Event-ID") or request.query.get("since")
     since = parse_since(resumed)
+    tail = None if "Last-Event-ID" in request.headers else parse_tail(request.query.get("tail"))
     scheduler = request.app[SCHEDULER]
     await record(request, "attach", task_id=task_id, script=row["script"], detail="sse")
     sub = await scheduler.subscribe(task_id, since)
+    sub.tail = tail
     if resumed is not None and _ended_before(sub.task, since):
         sub.close()
         return web.Response(status=204, headers={"Cache-Control": "no-cache"})

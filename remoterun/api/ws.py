@@ -14,6 +14,7 @@ from aiohttp.abc import AbstractStreamWriter
 from remoterun.api import METRICS, SCHEDULER, SETTINGS, SOCKETS, identity
 from remoterun.api.guard import audit_entry, record, record_denied
 from remoterun.api.http import loads, submit, task_row
+from remoterun.archive.tail import MAX_TAIL_LINES
 from remoterun.engine.attempt import Attempt
 from remoterun.engine.hub import SlowConsumer, Subscription
 from remoterun.errors import BadRequest, Forbidden, RemoteRunError
@@ -37,6 +38,16 @@ def parse_since(raw: str | None) -> int:
         raise BadRequest("since must be a non-negative integer", code="invalid_request",
                          details=[{"field": "since", "message": "a non-negative integer"}])
     return since
+
+
+def parse_tail(raw: str | None) -> int | None:
+    """A `tail` line count: None when absent, at most MAX_TAIL_LINES (a larger one is cut)."""
+    if raw is None:
+        return None
+    if not raw.isdigit():
+        raise BadRequest("tail must be a non-negative integer", code="invalid_request",
+                         details=[{"field": "tail", "message": "a non-negative integer"}])
+    return min(int(raw), MAX_TAIL_LINES)
 
 
 WRITE_BYTES = 256 * 1024  # frames joined into one socket write, at most (about)
@@ -83,9 +94,11 @@ class Session:
         self.typed = False  # whether this client's first stdin message is in the audit yet
         self.pump: asyncio.Task[None] | None = None
 
-    async def attach(self, task_id: str, since: int, script: str) -> None:
-        """Bind to a task and start streaming it."""
+    async def attach(self, task_id: str, since: int, script: str, tail: int | None = None
+                     ) -> None:
+        """Bind to a task and start streaming it (from its last `tail` lines, if given)."""
         sub = await self.scheduler.subscribe(task_id, since)
+        sub.tail = tail
         self.task_id = task_id
         self.script = script
         self.pump = asyncio.create_task(self._pump(sub))
@@ -182,7 +195,7 @@ class Session:
         active = self.scheduler.attempt(task_id)
         if active is None:
             raise BadRequest("the task is not running", code="not_running")
-        if interactive and not (active.row["interactive"] or active.row["pty"]):
+        if interactive and not (active.task.interactive or active.task.pty):
             raise BadRequest("the task is neither interactive nor PTY", code="not_interactive")
         return active
 
@@ -255,8 +268,8 @@ class _Socket(web.WebSocketResponse):
             super()._on_data_received()
 
 
-async def _serve(request: web.Request, task: dict[str, Any] | None, since: int
-                 ) -> web.WebSocketResponse:
+async def _serve(request: web.Request, task: dict[str, Any] | None, since: int,
+                 tail: int | None = None) -> web.WebSocketResponse:
     settings = request.app[SETTINGS]
     ws = _Socket(compress=False, max_msg_size=settings.max_ws_message_bytes,
                                heartbeat=settings.heartbeat_s)
@@ -268,7 +281,7 @@ async def _serve(request: web.Request, task: dict[str, Any] | None, since: int
     session = Session(request, ws, writer)
     try:
         if task is not None:
-            await session.attach(task["id"], since, task["script"])
+            await session.attach(task["id"], since, task["script"], tail)
         async for msg in ws:
             if msg.type == WSMsgType.TEXT:
                 try:
@@ -331,8 +344,9 @@ async def ws_submit(request: web.Request) -> web.WebSocketResponse:
 
 @routes.get("/tasks/{id}/ws")
 async def ws_attach(request: web.Request) -> web.WebSocketResponse:
-    """Attach to a task: replay after `since`, then live."""
+    """Attach to a task: replay after `since` (or its last `tail` lines), then live."""
     row = await task_row(request, live=True)  # 404 or 403 before the upgrade
     since = parse_since(request.query.get("since"))
+    tail = parse_tail(request.query.get("tail"))
     await record(request, "attach", task_id=row["id"], script=row["script"], detail="ws")
-    return await _serve(request, row, since)
+    return await _serve(request, row, since, tail)

@@ -15,6 +15,7 @@ import aiohttp
 
 from remoterun.cli.attach import Output, follow
 from remoterun.cli.clock import short, task_times
+from remoterun.cli.hooks import command as hook
 from remoterun.cli.remote import Remote, RemoteError, UsageError, error_of, say
 
 
@@ -65,6 +66,8 @@ async def attach(remote: Remote, args: argparse.Namespace) -> int:
 async def logs(remote: Remote, args: argparse.Namespace) -> int:
     """`logs ID`: the archived output (after --since); with -f, live until the end."""
     task_id = await remote.task_id(args.id)
+    if args.grep is not None:
+        return await grep(remote, task_id, args)
     if args.follow:
         return await follow(remote, task_id, since=args.since, forward_interrupt=False,
                             output=Output(args.stream, args.timestamps, _utc(args)))
@@ -93,6 +96,26 @@ async def logs(remote: Remote, args: argparse.Namespace) -> int:
     except aiohttp.ClientError as exc:
         raise RemoteError(f"cannot reach {remote.url}: {exc}") from exc
     return 0
+
+
+async def grep(remote: Remote, task_id: str, args: argparse.Namespace) -> int:
+    """`logs ID --grep PATTERN`: each matching line as `LINE:text`, as `grep -n` prints it,
+    every page of the server's search; 0 if a line matched, 1 if none (grep's codes)."""
+    query: dict[str, str] = {"q": args.grep, "limit": "1000"}
+    if args.regex:
+        query["regex"] = "true"
+    if args.stream:
+        query["stream"] = args.stream
+    found = False
+    while True:
+        page = await remote.json("GET", f"/tasks/{task_id}/search?{urlencode(query)}")
+        for match in page["matches"]:
+            sys.stdout.write(f"{match['line']}:{match['text']}\n")
+            found = True
+        sys.stdout.flush()
+        if page["next_cursor"] is None:
+            return 0 if found else 1
+        query["cursor"] = page["next_cursor"]
 
 
 def _utc(args: argparse.Namespace) -> bool:
@@ -218,7 +241,7 @@ async def scripts(remote: Remote, args: argparse.Namespace) -> int:
 
 
 VERBS = {"run": run, "attach": attach, "logs": logs, "ls": ls, "show": show, "cancel": cancel,
-         "scripts": scripts}
+         "scripts": scripts, "hook": hook}
 
 
 def report(exc: RemoteError) -> None:

@@ -265,6 +265,9 @@ def _client_verbs(sub: Any, common: argparse.ArgumentParser) -> None:
     lg.add_argument("--since", type=int, default=0, metavar="SEQ", help="after this frame")
     lg.add_argument("--stream", choices=("stdout", "stderr", "pty"))
     lg.add_argument("--timestamps", action="store_true", help="each line's time first")
+    lg.add_argument("--grep", metavar="PATTERN",
+                    help="only the lines holding PATTERN, as LINE:text (the server searches)")
+    lg.add_argument("-E", "--regex", action="store_true", help="--grep PATTERN is a regex")
     ls = verb("ls", "list tasks, newest first")
     ls.add_argument("--status", choices=("pending", "running", "success", "failed", "timeout",
                                          "cancelled"))
@@ -280,6 +283,16 @@ def _client_verbs(sub: Any, common: argparse.ArgumentParser) -> None:
     c.add_argument("ids", nargs="+", metavar="ID")
     sc = verb("scripts", "list the scripts one may run")
     sc.add_argument("-o", "--output", choices=("table", "json", "name"), default="table")
+    hk = verb("hook", "list the server's hooks, or send one a signed request (a test)")
+    actions = hk.add_subparsers(dest="action", required=True)
+    hl = actions.add_parser("ls", help="the hooks and their latest delivery", parents=[common])
+    hl.add_argument("-o", "--output", choices=("table", "json"), default="table")
+    hs = actions.add_parser("send", help="POST a body to a hook, signed as it expects",
+                            parents=[common])
+    hs.add_argument("name")
+    hs.add_argument("--body", required=True, metavar="FILE", help="the body ('-': stdin)")
+    hs.add_argument("--header", action="append", default=[], metavar="K=V")
+    hs.add_argument("--secret", help="the hook's secret (default: $REMOTERUN_HOOK_SECRET)")
 
 
 def parser() -> argparse.ArgumentParser:

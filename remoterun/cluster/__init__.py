@@ -14,7 +14,7 @@ from remoterun.cluster.claims import ClaimQueue
 from remoterun.cluster.node import Node
 from remoterun.cluster.relay import Relay, RelaySink
 from remoterun.config import Settings
-from remoterun.engine.scheduler import Publish
+from remoterun.engine.streams import Publish
 from remoterun.metrics import Metrics
 from remoterun.spawn import Children
 from remoterun.store.postgres import PostgresDatabase

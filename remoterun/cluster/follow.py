@@ -21,9 +21,10 @@ from typing import Any
 
 from remoterun.archive import aread_frames
 from remoterun.cluster.relay import Relay, decode_entry
+from remoterun.engine.attempt import Progress
 from remoterun.engine.hub import Subscription
 from remoterun.errors import Unavailable
-from remoterun.state import FINAL
+from remoterun.state import FINAL, Task
 from remoterun.wire import Event, Frame, Item, exit_event
 
 BLOCK_MS = 1000  # a quiet stream's wait before the database is asked how the task is
@@ -125,6 +126,16 @@ class RemoteControl:
 
     row: dict[str, Any]
     send: Callable[[str, str, tuple[Any, ...]], None]
+
+    @property
+    def task(self) -> Task:
+        """The task as last known here (its row, with the statuses its stream announced)."""
+        return Task.from_row(self.row)
+
+    @property
+    def progress(self) -> Progress:
+        """How far the attempt had got when its row was last read."""
+        return Progress(self.row["output_bytes"], self.row["last_seq"], self.row["pid"])
 
     def control(self, method: str, *args: Any) -> None:
         """Send the control to the node that runs the task (through Redis)."""

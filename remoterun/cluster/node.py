@@ -35,12 +35,12 @@ from remoterun.cluster.relay import Relay
 from remoterun.cluster.watchdog import Watchdog, lease_clock
 from remoterun.config import Settings
 from remoterun.engine.hub import Subscription
-from remoterun.engine.membership import Host, Lost
+from remoterun.engine.peers import Host, Lost
 from remoterun.engine.recovery import task_ids_on_host
 from remoterun.errors import BadRequest, NotFound
 from remoterun.reaper import kill_left_behind
 from remoterun.spawn import Children
-from remoterun.state import TaskStatus
+from remoterun.state import Task, TaskStatus
 from remoterun.store import postgres as pg
 from remoterun.wire import task_json
 
@@ -258,17 +258,17 @@ class Node:
 
     # Writes ----------------------------------------------------------------------------------
 
-    def fence(self, row: Row, new: TaskStatus) -> tuple[list[store.Statement], Row]:
+    def fence(self, task: Task, new: TaskStatus) -> tuple[list[store.Statement], Row]:
         """Guarded by the task's attempt, owner and status; a task that goes back to pending
         is handed to the cluster's queue (no owner). Nothing is written while the node is
         fenced (it joins again first)."""
         if self.watchdog.fenced:
             raise pg.Fenced("fenced by the watchdog")
-        owner = row.get("owner")
+        owner = task.owner
         new_owner = None if new is S.PENDING else owner
         guards: list[store.Statement] = [] if owner is None else [
-            pg.task_fence(row["id"], row["attempt"], owner, new_owner, row["status"])]
-        return guards, {"owner": new_owner}
+            pg.task_fence(task.id, task.attempt, owner, new_owner, str(task.status))]
+        return guards, {"owner": new_owner, "clustered": True}  # a cluster's: owned
 
     def stamp(self, statements: list[store.Statement]) -> list[store.Statement]:
         """The engine's writes name this node (its segment rows)."""

@@ -1,1 +1,1 @@
-"""The engine: the scheduler and the parts it is composed of (queue, attempts, hubs, feed, protection)."""
+"""The engine: the scheduler and the parts it is composed of (queue, runs, hubs, feed...)."""

@@ -28,7 +28,7 @@ from remoterun.isolation.sandbox import Launch, Policy, Sandbox, SandboxError
 from remoterun.redact import LINE_HOLD_S, Masker
 from remoterun.runner import Run, RunResult, RunSpec, SpawnError, is_transient, spawn_message
 from remoterun.spawn import Children
-from remoterun.state import TaskStatus
+from remoterun.state import Task, TaskStatus
 from remoterun.wire import Frame
 
 S = TaskStatus
@@ -66,12 +66,21 @@ class Limits:
     coalesce_s: float
 
 
-def decide(row: dict[str, Any], result: RunResult | None, error: str | None,
+@dataclass(frozen=True, slots=True)
+class Progress:
+    """How far a running attempt has got: what its task's row records at the next flush."""
+
+    output_bytes: int
+    last_seq: int
+    pid: int | None
+
+
+def decide(task: Task, output_bytes: int, result: RunResult | None, error: str | None,
            stop_reason: str | None, timeout_s: float | None,
            limit: str | None = None, retryable: bool = True) -> Outcome:
     """The outcome of an attempt from how its process ended and why it was stopped (`limit`:
     the resource limit it is known to have hit, named; `retryable` False: refused before it
-    ran, which another attempt would be too)."""
+    ran, which another attempt would be too; `output_bytes`: what it wrote)."""
     status, exit_code = S.FAILED, None
     if result is not None:
         exit_code = result.exit_code
@@ -84,7 +93,7 @@ def decide(row: dict[str, Any], result: RunResult | None, error: str | None,
         elif stop_reason == "shutdown":
             error = "the server shut down during the run"
         elif stop_reason == "output_cap":
-            error = (f"stopped when its output reached the cap of {row['output_bytes']} bytes "
+            error = (f"stopped when its output reached the cap of {output_bytes} bytes "
                      f"(max_output_bytes); the output up to the cap is kept")
         elif limit is not None:
             error = limit
@@ -92,8 +101,7 @@ def decide(row: dict[str, Any], result: RunResult | None, error: str | None,
             status = S.SUCCESS
     elif stop_reason == "cancel":
         status, error = S.CANCELLED, None
-    retry = status in (S.FAILED, S.TIMEOUT) and row["attempt"] <= row["max_retries"] \
-        and retryable
+    retry = status in (S.FAILED, S.TIMEOUT) and task.attempt <= task.max_retries and retryable
     return Outcome(status, exit_code, error, retry)
 
 
@@ -110,32 +118,32 @@ def archive_kept_text(kept_seq: int, sent_seq: int) -> str:
             f"were sent live but are not kept")
 
 
-def build_spec(row: dict[str, Any], script: Script, root: Path,
+def build_spec(task: Task, script: Script, root: Path,
                inherited: Sequence[bytes], secrets: Mapping[str, Scalar] | None = None
                ) -> RunSpec:
     """The process to start for the task's current attempt. Secret params (their values
-    opened from the row's box) go only into the environment, never into argv."""
+    opened from the task's box) go only into the environment, never into argv."""
     secrets = secrets or {}
-    params = {k: v for k, v in json.loads(row["params"]).items() if k not in secrets}
+    params = {k: v for k, v in json.loads(task.params).items() if k not in secrets}
     env = {f"RR_PARAM_{k.upper()}": param_value(v) for k, v in (*params.items(),
                                                                 *secrets.items())}
-    env.update(RR_TASK_ID=row["id"], RR_ATTEMPT=str(row["attempt"]))
-    if row["pty"]:
+    env.update(RR_TASK_ID=task.id, RR_ATTEMPT=str(task.attempt))
+    if task.pty:
         env["TERM"] = "xterm-256color"
     cwd = root
     if script.cwd is not None:
         cwd = script.cwd if script.cwd.is_absolute() else cwd / script.cwd
     return RunSpec(
         argv=[str(script.path), *(f"--{k}={param_value(v)}" for k, v in params.items())],
-        env=env, cwd=cwd, pty=bool(row["pty"]), interactive=bool(row["interactive"]),
-        stdin=row["stdin"].encode(), inherited=inherited)
+        env=env, cwd=cwd, pty=bool(task.pty), interactive=bool(task.interactive),
+        stdin=task.stdin.encode(), inherited=inherited)
 
 
 @dataclass(eq=False)
 class Attempt:
-    """A task's attempt from dispatch to the end of its process."""
+    """A task's attempt from dispatch to the end of its process; it owns its progress."""
 
-    row: dict[str, Any]
+    task: Task  # as dispatched (the attempt reads it, never changes it)
     archive: TaskArchive
     hub: TaskHub
     limits: Limits
@@ -161,6 +169,14 @@ class Attempt:
     retryable: bool = True  # False: refused before it ran (integrity, secrets)
     transient: bool = False  # the spawn met a shortage (EMFILE): the same attempt, again later
     _hold_timer: asyncio.TimerHandle | None = None  # releases held incomplete lines
+    output_bytes: int = 0  # what its process wrote, its task's before it counted
+    last_seq: int = 0  # of the last frame it numbered
+    pid: int | None = None  # of its process, once started
+
+    @property
+    def progress(self) -> Progress:
+        """How far it has got, as a value."""
+        return Progress(self.output_bytes, self.last_seq, self.pid)
 
     def request_stop(self, reason: str) -> None:
         """Stop the process (its group: SIGTERM, then SIGKILL after the grace)."""
@@ -207,7 +223,7 @@ class Attempt:
         assert self.sandbox is not None
         preparing = asyncio.ensure_future(self.sandbox.prepare(
             policy, spec.argv, spec.env, spec.cwd, spec.pty,
-            f"{self.row['id']}-{self.row['attempt']}"))
+            f"{self.task.id}-{self.task.attempt}"))
         try:
             self.launch = launch = await asyncio.shield(preparing)
         except asyncio.CancelledError:  # it goes on in its thread: keep what it made, to undo
@@ -220,9 +236,10 @@ class Attempt:
             raise SpawnError(spawn_message(str(spec.argv[0]), exc), is_transient(exc)) from exc
         return dataclasses.replace(
             spec, argv=launch.argv, env=launch.env, inherited=(), pass_fds=launch.pass_fds,
-            started=launch.started if launch.pass_fds else None,
-            group_ready=launch.group_ready if launch.pass_fds else None,
+            started=launch.started if launch.hooked else None,
+            group_ready=launch.group_ready if launch.hooked else None,
             take_ctty=launch.take_ctty,
+            typed_signals=launch.typed_signals,
             signal_exit_codes=launch.signal_exit_codes)
 
     async def _finish_launch(self, result: RunResult | None) -> None:
@@ -295,13 +312,12 @@ class Attempt:
                 self._frame(stream, data)
 
     def _frame(self, stream: str, data: bytes) -> None:
-        row = self.row
         if self.archive.failure is not None:
             self.note_archive_failure()
             return  # not numbered once the failure is known (the error names what was lost)
         cap = self.limits.output_cap
-        if cap is not None and row["output_bytes"] + len(data) > cap:
-            data = data[: cap - row["output_bytes"]]  # keep up to the cap, drop the rest
+        if cap is not None and self.output_bytes + len(data) > cap:
+            data = data[: cap - self.output_bytes]  # keep up to the cap, drop the rest
             self.request_stop("output_cap")
             if not data:
                 return
@@ -309,8 +325,8 @@ class Attempt:
         frame: Frame = hub.frame(stream, data, time.time())
         self.archive.write(frame)
         hub.publish(frame)
-        row["output_bytes"] += len(data)
-        row["last_seq"] = frame.seq
+        self.output_bytes += len(data)
+        self.last_seq = frame.seq
         self.on_bytes(stream, len(data))
         if hub.next_seq + 2 * SEQ_MARGIN > self.seq_reserved:
             self.reserve()

@@ -19,7 +19,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from remoterun.archive import aread_frames
+from remoterun.archive import aread_frames, tail
+from remoterun.state import Task
 from remoterun.wire import Event, Frame, Item, exit_event, item_size
 
 
@@ -48,6 +49,7 @@ class Subscription:
     # slot until its archive part is sent, so readers (and their inflaters) stay bounded
     # however many clients replay; the others wait for a slot holding nothing.
     slots: asyncio.Semaphore | None = None
+    tail: int | None = None  # start at the frames holding the last `tail` lines (?tail=N)
 
     def push(self, item: Item) -> None:
         """Queue a live item (called by the hub; never blocks); frames at or before `since`
@@ -65,6 +67,8 @@ class Subscription:
 
     async def batches(self) -> AsyncIterator[list[Item]]:
         """Every item after `since`, in order, in batches; ends after the exit event."""
+        if self.tail is not None:
+            await self._skip_to_tail(self.tail)
         if self.from_archive and (self.archive_until is None or self.archive_until > self.since):
             async with self.slots or contextlib.nullcontext():
                 flushed = self.hub.flush_archive() if self.hub is not None else None
@@ -94,6 +98,22 @@ class Subscription:
             if isinstance(batch[-1], Event) and batch[-1].final:
                 return
 
+    async def _skip_to_tail(self, lines: int) -> None:
+        """Move `since` up to the frames that hold the last `lines` lines: the memory window's
+        newest frames first, then the archive's, read backwards off the event loop."""
+        count = tail.TailCount(lines)
+        window = [tail.frame_lines(i.seq, i.data) for i in self.snapshot if isinstance(i, Frame)]
+        if not count.feed_all(reversed(window)) and self.from_archive:
+            async with self.slots or contextlib.nullcontext():
+                flushed = self.hub.flush_archive() if self.hub is not None else None
+                if flushed is not None:
+                    await asyncio.wrap_future(flushed)
+                await asyncio.to_thread(tail.count_archive, self.archive_root,
+                                        self.task["logs_path"], count, self.archive_until)
+        self.since = max(self.since, count.since or 0)
+        self.snapshot = [i for i in self.snapshot
+                         if not isinstance(i, Frame) or i.seq > self.since]
+
     def close(self) -> None:
         """Stop receiving live items."""
         if self.hub is not None:
@@ -103,9 +123,9 @@ class Subscription:
 class TaskHub:
     """Fan-out for one task that has not finished: numbering, memory window, subscribers."""
 
-    def __init__(self, task: dict[str, Any], *, memory_bytes: int, next_seq: int = 1,
+    def __init__(self, task: Task, *, memory_bytes: int, next_seq: int = 1,
                  flush_archive: Callable[[], Future[None] | None] = lambda: None):
-        self.task = task
+        self.task = task  # as its scheduler last published it (replaced, never changed)
         self.memory_bytes = memory_bytes
         self.next_seq = next_seq
         self.flush_archive = flush_archive  # starts a flush; its future: done once on disk
@@ -138,7 +158,7 @@ class TaskHub:
                   slots: asyncio.Semaphore | None = None) -> Subscription:
         """A subscription for every frame after `since`; taken atomically with the window."""
         first_in_memory = self.window[0].seq if self.window else self.next_seq
-        sub = Subscription(task=dict(self.task), since=since, archive_root=archive_root,
+        sub = Subscription(task=self.task.to_json(), since=since, archive_root=archive_root,
                            limit_bytes=limit_bytes, hub=self, slots=slots)
         sub.from_archive = since + 1 < first_in_memory
         sub.archive_until = first_in_memory - 1

@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import random
 from pathlib import Path
-from typing import Any
 
 import structlog
 
@@ -29,19 +28,19 @@ from remoterun.isolation.sandbox import Sandbox
 from remoterun.metrics import Metrics
 from remoterun.runner import NOT_STARTED, RunResult, SpawnError, start_problem
 from remoterun.spawn import Children
+from remoterun.state import Task
 from remoterun.vault import SecretsUnavailable
 
 log = structlog.get_logger(__name__)
-Row = dict[str, Any]
 
 
-def limits_for(settings: Settings, row: Row, script: Script | None) -> Limits:
+def limits_for(settings: Settings, task: Task, script: Script | None) -> Limits:
     """What bounds the task's attempt: the request's, else the script's, else the server's."""
     cap = (script.extra.get("max_output_bytes") if script else None) \
         or settings.max_output_bytes or None
     timeout: float | None = settings.default_timeout_s
-    if row["timeout"] is not None:
-        timeout = float(row["timeout"])
+    if task.timeout is not None:
+        timeout = float(task.timeout)
     elif script is not None and script.timeout_s is not None:
         timeout = float(script.timeout_s)
     return Limits(timeout_s=timeout, output_cap=cap,
@@ -50,11 +49,11 @@ def limits_for(settings: Settings, row: Row, script: Script | None) -> Limits:
                   drain_grace_s=settings.drain_grace_s, coalesce_s=settings.coalesce_ms / 1000)
 
 
-def new_attempt(settings: Settings, row: Row, script: Script | None, hub: TaskHub,
+def new_attempt(settings: Settings, task: Task, script: Script | None, hub: TaskHub,
                 first_segment: int | None, compressor: Compressor, children: Children,
                 metrics: Metrics, sandbox: Sandbox) -> Attempt:
     """The task's next attempt, its archive open at `first_segment` (None: listed later)."""
-    archive = TaskArchive(settings.archive_dir, row["logs_path"], compressor,
+    archive = TaskArchive(settings.archive_dir, task.logs_path, compressor,
                           deflate=deflate_of(settings),
                           segment_max_bytes=settings.segment_max_bytes,
                           segment_max_age_s=settings.segment_max_age_s or None,
@@ -62,21 +61,22 @@ def new_attempt(settings: Settings, row: Row, script: Script | None, hub: TaskHu
     def on_bytes(stream: str, n: int) -> None:
         metrics.child(metrics.output_bytes, stream).inc(n)
 
-    return Attempt(row, archive, hub, limits_for(settings, row, script), children,
+    return Attempt(task, archive, hub, limits_for(settings, task, script), children,
                    on_bytes=on_bytes, on_paused=metrics.output_paused.inc,
-                   collect=compressor.collect, sandbox=sandbox)
+                   collect=compressor.collect, sandbox=sandbox,
+                   output_bytes=task.output_bytes, last_seq=task.last_seq)
 
 
 async def run_attempt(attempt: Attempt, catalogue: Catalogue, protection: Protection,
                       sandbox: Sandbox) -> tuple[RunResult | None, str | None]:
     """Start the process and wait for its end; (result, None) or (None, why not)."""
-    row = attempt.row
+    task = attempt.task
     copy: Path | None = None
     try:
         if attempt.stop.done():
             raise SpawnError("cancelled before it started")
-        script = catalogue.resolve(row["script"])
-        secrets, script, copy = await protection.prepare(row, script)
+        script = catalogue.resolve(task.script)
+        secrets, script, copy = await protection.prepare(task, script)
         attempt.masker = protection.masker(secrets)
         policy = sandbox.policy(script.sandbox, script.limits, script.env)
         # A CRLF #! line or a missing interpreter: named here, since inside bwrap it would
@@ -86,16 +86,16 @@ async def run_attempt(attempt: Attempt, catalogue: Catalogue, protection: Protec
         if problem is not None:
             attempt.retryable = False
             return RunResult(NOT_STARTED), problem
-        run = await attempt.start(build_spec(row, script, catalogue.root, (), secrets), policy)
-        row["pid"] = run.pid  # persisted by the next flush tick
-        log.debug("task_started", pid=run.pid, script=row["script"])
+        run = await attempt.start(build_spec(task, script, catalogue.root, (), secrets), policy)
+        attempt.pid = run.pid  # persisted by the next flush tick
+        log.debug("task_started", pid=run.pid, script=task.script)
         return await attempt.wait(), None
     except (IntegrityFailed, SecretsUnavailable, MetadataError) as exc:  # so would a retry
         attempt.retryable = False
-        log.warning("attempt_refused", script=row["script"], error=str(exc))
+        log.warning("attempt_refused", script=task.script, error=str(exc))
         return None, str(exc)
     except NotFound as exc:
-        return None, f"script {row['script']!r} is no longer runnable: {exc.message}"
+        return None, f"script {task.script!r} is no longer runnable: {exc.message}"
     except SpawnError as exc:
         attempt.transient = exc.transient
         return None, str(exc)
@@ -106,31 +106,31 @@ async def run_attempt(attempt: Attempt, catalogue: Catalogue, protection: Protec
         await protection.discard(copy)
 
 
-async def segment_rows(settings: Settings, row: Row, attempt: Attempt) -> list[store.Statement]:
+async def segment_rows(settings: Settings, attempt: Attempt) -> list[store.Statement]:
     """The attempt's segment rows; after an archive failure, as the disk really has them
-    (the output up to the failure), and the task's counts set from that."""
-    archive = attempt.archive
+    (the output up to the failure), and the attempt's counts set from that."""
+    archive, task_id = attempt.archive, attempt.task.id
     if archive.failure is None:
-        return [store.upsert_segment(row["id"], s) for s in archive.take_dirty()]
+        return [store.upsert_segment(task_id, s) for s in archive.take_dirty()]
     if attempt.archive_error is None:  # failed as the run ended: nothing stopped it
         attempt.stop_reason = "archive"
     segs = archive.segments
     found: list[Segment] = await asyncio.to_thread(
         settle, settings.archive_dir, [s.path for s in segs], deflate_of(settings))
-    row["output_bytes"] -= sum(s.raw_bytes for s in segs) - sum(s.raw_bytes for s in found)
+    attempt.output_bytes -= sum(s.raw_bytes for s in segs) - sum(s.raw_bytes for s in found)
     if segs:
-        row["last_seq"] = max([segs[0].first_seq - 1,
-                               *(s.last_seq for s in found if s.raw_bytes)])
+        attempt.last_seq = max([segs[0].first_seq - 1,
+                                *(s.last_seq for s in found if s.raw_bytes)])
     # Frames are published before the compressor thread writes them: say which were lost.
     attempt.archive_error = archive_failure_text(archive) + archive_kept_text(
-        row["last_seq"], attempt.hub.next_seq - 1)
-    return [store.upsert_segment(row["id"], s) for s in found]
+        attempt.last_seq, attempt.hub.next_seq - 1)
+    return [store.upsert_segment(task_id, s) for s in found]
 
 
-def backoff(settings: Settings, row: Row, script: Script | None) -> float:
+def backoff(settings: Settings, task: Task, script: Script | None) -> float:
     """Seconds before the retry of the attempt that just ended (exponential, jittered)."""
     base = settings.retry_base_s
     if script is not None:
         base = float(script.extra.get("retry_base_s", base))
-    delay = min(settings.retry_cap_s, base * 2 ** (row["attempt"] - 1))
+    delay = min(settings.retry_cap_s, base * 2 ** (task.attempt - 1))
     return float(delay * random.uniform(0.5, 1.0))

@@ -14,7 +14,6 @@ import dataclasses
 import json
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
 
 import structlog
 
@@ -24,7 +23,7 @@ from remoterun.config import Settings
 from remoterun.integrity import Integrity
 from remoterun.redact import MIN_SECRET_CHARS, Masker, Redactor
 from remoterun.runner import SpawnError
-from remoterun.state import FINAL
+from remoterun.state import FINAL, Task
 from remoterun.vault import KEY_FILE_NAME, NONE, Vault, load_key, take_env_key
 
 log = structlog.get_logger(__name__)
@@ -81,12 +80,12 @@ class Protection:
             await asyncio.to_thread(self.integrity.verified, script.name, script.path,
                                     script.sha256, script.sidecar_sha256)
 
-    async def prepare(self, row: dict[str, Any], script: Script
+    async def prepare(self, task: Task, script: Script
                       ) -> tuple[dict[str, Scalar], Script, Path | None]:
         """An attempt's secret values (SecretsUnavailable if they do not open), and the script
         to run: when a check applies, a private copy of the bytes just checked (IntegrityFailed
         if they fail), with that copy's path to discard() after the run."""
-        secrets = self.vault.open(row["id"], row["secret_params"])
+        secrets = self.vault.open(task.id, task.secret_params)
         short = sorted(k for k, v in secrets.items() if len(param_value(v)) < MIN_SECRET_CHARS)
         if short:
             log.info("secret_not_masked", params=short,
@@ -96,7 +95,7 @@ class Protection:
         try:
             copy = await asyncio.to_thread(self.integrity.private_copy, script.name,
                                            script.path, script.sha256,
-                                           f"{row['id']}-{row['attempt']}",
+                                           f"{task.id}-{task.attempt}",
                                            script.sidecar_sha256)
         except OSError as exc:  # a full disk, a folder we may not write: retried as any spawn
             raise SpawnError(f"the checked copy of {script.name!r} could not be written: "

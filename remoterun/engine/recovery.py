@@ -4,7 +4,7 @@ those of a cluster node declared lost. One path for both modes, every scan off t
 `settle` kills what such a run left on this host (found by RR_TASK_ID in /proc), makes whole
 the archive segments it left open, and says what its row must record; `Recovery` then writes
 the end ("failed", or pending again while retries remain) through the engine's one transition
-and publishes the exit event like any other end. Which runs are lost is the membership's to
+and publishes the exit event like any other end. Which runs are lost is the peers' to
 say (`leftovers` at start, `orphans` on the reaper's beat); the rest is the same in both modes.
 """
 
@@ -22,12 +22,12 @@ from remoterun import store
 from remoterun.archive import Segment, deflate_of, recover
 from remoterun.config import Settings
 from remoterun.engine.live import Engine, TaskState, Where
-from remoterun.engine.membership import Lost, Membership
+from remoterun.engine.peers import Lost, Peers
 from remoterun.engine.queue import Queue
 from remoterun.isolation.sandbox import Sandbox
 from remoterun.reaper import kill_left_behind
-from remoterun.state import FINAL, TaskStatus
-from remoterun.wire import exit_event, task_json
+from remoterun.state import FINAL, Task, TaskStatus
+from remoterun.wire import exit_event
 
 log = structlog.get_logger(__name__)
 S = TaskStatus
@@ -46,18 +46,18 @@ class Recovery:
     """Records the runs no live server holds, for one engine."""
 
     def __init__(self, engine: Engine, settings: Settings, db: store.Store, queue: Queue,
-                 membership: Membership):
+                 peers: Peers):
         self.engine, self.settings, self.db = engine, settings, db
-        self.queue, self.membership = queue, membership
+        self.queue, self.peers = queue, peers
 
     async def recover(self) -> None:
         """At start: record runs an earlier server left, and hold the pending tasks again."""
-        for lost in await self.membership.leftovers():
+        for lost in await self.peers.leftovers():
             await self.end(lost)
         for row in await self.queue.recover():
             if row["id"] not in self.engine.tasks:  # a retry's folder may hold segments
-                self.engine.enqueue(TaskState(row, next_segment=1 if row["attempt"] == 1
-                                              else None))
+                self.engine.enqueue(TaskState(Task.from_row(row),
+                                              next_segment=1 if row["attempt"] == 1 else None))
         log.info("recovered", pending=len(self.engine.tasks))
 
     async def sweep_work_folders(self, sandbox: Sandbox) -> None:
@@ -76,16 +76,16 @@ class Recovery:
     async def let_go(self, state: TaskState) -> None:
         """Record a task whose end could not be concluded as the reaper does (unless it is
         final already), and tell its attached clients how it ended."""
-        row = await self.db.get_task(state.row["id"])
+        row = await self.db.get_task(state.task.id)
         if row is not None and row["status"] not in FINAL:
             row = await self.reap_one(row)
         if row is not None and state.hub is not None:
-            state.hub.task = task_json(row)
+            state.record(Task.from_row(row))
             state.hub.publish(exit_event(row))
 
     async def reap(self) -> None:
         """Record runs no live server holds (a dead server's, a lost node's)."""
-        for lost in await self.membership.orphans(self.engine.tasks.keys()):
+        for lost in await self.peers.orphans(self.engine.tasks.keys()):
             if lost.row["id"] not in self.engine.tasks:
                 log.warning("reaped_lost_run", task_id=lost.row["id"])
                 await self.end(lost)
@@ -104,7 +104,7 @@ class Recovery:
         ending = await settle(self.settings, lost)
         if row["id"] in self.engine.tasks:  # held again meanwhile: not lost
             return None
-        state = TaskState(row, where=Where.FINISHING, next_segment=None)
+        state = TaskState(Task.from_row(row), where=Where.FINISHING, next_segment=None)
         self.engine.hub(state)
         try:
             await self.engine.transition(state, ending.status, extra=ending.extra,
@@ -115,9 +115,9 @@ class Recovery:
             self.engine.enqueue(state)
         else:
             self.engine.finish(state)
-        log.warning("recovered_interrupted_run", task_id=row["id"], status=row["status"],
-                    error=lost.error)
-        return row
+        log.warning("recovered_interrupted_run", task_id=row["id"],
+                    status=str(state.task.status), error=lost.error)
+        return state.task.to_row()
 
 
 async def settle(settings: Settings, lost: Lost) -> Ending:

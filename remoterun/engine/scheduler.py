@@ -7,13 +7,13 @@ committed, and never comes back; a task in the database that no state of this se
 is not ours.
 
 Every status change goes through `transition`: it checks the table, commits the row and the
-event together (guarded by the old status, and by whatever the membership adds: a cluster
+event together (guarded by the old status, and by whatever the peers add: a cluster
 node's epoch, the task's attempt and owner), and only then publishes. The engine's commits
 queue in order behind one lock and wait out a busy or unreachable database.
 
 The scheduler is the same class on one server and on a cluster node; it is composed of parts
-that `api/app.py` builds: a `Queue` (engine/queue.py; the cluster's claims), a `Membership`
-(engine/membership.py; a cluster node), a `publish` hook that puts each live task's output on
+that `api/app.py` builds: a `Queue` (engine/queue.py; the cluster's claims), a `Peers`
+(engine/peers.py; a cluster node), a `publish` hook that puts each live task's output on
 the cluster's relay, the `Protection` and the `Sandbox`; and of its own parts, the same in
 both modes: the runs (engine/runs.py), recovery (engine/recovery.py), upkeep
 (engine/upkeep.py) and the commits (engine/writes.py).
@@ -27,7 +27,6 @@ import signal
 import time
 import uuid
 from collections.abc import Callable, Collection, Coroutine, Iterable
-from concurrent.futures import Future
 from typing import Any
 
 import structlog
@@ -39,27 +38,25 @@ from remoterun.config import Settings
 from remoterun.engine import recovery, upkeep
 from remoterun.engine.attempt import Attempt
 from remoterun.engine.feed import TaskFeed
-from remoterun.engine.hub import Subscription, TaskHub, replay_finished
-from remoterun.engine.live import UNSET, TaskState, Where, new_row
-from remoterun.engine.membership import Membership
+from remoterun.engine.live import TaskState, Where, new_task
+from remoterun.engine.peers import Peers
 from remoterun.engine.protect import Protection
 from remoterun.engine.queue import Queue
 from remoterun.engine.runs import Runs
+from remoterun.engine.streams import Publish, Streams
 from remoterun.engine.writes import Once, Writes
-from remoterun.errors import Conflict, IntegrityFailed, NotFound, Unavailable
+from remoterun.errors import Conflict, IntegrityFailed, Unavailable
 from remoterun.isolation.sandbox import Sandbox
 from remoterun.metrics import Metrics
 from remoterun.reaper import become_subreaper, tend_orphans
 from remoterun.spawn import Children
-from remoterun.state import FINAL, TaskStatus, check_transition
+from remoterun.state import FINAL, Task, TaskStatus, check_transition
 from remoterun.vault import NONE
-from remoterun.wire import Event, exit_event, rfc3339, task_json
+from remoterun.wire import Event, exit_event, rfc3339
 
 log = structlog.get_logger(__name__)
 S = TaskStatus
-REQUEST_DB_WAIT_S = 2.0  # at most this long a request waits for a busy database, then 503
 DISPATCH_RETRY_S = 0.5  # after a failed take (a claim the database refused)
-Publish = Callable[[str, TaskHub], Any]  # a live task's extra subscriber (the cluster relay)
 
 
 class Scheduler:
@@ -68,12 +65,12 @@ class Scheduler:
     def __init__(self, settings: Settings, db: store.Store, catalogue: Catalogue,
                  metrics: Metrics, compressor: Compressor, children: Children, *,
                  protection: Protection, sandbox: Sandbox, queue: Queue,
-                 membership: Membership, publish: Publish | None = None,
+                 peers: Peers, publish: Publish | None = None,
                  feed: TaskFeed | None = None):
         self.settings, self.db, self.catalogue = settings, db, catalogue
         self.metrics, self.compressor, self.children = metrics, compressor, children
         self.protection, self.sandbox = protection, sandbox
-        self.queue, self.membership, self.publish = queue, membership, publish
+        self.queue, self.peers, self.publish = queue, peers, publish
         self.accepting = True
         self.tasks: dict[str, TaskState] = {}
         self.feed = feed or TaskFeed()  # every committed transition, for GET /events
@@ -82,20 +79,27 @@ class Scheduler:
         self.on_transition: Callable[[dict[str, Any], TaskStatus, TaskStatus], None] = \
             lambda row, old, new: None
         self.problems: dict[str, str] = {}  # what /readyz reports: kind -> latest failure
-        self.replay_slots = asyncio.Semaphore(settings.replay_readers)  # see hub.Subscription
         self._wake = asyncio.Event()
         self.once = Once()
-        self.writes = Writes(db, membership, settings.db_retry_s, self.problems, self.once)
-        self.recovery = recovery.Recovery(self, settings, db, queue, membership)
+        self.writes = Writes(db, peers, settings.db_retry_s, self.problems, self.once)
+        self.recovery = recovery.Recovery(self, settings, db, queue, peers)
+        self.streams = Streams(self, settings, db, queue, peers, self.recovery, publish,
+                               self.writes.request_wait_s)
+        # What the API and the peers ask of the engine about streams: the streams' answers.
+        self.hub, self.subscribe, self.attempt = \
+            self.streams.hub, self.streams.subscribe, self.streams.attempt
+        self.held_attempt, self.flush_archive, self.live_row = \
+            self.streams.held_attempt, self.streams.flush_archive, self.streams.live_row
+        self.replay_slots = self.streams.replay_slots
         self.runs = Runs(self, settings, catalogue, metrics, compressor, children, protection,
-                         sandbox, queue, membership, self.recovery, self.once)
+                         sandbox, queue, peers, self.recovery, self.once)
         self._owned: set[asyncio.Task[None]] = set()  # small writes and controls
         self._dispatcher: asyncio.Task[None] | None = None
         self.upkeep = upkeep.Upkeep([
             upkeep.Job("flush", settings.flush_interval_s / upkeep.FLUSH_SLICES,
                        self._flush_tick),
             upkeep.Job("checkpoint", settings.flush_interval_s, self.db.checkpoint),
-            upkeep.Job("reap", membership.orphan_interval_s, self.recovery.reap),
+            upkeep.Job("reap", peers.orphan_interval_s, self.recovery.reap),
             upkeep.Job("trim", upkeep.TRIM_INTERVAL_S, upkeep.trim_memory)])
 
     # Life ------------------------------------------------------------------------------------
@@ -107,7 +111,7 @@ class Scheduler:
             await self.commit(sealing)
             await self.db.checkpoint(truncate=True)
             log.warning("secrets_sealed", tasks=len(sealing))
-        await self.membership.join(self)
+        await self.peers.join(self)
         await self.recovery.recover()
         await self.sandbox.start()
         await self.recovery.sweep_work_folders(self.sandbox)
@@ -119,9 +123,9 @@ class Scheduler:
 
     @property
     def alive(self) -> bool:
-        """Whether the dispatcher, the upkeep loops and the membership's are running."""
+        """Whether the dispatcher, the upkeep loops and the peers' are running."""
         return self._dispatcher is not None and not self._dispatcher.done() and \
-            self.upkeep.alive and self.membership.alive
+            self.upkeep.alive and self.peers.alive
 
     def force_stop(self) -> None:
         """Kill every running task now (a second SIGTERM/SIGINT during the drain)."""
@@ -165,9 +169,9 @@ class Scheduler:
             await asyncio.wait(set(self.runs.running))
         for state in list(self.tasks.values()):
             if state.hub is not None:
-                row = state.row
+                task = state.task
                 state.hub.publish(Event("status", {
-                    "status": row["status"], "attempt": row["attempt"],
+                    "status": str(task.status), "attempt": task.attempt,
                     "ts": rfc3339(time.time()), "error": "server shutting down"}))
 
     async def close(self) -> None:
@@ -186,7 +190,7 @@ class Scheduler:
             log.exception("final_flush_failed")
         await self.sandbox.close()
         await self.queue.close()
-        await self.membership.close()
+        await self.peers.close()
 
     def _attempts(self) -> list[Attempt]:
         return [s.attempt for s in self.tasks.values() if s.attempt is not None]
@@ -220,47 +224,48 @@ class Scheduler:
     async def record(self, statements: list[store.Statement]) -> None:
         """Commit what a request records beside the engine's writes (audit rows), in order
         behind them; Unavailable once the database stayed busy past a request's wait."""
-        await self.commit(statements, within_s=self._request_wait())
+        await self.commit(statements, within_s=self.writes.request_wait_s)
 
     async def transition(self, state: TaskState, new: TaskStatus,
                          extra: Iterable[store.Statement] = (), within_s: float | None = None,
                          **fields: Any) -> None:
-        """Check, persist (with the membership's guards), then announce a status change.
+        """Check, persist (with the peers' guards), then announce a status change.
         `within_s`: a request's, which gets Unavailable past it; the engine's wait."""
-        row = state.row
-        old = S(row["status"])
+        task = state.task
+        old = task.status
         check_transition(old, new)
         fields["updated_at"] = time.time()
-        if new in FINAL and row.get("secret_params", NONE) != NONE:
+        if new in FINAL and task.secret_params != NONE:
             fields["secret_params"] = NONE  # its secrets are not needed any more: dropped
-        attempt = fields.get("attempt", row["attempt"])
-        guards, after = self.membership.fence(row, new)
+        attempt = fields.get("attempt", task.attempt)
+        guards, after = self.peers.fence(task, new)
         wake = self.queue.requeued() if new is S.PENDING else []
-        statements = store.transition(row["id"], old, new, attempt, dict(fields),
+        statements = store.transition(task.id, old, new, attempt, dict(fields),
                                       detail=fields.get("error"))
         event_id = await self.commit([*guards, *extra, *wake, *statements], within_s)
-        row.update(fields, status=str(new))
-        row.update(after)
+        state.record(task := task.evolve(**fields, **after, status=new))
+        row = task.to_row()  # the listeners' own copy
         self.feed.publish(event_id, row, str(old), fields)  # GET /events
-        hub = state.hub
-        if hub is not None:
-            hub.task = task_json(row)
-            body = {"status": str(new), "attempt": row["attempt"],
+        if state.hub is not None:
+            body = {"status": str(new), "attempt": task.attempt,
                     "ts": rfc3339(fields["updated_at"])}
             if new is not S.RUNNING:
-                body.update(exit_code=row["exit_code"], error=row["error"])
-            hub.publish(Event("status", body))
+                body.update(exit_code=task.exit_code, error=task.error)
+            state.hub.publish(Event("status", body))
         self.on_transition(row, old, new)
 
     # Submissions and cancels -----------------------------------------------------------------
 
     async def submit(self, script: Script, request: dict[str, Any], submitted_by: str,
-                     audit: dict[str, Any] | None = None) -> dict[str, Any]:
+                     audit: dict[str, Any] | None = None,
+                     extra: Callable[[str], list[store.Statement]] | None = None
+                     ) -> dict[str, Any]:
         """Create a pending task from a validated request; returns its JSON. `audit`, an audit
-        entry, is written in the task's own transaction."""
+        entry, is written in the task's own transaction, and so are the statements `extra`
+        makes for the new task's id (a hook's delivery: it and the task exist together)."""
         if not self.accepting:
             raise Unavailable("the server is shutting down and takes no new tasks")
-        self.membership.writable()
+        self.peers.writable()
         placement = await self.queue.admit(script.name, request)
         params = script.validate(request.get("params", {}))
         try:
@@ -271,21 +276,22 @@ class Scheduler:
         now = time.time()
         task_id = str(uuid.uuid4())
         shown, sealed = self.protection.seal(task_id, script, params)
-        row = new_row(await self.queue.number(), task_id, script.name, request, shown, sealed,
-                      submitted_by, now)
+        task = new_task(await self.queue.number(), task_id, script.name, request, shown,
+                        sealed, submitted_by, now)
         audit_rows = [] if audit is None else [
             store.insert_audit(audit, task_id=task_id, script=script.name)]
-        insert, event = store.insert_task(row)
+        if extra is not None:
+            audit_rows.extend(extra(task_id))
+        insert, event = store.insert_task(task.to_row())
         # The event's insert last: its row id is the feed's event id.
         event_id = await self.commit([*audit_rows, *self.queue.entry(insert, placement), event],
-                                      within_s=self._request_wait())
-        full = {**UNSET, **row}
-        self.feed.publish(event_id, full, None)  # GET /events
-        self.enqueue(TaskState(full))
+                                      within_s=self.writes.request_wait_s)
+        self.feed.publish(event_id, task.to_row(), None)  # GET /events
+        self.enqueue(TaskState(task))
         self.metrics.child(self.metrics.submitted, script.name).inc()
         log.info("task_submitted", task_id=task_id, script=script.name,
                  submitted_by=submitted_by)
-        return task_json(full)
+        return task.to_json()
 
     async def _refused(self, script: Script, exc: IntegrityFailed,
                        audit: dict[str, Any] | None) -> None:
@@ -294,145 +300,49 @@ class Scheduler:
         if audit is not None:
             await self.commit([store.insert_audit(
                 {**audit, "result": exc.code, "detail": exc.message[:1000]},
-                script=script.name)], within_s=self._request_wait())
-
-    def _request_wait(self) -> float:
-        return min(self.settings.db_retry_s, REQUEST_DB_WAIT_S)
+                script=script.name)], within_s=self.writes.request_wait_s)
 
     def enqueue(self, state: TaskState) -> None:
         """The task waits: held here if the queue is this server's, else in the database."""
         state.where = Where.QUEUED
         state.attempt = None
-        if self.queue.put(state.row):
-            self.tasks[state.row["id"]] = state
+        if self.queue.put(state.task.to_row()):
+            self.tasks[state.task.id] = state
         else:
-            self.tasks.pop(state.row["id"], None)
+            self.tasks.pop(state.task.id, None)
         self._wake.set()
 
     async def cancel(self, task_id: str, audit: dict[str, Any] | None = None
                      ) -> dict[str, Any]:
         """Cancel a pending or running task wherever it is; Conflict if it already ended.
         `audit` is written with the cancellation (for a running task, before it is asked)."""
-        self.membership.writable()
+        self.peers.writable()
         audit_rows = [] if audit is None else [store.insert_audit(audit, task_id=task_id)]
         state = self.tasks.get(task_id)
         if state is None:
-            return await self._cancel_elsewhere(task_id, audit_rows)
+            return await self.streams.cancel_elsewhere(task_id, audit_rows)
         if state.where is Where.FINISHING:
-            raise Conflict(f"task {task_id} has already ended ({state.row['status']})",
+            raise Conflict(f"task {task_id} has already ended ({state.task.status})",
                            code="already_finished")
         if state.attempt is not None:  # starting or running: its run ends it
             if audit_rows:
-                await self.commit(audit_rows, within_s=self._request_wait())
+                await self.commit(audit_rows, within_s=self.writes.request_wait_s)
             state.attempt.request_stop("cancel")
-            return task_json(state.row)
+            return state.task.to_json()
         assert self.queue.remove(task_id) is not None
         state.where = Where.FINISHING
         try:
             await self.transition(state, S.CANCELLED, finished_at=time.time(), run_after=None,
-                                  extra=audit_rows, within_s=self._request_wait())
+                                  extra=audit_rows, within_s=self.writes.request_wait_s)
         except BaseException:
             self.enqueue(state)  # nothing was recorded: it waits as before
             raise
         self.finish(state)
-        return task_json(state.row)
-
-    async def _cancel_elsewhere(self, task_id: str, audit_rows: list[store.Statement]
-                                ) -> dict[str, Any]:
-        """Cancel a task this server does not hold: unclaimed in a shared queue, or on the
-        server that runs it."""
-        row = await self.db.get_task(task_id)
-        if row is None:
-            raise NotFound(f"no task {task_id}")
-        if row["status"] in FINAL:
-            raise Conflict(f"task {task_id} has already ended ({row['status']})",
-                           code="already_finished")
-        guard = self.queue.unclaimed(row)
-        if guard is not None:
-            state = TaskState(row, where=Where.FINISHING)
-            self.hub(state)
-            with contextlib.suppress(store.StaleWrite):  # claimed meanwhile: its owner cancels
-                await self.transition(state, S.CANCELLED, finished_at=time.time(),
-                                      run_after=None, extra=[guard, *audit_rows],
-                                      within_s=self._request_wait())
-                self.finish(state)
-                return task_json(state.row)
-        elif audit_rows:
-            await self.commit(audit_rows, within_s=self._request_wait())
-        await self.membership.cancel_elsewhere(row)
-        return task_json(row)
+        return state.task.to_json()
 
     async def queue_positions(self, task_ids: Collection[str]) -> dict[str, int]:
         """The 1-based place in dispatch order of each of `task_ids` that waits in the queue."""
         return await self.queue.positions(task_ids) if task_ids else {}
-
-    # Streams ---------------------------------------------------------------------------------
-
-    def attempt(self, task_id: str) -> Attempt | None:
-        """The controls of the task's running (or starting) attempt, here or elsewhere."""
-        state = self.tasks.get(task_id)
-        if state is not None and state.where is not Where.FINISHING:
-            return state.attempt
-        return self.membership.control(task_id) if state is None else None
-
-    def held_attempt(self, task_id: str) -> Attempt | None:
-        """The attempt of a task this server holds, if any (a control published for it)."""
-        state = self.tasks.get(task_id)
-        return state.attempt if state is not None else None
-
-    def live_row(self, task_id: str) -> dict[str, Any] | None:
-        """The row of a task this scheduler holds (queued to finishing), else None; the
-        caller only reads it."""
-        state = self.tasks.get(task_id)
-        return state.row if state is not None else None
-
-    def hub(self, state: TaskState) -> TaskHub:
-        if state.hub is None:
-            row = state.row
-            task_id = row["id"]
-            state.hub = TaskHub(task_json(row), memory_bytes=self.settings.replay_memory_bytes,
-                                next_seq=max(row["last_seq"], row["seq_reserved"]) + 1,
-                                flush_archive=lambda: self._start_flush(task_id))
-            if self.publish is not None:
-                state.hub.subscribers.add(self.publish(task_id, state.hub))
-        return state.hub
-
-    async def require_task(self, task_id: str) -> None:
-        """NotFound unless the task exists."""
-        if task_id not in self.tasks and await self.db.get_task(task_id) is None:
-            raise NotFound(f"no task {task_id}")
-
-    async def subscribe(self, task_id: str, since: int) -> Subscription:
-        """Every frame after `since`, then live output and status, then the exit event."""
-        limit, root = self.settings.client_queue_bytes, self.settings.archive_dir
-        state = self.tasks.get(task_id)
-        if state is None:
-            row = await self.db.get_task(task_id)
-            if row is None:
-                raise NotFound(f"no task {task_id}")
-            state = self.tasks.get(task_id)  # it may have been recovered while we read
-            if state is None:
-                if row["status"] not in FINAL:  # not held here: elsewhere, or a lost run
-                    remote = self.membership.follow(row, since)
-                    if remote is not None:
-                        return remote
-                    row = await self.recovery.reap_one(row)
-                return replay_finished(row, task_json(row), since, root, limit,
-                                       self.replay_slots)
-        return self.hub(state).subscribe(since, root, limit, self.replay_slots)
-
-    def _start_flush(self, task_id: str) -> Future[None] | None:
-        """Start a flush of the task's current archive (whichever attempt is writing)."""
-        state = self.tasks.get(task_id)
-        if state is None or state.attempt is None:
-            return None
-        return state.attempt.archive.flush()
-
-    async def flush_archive(self, task_id: str) -> None:
-        """Make what a task wrote before the call readable on disk, then return."""
-        flushed = self._start_flush(task_id)
-        if flushed is not None:
-            await asyncio.wrap_future(flushed)
 
     # Dispatch --------------------------------------------------------------------------------
 
@@ -459,21 +369,20 @@ class Scheduler:
             return DISPATCH_RETRY_S
         for row in rows:  # held here already (a local queue's), or new (claimed)
             state = self.tasks.get(row["id"]) or TaskState(
-                row, next_segment=1 if row["attempt"] == 1 else None)
+                Task.from_row(row), next_segment=1 if row["attempt"] == 1 else None)
             self.tasks[row["id"]] = state
             self.runs.launch(state)
         return wait_s
 
     def finish(self, state: TaskState) -> None:
         """Announce the end and forget the task: late clients replay it from the archive."""
-        row = state.row
-        self.tasks.pop(row["id"], None)
-        self.metrics.child(self.metrics.finished, row["script"], row["status"]).inc()
+        task = state.task
+        self.tasks.pop(task.id, None)
+        self.metrics.child(self.metrics.finished, task.script, str(task.status)).inc()
         if state.hub is not None:
-            state.hub.publish(exit_event(row))
-        log.info("task_finished", task_id=row["id"], script=row["script"], status=row["status"],
-                 exit_code=row["exit_code"], error=row["error"],
-                 output_bytes=row["output_bytes"])
+            state.hub.publish(exit_event(task.to_row()))
+        log.info("task_finished", task_id=task.id, script=task.script, status=str(task.status),
+                 exit_code=task.exit_code, error=task.error, output_bytes=task.output_bytes)
 
     # Upkeep and recovery ---------------------------------------------------------------------
 

@@ -10,19 +10,17 @@ import time
 from collections.abc import Awaitable, Callable, Iterable
 from concurrent.futures import Future
 from dataclasses import dataclass
-from typing import Any
 
 import structlog
 
 from remoterun import store
-from remoterun.engine.attempt import Attempt
+from remoterun.engine.attempt import Attempt, Progress
 from remoterun.engine.live import TaskState, Where
 from remoterun.engine.writes import Writes
 
 log = structlog.get_logger(__name__)
 FLUSH_SLICES = 8  # flush ticks per flush_interval_s, each flushing the tasks then due
 TRIM_INTERVAL_S = 10.0  # how often freed heap is handed back to the system
-PROGRESS = ("output_bytes", "last_seq", "pid")  # what a flush records of a running task
 
 
 @dataclass(frozen=True)
@@ -85,7 +83,7 @@ async def flush(states: list[TaskState], interval_s: float, writes: Writes,
         await writes.engine(statements)
 
 
-Flushed = tuple[TaskState, Attempt, "Future[None]", dict[str, Any]]
+Flushed = tuple[TaskState, Attempt, "Future[None]", Progress]
 
 
 def start_flushes(states: Iterable[TaskState], interval_s: float, everything: bool
@@ -101,29 +99,29 @@ def start_flushes(states: Iterable[TaskState], interval_s: float, everything: bo
             continue
         if everything or state.flush_due <= now:
             state.flush_due = now + interval_s
-            flushed.append((state, attempt, attempt.archive.flush(),
-                            {k: state.row[k] for k in PROGRESS}))
+            flushed.append((state, attempt, attempt.archive.flush(), attempt.progress))
     return flushed
 
 
 def flushed_rows(flushed: list[Flushed]) -> list[store.Statement]:
     """The segment rows and progress the flushes made true (of tasks still running)."""
     statements: list[store.Statement] = []
-    for state, attempt, _, counts in flushed:
+    for state, attempt, _, progress in flushed:
         if state.attempt is not attempt or state.where is not Where.RUNNING:
             continue  # it ended meanwhile: its final write records all of this and more
         if attempt.archive.failure is not None:
             attempt.note_archive_failure()
             continue
-        statements += [store.upsert_segment(state.row["id"], seg)
+        task_id = state.task.id
+        statements += [store.upsert_segment(task_id, seg)
                        for seg in attempt.archive.take_dirty()]
-        if counts == state.recorded:
+        if progress == state.recorded:
             continue  # a quiet task: nothing new to write
-        state.recorded = counts
-        statements.append(store.update_task(state.row["id"], counts))
-        if state.hub is not None:
-            state.hub.task.update(output_bytes=counts["output_bytes"],
-                                  last_seq=counts["last_seq"])
+        state.recorded = progress
+        counts = dict(output_bytes=progress.output_bytes, last_seq=progress.last_seq,
+                      pid=progress.pid)
+        statements.append(store.update_task(task_id, counts))
+        state.record(state.task.evolve(**counts))
     return statements
 
 

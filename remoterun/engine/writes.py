@@ -4,7 +4,7 @@ The engine's own writes (a task's end, progress) queue in order and retry until 
 is back (until shutdown), so nothing is recorded that did not happen and nothing that happened
 is lost; while they wait, `problems["database"]` says why (for /readyz). A request's write
 (`request`) waits at most its `within_s`, then Unavailable: in order behind the engine's on
-one server, side by side on a cluster node (`Membership.commit_request`: other nodes write
+one server, side by side on a cluster node (`Peers.commit_request`: other nodes write
 too, so this node's order tells nothing).
 """
 
@@ -16,10 +16,11 @@ from typing import Any
 import structlog
 
 from remoterun import store
-from remoterun.engine.membership import Membership
+from remoterun.engine.peers import Peers
 from remoterun.errors import Unavailable
 
 log = structlog.get_logger(__name__)
+REQUEST_DB_WAIT_S = 2.0  # at most this long a request waits for a busy database, then 503
 
 
 class Once:
@@ -44,19 +45,24 @@ class Once:
 class Writes:
     """Commits of one engine: the order, the retries and what they report."""
 
-    def __init__(self, db: store.Store, membership: Membership, retry_s: float,
+    def __init__(self, db: store.Store, peers: Peers, retry_s: float,
                  problems: dict[str, str], once: Once):
         self.db = db
-        self.membership = membership
+        self.peers = peers
         self.retry_s = retry_s  # one try of an engine write waits this long (engine.db_retry_s)
         self.problems = problems
         self.once = once
         self.lock = asyncio.Lock()
         self.closing = False  # set at close: the engine's writes stop waiting
 
+    @property
+    def request_wait_s(self) -> float:
+        """How long a request's write waits for a busy database before its 503."""
+        return min(self.retry_s, REQUEST_DB_WAIT_S)
+
     async def engine(self, statements: list[store.Statement]) -> int | None:
         """Commit in order behind every earlier commit, until it lands (or shutdown)."""
-        statements = self.membership.stamp(statements)
+        statements = self.peers.stamp(statements)
         async with self.lock:
             unsure = None  # a try whose outcome is unknown: looked up before the next
             while True:
@@ -75,8 +81,8 @@ class Writes:
                       ) -> int | None:
         """A request's write; Unavailable once the database stayed away past `within_s`."""
         try:
-            if not self.membership.requests_in_order:
-                return await self.membership.commit_request(statements, within_s)
+            if not self.peers.requests_in_order:
+                return await self.peers.commit_request(statements, within_s)
             async with asyncio.timeout(within_s), self.lock:
                 return await self.db.commit(statements, within_s)
         except (TimeoutError, store.DatabaseUnavailable) as exc:

@@ -8,16 +8,12 @@ attempt removes it by name (`docker rm -f`) whenever the run did not end by itse
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
-import os
-import signal
 from collections.abc import Mapping, Sequence
 
 import structlog
 
 from remoterun.config import ResourceLimits
-from remoterun.spawn import Children, spawn
+from remoterun.spawn import Children, run_helper
 
 log = structlog.get_logger(__name__)
 CLIENT_ENV = ("DOCKER_HOST", "DOCKER_CONTEXT", "DOCKER_CONFIG", "DOCKER_CERT_PATH",
@@ -81,37 +77,7 @@ def client_env(environ: Mapping[str, str]) -> dict[str, str]:
 
 
 async def remove(docker: str, name: str, children: Children, null: int) -> None:
-    """`docker rm -f NAME`, reaped as a task's process is (the registry, a pidfd callback),
-    never waited for on the loop; a failure is logged."""
-    loop = asyncio.get_running_loop()
-    children.spawning += 1
-    try:
-        pid = spawn([docker, "rm", "-f", name], [], "/", null, null, null)
-        children.spawned.add(pid)
-    except OSError as exc:
-        log.warning("docker_rm_failed", container=name, error=str(exc))
-        return
-    finally:
-        children.spawning -= 1
-    pidfd = os.pidfd_open(pid)
-    done: asyncio.Future[None] = loop.create_future()
-
-    def exited() -> None:  # a callback, as Run reaps: never a wait inside a coroutine
-        with contextlib.suppress(ChildProcessError):
-            if not os.waitpid(pid, os.WNOHANG)[0]:
-                return
-        if not done.done():
-            done.set_result(None)
-
-    loop.add_reader(pidfd, exited)
-    try:
-        async with asyncio.timeout(RM_TIMEOUT_S):
-            await done
-    except TimeoutError:
-        log.warning("docker_rm_slow", container=name)
-        with contextlib.suppress(OSError):
-            os.kill(pid, signal.SIGKILL)
-    finally:
-        loop.remove_reader(pidfd)
-        os.close(pidfd)
-        children.spawned.discard(pid)  # if not reaped here, the reaper's (tend_orphans)
+    """`docker rm -f NAME` (spawn.run_helper); a failure is logged."""
+    code = await run_helper([docker, "rm", "-f", name], children, null, RM_TIMEOUT_S)
+    if code is None:
+        log.warning("docker_rm_failed", container=name)

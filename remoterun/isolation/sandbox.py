@@ -1,4 +1,4 @@
-"""Isolation of a task's processes: bubblewrap or Docker around the script, its environment.
+"""Isolation of a task's processes: bwrap, Docker or gVisor around the script, its environment.
 
 `[sandbox] mode` (and a script's `sandbox` table) picks how an attempt runs: `bwrap` (the
 system read-only, a private /tmp and /run, the scripts folder read-only, a writable work
@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import errno
 import os
 import pwd
@@ -33,7 +34,7 @@ import re
 import shutil
 import subprocess
 import tempfile
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -41,7 +42,7 @@ from typing import Any
 import structlog
 
 from remoterun.config import ResourceLimits, SandboxConfig, Settings
-from remoterun.isolation import bwrap, docker, seccomp
+from remoterun.isolation import bwrap, docker, gvisor, seccomp
 from remoterun.isolation.limits import (
     Cgroups,
     Counters,
@@ -52,7 +53,7 @@ from remoterun.isolation.limits import (
     prlimit_argv,
     rlimits,
 )
-from remoterun.spawn import Children
+from remoterun.spawn import Children, run_helper
 
 log = structlog.get_logger(__name__)
 ALLOWED_ENV = ("PATH", "HOME", "LANG", "TZ")  # and every LC_*
@@ -65,7 +66,7 @@ def allowed_env(environ: Mapping[str, str]) -> dict[str, str]:
 class Policy:
     """How one script's attempts run: the config's `[sandbox]`/`[limits]`/`env` under its own."""
 
-    mode: str  # bwrap, docker or none ("auto" resolved)
+    mode: str  # bwrap, docker, gvisor or none ("auto" resolved)
     network: bool = True
     image: str = ""
     run_as: str = ""
@@ -85,18 +86,29 @@ class Launch:
     pass_fds: tuple[int, ...] = ()
     take_ctty: bool = True
     signal_exit_codes: bool = False
+    typed_signals: bool = False
     cgroup: TaskCgroup | None = None
     quota: Quota | None = None  # its disk: the work folder and /tmp in one tmpfs
     pairs: list[tuple[int, int, int]] = field(default_factory=list)  # rlimits set after spawn
-    container: str | None = None
+    container: str | None = None  # Docker's or gVisor's name of it
+    state: Path | None = None  # gVisor's state folder (its runsc --root and bundles)
     user: pwd.struct_passwd | None = None  # run_as's
     _fds: dict[str, int] = field(default_factory=dict)  # ours of bwrap's info and block pipes
     _first: int | None = None  # bwrap's first process, once it reported it
     _forked: bool = False  # that process has forked the script
 
+    @property
+    def hooked(self) -> bool:
+        """Whether the run calls `started` and `group_ready` (bwrap's and gVisor's)."""
+        return bool(self.pass_fds) or self.state is not None
+
     async def started(self, pid: int) -> int | None:
         """bwrap is spawned: bound its first process and let it start the script; the group
-        that signals go to (that process's)."""
+        that signals go to (that process's). gVisor: its Sentry's (see gvisor.py)."""
+        if self.state is not None:
+            self._first = await _poll(lambda: gvisor.sandbox_pid(pid),
+                                      gvisor.START_TIMEOUT_S) or None
+            return self._first
         for name in ("info_w", "block_r", "seccomp"):  # the child's ends: it has them now
             if name in self._fds:
                 os.close(self._fds.pop(name))
@@ -120,6 +132,9 @@ class Launch:
         back until this says yes (a procfs read, no disk behind it)."""
         if self._forked or self._first is None:
             return True
+        if self.state is not None and self.container is not None:
+            self._forked = gvisor.running(self.state, self.container)
+            return self._forked
         try:
             with open(f"/proc/{self._first}/task/{self._first}/children", "rb") as fh:
                 self._forked = bool(fh.read().strip())
@@ -139,6 +154,9 @@ class Sandbox:
         self.bwrap: str | None = None  # its path, once it is known to work here
         self.bwrap_network_off = False  # --unshare-net works too
         self.docker: str | None = None  # the programs' paths, found at start
+        self.runsc: str | None = None
+        self.gvisor_state = Path()  # remoterun-gvisor beside the database, resolved at start
+        self._hidden: tuple[list[Path], list[Path]] = ([], [])
         self.prlimit: str | None = None
         self.setsid = "setsid"
         self.sh = "/bin/sh"
@@ -216,6 +234,12 @@ class Sandbox:
         s = self.settings
         dirs, files = bwrap.hidden(s.archive_dir, self.work_root, s.db_path, s.config_path,
                                    s.tls_cert, s.tls_key, *self.secret_files)
+        self.gvisor_state = s.db_path.resolve().parent / "remoterun-gvisor"
+        dirs = sorted({*dirs, self.gvisor_state})
+        self._hidden = (dirs, files)
+        self.runsc = shutil.which("runsc")
+        if self.runsc is not None:
+            gvisor.prepare_state(self.runsc, self.gvisor_state)
         self._head, self._tail = bwrap.filesystem(self.scripts, dirs, files)
         self.filters.build(self._seccomp_settings())
 
@@ -271,6 +295,9 @@ class Sandbox:
         if policy.mode == "bwrap" and not policy.network and not self.bwrap_network_off:
             raise SandboxError("network = false needs a network namespace, which bwrap "
                                "cannot create on this server")
+        if policy.mode == "gvisor" and (self.runsc is None or os.geteuid() != 0):
+            raise SandboxError("the script's sandbox is gvisor: it needs runsc installed and "
+                               "the server running as root")
         if policy.mode == "docker" and (self.docker is None or not policy.image):
             raise SandboxError("the script's sandbox is docker: it needs the docker command "
                                "and an image (sandbox.image)")
@@ -289,6 +316,8 @@ class Sandbox:
                 self._bwrap(launch, cwd, pty, user)
             elif policy.mode == "docker":
                 self._docker(launch, cwd, pty, name)
+            elif policy.mode == "gvisor":  # its bundle written: on a thread
+                await asyncio.to_thread(self._gvisor, launch, cwd, pty, name)
             else:
                 if launch.quota is not None:  # /tmp stays the host's: its variable points in
                     launch.env["TMPDIR"] = str(launch.quota.tmp)
@@ -331,7 +360,10 @@ class Sandbox:
                 launch.workdir = launch.quota.work
             elif user is not None:
                 os.chown(workdir, uid, gid)
-            if policy.mode != "docker":  # Docker's own cgroups bound its containers
+            if policy.mode == "gvisor":  # its processes are gVisor's own, not the script's
+                launch.cgroup = self.cgroups.create(
+                    name, dataclasses.replace(policy.limits, processes=None))
+            elif policy.mode != "docker":  # Docker's own cgroups bound its containers
                 launch.cgroup = self.cgroups.create(name, policy.limits)
         except (OSError, SandboxError):
             _clean(launch)
@@ -413,6 +445,35 @@ class Sandbox:
         launch.env.update(docker.client_env(os.environ))
         launch.signal_exit_codes = True
 
+    def _gvisor(self, launch: Launch, cwd: Path, pty: bool, name: str) -> None:
+        """`runsc run` of a bundle written now (blocking); the task's cgroups joined first
+        (they bound the Sentry, which holds all of the script's memory)."""
+        assert self.runsc is not None
+        policy, wd, user, quota = launch.policy, str(launch.workdir), launch.user, launch.quota
+        launch.env["HOME"] = wd
+        cgroup = launch.cgroup
+        program = None if Path(launch.argv[0]).is_relative_to(self.scripts) else launch.argv[0]
+        mounts = gvisor.mounts(self.scripts, wd, *self._hidden, program,
+                               tmp=str(quota.tmp) if quota else "",
+                               run=str(quota.run) if quota else "")
+        ids = (user.pw_uid, user.pw_gid, os.getgrouplist(user.pw_name, user.pw_gid)) \
+            if user is not None else (0, 0, ())
+        config = gvisor.spec(launch.argv, launch.env, str(cwd), pty=pty, mounts=mounts,
+                             rlimits=rlimits(policy.limits, frozenset(cgroup.paths)
+                                             if cgroup is not None else frozenset()),
+                             network=policy.network, user=ids)
+        launch.container, launch.state = f"{gvisor.PREFIX}{name}", self.gvisor_state
+        gvisor.write_bundle(self.gvisor_state, launch.container, config)
+        launch.argv = gvisor.run_argv(self.runsc, self.gvisor_state, launch.container,
+                                      policy.network)
+        if cgroup is not None:
+            launch.argv = [*cgroup.join_argv(self.sh), *launch.argv]
+        # runsc's own environment: the script's is in the spec.
+        launch.env = {"PATH": os.environ.get("PATH", os.defpath)}
+        launch.take_ctty = False  # nor does the Sentry's: typed ^C is the run's (typed_signals)
+        launch.typed_signals = pty
+        launch.signal_exit_codes = True
+
     def _outside(self, program: str, flag: str) -> list[str]:
         """The mount that shows a program outside the scripts folder (an integrity check's
         private copy, under the database's hidden folder) read-only at its own path."""
@@ -429,7 +490,9 @@ class Sandbox:
         for fd in launch._fds.values():
             os.close(fd)
         launch._fds.clear()
-        if launch.container is not None and (exit_code is None or stopped or exit_code < 0):
+        if launch.state is not None and launch.container is not None:
+            await self._gvisor_finish(launch.state, launch.container)
+        elif launch.container is not None and (exit_code is None or stopped or exit_code < 0):
             assert self.docker is not None  # a killed client leaves its container running
             await docker.remove(self.docker, launch.container, self.children, self._null)
         counters = None
@@ -443,6 +506,16 @@ class Sandbox:
             return None  # a timeout or a stop is what the task's error says
         return limit_error(launch.policy.limits, exit_code, counters,
                            in_container=launch.container is not None)
+
+    async def _gvisor_finish(self, state: Path, container: str) -> None:
+        """Delete a state its run left (killed, it could not), then the bundle."""
+        if await asyncio.to_thread(gvisor.has_state, state, container) and self.runsc:
+            code = await run_helper(gvisor.delete_argv(self.runsc, state, container),
+                                    self.children, self._null, gvisor.DELETE_TIMEOUT_S)
+            if code != 0:
+                log.warning("gvisor_delete_failed", container=container, exit_code=code)
+        await asyncio.to_thread(gvisor.remove_bundle, state, container)
+
 
 class SandboxError(Exception):
     """An attempt cannot be sandboxed as its policy says; the message says why."""
@@ -458,6 +531,17 @@ def _check_exec(path: str) -> None:
         raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), path)
     if not head.startswith((b"#!", b"\x7fELF")):
         raise OSError(errno.ENOEXEC, os.strerror(errno.ENOEXEC), path)
+
+
+async def _poll(probe: Callable[[], int | None], timeout_s: float) -> int | None:
+    """The first value `probe` gives that is not None, looked for every few ms up to
+    `timeout_s` (None then)."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout_s
+    # Nothing signals a new grandchild: /proc is looked at again (a read of a few bytes).
+    while (found := probe()) is None and loop.time() < deadline:  # noqa: ASYNC110
+        await asyncio.sleep(0.005)
+    return found
 
 
 def _works(argv: list[str]) -> bool:

@@ -3,11 +3,14 @@
 // Speaks only the wire contract (REST, the task WebSocket, SSE); no framework, no build step.
 
 import { durationText, exitText, showDetails } from "./details.js";
+import * as find from "./find.js";
 import * as form from "./form.js";
 import * as historyList from "./history.js";
+import { t, translate } from "./i18n.js";
 import { follow } from "./live.js";
 import { $, api, ApiError, el, FINAL, formatSeconds, seconds, sessionKey, withKey } from "./util.js";
 import { addView, showView } from "./views.js";
+import { trim, windowed, withLines } from "./window.js";
 
 // `started` tells index.html's plain-text fallback to stand down; `addView` and `api` are for
 // the other views' modules (see "Views" below).
@@ -17,6 +20,7 @@ const STDERR_ON = "\x1b[31m"; // red foreground
 const STDERR_OFF = "\x1b[39m"; // default foreground, leaving bold/underline as the script set them
 const PING_MS = 15000;
 const POSITION_REFRESH_MS = 500;
+const TAIL_LINES = 1000; // a task opens on its last lines (?tail=), not its whole log
 const LIGHT = matchMedia("(prefers-color-scheme: light)");
 // ANSI colours legible on each background (WCAG AA contrast for the usual ones).
 const THEMES = {
@@ -40,9 +44,11 @@ let term = null;
 
 // The open task: its socket, and the last output seq shown, so a reconnect neither repeats
 // nor loses a frame; its transitions, for the attempts table.
+// `frames` are those the terminal holds (window.js bounds them); `following`: the window
+// reaches the live end and the socket feeds it, or (false) the user is reading older output.
 const view = { id: null, task: null, events: [], lastSeq: 0, socket: null, done: false,
                retries: 0, timer: null, awaitingPong: false, line: "", outbox: [],
-               positionTimer: null };
+               positionTimer: null, frames: [], following: true, loading: false };
 
 function notice(text) {
   $("#notice").textContent = text;
@@ -57,7 +63,7 @@ async function createTerminal(element) {
       import("/vendor/xterm-addon-fit/lib/addon-fit.mjs"),
     ]);
     const xterm = new Terminal({
-      convertEol: true, cursorBlink: true, scrollback: 10000, fontSize: 14,
+      convertEol: true, cursorBlink: true, scrollback: 20000, fontSize: 14, lineHeight: 1.2,
       fontFamily: "ui-monospace, 'DejaVu Sans Mono', Menlo, Consolas, monospace",
       theme: LIGHT.matches ? THEMES.light : THEMES.dark,
     });
@@ -85,10 +91,11 @@ class PlainTerminal {
     this.cols = 80;
     this.rows = 24;
   }
-  write(data) {
+  write(data, done) {
     const text = data.replace(/\x1b\[[0-9;?]*[ -/]*[@-~]|\x1b\][^\x07]*\x07|\r(?=\n)/g, "");
     this.pre.append(text);
     this.pre.scrollTop = this.pre.scrollHeight;
+    done?.();
   }
   reset() { this.pre.textContent = ""; }
   focus() { this.pre.focus(); }
@@ -115,8 +122,10 @@ function terminalText() {
 async function openTask(id, { push = true } = {}) {
   disconnect();
   Object.assign(view, { id, task: null, events: [], lastSeq: 0, done: false, retries: 0,
-                        line: "", outbox: [] });
+                        line: "", outbox: [], frames: [], following: true });
   term.reset();
+  find.reset();
+  $("#to-end").hidden = true;
   notice("");
   if (push) history.pushState(null, "", historyList.urlFor(id));
   historyList.markCurrent();
@@ -125,7 +134,7 @@ async function openTask(id, { push = true } = {}) {
     const path = `/tasks/${encodeURIComponent(id)}`;
     [task, { events }] = await Promise.all([api(path), api(`${path}/events`)]);
   } catch (error) {
-    $("#task-title").textContent = `Task ${id}`;
+    $("#task-title").textContent = t("task.title", { id });
     notice(error.message);
     return;
   }
@@ -170,14 +179,15 @@ async function refreshPosition() {
 
 function connect() {
   const scheme = location.protocol === "https:" ? "wss" : "ws";
-  const url = withKey(`${scheme}://${location.host}/tasks/${view.id}/ws?since=${view.lastSeq}`);
+  const from = view.lastSeq ? `since=${view.lastSeq}` : `tail=${TAIL_LINES}`;
+  const url = withKey(`${scheme}://${location.host}/tasks/${view.id}/ws?${from}`);
   const socket = new WebSocket(url);
   view.socket = socket;
   view.awaitingPong = false;
   socket.onopen = () => view.outbox.splice(0).forEach((m) => socket.send(JSON.stringify(m)));
   // Events of a socket we have already given up on are stale: ignore them.
   socket.onmessage = (event) => view.socket === socket && onFrame(JSON.parse(event.data));
-  socket.onclose = (event) => view.socket === socket && onDrop(`connection closed (${event.code})`);
+  socket.onclose = (event) => view.socket === socket && onDrop(t("closed", { code: event.code }));
 }
 
 function disconnect() {
@@ -189,9 +199,9 @@ function disconnect() {
 
 function onDrop(reason) {
   disconnect();
-  if (view.done) return;
+  if (view.done || !view.following) return;
   const delay = Math.min(5000, 250 * 2 ** view.retries++);
-  notice(`${reason}; reconnecting…`);
+  notice(t("reconnecting", { reason }));
   view.timer = setTimeout(reconnect, delay);
 }
 
@@ -217,7 +227,9 @@ function onFrame(frame) {
     case "output":
       if (frame.seq <= view.lastSeq) return; // already shown before a reconnect
       view.lastSeq = frame.seq;
-      term.write(frame.stream === "stderr" ? STDERR_ON + frame.data + STDERR_OFF : frame.data);
+      view.frames.push(withLines(frame));
+      trim(view.frames, true);
+      term.write(frameText(frame));
       break;
     case "status":
       showTask({ ...view.task, status: frame.status, attempt: frame.attempt,
@@ -243,7 +255,7 @@ function send(message) {
 // A dead network does not always close a socket; a ping left unanswered does.
 function keepAlive() {
   if (view.socket?.readyState !== WebSocket.OPEN) return;
-  if (view.awaitingPong) return onDrop("no answer from the server");
+  if (view.awaitingPong) return onDrop(t("no_answer"));
   view.awaitingPong = true;
   send({ type: "ping" });
 }
@@ -253,18 +265,17 @@ function showTask(task, duration) {
   // A PTY sends "\r\n" itself; pipes send bare "\n", which a terminal must also return on.
   term.options.convertEol = !task.pty;
   $("#task-title").textContent = `${task.script} · ${task.id.slice(0, 8)}`;
-  $("#task-status").textContent = task.status;
+  $("#task-status").textContent = t(`status.${task.status}`);
   $("#task-status").className = `status ${task.status}`;
   $("#task-queue").textContent = task.status === "pending" && task.queue_position != null
-    ? `#${task.queue_position} in the queue` : "";
+    ? t("task.queue", { n: task.queue_position }) : "";
   const took = duration ?? seconds(task);
-  const parts = [task.exit_code == null ? "" : `exit ${exitText(task.exit_code)}`,
+  const parts = [task.exit_code == null ? "" : t("task.exit", { code: exitText(task.exit_code) }),
                  FINAL.has(task.status) && took != null ? formatSeconds(took) : ""];
   $("#task-exit").textContent = parts.filter(Boolean).join(" · ");
   $("#cancel").disabled = FINAL.has(task.status) || me.role === "viewer";
   $("#rerun").disabled = $("#run").hidden || !scripts.get(task.script)?.runnable;
-  $("#term-keys").textContent = ptyLive() ? "Shift+Esc leaves the terminal (Esc goes to the program)"
-    : "Esc leaves the terminal";
+  $("#term-keys").textContent = t(ptyLive() ? "keys.leave_pty" : "keys.leave");
   showDetails(task, view.events);
   for (const [selector, href] of [["#task-link", `/?task=${task.id}`],
                                   ["#task-download", withKey(`/tasks/${task.id}/output`)]]) {
@@ -327,6 +338,12 @@ async function cancelTask() {
   } catch (error) {
     notice(error.message);
   }
+}
+
+// --- Reading a log larger than the tab holds (window.js) ------------------------------------
+
+function frameText(frame) {
+  return frame.stream === "stderr" ? STDERR_ON + frame.data + STDERR_OFF : frame.data;
 }
 
 // --- Keyboard -----------------------------------------------------------------------------
@@ -398,13 +415,23 @@ function taskInUrl() {
 }
 
 async function main() {
+  translate();
   Object.assign(me, await whoami());
   $("#who").textContent = `${me.name} (${me.role})`;
   $("#logout").hidden = !me.auth;
   $("#app").hidden = false;
   term = window.term = await createTerminal($("#terminal"));
   window.terminalText = terminalText;
+  const reading = windowed({ term, view, connect, disconnect, notice, frameText });
+  const { onScrolled, showMatch, toEnd } = reading;
+  window.visibleText = reading.visibleText;
   term.onData(onTyped);
+  if (term.onScroll) term.onScroll(() => onScrolled());
+  $("#terminal").addEventListener("wheel", (event) => {
+    if (event.deltaY < 0 || !view.following) setTimeout(() => onScrolled(true), 0);
+  }, { passive: true });
+  find.init({ taskId: () => view.id, showMatch });
+  $("#to-end").addEventListener("click", toEnd);
   term.onResize(sendSize);
   setInterval(keepAlive, PING_MS);
   setInterval(tick, 1000);
@@ -460,6 +487,6 @@ function wireControls() {
 
 main().catch((error) => {
   console.error(error);
-  notice(`The page failed to start: ${error.message}`);
+  notice(t("failed_start", { message: error.message }));
   $("#app").hidden = false;
 });

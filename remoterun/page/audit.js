@@ -4,7 +4,7 @@
 import { apiHeaders, formatTime } from "./util.js";
 
 const ACTIONS = ["", "submit", "cancel", "signal", "stdin", "attach", "download", "login",
-  "logout", "denied"];
+  "logout", "denied", "hook", "hook_denied"];
 
 function element(tag, props = {}, children = []) {
   const node = Object.assign(document.createElement(tag), props);

@@ -1,6 +1,7 @@
 // The run form: generated from a script's parameter schema, submitted once per Run (issue 15),
 // and filled from a past task by Re-run.
 
+import { t } from "./i18n.js";
 import { $, api, el } from "./util.js";
 
 export const scripts = new Map(); // name -> GET /scripts entry
@@ -16,8 +17,8 @@ export async function loadScripts() {
   const filter = $("#filter-script");
   for (const script of body.scripts) {
     scripts.set(script.name, script);
-    const label = script.error ? `${script.name} (metadata error)`
-      : script.runnable ? script.name : `${script.name} (not allowed)`;
+    const label = script.error ? t("form.metadata_error", { name: script.name })
+      : script.runnable ? script.name : t("form.not_allowed", { name: script.name });
     select.append(el("option", { value: script.name, textContent: label,
                                  disabled: !script.runnable && !script.error }));
     filter.append(el("option", { value: script.name, textContent: script.name }));
@@ -33,7 +34,8 @@ export function renderParams() {
   // A broken sidecar: the script stays listed, its help says what to fix, Run answers 422.
   $("#script-help").textContent = script?.error ?? script?.description ?? "";
   $("#script-help").classList.toggle("error", Boolean(script?.error));
-  $("#run").timeout.placeholder = script?.timeout ? `${script.timeout} (script's)` : "default";
+  $("#run").timeout.placeholder = script?.timeout ? t("form.timeout_script", { s: script.timeout })
+    : t("form.default");
   const fields = !script || script.error ? [] : script.params === null ? [freeFormField()]
     : script.params.map(paramField);
   $("#params").replaceChildren(...fields);
@@ -41,8 +43,8 @@ export function renderParams() {
 }
 
 function freeFormField() {
-  const input = el("textarea", { name: "free", rows: 3, placeholder: "key=value, one a line" });
-  return el("label", { className: "param" }, "Params", input, errorSlot("params"));
+  const input = el("textarea", { name: "free", rows: 3, placeholder: t("form.free") });
+  return el("label", { className: "param" }, t("task.params"), input, errorSlot("params"));
 }
 
 function paramField(param) {
@@ -60,7 +62,7 @@ function paramField(param) {
       type: param.secret ? "password" : numeric ? "number" : "text",
       value: param.default ?? "",
       autocomplete: param.secret ? "new-password" : "off",
-      title: param.pattern ? `must match ${param.pattern}` : "",
+      title: param.pattern ? t("form.pattern", { pattern: param.pattern }) : "",
     });
     if (numeric) input.step = param.type === "integer" ? "1" : "any";
     if (param.min != null) input.min = param.min;
@@ -176,7 +178,7 @@ export function rerun(task) {
   form.priority.value = String(task.priority);
   form.timeout.value = task.timeout == null ? "" : String(task.timeout);
   const secrets = (script.params ?? []).filter((p) => p.secret).map((p) => p.name);
-  $("#rerun-of").textContent = `Re-run of ${task.script} · ${task.id.slice(0, 8)}: edit, then Run.`
+  $("#rerun-of").textContent = t("form.rerun_of", { script: task.script, id: task.id.slice(0, 8) })
     + (secrets.length ? ` Enter ${secrets.join(", ")} again.` : "");
   form.scrollIntoView({ block: "nearest" });
   (form.querySelector("#params input, #params select, #params textarea") ?? form.script).focus();

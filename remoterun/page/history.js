@@ -1,6 +1,7 @@
 // The history: filters kept in the URL, cursor paging both ways, and live updates from
 // GET /events (no polling): each transition updates its row, or adds it when it matches.
 
+import { lang, t } from "./i18n.js";
 import { $, api, el, formatSeconds, formatWhen, seconds, withKey } from "./util.js";
 
 export const PAGE_SIZE = 25;
@@ -102,7 +103,7 @@ export async function refresh() {
     $("#newer").disabled = !state.prev;
     markCurrent();
   } catch (error) {
-    if (mine === asked) $("#live").textContent = `history: ${error.message}`;
+    if (mine === asked) $("#live").textContent = t("history.failed", { message: error.message });
   } finally {
     if (mine === asked) {
       state.loading = null;
@@ -118,13 +119,13 @@ function taskRow(task) {
   const link = el("a", { href: `/?task=${task.id}`, textContent: task.script,
                          title: `${task.script} · ${task.id}` });
   const row = el("tr", { dataset: { id: task.id, created: task.created_at } },
-    el("td", {}, el("span", { className: `status ${task.status}`, textContent: task.status })),
+    el("td", {}, el("span", { className: `status ${task.status}`, textContent: t(`status.${task.status}`) })),
     el("td", {}, link),
     el("td", { className: "wide", textContent: task.submitted_by }),
-    el("td", { textContent: formatWhen(created), title: created.toLocaleString() }),
+    el("td", { textContent: formatWhen(created), title: created.toLocaleString(lang) }),
     el("td", { className: "wide", textContent: took == null ? "" : formatSeconds(took) }),
-    el("td", {}, el("a", { href: withKey(`/tasks/${task.id}/output`), download: "", textContent: "log",
-                           title: `Download the log of ${task.script}` })));
+    el("td", {}, el("a", { href: withKey(`/tasks/${task.id}/output`), download: "", textContent: t("col.log"),
+                           title: t("history.download", { script: task.script }) })));
   row.addEventListener("click", (event) => {
     const target = event.target.closest("a");
     if (target && target !== link) return; // the download

@@ -2,6 +2,7 @@
 // or a server restart from the last event id seen (EventSource sends Last-Event-ID itself;
 // a stream we reopen says ?since=).
 
+import { t } from "./i18n.js";
 import { $, withKey } from "./util.js";
 
 const RETRY_MS = 3000;
@@ -20,11 +21,11 @@ export function follow(onTask) {
     });
     source.addEventListener("ready", (event) => {
       lastId = event.lastEventId;
-      status("live");
+      status(t("live.live"));
       firstReady();
     });
     source.onerror = () => {
-      status("reconnecting…");
+      status(t("live.reconnecting"));
       if (source.readyState === EventSource.CLOSED) { // refused (a 4xx): try again later
         setTimeout(open, RETRY_MS);
         firstReady();

@@ -1,5 +1,7 @@
 // Helpers shared by the page's modules: HTTP, DOM building, formatting.
 
+import { lang, t } from "./i18n.js";
+
 export const FINAL = new Set(["success", "failed", "timeout", "cancelled"]);
 
 export const $ = (selector) => document.querySelector(selector);
@@ -63,18 +65,18 @@ export function seconds(task) {
 }
 
 export function formatSeconds(s) {
-  if (s < 60) return `${s.toFixed(s < 10 ? 2 : 1)} s`;
-  if (s < 3600) return `${Math.floor(s / 60)}m ${Math.round(s % 60)}s`;
-  return `${Math.floor(s / 3600)}h ${Math.round((s % 3600) / 60)}m`;
+  if (s < 60) return t("dur.s", { s: s.toFixed(s < 10 ? 2 : 1) });
+  if (s < 3600) return t("dur.ms", { m: Math.floor(s / 60), s: Math.round(s % 60) });
+  return t("dur.hm", { h: Math.floor(s / 3600), m: Math.round((s % 3600) / 60) });
 }
 
 export function formatWhen(date) {
   const today = date.toDateString() === new Date().toDateString();
-  return today ? date.toLocaleTimeString() : date.toLocaleDateString();
+  return today ? date.toLocaleTimeString(lang) : date.toLocaleDateString(lang);
 }
 
 export function formatTime(iso) {
-  return iso ? new Date(iso).toLocaleString() : "—";
+  return iso ? new Date(iso).toLocaleString(lang) : "—";
 }
 
 export function formatBytes(n) {

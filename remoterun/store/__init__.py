@@ -22,6 +22,7 @@ from remoterun.store.statements import (
     audit_json,
     delete_segment,
     insert_audit,
+    insert_delivery,
     insert_task,
     mark_pruned,
     transition,
@@ -31,5 +32,5 @@ from remoterun.store.statements import (
 
 __all__ = ["Database", "DatabaseBusy", "DatabaseUnavailable", "Fenced", "Guarded",
            "Membership", "StaleWrite", "Statement", "Store", "Unsure", "audit_json",
-           "delete_segment", "insert_audit", "insert_task", "mark_pruned", "transition",
-           "update_task", "upsert_segment"]
+           "delete_segment", "insert_audit", "insert_delivery", "insert_task", "mark_pruned",
+           "transition", "update_task", "upsert_segment"]

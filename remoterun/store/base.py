@@ -140,6 +140,12 @@ class Store(Protocol):
                          caller: str = "") -> list[Row]:
         """Audit rows newest first (`scripts`: a token's list, and the `caller`'s own)."""
 
+    async def delivery(self, hook: str, delivery_id: str) -> Row | None:
+        """A hook's delivery of this id, if one was answered."""
+
+    async def deliveries(self, hook: str, limit: int) -> list[Row]:
+        """A hook's latest deliveries, newest first."""
+
     async def live_counts(self) -> list[Row]:
         """(script, status, n) of the tasks pending or running."""
 

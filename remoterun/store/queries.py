@@ -16,7 +16,7 @@ import peewee as pw
 
 from remoterun.state import FINAL, TaskStatus
 from remoterun.store.base import Row
-from remoterun.store.schema import AuditEvent, Dialect, TaskEvent
+from remoterun.store.schema import AuditEvent, Dialect, HookDelivery, TaskEvent
 
 
 class Queries:
@@ -178,6 +178,18 @@ class Queries:
         if before is not None:
             query = query.where(AuditEvent.id < before)
         return await self._rows(query.order_by(AuditEvent.id.desc()).limit(limit))
+
+    # Hooks (issue 30) ----------------------------------------------------------------------------
+
+    async def delivery(self, hook: str, delivery_id: str) -> Row | None:
+        """A hook's delivery of this id, if one was answered."""
+        return await self._one(HookDelivery.select().where(
+            (HookDelivery.hook == hook) & (HookDelivery.delivery_id == delivery_id)))
+
+    async def deliveries(self, hook: str, limit: int) -> list[Row]:
+        """A hook's latest deliveries, newest first."""
+        return await self._rows(HookDelivery.select().where(HookDelivery.hook == hook)
+                                .order_by(HookDelivery.id.desc()).limit(limit))
 
     # Monitoring (issue 14) ---------------------------------------------------------------------
 

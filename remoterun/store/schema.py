@@ -148,6 +148,23 @@ class AuditEvent(_Base):
         table_name = "audit"
 
 
+class HookDelivery(_Base):
+    """One signed request to a hook that was answered (issue 30): its delivery id, unique per
+    hook, makes a redelivery answer with the first task instead of starting another."""
+
+    id = pw.AutoField()
+    hook = Name()
+    delivery_id = Name(null=True)  # the hook's delivery_header, when it has one
+    ts = pw.FloatField()
+    result = Name()  # accepted or skipped
+    task_id = Name(null=True)
+    reason = pw.TextField(null=True)  # skipped: the match key that did not match
+
+    class Meta:
+        table_name = "hook_deliveries"
+        indexes = ((("hook", "delivery_id"), True), (("hook", "id"), False))
+
+
 # The cluster's tables (PostgreSQL only) --------------------------------------------------------
 
 class ClusterTask(Task):
@@ -281,10 +298,10 @@ class Dialect:
 
 
 SQLITE = Dialect("sqlite", pw.SqliteDatabase(None, field_types={"NAME": "VARCHAR(255)"}),
-                 (Task, TaskEvent, TaskLog, Meta, AuditEvent))
+                 (Task, TaskEvent, TaskLog, Meta, AuditEvent, HookDelivery))
 POSTGRES = Dialect("postgres", _AsyncpgDatabase(None, field_types={
     "NAME": "TEXT", "INT": "BIGINT", "FLOAT": "DOUBLE PRECISION", "AUTO": "BIGSERIAL"}),
-    (ClusterTask, TaskEvent, ClusterTaskLog, Meta, AuditEvent, Node))
+    (ClusterTask, TaskEvent, ClusterTaskLog, Meta, AuditEvent, Node, HookDelivery))
 NOW = pw.SQL("extract(epoch from clock_timestamp())")  # PostgreSQL's clock, not the nodes'
 
 

@@ -11,7 +11,15 @@ import time
 from typing import Any
 
 from remoterun.store.base import Guarded, Row, Statement
-from remoterun.store.schema import SCHEMA_VERSION, AuditEvent, Meta, Task, TaskEvent, _Base
+from remoterun.store.schema import (
+    SCHEMA_VERSION,
+    AuditEvent,
+    HookDelivery,
+    Meta,
+    Task,
+    TaskEvent,
+    _Base,
+)
 from remoterun.wire import rfc3339
 
 
@@ -96,6 +104,14 @@ def insert_audit(entry: dict[str, Any], **fields: Any) -> Statement:
 def audit_json(row: Row) -> dict[str, Any]:
     """An audit row as `GET /audit` shows it."""
     return {"ts": rfc3339(row["ts"]), **{key: row[key] for key in AUDIT_COLUMNS}}
+
+
+def insert_delivery(hook: str, delivery_id: str | None, result: str,
+                    task_id: str | None = None, reason: str | None = None) -> Statement:
+    """A statement that records a hook's answered delivery; a second with the same hook and
+    delivery id fails the transaction it is in (the unique index)."""
+    return insert(HookDelivery, {"hook": hook, "delivery_id": delivery_id, "ts": time.time(),
+                                 "result": result, "task_id": task_id, "reason": reason})
 
 
 VERSION_QUERY = Meta.select(Meta.value).where(Meta.key == "schema_version")

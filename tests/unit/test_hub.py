@@ -5,13 +5,15 @@ from __future__ import annotations
 import asyncio
 from pathlib import Path
 
+from conftest import a_task
+
 from remoterun.engine.hub import TaskHub
 from remoterun.wire import Event, Frame
 
 
 def hub(memory_bytes: int = 1 << 20) -> TaskHub:
     """A hub for a task with no archive read (replays come from memory)."""
-    return TaskHub({"id": "t", "logs_path": "t"}, memory_bytes=memory_bytes)
+    return TaskHub(a_task(), memory_bytes=memory_bytes)
 
 
 async def collect(sub, until_exit: bool = True) -> list[int | str]:

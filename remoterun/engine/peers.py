@@ -1,10 +1,10 @@
-"""Membership: what the engine knows of the servers beside it, and of tasks it does not hold.
+"""Peers: what the engine knows of the servers beside it, and of tasks it does not hold.
 
 One server is `Alone`: every task in its database is its own, a running one it does not hold
 was left by a dead server, and nothing guards its writes beyond the old status. A cluster node
 (`cluster.node.Node`) beats, fences every write by its epoch and each task's attempt and owner,
 judges silent nodes lost, and follows or controls tasks that other nodes run. The scheduler
-asks its membership at those few points and nothing else differs between the modes.
+asks its peers at those few points and nothing else differs between the modes.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from remoterun.engine.attempt import Attempt
 from remoterun.engine.hub import Subscription
 from remoterun.engine.protect import Protection
 from remoterun.errors import Conflict
-from remoterun.state import TaskStatus
+from remoterun.state import Task, TaskStatus
 
 Row = dict[str, Any]
 
@@ -35,7 +35,7 @@ class Lost:
 
 
 class Host(Protocol):
-    """What a membership may ask of the engine it belongs to."""
+    """What the peers may ask of the engine it belongs to."""
 
     problems: dict[str, str]  # what /readyz reports: kind -> latest failure
     replay_slots: asyncio.Semaphore  # archive readers, shared with remote followers
@@ -55,7 +55,7 @@ class Host(Protocol):
         """Record, in the background, what this server's previous epoch left (rejoined)."""
 
 
-class Membership(Protocol):
+class Peers(Protocol):
     """The engine's view of the other servers (none, or a cluster's nodes)."""
 
     requests_in_order: bool  # a request's write queues behind the engine's (one server)
@@ -90,8 +90,8 @@ class Membership(Protocol):
     async def orphans(self, held: Collection[str]) -> list[Lost]:
         """Runs recorded running that no live server holds (`held`: this one's)."""
 
-    def fence(self, row: Row, new: TaskStatus) -> tuple[list[store.Statement], Row]:
-        """The guards of a task's status write, and the row's changes once it commits
+    def fence(self, task: Task, new: TaskStatus) -> tuple[list[store.Statement], Row]:
+        """The guards of a task's status write, and the Task's changes once it commits
         (store.StaleWrite at once if nothing this server writes may land now)."""
 
     def stamp(self, statements: list[store.Statement]) -> list[store.Statement]:
@@ -147,7 +147,7 @@ class Alone:
         return [_stopped(row) for row in await self.db.tasks_in(TaskStatus.RUNNING)
                 if row["id"] not in held]
 
-    def fence(self, row: Row, new: TaskStatus) -> tuple[list[store.Statement], Row]:
+    def fence(self, task: Task, new: TaskStatus) -> tuple[list[store.Statement], Row]:
         """No guard beyond the old status (store.transition's own)."""
         return [], {}
 
