@@ -35,7 +35,7 @@ import structlog
 from remoterun.config import Alert, Settings
 from remoterun.metrics import Metrics
 from remoterun.state import FINAL, TaskStatus
-from remoterun.wire import task_json
+from remoterun.wire import rfc3339, task_json
 
 log = structlog.get_logger(__name__)
 S = TaskStatus
@@ -213,6 +213,21 @@ class Alerts:
             task = task or task_json(row)
             self._offer(index, Notice(name, task, duration))
 
+    def on_slot(self, schedule: str, script: str, slot: float, outcome: str,
+                reason: str | None) -> None:
+        """Queue the messages the channels want for a schedule's slot that started nothing
+        (`missed`, `failed_to_submit`); de-duplicated per script and event like the rest."""
+        if not self.alerts:
+            return
+        # No task exists: the notice's "task" names the schedule and the slot instead.
+        task = {"id": None, "script": script, "status": outcome, "attempt": 0,
+                "exit_code": None, "error": reason, "schedule": schedule,
+                "scheduled_for": rfc3339(slot)}
+        for index, alert in enumerate(self.alerts):
+            name = wanted(alert, outcome, False, script)
+            if name is not None:
+                self._offer(index, Notice(name, dict(task), None, tail=""))
+
     def _offer(self, index: int, notice: Notice) -> None:
         alert = self.alerts[index]
         if alert.dedupe_s <= 0:
@@ -288,7 +303,8 @@ class Alerts:
         self.metrics.alert(alert.kind, "sent")
 
     async def _send(self, alert: Alert, notice: Notice) -> None:
-        link = f"{self.base_url}/?task={notice.task['id']}"
+        link = f"{self.base_url}/?task={notice.task['id']}" if notice.task["id"] else \
+            f"{self.base_url}/schedules/{notice.task['schedule']}/runs"
         if alert.kind == "email":
             await aiosmtplib.send(email_message(alert, notice, link), hostname=alert.smtp_host,
                                   port=alert.smtp_port, start_tls=alert.starttls,

@@ -7,6 +7,7 @@ import dataclasses
 import re
 import socket
 import tomllib
+import zoneinfo
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -209,6 +210,10 @@ class Settings:
     config_path: Path | None = None  # the file these came from (hidden from sandboxed tasks)
     cluster: Cluster | None = None  # [cluster] (issue 16); None: one node on SQLite
     hooks: tuple[Hook, ...] = ()  # [[hooks]] (issue 30): incoming webhooks
+    # Schedules (issue 29): the [[schedules]] tables as written, checked when the server
+    # starts (engine/schedules.py); [server] timezone is their default zone.
+    schedules: tuple[Mapping[str, Any], ...] = ()
+    timezone: str | None = None
 
     @property
     def auth_enabled(self) -> bool:
@@ -266,7 +271,8 @@ def _cluster(body: Any) -> Cluster:
 # Monitoring and alerts (issue 14) -------------------------------------------------------------
 
 ALERT_KINDS = ("webhook", "dingtalk", "email")
-ALERT_EVENTS = ("success", "failed", "timeout", "cancelled", "retry", "retries_exhausted")
+ALERT_EVENTS = ("success", "failed", "timeout", "cancelled", "retry", "retries_exhausted",
+                "missed", "failed_to_submit")  # the last two: a schedule's slots (issue 29)
 _ALERT_KEYS: dict[str, tuple[type, ...]] = {
     "kind": (str,), "url": (str,), "secret": (str,), "on": (list,), "scripts": (list,),
     "dedupe_s": (int, float), "timeout_s": (int, float), "retries": (int,),
@@ -361,6 +367,7 @@ _KEYS: dict[tuple[str, str], str] = {
     ("server", "metrics_public"): "metrics_public",
     ("server", "min_free_bytes"): "min_free_bytes",
     ("server", "public_url"): "public_url",
+    ("server", "timezone"): "timezone",
     ("server", "allowed_origins"): "allowed_origins",
     ("server", "allowed_hosts"): "allowed_hosts",
     ("server", "session_ttl_s"): "session_ttl_s",
@@ -490,6 +497,8 @@ def _coerce(key: str, name: str, value: Any) -> Any:
         return _coerce_secrets(key, name, value)
     if name in ("metrics_public", "public_url"):
         return _coerce_monitoring(key, name, value)
+    if name == "timezone":
+        return _zone(key, value)
     if name in ("allowed_origins", "allowed_hosts", "tls_cert", "tls_key"):
         return _coerce_security(key, name, value)
     if name.endswith("_dir") or name == "db_path":
@@ -608,6 +617,11 @@ def parse(data: Mapping[str, Any], base: Path) -> Settings:
             except HookConfigError as exc:
                 raise ConfigError(str(exc)) from None
             continue
+        if section == "schedules":
+            if not isinstance(body, list) or not all(isinstance(v, dict) for v in body):
+                raise ConfigError("schedules: expected an array of tables ([[schedules]])")
+            values["schedules"] = tuple(body)
+            continue
         if section == "scripts":
             if not isinstance(body, dict) or not all(isinstance(v, dict) for v in body.values()):
                 raise ConfigError("scripts: expected tables such as [scripts.\"name.sh\"]")
@@ -627,6 +641,16 @@ def parse(data: Mapping[str, Any], base: Path) -> Settings:
     if ("tls_cert" in values) != ("tls_key" in values):
         raise ConfigError("server.tls_cert: tls_cert and tls_key go together")
     return Settings(**values)
+
+
+def _zone(key: str, value: Any) -> str:
+    """An IANA time zone name that this system knows."""
+    try:
+        zoneinfo.ZoneInfo(value)
+    except (zoneinfo.ZoneInfoNotFoundError, ValueError, TypeError):
+        raise ConfigError(f"{key}: expected an IANA time zone name such as "
+                          f"\"Europe/Berlin\", got {value!r}") from None
+    return str(value)
 
 
 def _isolation(section: str, body: Any) -> SandboxConfig | ResourceLimits:

@@ -30,7 +30,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 from remoterun.errors import IntegrityFailed
 
 SIG_SUFFIX = ".sig"
-SIDECAR_SUFFIX = ".toml"  # a script's metadata beside it (catalogue.py)
+SIDECAR_SUFFIX = ".toml"  # a script's metadata beside it (catalogue/directory.py)
 PAIR_HEADER = b"remoterun script+metadata v1\n"
 SIG_BYTES = 64
 MAX_SIG_FILE_BYTES = 4096

@@ -104,6 +104,14 @@ class Metrics:
                                      "Times a task's output reading paused while its archive "
                                      "caught up.", registry=r)
         self._live: set[str] = set()  # scripts the running/waiting gauges have shown
+        # Schedules (issue 29): `schedule` is bounded by the schedules defined.
+        self.schedule_runs = Counter("remoterun_schedule_runs",
+                                     "Schedule slots by outcome (started, skipped_overlap, "
+                                     "queued, replaced, missed, failed_to_submit).",
+                                     ["schedule", "outcome"], registry=r)
+        self.schedule_lag = Histogram("remoterun_schedule_lag_seconds",
+                                      "Seconds from a slot to its task's first start.",
+                                      buckets=DURATION_BUCKETS, registry=r)
 
     def _server_series(self) -> None:
         r = self.registry
@@ -162,6 +170,8 @@ class Metrics:
             if row["attempt"] == 1 and row["started_at"] is not None:
                 wait = max(row["started_at"] - row["created_at"], 0.0)
                 self.child(self.queue_wait, script).observe(wait)
+                if row.get("scheduled_for") is not None:
+                    self.schedule_lag.observe(max(row["started_at"] - row["scheduled_for"], 0))
         elif new in (S.FAILED, S.TIMEOUT) or (new is S.PENDING and old is S.RUNNING):
             reason = failure_reason(new, row["exit_code"], row["error"])
             self.child(self.failures, script, reason).inc()

@@ -29,6 +29,7 @@ import structlog
 from remoterun import archive
 from remoterun import store as dbm
 from remoterun.archive import segments
+from remoterun.archive.scan import scan
 from remoterun.config import Settings
 from remoterun.state import FINAL
 from remoterun.wire import rfc3339
@@ -201,7 +202,7 @@ class _Verifier:
             self.note("no_task", path, f"the row names task {row['task_id']}, which is unknown")
         if self.busy(row["task_status"]):
             return
-        found = segments.scan(log_path)
+        found = scan(log_path)
         if found.missing and all(p.stat().st_size == 0 for p in pair):
             # Cut by a kill as the segment was opened (rotation): it never held a frame.
             if self.repair:

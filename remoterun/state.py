@@ -80,6 +80,8 @@ class Task:
     last_seq: int = 0
     pid: int | None = None
     seq_reserved: int = 0
+    schedule: str | None = None  # the schedule that submitted it (issue 29)
+    scheduled_for: float | None = None  # its slot; None for a schedule's "run now"
     # A cluster's store keeps which node claimed the task; one server's keeps no owner at all,
     # which the wire shows differently (wire.task_json's `node`).
     owner: str | None = None

@@ -72,6 +72,8 @@ def task_json(row: dict[str, Any]) -> dict[str, Any]:
         "logs_path": row["logs_path"],
         "output_bytes": row["output_bytes"],
         "last_seq": row["last_seq"],
+        "schedule": row.get("schedule"),  # the schedule that submitted it (issue 29)
+        "scheduled_for": rfc3339(row.get("scheduled_for")),
     }
     # The node of its latest attempt: a cluster row's owner; "local" on a single server.
     out["node"] = row["owner"] if "owner" in row else "local" if row["started_at"] else None

@@ -11,6 +11,7 @@ import os
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -201,13 +202,17 @@ class ServerProcess:
             if _listens(self.proc.pid, self.port) and self._answers():
                 return
             time.sleep(0.05)
-        raise AssertionError("server did not start")
+        self.stop()  # never leave a half-started server to a later test's collection
+        raise AssertionError(f"server did not start: {self.log.read_text()[-2000:]}")
 
     def _answers(self) -> bool:
         """Whether the app answers a request (the socket may listen before the app's start-up,
         its database included, has run)."""
+        tls = "tls_cert" in self.config.read_text()
+        context = ssl._create_unverified_context() if tls else None  # our own test certificate
+        url = f"{'https' if tls else 'http'}://127.0.0.1:{self.port}/healthz"
         try:
-            with urllib.request.urlopen(f"{self.url}/healthz", timeout=2):
+            with urllib.request.urlopen(url, timeout=2, context=context):
                 return True
         except urllib.error.HTTPError:
             return True  # an answer all the same (e.g. 401 where tokens are required)
@@ -273,8 +278,8 @@ BLOCKS_ALLOWED: list[tuple[str, set[str], tuple[str, ...]]] = [
     # A short run's whole segment is written once at its end (~0.1 ms: archive.py docstring).
     ("remoterun/archive/writer.py", {"close"}, ("os.mkdir", "os.write", "io.open", "builtins.open")),
     # Resolving a script: a realpath walk and a few stats of the scripts folder, cached for
-    # catalogue.RESOLVE_CACHE_S per name.
-    ("remoterun/catalogue.py", {"_confine", "_metadata", "resolve"}, _FILE_CALLS),
+    # catalogue.directory.RESOLVE_CACHE_S per name.
+    ("remoterun/catalogue/directory.py", {"_confine", "_metadata", "resolve"}, _FILE_CALLS),
     # Logging an exception: the console renderer reads the traceback's source lines.
     ("structlog/dev.py", {"__call__"}, _FILE_CALLS),
     # /proc files (a process's children, environ, stat): procfs reads never wait on a disk.

@@ -25,6 +25,7 @@ from hypothesis import strategies as st
 from remoterun import archive
 from remoterun.api import DB
 from remoterun.archive import Frame, TaskArchive, gzjoin, segments
+from remoterun.archive.scan import scan
 
 
 def flood_bytes(total: int) -> bytes:
@@ -100,10 +101,10 @@ def test_truncated_member_is_tolerated_reported_and_finalized(tmp_path, compress
     writer.close().result()
     seen = list(archive.read_frames(tmp_path / "crashed", "2026/01/01/task"))
     assert len(seen) >= 120 and [f.data for f in seen] == [f.data for f in frames[: len(seen)]]
-    scan = segments.scan(crashed / path.name)
-    assert not scan.complete and any("truncated" in p for p in scan.problems)
+    found = scan(crashed / path.name)
+    assert not found.complete and any("truncated" in p for p in found.problems)
     segment, _ = archive.finalize(tmp_path / "crashed", f"2026/01/01/task/{path.name}")
-    after = segments.scan(crashed / path.name)
+    after = scan(crashed / path.name)
     assert after.complete and after.frames == len(seen) == segment.last_seq
     assert segment.closed_at is not None and segment.raw_bytes == after.raw_bytes
 
@@ -224,7 +225,7 @@ def test_small_output_is_held_then_written_whole_at_close(tmp_path, compressor):
     assert segment.gz_bytes == sum(p.stat().st_size for p in (root / segment.path,
                                    segments.index_path(root / segment.path)))
     assert list(archive.read_frames(root, "2026/01/01/small")) == frames
-    assert segments.scan(root / segment.path).complete
+    assert scan(root / segment.path).complete
 
 
 def test_held_output_goes_to_the_thread_at_a_flush_or_past_the_bound(tmp_path, compressor):

@@ -15,7 +15,9 @@ from test_retention import _rows, verify
 
 from remoterun import archive
 from remoterun.api import DB, SETTINGS
-from remoterun.archive import gzjoin, segments
+from remoterun.archive import deflate, gzjoin, segments
+from remoterun.archive.deflate import Deflate
+from remoterun.archive.scan import scan
 from remoterun.config import COMPRESSORS, ConfigError, parse
 from remoterun.wire import Frame
 
@@ -53,7 +55,7 @@ async def test_segments_read_with_zcat_and_python_gzip(make_client, compressor):
         assert gzip.decompress((root / row["path"]).read_bytes()) == log
         records = gzip.decompress(index.read_bytes())
         assert len(records) == (row["last_seq"] - row["first_seq"] + 1) * segments.RECORD.size
-        assert (await asyncio.to_thread(segments.scan, root / row["path"])).complete
+        assert (await asyncio.to_thread(scan, root / row["path"])).complete
 
 
 @BOTH
@@ -65,7 +67,7 @@ async def test_a_short_task_held_in_memory_reads_with_zcat(make_client, compress
     path = client.app[SETTINGS].archive_dir / rows[0]["path"]
     assert await asyncio.to_thread(zcat, path) == await (
         await client.get(f"/tasks/{done['id']}/output")).read()
-    assert rows[0]["raw_bytes"] > 0 and (await asyncio.to_thread(segments.scan, path)).complete
+    assert rows[0]["raw_bytes"] > 0 and (await asyncio.to_thread(scan, path)).complete
 
 
 @BOTH
@@ -98,7 +100,7 @@ async def test_archive_verify_passes_and_repairs(make_client, tmp_path, compress
     assert (await verify(tmp_path)).returncode == 1
     repaired = await verify(tmp_path, "--repair")
     assert repaired.returncode == 0 and "[repaired]" in repaired.stdout, repaired.stdout
-    assert (await asyncio.to_thread(segments.scan, log_path)).complete
+    assert (await asyncio.to_thread(scan, log_path)).complete
     assert (await verify(tmp_path)).returncode == 0
 
 
@@ -109,7 +111,7 @@ def test_every_level_of_either_ends_as_gzjoin_needs(tmp_path, level):
     paths = []
     for compressor in COMPRESSORS:
         path = tmp_path / f"{compressor}.1{segments.LOG_SUFFIX}"
-        segments.write_whole(path, frames, segments.Deflate(compressor, level))
+        segments.write_whole(path, frames, Deflate(compressor, level))
         assert gzip.decompress(path.read_bytes()) == frames[0].data
         paths.append(path)
     joined = gzjoin.join(paths, [50_000, 50_000])
@@ -122,7 +124,7 @@ def test_a_segment_streamed_through_the_thread_is_whole(tmp_path, compressor):
     data = [flood_bytes(300_000)[i:i + 7000] for i in range(0, 300_000, 7000)]
     for name in COMPRESSORS:
         writer = archive.TaskArchive(tmp_path, name, compressor, fresh=True,
-                                     deflate=segments.Deflate(name))
+                                     deflate=Deflate(name))
         for seq, chunk in enumerate(data, 1):
             writer.write(Frame(seq, "stdout", time.time(), chunk))
         writer.flush().result()
@@ -130,7 +132,7 @@ def test_a_segment_streamed_through_the_thread_is_whole(tmp_path, compressor):
         back = list(archive.read_frames(tmp_path, name))
         assert [f.data for f in back] == data
         path = tmp_path / writer.segments[0].path
-        assert zcat(path) == b"".join(data) and segments.scan(path).complete
+        assert zcat(path) == b"".join(data) and scan(path).complete
 
 
 @pytest.mark.parametrize("value", ["lz4", 1, ""])
@@ -143,7 +145,7 @@ def test_a_bad_compressor_names_the_key(tmp_path, value):
 
 def test_isal_is_the_default_and_zlib_can_be_chosen(tmp_path):
     """The default compressor is ISA-L; `compressor = "zlib"` picks zlib; both are known."""
-    assert archive.deflate_of(parse({}, tmp_path)) == segments.Deflate("isal", 1)
+    assert archive.deflate_of(parse({}, tmp_path)) == Deflate("isal", 1)
     chosen = parse({"archive": {"compressor": "zlib", "gzip_level": 6}}, tmp_path)
-    assert archive.deflate_of(chosen) == segments.Deflate("zlib", 6)
-    assert COMPRESSORS == segments.COMPRESSORS
+    assert archive.deflate_of(chosen) == Deflate("zlib", 6)
+    assert COMPRESSORS == deflate.COMPRESSORS

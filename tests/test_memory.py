@@ -14,7 +14,7 @@ from conftest import make_settings, silent_ws, wait_for
 from remoterun.api import SOCKETS
 from remoterun.api.app import create_app
 from remoterun.api.listen import GuardedSite
-from remoterun.cli.main import listen
+from remoterun.cli.serve import listen
 
 CLIENTS = 20
 

@@ -13,6 +13,7 @@ from conftest import output_of, submit, wait_final, wait_for, ws_collect
 from remoterun import store as dbm
 from remoterun.api import DB, SETTINGS
 from remoterun.archive import segments
+from remoterun.archive.scan import scan
 
 
 async def output_status(client, task_id: str) -> int:
@@ -139,10 +140,10 @@ async def test_verify_repair_finalizes_what_a_crash_left_open(make_client, tmp_p
     assert found.returncode == 1 and "incomplete" in found.stdout and "truncated" in found.stdout
     repaired = await verify(tmp_path, "--repair")
     assert repaired.returncode == 0 and "[repaired]" in repaired.stdout, repaired.stdout
-    scan = await asyncio.to_thread(segments.scan, log_path)
+    read = await asyncio.to_thread(scan, log_path)
     after = await _rows(tmp_path, task["id"])
-    assert scan.complete and 0 < scan.raw_bytes < 200_000
-    assert (after[-1]["raw_bytes"], after[-1]["last_seq"]) == (scan.raw_bytes, scan.last_seq)
+    assert read.complete and 0 < read.raw_bytes < 200_000
+    assert (after[-1]["raw_bytes"], after[-1]["last_seq"]) == (read.raw_bytes, read.last_seq)
     clean = await verify(tmp_path)
     assert clean.returncode == 0 and "0 problems" in clean.stdout
 

@@ -14,7 +14,8 @@ from conftest import TEST_SCRIPTS, wait_for
 from hypothesis import given
 from hypothesis import strategies as st
 
-from remoterun.runner import Run, RunSpec, SpawnError, split_utf8
+from remoterun.runner import Run, RunSpec, SpawnError
+from remoterun.runner.streams import split_utf8
 
 
 @given(st.text(), st.integers(min_value=0, max_value=400))

@@ -37,12 +37,13 @@ from remoterun.api import (
     monitor,
     nodes,
     openapi,
+    schedules,
     search,
     sse,
     ws,
 )
 from remoterun.archive.compressor import Compressor
-from remoterun.archive.segments import make_private
+from remoterun.archive.private import make_private
 from remoterun.auth import Authenticator, FailureLimiter, Sessions, digest
 from remoterun.catalogue import Catalogue, MetadataError
 from remoterun.config import Settings
@@ -315,6 +316,7 @@ def create_app(settings: Settings) -> web.Application:
     app.cleanup_ctx.append(monitor.alerts_service)  # before the scheduler, closed after it
     app.cleanup_ctx.append(services)
     app.cleanup_ctx.append(audit.denial_summaries)  # needs the scheduler; closed before it
+    app.cleanup_ctx.append(schedules.service)  # the timer (issue 29): closed before the engine
     app.on_shutdown.append(on_shutdown)
     app.on_response_prepare.append(guard.security_headers)
     app.router.add_routes(http.routes)
@@ -324,6 +326,7 @@ def create_app(settings: Settings) -> web.Application:
     app.router.add_routes(search.routes)  # GET /tasks/{id}/search (issue 28)
     events.setup(app)  # GET /events, GET /tasks/{id}/events (issue 18)
     app.router.add_routes(nodes.routes)  # GET /nodes (issue 16)
+    app.router.add_routes(schedules.routes)  # /schedules (issue 29)
     if settings.cluster is not None:
         nodes.setup_cluster(app)  # the redis readiness check
     hooks.setup(app)  # POST /hooks/{name}, GET /hooks (issue 30)

@@ -22,7 +22,10 @@ log = structlog.get_logger(__name__)
 
 routes = web.RouteTableDef()
 ACTIONS = ("submit", "cancel", "signal", "stdin", "attach", "download", "login", "logout",
-           "denied", "hook", "hook_denied")
+           "denied", "hook", "hook_denied",
+           # schedules (issue 29)
+           "schedule_create", "schedule_update", "schedule_delete", "schedule_pause",
+           "schedule_resume", "schedule_run")
 
 
 def _since(raw: str | None, problems: list[dict[str, str]]) -> float | None:

@@ -11,7 +11,7 @@ from typing import Any
 from aiohttp import web
 
 from remoterun import __version__
-from remoterun.api import json_response
+from remoterun.api import json_response, openapi_schedules
 
 routes = web.RouteTableDef()
 
@@ -98,6 +98,9 @@ SCHEMAS: dict[str, Any] = {
             "last_seq": {"type": "integer", "minimum": 0},
             "node": {"type": ["string", "null"]},
             "queue_position": {"type": "integer", "minimum": 1},
+            "schedule": {"type": ["string", "null"], "description": "the schedule that "
+                                                                    "submitted it"},
+            "scheduled_for": NULLABLE_TIME,
         },
     },
     "Submit": {
@@ -637,9 +640,9 @@ def document() -> dict[str, Any]:
             "live, keep every byte. The WebSocket endpoints (`/ws`, "
             "`/tasks/{id}/ws`) are described in docs/PROTOCOL.md.",
         },
-        "paths": {**_paths(), **_hook_paths()},
+        "paths": {**_paths(), **_hook_paths(), **openapi_schedules.paths()},
         "components": {
-            "schemas": SCHEMAS,
+            "schemas": {**SCHEMAS, **openapi_schedules.SCHEMAS},
             "securitySchemes": {
                 "bearer": {"type": "http", "scheme": "bearer"},
                 "query": {"type": "apiKey", "in": "query", "name": "token"},

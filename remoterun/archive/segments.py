@@ -8,31 +8,23 @@ bytes of the log. Readers inflate a bounded piece at a time (a well-packed membe
 memory), pair records with bytes, and stop at whichever member ends first; how each ended (whole,
 truncated by a crash, corrupt) is kept for `scan`, never raised.
 
-Both members are deflated by ISA-L's igzip (`isal`, the default) or zlib (`Deflate`): either
-writes standard gzip members that end the same way, so `zcat`, Python's `gzip`, these readers
-and `gzjoin` take either, and one task's segments may mix them. The server's writers hand their
-work to the app's compressor thread (`compressor.py`).
-
-The archive is the server's alone: its folders are made 0700 and its files 0600 whatever the
-umask (`private_folder`, `private_open`), and `make_private` tightens an archive found open.
+Both members are deflated as `deflate.Deflate` says; the server's writers hand their work to the
+app's compressor thread (`compressor.py`). Files are made private (`private.py`).
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
-import stat
 import struct
 import zlib
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
 from typing import Any, BinaryIO
 
-import structlog
-from isal import isal_zlib
-
+from remoterun.archive.deflate import Deflate, whole_member
+from remoterun.archive.private import FILE_MODE, private_folder, private_open
 from remoterun.wire import Frame
 
 RECORD = struct.Struct("<QBdI")  # an index record: seq, stream code, ts, length
@@ -44,77 +36,6 @@ _READ_BYTES = 256 * 1024  # compressed bytes read at a time
 _PIECE_BYTES = 1024 * 1024  # inflated bytes returned at a time, at most
 _MAX_FRAME = 1 << 30  # a record claiming more is corrupt
 _BATCH_BYTES = 64 * 1024
-COMPRESSORS = ("isal", "zlib")
-FOLDER_MODE, FILE_MODE = 0o700, 0o600
-log = structlog.get_logger(__name__)
-
-
-def private_folder(folder: Path) -> None:
-    """Make a folder and any missing parents, each 0700 (Path.mkdir gives parents the umask's
-    mode)."""
-    try:
-        folder.mkdir(mode=FOLDER_MODE)
-    except FileExistsError:
-        pass
-    except FileNotFoundError:
-        private_folder(folder.parent)
-        folder.mkdir(mode=FOLDER_MODE, exist_ok=True)
-
-
-def private_open(path: str, flags: int) -> int:
-    """An opener for open(): a file created 0600."""
-    return os.open(path, flags, FILE_MODE)
-
-
-def make_private(root: Path) -> int:
-    """Make the archive's root (and missing parents) 0700; if the root was open to others (a folder
-    that existed before the first start, an older server's), every folder under it 0700 and
-    every file 0600 too. How many modes were changed. Start-up: blocking."""
-    private_folder(root)
-    if not stat.S_IMODE(root.stat().st_mode) & 0o077:
-        return 0  # closed: nobody else reaches what is inside, whatever its modes
-    changed = 0
-    for folder, _, filenames in os.walk(root):  # every folder comes once as `folder`
-        changed += _tighten(folder, FOLDER_MODE)
-        changed += sum(_tighten(os.path.join(folder, name), FILE_MODE) for name in filenames)
-    log.warning("archive_mode_tightened", path=str(root), changed=changed)
-    return changed
-
-
-def _tighten(path: str, mode: int) -> bool:
-    """Give a path (never a link's target) `mode` if it has another; whether it did."""
-    try:
-        found = os.lstat(path).st_mode
-    except FileNotFoundError:
-        return False
-    if stat.S_ISLNK(found) or stat.S_IMODE(found) == mode:
-        return False
-    os.chmod(path, mode)
-    return True
-
-
-@dataclass(frozen=True)
-class Deflate:
-    """How segments are compressed: the library and the level (`archive.compressor`,
-    `archive.gzip_level`).
-
-    ISA-L's igzip deflates varied log text ~3.6x as fast as zlib at level 1, at a better ratio
-    (0.273 against 0.285), and releases the GIL as zlib does. Its levels are 0..3: `level`
-    (zlib's 1..9) maps 1-3 to 1, 4-6 to 2, 7-9 to 3. Never 0, whose members end in a final
-    block of their own rather than the sync flush and `03 00` that gzjoin relies on.
-    """
-
-    compressor: str = "isal"
-    level: int = 1
-
-    def compressobj(self, mem_level: int = 8) -> Any:
-        """A gzip-member compressor (wbits 31)."""
-        if self.compressor == "isal":
-            return isal_zlib.compressobj((self.level + 2) // 3, zlib.DEFLATED, 31, mem_level)
-        return zlib.compressobj(self.level, zlib.DEFLATED, 31, mem_level)
-
-
-DEFAULT_DEFLATE = Deflate()  # the settings' defaults: ISA-L, level 1
 
 
 def index_path(log_path: Path) -> Path:
@@ -188,7 +109,6 @@ class MemberWriter:
         grown += self._put(self.zip.flush(zlib.Z_FINISH))
         self.file.close()
         return grown
-
 
 
 
@@ -334,14 +254,6 @@ def write_frames(log: MemberWriter, index: MemberWriter, frames: list[Frame]) ->
     return log.write(b"".join(f.data for f in frames)) + index.write(_records(frames))
 
 
-def _whole_member(data: bytes, deflate: Deflate) -> bytes:
-    # Ended as MemberWriter.finish ends a member (gzjoin relies on it). memLevel 6: for the
-    # at most HOLD_BYTES written this way it packs as well as the default 8, whose larger
-    # hash table costs zlib ~8 us to set up, twice per task.
-    zip_ = deflate.compressobj(6)
-    member: bytes = zip_.compress(data) + zip_.flush(zlib.Z_SYNC_FLUSH) + zip_.flush(zlib.Z_FINISH)
-    return member
-
 
 def write_whole(log_path: Path, frames: list[Frame], deflate: Deflate) -> int:
     """Write a complete segment of frames at once, its folder made if missing; bytes on disk.
@@ -352,7 +264,7 @@ def write_whole(log_path: Path, frames: list[Frame], deflate: Deflate) -> int:
     size = 0
     for path, data in ((log_path, b"".join(f.data for f in frames)),
                        (index_path(log_path), _records(frames))):
-        member = _whole_member(data, deflate)
+        member = whole_member(data, deflate)
         flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC
         try:
             fd = os.open(path, flags, FILE_MODE)
@@ -368,79 +280,3 @@ def write_whole(log_path: Path, frames: list[Frame], deflate: Deflate) -> int:
         size += len(member)
     return size
 
-
-@dataclass
-class Scan:
-    """What reading a whole segment found."""
-
-    path: Path
-    first_seq: int
-    frames: int = 0
-    last_seq: int = 0
-    raw_bytes: int = 0
-    log_extra: int = 0  # log bytes no index record covers (their record was never flushed)
-    problems: list[str] = field(default_factory=list)
-
-    @property
-    def complete(self) -> bool:
-        """Whether both members are whole and agree."""
-        return not self.problems
-
-    @property
-    def missing(self) -> bool:
-        """Whether a file of the pair is missing."""
-        return any(p.startswith("missing") for p in self.problems)
-
-
-def scan(log_path: Path) -> Scan:
-    """Read a whole segment: its frames, sizes, and anything wrong with either file."""
-    parsed = parse_name(log_path.name)
-    found = Scan(log_path, parsed[1] if parsed else 0)
-    for path in (log_path, index_path(log_path)):
-        if not path.is_file():
-            found.problems.append(f"missing {path.name}")
-    if found.problems:
-        return found
-    reader = SegmentReader(log_path)
-    try:
-        for frame in reader.frames():
-            found.frames += 1
-            found.last_seq = frame.seq
-            found.raw_bytes += len(frame.data)
-        found.log_extra = reader.rest_of_log()
-        while reader.index.read():
-            pass
-    finally:
-        reader.close()
-    for name, inflater in (("log", reader.log), ("index", reader.index)):
-        if inflater.problem:
-            found.problems.append(f"{name} {inflater.problem}")
-    if reader.problem:
-        found.problems.append(reader.problem)
-    if found.log_extra:
-        found.problems.append(f"{found.log_extra} log bytes have no index record")
-    return found
-
-
-def rewrite(log_path: Path, deflate: Deflate) -> None:
-    """Rewrite a segment as two whole members holding every frame that reads back."""
-    tmp_log = log_path.with_name(log_path.name + ".tmp")
-    tmp_index = log_path.with_name(index_path(log_path).name + ".tmp")
-    log, index = MemberWriter(tmp_log, deflate), MemberWriter(tmp_index, deflate)
-    reader = SegmentReader(log_path)
-    try:
-        try:
-            for frame in reader.frames():
-                write_frame(log, index, frame)
-        finally:
-            reader.close()
-        log.finish()
-        index.finish()
-    except BaseException:  # a full disk: leave the segment as it was, and no temporary file
-        for writer, tmp in ((log, tmp_log), (index, tmp_index)):
-            with contextlib.suppress(OSError):
-                writer.file.close()
-            tmp.unlink(missing_ok=True)
-        raise
-    os.replace(tmp_log, log_path)
-    os.replace(tmp_index, index_path(log_path))

@@ -18,7 +18,7 @@ crash; readers pair records with bytes and stop at whichever ends first, and `fi
 both. A running task's open segment has no gzip end yet, so its downloads are sent uncompressed.
 
 Writing. Deflating costs the event loop ~0.5 ms per 64 KiB with zlib at level 1 (~0.15 ms with
-ISA-L, the default: `segments.Deflate`), time taken from every other task's output and client;
+ISA-L, the default: `deflate.Deflate`), time taken from every other task's output and client;
 both release the GIL, so the deflating and the file writes run on one compressor thread (the
 app's `compressor.Compressor`), which takes the frames every task wrote in a loop iteration as
 one job. One thread running jobs in order keeps each file's bytes in
@@ -38,7 +38,7 @@ reader needs the file), the held frames go to the thread and the archive works a
 Durability. The open segment is sync-flushed at least every `flush_interval_s` and when the task
 changes state, so a SIGKILLed server loses at most what came after the last flush: the flushed
 prefix of a member decompresses on its own. A truncated member is tolerated by every reader and
-reported by `segments.scan`; the server finalizes the segments of the runs it recovers, and
+reported by `scan.scan`; the server finalizes the segments of the runs it recovers, and
 `remoterun archive verify --repair` the rest. No fsync: a killed process loses nothing the kernel
 has; a power cut may lose the last seconds, as SQLite with synchronous=NORMAL may.
 
@@ -59,15 +59,10 @@ from pathlib import Path
 from typing import Protocol, TypeVar
 
 from remoterun.archive import segments
-from remoterun.archive.segments import (
-    DEFAULT_DEFLATE,
-    LOG_SUFFIX,
-    Backlog,
-    Deflate,
-    MemberWriter,
-    Sink,
-    list_segments,
-)
+from remoterun.archive.deflate import DEFAULT_DEFLATE, Deflate
+from remoterun.archive.private import private_folder
+from remoterun.archive.scan import Scan, rewrite, scan
+from remoterun.archive.segments import LOG_SUFFIX, Backlog, MemberWriter, Sink, list_segments
 from remoterun.config import Settings
 from remoterun.wire import Frame
 
@@ -138,7 +133,7 @@ class _SegmentFiles:
             return
         try:
             if self.log is None or self.index is None:
-                segments.private_folder(self.path.parent)
+                private_folder(self.path.parent)
                 self.log = MemberWriter(self.path, self.archive.deflate)
                 self.index = MemberWriter(segments.index_path(self.path), self.archive.deflate)
             self.segment.gz_bytes += work(self.log, self.index)
@@ -337,16 +332,16 @@ class TaskArchive:
 # Reading ------------------------------------------------------------------------------------
 
 def finalize(root: Path, rel_path: str, deflate: Deflate = DEFAULT_DEFLATE
-             ) -> tuple[Segment, segments.Scan]:
+             ) -> tuple[Segment, Scan]:
     """Make a segment whole, keeping every frame that reads back; describe it for its row.
 
     A segment missing a file is left as it is: a log without its index has no seq to replay by.
     """
     log_path = root / rel_path
-    found = segments.scan(log_path)
+    found = scan(log_path)
     opened = log_path.stat().st_mtime if log_path.exists() else time.time()
     if not found.complete and not found.missing:
-        segments.rewrite(log_path, deflate)
+        rewrite(log_path, deflate)
     pair = (log_path, segments.index_path(log_path))
     segment = Segment(path=rel_path, first_seq=found.first_seq, last_seq=found.last_seq,
                       raw_bytes=found.raw_bytes,
@@ -371,17 +366,17 @@ def settle(root: Path, rel_paths: list[str], deflate: Deflate = DEFAULT_DEFLATE)
             segment, _ = finalize(root, rel_path, deflate)
         except OSError:
             log_path = root / rel_path
-            scan = segments.scan(log_path)
+            read = scan(log_path)
             pair = (log_path, segments.index_path(log_path))
-            segment = Segment(path=rel_path, first_seq=scan.first_seq, last_seq=scan.last_seq,
-                              raw_bytes=scan.raw_bytes,
+            segment = Segment(path=rel_path, first_seq=read.first_seq, last_seq=read.last_seq,
+                              raw_bytes=read.raw_bytes,
                               gz_bytes=sum(p.stat().st_size for p in pair if p.exists()))
         found.append(segment)
     return found
 
 
 def recover(root: Path, logs_path: str, deflate: Deflate = DEFAULT_DEFLATE
-            ) -> tuple[list[Segment], list[segments.Scan]]:
+            ) -> tuple[list[Segment], list[Scan]]:
     """Finalize every segment of a run a dead server left; describe them all for their rows."""
     results = [finalize(root, path.relative_to(root).as_posix(), deflate)
                for _, _, path in list_segments(root / logs_path)]

@@ -1,1 +1,1 @@
-"""The `remoterun` command: `serve` and the admin commands (main), and the HTTP client commands."""
+"""The `remoterun` command: its parser (main), `serve`, the admin commands, the client verbs."""

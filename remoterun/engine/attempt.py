@@ -29,7 +29,7 @@ from remoterun.redact import LINE_HOLD_S, Masker
 from remoterun.runner import Run, RunResult, RunSpec, SpawnError, is_transient, spawn_message
 from remoterun.spawn import Children
 from remoterun.state import Task, TaskStatus
-from remoterun.wire import Frame
+from remoterun.wire import Frame, rfc3339
 
 S = TaskStatus
 # A task whose output the compressor thread is this far behind on stops being read until it is
@@ -128,6 +128,8 @@ def build_spec(task: Task, script: Script, root: Path,
     env = {f"RR_PARAM_{k.upper()}": param_value(v) for k, v in (*params.items(),
                                                                 *secrets.items())}
     env.update(RR_TASK_ID=task.id, RR_ATTEMPT=str(task.attempt))
+    if task.schedule:
+        env.update(RR_SCHEDULE=task.schedule, RR_SCHEDULED_FOR=rfc3339(task.scheduled_for) or "")
     if task.pty:
         env["TERM"] = "xterm-256color"
     cwd = root

@@ -57,7 +57,8 @@ def new_task(num: int, task_id: str, script: str, request: dict[str, Any], shown
         pty=request.get("pty", False),
         interactive=request.get("interactive", False) or request.get("pty", False),
         stdin=request.get("stdin", ""), created_at=now, updated_at=now,
-        submitted_by=submitted_by, logs_path=logs_path_for(task_id, now))
+        submitted_by=submitted_by, logs_path=logs_path_for(task_id, now),
+        schedule=request.get("schedule"), scheduled_for=request.get("scheduled_for"))
 
 
 class Engine(Protocol):

@@ -262,7 +262,8 @@ class Scheduler:
                      ) -> dict[str, Any]:
         """Create a pending task from a validated request; returns its JSON. `audit`, an audit
         entry, is written in the task's own transaction, and so are the statements `extra`
-        makes for the new task's id (a hook's delivery: it and the task exist together)."""
+        makes for the new task's id (a hook's delivery, a schedule's slot: it and the task
+        exist together; StaleWrite when one of its guards fails, and then no task exists)."""
         if not self.accepting:
             raise Unavailable("the server is shutting down and takes no new tasks")
         self.peers.writable()

@@ -4,7 +4,8 @@
 import { apiHeaders, formatTime } from "./util.js";
 
 const ACTIONS = ["", "submit", "cancel", "signal", "stdin", "attach", "download", "login",
-  "logout", "denied", "hook", "hook_denied"];
+  "logout", "denied", "hook", "hook_denied", "schedule_create", "schedule_update",
+  "schedule_delete", "schedule_pause", "schedule_resume", "schedule_run"];
 
 function element(tag, props = {}, children = []) {
   const node = Object.assign(document.createElement(tag), props);

@@ -170,6 +170,24 @@ class Store(Protocol):
     async def prunable(self, ended_before: float | None = None) -> list[Row]:
         """Final tasks whose output is still archived, earliest ended first."""
 
+    async def schedule_rows(self) -> list[Row]:
+        """Every schedule kept in the database (API definitions, pauses), by name."""
+
+    async def schedule_row(self, name: str) -> Row | None:
+        """One schedule's row, or None."""
+
+    async def slots(self, schedule: str, limit: int, before: float | None = None) -> list[Row]:
+        """A schedule's slot records, newest first, older than `before`."""
+
+    async def latest_slots(self) -> dict[str, Row]:
+        """The newest slot record of every schedule that has one."""
+
+    async def queued_slots(self) -> list[Row]:
+        """Slots waiting for their schedule's previous run to end."""
+
+    async def schedule_active(self, schedule: str) -> list[Row]:
+        """The id and status of the schedule's pending or running tasks, oldest first."""
+
 
 @runtime_checkable
 class Membership(Protocol):

@@ -77,6 +77,8 @@ CLUSTER_DDL = (
     'ALTER TABLE "tasks" ADD COLUMN IF NOT EXISTS "node" TEXT',
     'ALTER TABLE "tasks" ADD COLUMN IF NOT EXISTS "labels" TEXT[]',
     'ALTER TABLE "tasks" ADD COLUMN IF NOT EXISTS "owner" TEXT',
+    'ALTER TABLE "tasks" ADD COLUMN IF NOT EXISTS "schedule" TEXT',
+    'ALTER TABLE "tasks" ADD COLUMN IF NOT EXISTS "scheduled_for" DOUBLE PRECISION',
     'CREATE INDEX IF NOT EXISTS "task_pending" ON "tasks" ("num") WHERE "status" = \'pending\'',
     'CREATE INDEX IF NOT EXISTS "task_owner" ON "tasks" ("owner") WHERE "status" = \'running\'',
     'ALTER TABLE "task_logs" ADD COLUMN IF NOT EXISTS "node" TEXT',

@@ -16,7 +16,14 @@ import peewee as pw
 
 from remoterun.state import FINAL, TaskStatus
 from remoterun.store.base import Row
-from remoterun.store.schema import AuditEvent, Dialect, HookDelivery, TaskEvent
+from remoterun.store.schema import (
+    AuditEvent,
+    Dialect,
+    HookDelivery,
+    Schedule,
+    ScheduleSlot,
+    TaskEvent,
+)
 
 
 class Queries:
@@ -266,3 +273,44 @@ class Queries:
         task = self.dialect.task
         rows = await self._rows(task.select(task.id, task.logs_path, task.status))
         return {row["logs_path"]: (row["id"], row["status"]) for row in rows}
+
+    # Schedules (issue 29) ----------------------------------------------------------------------
+
+    async def schedule_rows(self) -> list[Row]:
+        """Every schedule kept in the database (API definitions, pauses), by name."""
+        return await self._rows(Schedule.select().order_by(Schedule.name))
+
+    async def schedule_row(self, name: str) -> Row | None:
+        """One schedule's row, or None."""
+        return await self._one(Schedule.select().where(Schedule.name == name))
+
+    async def slots(self, schedule: str, limit: int, before: float | None = None) -> list[Row]:
+        """A schedule's slot records, newest first, older than `before` (a page's cursor)."""
+        query = ScheduleSlot.select().where(ScheduleSlot.schedule == schedule)
+        if before is not None:
+            query = query.where(ScheduleSlot.slot < before)
+        return await self._rows(query.order_by(ScheduleSlot.slot.desc()).limit(limit))
+
+    async def latest_slots(self) -> dict[str, Row]:
+        """The newest slot record of every schedule that has one."""
+        newest = (ScheduleSlot.select(ScheduleSlot.schedule, pw.fn.MAX(ScheduleSlot.slot)
+                                      .alias("top")).group_by(ScheduleSlot.schedule)
+                  .alias("newest"))
+        query = ScheduleSlot.select().join(newest, on=(
+            (ScheduleSlot.schedule == newest.c.schedule) & (ScheduleSlot.slot == newest.c.top)))
+        return {row["schedule"]: row for row in await self._rows(query)}
+
+    async def queued_slots(self) -> list[Row]:
+        """Slots waiting for their schedule's previous run to end (overlap = "queue"), their
+        task not started yet."""
+        query = ScheduleSlot.select().where((ScheduleSlot.outcome == "queued") &
+                                            ScheduleSlot.task_id.is_null())
+        return await self._rows(query.order_by(ScheduleSlot.slot))
+
+    async def schedule_active(self, schedule: str) -> list[Row]:
+        """The id and status of the schedule's tasks that are pending or running, oldest
+        first."""
+        task = self.dialect.task
+        query = task.select(task.id, task.status).where(
+            (task.schedule == schedule) & task.status.in_(("pending", "running")))
+        return await self._rows(query.order_by(task.num))

@@ -20,7 +20,7 @@ import peewee as pw
 
 from remoterun.store.base import Statement
 
-SCHEMA_VERSION = 2  # 2: tasks.seq_reserved, task_events.exit_code
+SCHEMA_VERSION = 3  # 2: tasks.seq_reserved, task_events.exit_code; 3: schedules (issue 29)
 NOTIFY_CHANNEL = "rr_tasks"  # PostgreSQL: a task became claimable (new, retried, released)
 _unbound = pw.SqliteDatabase(None)  # models are rendered by a dialect, never bound to one
 
@@ -78,6 +78,8 @@ class Task(_Base):
     # Seqs up to this may have been sent to a client: after a crash the task numbers from above
     # it, so a seq never names two frames (reserved in blocks, written ahead of their use).
     seq_reserved = pw.IntegerField(default=0)
+    schedule = Name(null=True)  # the schedule that submitted it (issue 29)
+    scheduled_for = pw.FloatField(null=True)  # its slot; null for a schedule's "run now"
 
     class Meta:
         table_name = "tasks"
@@ -146,6 +148,38 @@ class AuditEvent(_Base):
 
     class Meta:
         table_name = "audit"
+
+
+class Schedule(_Base):
+    """A schedule's state kept in the database: an API schedule's definition (`spec`, JSON),
+    and for every schedule whether it is paused and from when its slots count (`since`)."""
+
+    name = Name(primary_key=True)
+    source = Name()  # "api" or "config"
+    spec = pw.TextField(default="{}")
+    paused = pw.BooleanField(default=False)
+    created_at = pw.FloatField()
+    updated_at = pw.FloatField()
+    since = pw.FloatField()  # slots after this instant are recorded (creation, last resume)
+
+    class Meta:
+        table_name = "schedules"
+
+
+class ScheduleSlot(_Base):
+    """One slot of a schedule and its outcome: the pair is the key, so a slot is recorded,
+    and its task started, at most once (inserted in the task's own transaction)."""
+
+    schedule = Name()
+    slot = pw.FloatField()
+    outcome = Name()  # started, skipped_overlap, queued, replaced, missed, failed_to_submit
+    task_id = Name(null=True)
+    reason = pw.TextField(null=True)
+    recorded_at = pw.FloatField()
+
+    class Meta:
+        table_name = "schedule_slots"
+        primary_key = pw.CompositeKey("schedule", "slot")
 
 
 class HookDelivery(_Base):
@@ -298,10 +332,12 @@ class Dialect:
 
 
 SQLITE = Dialect("sqlite", pw.SqliteDatabase(None, field_types={"NAME": "VARCHAR(255)"}),
-                 (Task, TaskEvent, TaskLog, Meta, AuditEvent, HookDelivery))
+                 (Task, TaskEvent, TaskLog, Meta, AuditEvent, HookDelivery, Schedule,
+                  ScheduleSlot))
 POSTGRES = Dialect("postgres", _AsyncpgDatabase(None, field_types={
     "NAME": "TEXT", "INT": "BIGINT", "FLOAT": "DOUBLE PRECISION", "AUTO": "BIGSERIAL"}),
-    (ClusterTask, TaskEvent, ClusterTaskLog, Meta, AuditEvent, Node, HookDelivery))
+    (ClusterTask, TaskEvent, ClusterTaskLog, Meta, AuditEvent, Node, HookDelivery, Schedule,
+     ScheduleSlot))
 NOW = pw.SQL("extract(epoch from clock_timestamp())")  # PostgreSQL's clock, not the nodes'
 
 
@@ -315,9 +351,11 @@ def _build(d: Dialect, shape: tuple[Hashable, ...]) -> tuple[pw.Node, bool]:
         return _begin(str(kind), bool(args)), False
     model = d.models[str(args[0])]
     spec: Any = args[1:]  # the kind's own arguments, as its builder wrote them
-    if kind in ("insert", "upsert"):
+    if kind in ("insert", "upsert", "insert_once"):
         columns = _fields(model, spec[0])
         query = model.insert({f: _slot(i) for i, f in enumerate(columns)})
+        if kind == "insert_once":  # a row that exists already: nothing (its guard fails)
+            return query.on_conflict_ignore(), False
         if kind == "upsert":
             (target,) = _fields(model, (spec[1],))
             query = query.on_conflict(conflict_target=[target], update={

@@ -127,6 +127,11 @@ class Database(Queries):
                 columns = await self.fetch_all(f'PRAGMA table_info("{table}")')
                 if column not in {c["name"] for c in columns}:
                     await self.conn.execute(f'ALTER TABLE "{table}" ADD COLUMN "{column}" {kind}')
+        if version < 3:  # version 2's tasks lack schedule and scheduled_for (issue 29)
+            columns = await self.fetch_all('PRAGMA table_info("tasks")')
+            for column, kind in (("schedule", "VARCHAR(255)"), ("scheduled_for", "REAL")):
+                if column not in {c["name"] for c in columns}:
+                    await self.conn.execute(f'ALTER TABLE "tasks" ADD COLUMN "{column}" {kind}')
         sql, params, _ = SQLITE.bind(version_row())
         await self.conn.execute(sql, params)
         await self.conn.execute("COMMIT")

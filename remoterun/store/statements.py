@@ -16,6 +16,8 @@ from remoterun.store.schema import (
     AuditEvent,
     HookDelivery,
     Meta,
+    Schedule,
+    ScheduleSlot,
     Task,
     TaskEvent,
     _Base,
@@ -121,3 +123,41 @@ def version_row() -> Statement:
     """A statement that records this server's schema version."""
     return Statement(("upsert", "meta", ("key", "value"), "key", ("value",)),
                      ("schema_version", str(SCHEMA_VERSION)))
+
+
+# Schedules (issue 29) --------------------------------------------------------------------------
+
+def record_slot(schedule: str, slot: float, outcome: str, task_id: str | None = None,
+                reason: str | None = None) -> Statement:
+    """A guarded insert of a slot's record: it fails (and its transaction with it) when the
+    slot was recorded already, by this server earlier or by another node."""
+    values = {"schedule": schedule, "slot": slot, "outcome": outcome, "task_id": task_id,
+              "reason": reason, "recorded_at": time.time()}
+    return Guarded(("insert_once", ScheduleSlot._meta.table_name, tuple(values)),
+                   tuple(values.values()))
+
+
+def settle_slot(schedule: str, slot: float, was: str, outcome: str, task_id: str | None,
+                reason: str | None = None) -> Statement:
+    """A guarded change of a slot recorded `was` and no task yet (a queued slot that starts,
+    or fails to): it changes nothing, and fails, once the slot has its task."""
+    return Guarded(("update", "schedule_slots", ("outcome", "task_id", "reason"), (
+        ("schedule", "="), ("slot", "="), ("outcome", "="), ("task_id", "null"))),
+        (outcome, task_id, reason, schedule, slot, was))
+
+
+def save_schedule(values: dict[str, Any]) -> Statement:
+    """An insert of a schedule's row, guarded: it fails if the name is taken."""
+    return Guarded(("insert_once", Schedule._meta.table_name, tuple(values)),
+                   tuple(values.values()))
+
+
+def change_schedule(name: str, values: dict[str, Any]) -> Statement:
+    """A guarded change of an existing schedule's row."""
+    moved = update("schedules", values, {"name": name})
+    return Guarded(moved.shape, moved.params)
+
+
+def delete_schedule(name: str) -> Statement:
+    """A guarded removal of a schedule's row (its slot records stay)."""
+    return Guarded(("delete", "schedules", (("name", "="),)), (name,))
