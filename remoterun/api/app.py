@@ -277,7 +277,7 @@ async def _engine(app: web.Application, compressor: Compressor) -> tuple[Store, 
     pg, queue, node, publish = await cluster.open_node(settings, catalogue, metrics, children)
     return pg, Scheduler(settings, pg, catalogue, metrics, compressor, children, queue=queue,
                          peers=node, publish=publish, protection=protection,
-                         sandbox=sandbox)
+                         sandbox=sandbox, feed=node.feed)
 
 
 def _limit_of(catalogue: Catalogue, script: str) -> int | None:

@@ -6,7 +6,9 @@ which wins; without either, from the newest event now), then goes live from the 
 feed. The follower is registered before the database is read, and each event carries its
 `task_events` row id, so the seam neither skips nor repeats one: live events at or below the
 last id replayed are dropped. Ids come from the database, so they go on across restarts, and a
-client dropped for being slow (or by a restart) resumes after the last id it saw.
+client dropped for being slow (or by a restart) resumes after the last id it saw. In a cluster
+the feed has a frontier (`cluster/events.py`): the replay stops there, and the feed brings
+every event above it, in id order.
 """
 
 from __future__ import annotations
@@ -15,7 +17,6 @@ import asyncio
 import contextlib
 import functools
 from collections.abc import Callable
-from typing import Any
 
 from aiohttp import web
 
@@ -23,10 +24,10 @@ from remoterun.api import DB, METRICS, SCHEDULER, SETTINGS, identity, json_respo
 from remoterun.api.http import task_id_of
 from remoterun.api.ws import parse_since
 from remoterun.auth import Identity
-from remoterun.engine.feed import Dropped, Follower, TaskChange
+from remoterun.engine.feed import Dropped, Follower, TaskChange, event_json, stored_change
 from remoterun.errors import Forbidden, NotFound
 from remoterun.store import Store
-from remoterun.wire import dumps, rfc3339, task_json
+from remoterun.wire import dumps
 
 routes = web.RouteTableDef()
 REPLAY_BATCH = 500
@@ -52,28 +53,12 @@ def sees(who: Identity) -> Callable[[str], bool]:
     return who.allows
 
 
-def event_json(row: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    """A task_events row as the API shows it."""
-    return {"id": row[f"{prefix}id"], "ts": rfc3339(row[f"{prefix}ts"]),
-            "old_status": row[f"{prefix}old_status"], "new_status": row[f"{prefix}new_status"],
-            "attempt": row[f"{prefix}attempt"], "detail": row[f"{prefix}detail"],
-            "exit_code": row[f"{prefix}exit_code"]}
-
-
 def _sse(change: TaskChange) -> bytes:
     """The change as one SSE event, encoded once for every follower."""
     if change.encoded is None:
         body = dumps({**change.task, "event": change.event})
         change.encoded = f"id: {change.event_id}\nevent: task\ndata: {body}\n\n".encode()
     return change.encoded
-
-
-def _replayed(row: dict[str, Any]) -> TaskChange:
-    """A change read back from the database: the task as it is now, with the status and
-    attempt the transition gave it."""
-    event = event_json(row, "event_")
-    task = {**task_json(row), "status": event["new_status"], "attempt": event["attempt"]}
-    return TaskChange(event["id"], task, event)
 
 
 @routes.get("/events")
@@ -83,12 +68,15 @@ async def events(request: web.Request) -> web.StreamResponse:
     who.require("viewer")
     raw = request.headers.get("Last-Event-ID") or request.query.get("since")
     db = request.app[DB]
-    if raw in (None, ""):
-        since = await db.last_event_id()
-    else:
-        since = parse_since(raw)
     feed = request.app[SCHEDULER].feed
+    if raw not in (None, ""):
+        since = parse_since(raw)
+    elif feed.frontier is not None:
+        since = feed.frontier
+    else:
+        since = await db.last_event_id()
     follower = feed.follow()  # before the replay reads: what commits meanwhile is queued
+    upto = feed.frontier  # with the follow (no await between): the feed brings what is above
     follower.on_drop = functools.partial(_cut, request)
     response = web.StreamResponse(headers={
         "Content-Type": "text/event-stream; charset=utf-8",
@@ -100,7 +88,7 @@ async def events(request: web.Request) -> web.StreamResponse:
     try:
         await response.prepare(request)
         visible = sees(who)
-        last = await _replay(response, db, since, visible)
+        last = await _replay(response, db, since, visible, upto)
         ready = dumps({"last_event_id": last})
         await response.write(f"id: {last}\nevent: ready\ndata: {ready}\n\n".encode())
         settings = request.app[SETTINGS]
@@ -124,19 +112,20 @@ def _cut(request: web.Request) -> None:
 
 
 async def _replay(response: web.StreamResponse, db: Store, since: int,
-                  visible: Callable[[str], bool]) -> int:
-    """Write every stored transition after `since`; the last id read."""
+                  visible: Callable[[str], bool], upto: int | None) -> int:
+    """Write every stored transition after `since` (up to the feed's frontier `upto`: above
+    it ids are not final yet, and the feed brings them); the id to resume after."""
     last = since
-    while True:
-        rows = await db.events_after(last, REPLAY_BATCH)
-        if not rows:
-            return last
-        last = int(rows[-1]["event_id"])
-        body = b"".join(_sse(_replayed(row)) for row in rows if visible(row["script"]))
-        if body:
-            await response.write(body)
+    while upto is None or last < upto:
+        rows = await db.events_after(last, REPLAY_BATCH, upto)
+        if rows:
+            last = int(rows[-1]["event_id"])
+            body = b"".join(_sse(stored_change(row)) for row in rows if visible(row["script"]))
+            if body:
+                await response.write(body)
         if len(rows) < REPLAY_BATCH:
-            return last
+            break
+    return last if upto is None else max(last, upto)
 
 
 async def _live(response: web.StreamResponse, follower: Follower, last: int,

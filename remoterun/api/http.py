@@ -168,14 +168,16 @@ async def post_task(request: web.Request) -> web.Response:
 @routes.get("/tasks/{id}")
 async def get_task(request: web.Request) -> web.Response:
     """One task."""
-    return json_response(with_queue_positions(request.app[SCHEDULER],
-                                              [task_json(await task_row(request))])[0])
+    task = task_json(await task_row(request))
+    return json_response((await with_queue_positions(request.app[SCHEDULER], [task]))[0])
 
 
-def with_queue_positions(scheduler: Scheduler, tasks: list[dict[str, Any]]
-                         ) -> list[dict[str, Any]]:
-    """The tasks, each pending one with its `queue_position` (1-based, in dispatch order)."""
-    places = scheduler.queue_positions([t["id"] for t in tasks if t["status"] == "pending"])
+async def with_queue_positions(scheduler: Scheduler, tasks: list[dict[str, Any]]
+                               ) -> list[dict[str, Any]]:
+    """The tasks, each pending one with its `queue_position` (1-based, in dispatch order):
+    one look at the queue for the whole list."""
+    places = await scheduler.queue_positions(
+        [t["id"] for t in tasks if t["status"] == "pending"])
     for task in tasks:
         if task["id"] in places:
             task["queue_position"] = places[task["id"]]
@@ -210,7 +212,7 @@ async def list_tasks(request: web.Request) -> web.Response:
         older = more if after is None else await db.has_task(rows[-1]["num"], False, **filters)
         newer = more if after is not None else cursor is not None and await db.has_task(
             rows[0]["num"], True, **filters)
-    tasks = with_queue_positions(request.app[SCHEDULER], [task_json(r) for r in rows])
+    tasks = await with_queue_positions(request.app[SCHEDULER], [task_json(r) for r in rows])
     return json_response({"tasks": tasks,
                           "next_cursor": str(rows[-1]["num"]) if older else None,
                           "prev_cursor": str(rows[0]["num"]) if newer else None})

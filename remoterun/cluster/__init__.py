@@ -30,7 +30,8 @@ async def open_node(settings: Settings, catalogue: Catalogue, metrics: Metrics,
     assert settings.cluster is not None
     _warn_open_doors(settings)
     db = PostgresDatabase(settings.cluster.database_url, observe_write=metrics.db_write.observe,
-                          max_size=max(10, settings.workers + 6))
+                          max_size=max(10, settings.workers + 6),
+                          idle_in_transaction_s=settings.cluster.node_timeout_s)
     await db.open()
     relay = Relay(settings.cluster.redis_url)
     node = Node(settings, db, relay, catalogue, children)

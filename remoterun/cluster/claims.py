@@ -160,6 +160,7 @@ class ClaimQueue:
     def ended(self, script: str) -> None:
         """Nothing to count: the claim counts the cluster's running rows."""
 
-    def positions(self, task_ids: Collection[str]) -> dict[str, int]:
-        """Not known here: the queue is the cluster's (see docs/cluster.md)."""
-        return {}
+    async def positions(self, task_ids: Collection[str]) -> dict[str, int]:
+        """Each waiting task's place among every task no node has claimed, in the claim's
+        order: one query (docs/cluster.md, "Queue position")."""
+        return await self.db.queue_positions(list(task_ids), self.settings.aging_s)

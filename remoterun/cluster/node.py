@@ -29,6 +29,7 @@ import structlog
 from remoterun import store
 from remoterun.catalogue import Catalogue
 from remoterun.cluster.control import KEY_PURPOSE, Action, Control, Controls
+from remoterun.cluster.events import ClusterFeed, EventTail
 from remoterun.cluster.follow import RemoteControl, RemoteSubscription
 from remoterun.cluster.relay import Relay
 from remoterun.cluster.watchdog import Watchdog, lease_clock
@@ -76,6 +77,8 @@ class Node:
         self._owned: set[asyncio.Task[None]] = set()
         db.fence = lambda: pg.node_fence(self.name, self.epoch)
         self.watchdog = Watchdog(fence_s(self.timeout_s), self._on_fenced, children)
+        self.feed = ClusterFeed()  # every node's transitions, for GET /events
+        self.events = EventTail(db, self.feed, relay)
 
     async def join(self, host: Host) -> None:
         """Register this process (its watchdog's lease from then), start the relay, the
@@ -90,6 +93,7 @@ class Node:
         await self.relay.start()
         self._loops = [asyncio.create_task(self._lease_loop(), name="node-heartbeat"),
                        asyncio.create_task(self._judge_loop(), name="node-judge")]
+        await self.events.start()  # after the lease: it may wait for a transaction to end
         log.info("node_joined", node=self.name, labels=self.labels, scripts=len(self.scripts))
 
     @property
@@ -103,6 +107,7 @@ class Node:
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+        await self.events.close()
         await self.watchdog.close()
         await self.relay.close()
 

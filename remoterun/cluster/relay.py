@@ -85,10 +85,13 @@ def entry_seq(entry_id: bytes | str) -> int:
 
 
 def connect(url: str, **options: Any) -> aioredis.Redis:
-    """A client that retries a dropped connection a few times (Redis restarting)."""
+    """A client that retries a dropped connection a few times (Redis restarting). Without a
+    driver name and version: redis-py would read its package metadata from disk for each new
+    connection, on the event loop (it names the client to the server, nothing we need)."""
     return aioredis.from_url(url, retry=Retry(ExponentialBackoff(cap=0.5), 3),
                              retry_on_error=[RedisConnectionError, RedisTimeoutError],
-                             socket_connect_timeout=2, health_check_interval=10, **options)
+                             socket_connect_timeout=2, health_check_interval=10,
+                             lib_name=None, lib_version=None, **options)
 
 
 class Relay:

@@ -14,7 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from remoterun.wire import task_json
+from remoterun.wire import rfc3339, task_json
 
 DEFAULT_QUEUE_EVENTS = 10_000
 
@@ -27,6 +27,22 @@ class TaskChange:
     task: dict[str, Any]
     event: dict[str, Any]
     encoded: bytes | None = None  # the wire form, made once for every follower
+
+
+def event_json(row: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """A task_events row as the API shows it (its columns named with `prefix`)."""
+    return {"id": row[f"{prefix}id"], "ts": rfc3339(row[f"{prefix}ts"]),
+            "old_status": row[f"{prefix}old_status"], "new_status": row[f"{prefix}new_status"],
+            "attempt": row[f"{prefix}attempt"], "detail": row[f"{prefix}detail"],
+            "exit_code": row[f"{prefix}exit_code"]}
+
+
+def stored_change(row: dict[str, Any]) -> TaskChange:
+    """A change read back from the database (a row of `Store.events_after`): the task as it
+    is now, with the status and attempt the transition gave it."""
+    event = event_json(row, "event_")
+    task = {**task_json(row), "status": event["new_status"], "attempt": event["attempt"]}
+    return TaskChange(event["id"], task, event)
 
 
 class Dropped(Exception):
@@ -78,6 +94,10 @@ class TaskFeed:
         self.queue_events = queue_events
         self._followers: set[Follower] = set()
         self.closed = False
+        # The highest event id that is final: every id at or below it is committed (and
+        # delivered to the followers) or never will be; None where ids are given in commit
+        # order (one server: SQLite's writes are serial). A cluster's feed moves it.
+        self.frontier: int | None = None
 
     def publish(self, event_id: int | None, row: dict[str, Any], old_status: str | None,
                 fields: dict[str, Any] | None = None) -> None:
@@ -91,7 +111,10 @@ class TaskFeed:
         event = {"id": event_id, "ts": task["updated_at"], "old_status": old_status,
                  "new_status": task["status"], "attempt": task["attempt"],
                  "detail": fields.get("error"), "exit_code": fields.get("exit_code")}
-        change = TaskChange(event_id, task, event)
+        self.deliver(TaskChange(event_id, task, event))
+
+    def deliver(self, change: TaskChange) -> None:
+        """Hand a change to every follower (changes come in event id order)."""
         for follower in list(self._followers):
             if not follower.put(change):
                 self._followers.discard(follower)

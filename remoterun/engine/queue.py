@@ -98,7 +98,7 @@ class Queue(Protocol):
     def ended(self, script: str) -> None:
         """A task of `script` gave its worker slot back."""
 
-    def positions(self, task_ids: Collection[str]) -> dict[str, int]:
+    async def positions(self, task_ids: Collection[str]) -> dict[str, int]:
         """The 1-based place in dispatch order of those of `task_ids` known to wait here."""
 
     async def start(self, wake: Callable[[], None]) -> None:
@@ -198,7 +198,7 @@ class LocalQueue:
         if self.running[script] <= 0:
             del self.running[script]
 
-    def positions(self, task_ids: Collection[str]) -> dict[str, int]:
+    async def positions(self, task_ids: Collection[str]) -> dict[str, int]:
         """One pass over the heap for one task, one sort for several."""
         live = {e[1]: e for e in self._heap
                 if e[1] in self._rows and self.policy.key(self._rows[e[1]]) == e[0]}

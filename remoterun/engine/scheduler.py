@@ -65,14 +65,15 @@ class Scheduler:
     def __init__(self, settings: Settings, db: store.Store, catalogue: Catalogue,
                  metrics: Metrics, compressor: Compressor, children: Children, *,
                  protection: Protection, sandbox: Sandbox, queue: Queue,
-                 peers: Peers, publish: Publish | None = None):
+                 peers: Peers, publish: Publish | None = None,
+                 feed: TaskFeed | None = None):
         self.settings, self.db, self.catalogue = settings, db, catalogue
         self.metrics, self.compressor, self.children = metrics, compressor, children
         self.protection, self.sandbox = protection, sandbox
         self.queue, self.peers, self.publish = queue, peers, publish
         self.accepting = True
         self.tasks: dict[str, TaskState] = {}
-        self.feed = TaskFeed()  # every committed transition, for GET /events
+        self.feed = feed or TaskFeed()  # every committed transition, for GET /events
         # Called after each committed transition (metrics, alerts: set by api/app.py); it
         # must not block or raise.
         self.on_transition: Callable[[dict[str, Any], TaskStatus, TaskStatus], None] = \
@@ -340,9 +341,9 @@ class Scheduler:
         self.finish(state)
         return state.task.to_json()
 
-    def queue_positions(self, task_ids: Collection[str]) -> dict[str, int]:
+    async def queue_positions(self, task_ids: Collection[str]) -> dict[str, int]:
         """The 1-based place in dispatch order of each of `task_ids` that waits in the queue."""
-        return self.queue.positions(task_ids)
+        return await self.queue.positions(task_ids) if task_ids else {}
 
     # Dispatch --------------------------------------------------------------------------------
 

@@ -130,8 +130,9 @@ class Store(Protocol):
     async def events(self, task_id: str) -> list[Row]:
         """A task's transitions, oldest first."""
 
-    async def events_after(self, since: int, limit: int) -> list[Row]:
-        """Transitions after an id, each with its task's row."""
+    async def events_after(self, since: int, limit: int, upto: int | None = None
+                           ) -> list[Row]:
+        """Transitions after an id (and at most `upto`), each with its task's row."""
 
     async def list_audit(self, *, actor: str | None, action: str | None,
                          task_id: str | None, since: float | None, limit: int,

@@ -32,6 +32,12 @@ CONNECTION_ERRORS: tuple[type[BaseException], ...] = (
 )
 
 
+def claim_order(aging_s: float, slot: int) -> str:
+    """The claim's ORDER BY (`engine.queue.QueuePolicy`: aged priority, then submission), with
+    `aging_s` bound at `$slot`."""
+    return f'"created_at" / ${slot} - "priority", "num"' if aging_s else '-"priority", "num"'
+
+
 def _rows_changed(status: str) -> int:
     """The row count of a command tag such as 'UPDATE 1' or 'SELECT 0'."""
     tail = status.rsplit(" ", 1)[-1]
@@ -148,7 +154,7 @@ class Nodes:
         back first, in the same transaction, so none stays claimed by a node that does not
         know it (nothing else would ever start it).
         """
-        order = '"created_at" / $7 - "priority", "num"' if aging_s else '-"priority", "num"'
+        order = claim_order(aging_s, 7)
         mine = sorted(s for s in limits if s in set(scripts))
 
         async def work(conn: Any) -> list[Row]:
@@ -194,6 +200,23 @@ class Nodes:
                 row["owner"] = node
             return chosen
         return list(await self._transaction(work))
+
+    async def event_frontier(self) -> tuple[int, int, int]:
+        """(the highest event id drawn, a transaction id given to this read after that, the
+        oldest transaction running after that): `rr_event_frontier`, cluster/events.py."""
+        row = (await self.fetch_all("SELECT * FROM rr_event_frontier()"))[0]
+        return int(row["drawn"]), int(row["xmax"]), int(row["xmin"])
+
+    async def queue_positions(self, task_ids: Sequence[str], aging_s: float) -> dict[str, int]:
+        """The 1-based place of each of `task_ids` that waits unclaimed, among every task
+        waiting unclaimed in the cluster, in the claim's order (aged priority, then
+        submission): one query, a window over the waiting rows."""
+        order = claim_order(aging_s, 2)
+        rows = await self.fetch_all(
+            f'SELECT "id", "place" FROM (SELECT "id", row_number() OVER (ORDER BY {order}) AS '
+            f'"place" FROM tasks WHERE "status" = \'pending\' AND "owner" IS NULL) AS q '
+            f'WHERE "id" = ANY($1)', [list(task_ids), *([aging_s] if aging_s else [])])
+        return {row["id"]: int(row["place"]) for row in rows}
 
     async def next_due(self, scripts: Sequence[str], now: float) -> float | None:
         """The earliest retry time after `now` of a pending task this node could run."""

@@ -82,6 +82,22 @@ CLUSTER_DDL = (
     'CREATE INDEX IF NOT EXISTS "task_pending" ON "tasks" ("num") WHERE "status" = \'pending\'',
     'CREATE INDEX IF NOT EXISTS "task_owner" ON "tasks" ("owner") WHERE "status" = \'running\'',
     'ALTER TABLE "task_logs" ADD COLUMN IF NOT EXISTS "node" TEXT',
+    # GET /events' frontier (docs/cluster.md, "GET /events"): the highest event id drawn so
+    # far; then a transaction id of the reader's own (`xmax`: above every id given before, so
+    # above that of each writer that drew one of those event ids); then, in a new snapshot
+    # (this function is volatile), the oldest transaction still running. A snapshot's own
+    # xmax will not do: it is one past the newest *completed* transaction, and a running one
+    # above it is not listed. The reader's commit is not waited for (nothing to keep).
+    """CREATE OR REPLACE FUNCTION rr_event_frontier(OUT drawn bigint, OUT xmax bigint,
+                                                    OUT xmin bigint)
+        LANGUAGE plpgsql VOLATILE AS $$
+        BEGIN
+            SELECT CASE WHEN is_called THEN last_value ELSE 0 END INTO drawn
+                FROM task_events_id_seq;
+            xmax := pg_current_xact_id()::text::bigint;
+            PERFORM set_config('synchronous_commit', 'off', true);
+            SELECT pg_snapshot_xmin(pg_current_snapshot())::text::bigint INTO xmin;
+        END $$""",
     # A token's script globs (fnmatch, `[!` already turned into `[^`) as an anchored regex.
     r"""CREATE OR REPLACE FUNCTION rr_glob(p text) RETURNS text LANGUAGE sql IMMUTABLE AS $$
         SELECT '^' || replace(replace(regexp_replace(p, '([.+(){}|$\\])', '\\\1', 'g'),
@@ -106,8 +122,12 @@ class PostgresDatabase(Nodes, Queries):
     dialect = POSTGRES
 
     def __init__(self, url: str, observe_write: Callable[[float], None] | None = None,
-                 min_size: int = 2, max_size: int = 10):
+                 min_size: int = 2, max_size: int = 10, idle_in_transaction_s: float = 0):
         self.url = url
+        # PostgreSQL ends a session left idle this long inside a transaction (0: never): a
+        # frozen node then holds no row lock, and no transaction that GET /events waits for
+        # (cluster/events.py), for longer than that.
+        self.idle_in_transaction_s = idle_in_transaction_s
         self.observe_write = observe_write  # seconds each write took (metrics)
         self.min_size = min_size
         self.max_size = max_size
@@ -128,7 +148,9 @@ class PostgresDatabase(Nodes, Queries):
             try:
                 self._pool = await asyncpg.create_pool(
                     self.url, min_size=self.min_size, max_size=self.max_size,
-                    init=_init_connection, command_timeout=30)
+                    init=_init_connection, command_timeout=30, server_settings={
+                        "idle_in_transaction_session_timeout":
+                            str(int(self.idle_in_transaction_s * 1000))})
                 break
             except CONNECTION_ERRORS as exc:
                 if time.monotonic() > deadline:

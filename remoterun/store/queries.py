@@ -152,14 +152,17 @@ class Queries:
         row = await self._one(TaskEvent.select(pw.fn.MAX(TaskEvent.id).alias("id")))
         return int(row["id"] or 0) if row else 0
 
-    async def events_after(self, since: int, limit: int) -> list[Row]:
-        """Up to `limit` transitions with an id above `since`, oldest first, each with its
-        task's row (the event's own columns prefixed `event_`)."""
+    async def events_after(self, since: int, limit: int, upto: int | None = None
+                           ) -> list[Row]:
+        """Up to `limit` transitions with an id above `since` (and at most `upto`), oldest
+        first, each with its task's row (the event's own columns prefixed `event_`)."""
         task = self.dialect.task
         own = [getattr(TaskEvent, c).alias(f"event_{c}") for c in
                ("id", "ts", "old_status", "new_status", "attempt", "detail", "exit_code")]
         query = (TaskEvent.select(*own, task).join(task, on=(task.id == TaskEvent.task_id))
                  .where(TaskEvent.id > since).order_by(TaskEvent.id).limit(limit))
+        if upto is not None:
+            query = query.where(TaskEvent.id <= upto)
         return await self._rows(query)
 
     async def list_audit(self, *, actor: str | None, action: str | None,

@@ -75,8 +75,8 @@ async def test_removed_tasks_are_skipped_and_positions_follow_the_order():
     queue = _queue(aging_s=0)
     for row in (_row(1), _row(2, priority=1), _row(3)):
         queue.put(row)
-    assert queue.positions(["t1", "t2", "t3"]) == {"t2": 1, "t1": 2, "t3": 3}
-    assert queue.positions(["t3"]) == {"t3": 3}
+    assert await queue.positions(["t1", "t2", "t3"]) == {"t2": 1, "t1": 2, "t3": 3}
+    assert await queue.positions(["t3"]) == {"t3": 3}
     assert queue.remove("t1") is not None
     assert await _ids(queue, 5) == ["t2", "t3"]
 
