@@ -287,7 +287,7 @@ BLOCKS_ALLOWED: list[tuple[str, set[str], tuple[str, ...]]] = [
     # A sandboxed run: whether bwrap's first process has forked the script yet (its procfs
     # children file), looked at only while a signal waits for it; and that process placed
     # into the task's cgroups (a cgroupfs write), once per attempt with limits set.
-    ("remoterun/isolation/sandbox.py", {"group_ready"}, _FILE_CALLS),
+    ("remoterun/isolation/launch.py", {"group_ready"}, _FILE_CALLS),
     # An attempt's launch without a user or cgroups to make: the script's first 4 bytes read
     # and one mkdir in the work root, and at its end one rmdir of that folder if the task left
     # it empty (sandbox.prepare and finish say why a thread hop cost more).

@@ -37,6 +37,7 @@ from remoterun.api import (
     monitor,
     nodes,
     openapi,
+    output,
     schedules,
     search,
     sse,
@@ -320,6 +321,7 @@ def create_app(settings: Settings) -> web.Application:
     app.on_shutdown.append(on_shutdown)
     app.on_response_prepare.append(guard.security_headers)
     app.router.add_routes(http.routes)
+    app.router.add_routes(output.routes)  # GET /tasks/{id}/output
     app.router.add_routes(audit.routes)
     app.router.add_routes(ws.routes)
     app.router.add_routes(sse.routes)

@@ -1,1 +1,1 @@
-"""Isolation around a run: one Sandbox in front of bwrap, Docker and none, with rlimits and cgroups."""
+"""Isolation around a run: one Sandbox in front of bwrap, Docker, gVisor and none, with rlimits and cgroups."""

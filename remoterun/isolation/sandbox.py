@@ -11,15 +11,6 @@ bwrap's and Docker's /tmp (bwrap's /run too; Docker's own filesystem is then rea
 mode none's TMPDIR. Whatever the mode, the environment is the allow-list (PATH, HOME, LANG,
 LC_*, TZ) plus `[engine] env`, the script's metadata `env` and the task's RR_* variables,
 never the server's own.
-
-bwrap (its view of the filesystem: bwrap.py) is spawned with `--info-fd` and `--block-fd`:
-it reports its namespace's first process, which is placed into the task's cgroups and given
-its rlimits before it is let go to fork the script, so that nothing of the task runs
-unbounded. It runs with `--new-session`, so signals go to the script's process group, never
-to bwrap's monitor (which would die of a SIGTERM and take the script down without its
-grace); a PTY task's script takes the terminal as its own controlling terminal inside
-(`setsid --ctty`). Both bwrap and `docker run` report a death by
-signal N as exit 128 + N, which the run reads back as -N.
 """
 
 from __future__ import annotations
@@ -30,117 +21,32 @@ import dataclasses
 import errno
 import os
 import pwd
-import re
 import shutil
 import subprocess
 import tempfile
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import structlog
 
 from remoterun.config import ResourceLimits, SandboxConfig, Settings
-from remoterun.isolation import bwrap, docker, gvisor, seccomp
-from remoterun.isolation.limits import (
-    Cgroups,
-    Counters,
-    Quota,
-    TaskCgroup,
-    apply_rlimits,
-    limit_error,
-    prlimit_argv,
-    rlimits,
-)
+from remoterun.isolation import bwrap, docker, gvisor, modes, seccomp
+from remoterun.isolation.launch import Launch, Policy, SandboxError
+from remoterun.isolation.limits import Cgroups, Counters, Quota, limit_error
+from remoterun.isolation.workdirs import clean, remove_work_folders, work_folders
 from remoterun.spawn import Children, run_helper
+
+__all__ = ["ALLOWED_ENV", "Launch", "Policy", "Sandbox", "SandboxError", "allowed_env",
+           "remove_work_folders", "work_folders"]
 
 log = structlog.get_logger(__name__)
 ALLOWED_ENV = ("PATH", "HOME", "LANG", "TZ")  # and every LC_*
+
+
 def allowed_env(environ: Mapping[str, str]) -> dict[str, str]:
     """The variables of the server's environment a task may see."""
     return {k: v for k, v in environ.items() if k in ALLOWED_ENV or k.startswith("LC_")}
-
-
-@dataclass(frozen=True)
-class Policy:
-    """How one script's attempts run: the config's `[sandbox]`/`[limits]`/`env` under its own."""
-
-    mode: str  # bwrap, docker, gvisor or none ("auto" resolved)
-    network: bool = True
-    image: str = ""
-    run_as: str = ""
-    limits: ResourceLimits = ResourceLimits()
-    env: Mapping[str, str] = field(default_factory=dict)
-    seccomp: str = "default"  # bwrap's filter: default, off or a profile's absolute path
-
-
-@dataclass(eq=False)
-class Launch:
-    """One attempt's sandbox: what to spawn, what to do once it is spawned and after it ends."""
-
-    argv: list[str]
-    env: dict[str, str]
-    workdir: Path
-    policy: Policy
-    pass_fds: tuple[int, ...] = ()
-    take_ctty: bool = True
-    signal_exit_codes: bool = False
-    typed_signals: bool = False
-    cgroup: TaskCgroup | None = None
-    quota: Quota | None = None  # its disk: the work folder and /tmp in one tmpfs
-    pairs: list[tuple[int, int, int]] = field(default_factory=list)  # rlimits set after spawn
-    container: str | None = None  # Docker's or gVisor's name of it
-    state: Path | None = None  # gVisor's state folder (its runsc --root and bundles)
-    user: pwd.struct_passwd | None = None  # run_as's
-    _fds: dict[str, int] = field(default_factory=dict)  # ours of bwrap's info and block pipes
-    _first: int | None = None  # bwrap's first process, once it reported it
-    _forked: bool = False  # that process has forked the script
-
-    @property
-    def hooked(self) -> bool:
-        """Whether the run calls `started` and `group_ready` (bwrap's and gVisor's)."""
-        return bool(self.pass_fds) or self.state is not None
-
-    async def started(self, pid: int) -> int | None:
-        """bwrap is spawned: bound its first process and let it start the script; the group
-        that signals go to (that process's). gVisor: its Sentry's (see gvisor.py)."""
-        if self.state is not None:
-            self._first = await _poll(lambda: gvisor.sandbox_pid(pid),
-                                      gvisor.START_TIMEOUT_S) or None
-            return self._first
-        for name in ("info_w", "block_r", "seccomp"):  # the child's ends: it has them now
-            if name in self._fds:
-                os.close(self._fds.pop(name))
-        first = await bwrap.read_child_pid(self._fds["info_r"])
-        if first is None:  # bwrap failed (its error is in the output): let it end
-            os.close(self._fds.pop("block_w"))
-            return None
-        block_w = self._fds.pop("block_w")
-        try:  # a cgroupfs write and prlimit(2) calls: microseconds, no disk behind them
-            if self.cgroup is not None:
-                self.cgroup.place(first)
-            apply_rlimits(first, self.pairs)
-        finally:
-            os.close(block_w)  # its read returns: it goes on and forks the script
-        self._first = first
-        return first
-
-    def group_ready(self) -> bool:
-        """Whether bwrap's first process has forked the script (or is gone): until then a
-        signal would reach that process alone, which ignores it, so the run holds signals
-        back until this says yes (a procfs read, no disk behind it)."""
-        if self._forked or self._first is None:
-            return True
-        if self.state is not None and self.container is not None:
-            self._forked = gvisor.running(self.state, self.container)
-            return self._forked
-        try:
-            with open(f"/proc/{self._first}/task/{self._first}/children", "rb") as fh:
-                self._forked = bool(fh.read().strip())
-        except OSError:  # it is gone: nothing to wait for
-            self._forked = True
-        return self._forked
 
 
 class Sandbox:
@@ -156,7 +62,7 @@ class Sandbox:
         self.docker: str | None = None  # the programs' paths, found at start
         self.runsc: str | None = None
         self.gvisor_state = Path()  # remoterun-gvisor beside the database, resolved at start
-        self._hidden: tuple[list[Path], list[Path]] = ([], [])
+        self.hidden: tuple[list[Path], list[Path]] = ([], [])  # from every view
         self.prlimit: str | None = None
         self.setsid = "setsid"
         self.sh = "/bin/sh"
@@ -166,8 +72,8 @@ class Sandbox:
         self.auto = "none"
         self.work_root = settings.work_dir or Path("remoterun-work")  # in the temp folder
         self.scripts = settings.scripts_dir  # resolved at start
-        self._head: list[str] = []  # bwrap's filesystem before the work folder, and after
-        self._tail: list[str] = []
+        self.bwrap_head: list[str] = []  # bwrap's filesystem before the work folder, and after
+        self.bwrap_tail: list[str] = []
         self._null = -1
         self.filters = seccomp.Filters()  # bwrap's seccomp programs, one per profile
         self._config_dir = (settings.config_path.parent if settings.config_path is not None
@@ -236,11 +142,11 @@ class Sandbox:
                                    s.tls_cert, s.tls_key, *self.secret_files)
         self.gvisor_state = s.db_path.resolve().parent / "remoterun-gvisor"
         dirs = sorted({*dirs, self.gvisor_state})
-        self._hidden = (dirs, files)
+        self.hidden = (dirs, files)
         self.runsc = shutil.which("runsc")
         if self.runsc is not None:
             gvisor.prepare_state(self.runsc, self.gvisor_state)
-        self._head, self._tail = bwrap.filesystem(self.scripts, dirs, files)
+        self.bwrap_head, self.bwrap_tail = bwrap.filesystem(self.scripts, dirs, files)
         self.filters.build(self._seccomp_settings())
 
     def _seccomp_settings(self) -> list[tuple[str, str]]:
@@ -313,26 +219,19 @@ class Sandbox:
         user = launch.user
         try:
             if policy.mode == "bwrap":
-                self._bwrap(launch, cwd, pty, user)
+                modes.bwrap_launch(self, launch, cwd, pty, user)
             elif policy.mode == "docker":
-                self._docker(launch, cwd, pty, name)
+                modes.docker_launch(self, launch, cwd, pty, name)
             elif policy.mode == "gvisor":  # its bundle written: on a thread
-                await asyncio.to_thread(self._gvisor, launch, cwd, pty, name)
+                await asyncio.to_thread(modes.gvisor_launch, self, launch, cwd, pty, name)
             else:
                 if launch.quota is not None:  # /tmp stays the host's: its variable points in
                     launch.env["TMPDIR"] = str(launch.quota.tmp)
-                self._unsandboxed(launch, user)
+                modes.unsandboxed(self, launch, user)
         except BaseException:
             await self.finish(launch, None, None)
             raise
         return launch
-
-    @staticmethod
-    def _needs(path: str | None, program: str) -> str:
-        if path is None:
-            raise SandboxError(f"util-linux {program} is not installed, and this task's "
-                               f"limits or run_as need it")
-        return path
 
     def _wants_cgroup(self, limits: ResourceLimits) -> bool:
         return bool((limits.processes and "pids" in self.cgroups.bases)
@@ -366,122 +265,10 @@ class Sandbox:
             elif policy.mode != "docker":  # Docker's own cgroups bound its containers
                 launch.cgroup = self.cgroups.create(name, policy.limits)
         except (OSError, SandboxError):
-            _clean(launch)
+            clean(launch)
             raise
         launch.env = {**self.base_env, **policy.env, **env, "RR_WORKDIR": str(launch.workdir)}
         return launch
-
-    def _bwrap(self, launch: Launch, cwd: Path, pty: bool,
-               user: pwd.struct_passwd | None) -> None:
-        assert self.bwrap is not None
-        policy, wd = launch.policy, str(launch.workdir)
-        launch.env["HOME"] = wd
-        launch.pairs = rlimits(policy.limits, frozenset(launch.cgroup.paths)
-                               if launch.cgroup is not None else frozenset())
-        info_r, info_w = os.pipe()
-        block_r, block_w = os.pipe()
-        launch._fds = dict(info_r=info_r, info_w=info_w, block_r=block_r, block_w=block_w)
-        os.set_blocking(info_r, False)
-        argv = [self.bwrap, "--die-with-parent", "--unshare-pid", "--unshare-ipc",
-                "--new-session", "--cap-drop", "ALL", "--info-fd", str(info_w),
-                "--block-fd", str(block_r)]
-        if not policy.network:
-            argv.append("--unshare-net")
-        argv += self._seccomp(launch)
-        head = self._head
-        if launch.quota is not None:  # /tmp and /run: folders of its quota, not tmpfs of their own
-            head = bwrap.in_quota(head, str(launch.quota.tmp), str(launch.quota.run))
-        argv += [*head, "--bind", wd, wd, *self._outside(launch.argv[0], "--ro-bind"),
-                 *self._tail, "--chdir", str(cwd), "--"]
-        if pty:  # the terminal becomes the script's, in a session of its own inside
-            argv += [self.setsid, "--ctty"]
-        launch.argv = [*argv, *launch.argv]
-        if user is not None:  # bwrap then runs unprivileged, in a user namespace
-            launch.argv = [*_setpriv(self._needs(self.setpriv, "setpriv"), user),
-                           *launch.argv]
-        launch.pass_fds = tuple(launch._fds[n] for n in ("info_w", "block_r", "seccomp")
-                                if n in launch._fds)
-        launch.take_ctty = False
-        launch.signal_exit_codes = True
-
-    def _seccomp(self, launch: Launch) -> list[str]:
-        """bwrap's options loading the policy's filter just before it execs the script (the
-        program on a pipe of the launch's); none when it is off."""
-        try:
-            program = self.filters.program(launch.policy.seccomp)
-        except KeyError:
-            raise SandboxError(self.filters.unavailable or f"its seccomp profile "
-                               f"{launch.policy.seccomp!r} was not loaded at start") from None
-        if program is None:
-            return []
-        launch._fds["seccomp"] = seccomp.pipe_of(program)
-        return ["--seccomp", str(launch._fds["seccomp"])]
-
-    def _unsandboxed(self, launch: Launch, user: pwd.struct_passwd | None) -> None:
-        """Mode none: the script behind its rlimits (prlimit), its user (setpriv) and, first,
-        the join of its cgroups, all made by exec'ing one program after the other."""
-        cgroup = launch.cgroup
-        pairs = rlimits(launch.policy.limits,
-                        frozenset(cgroup.paths) if cgroup is not None else frozenset())
-        if pairs:
-            launch.argv = [*prlimit_argv(self._needs(self.prlimit, "prlimit"), pairs),
-                           *launch.argv]
-        if user is not None:
-            launch.argv = [*_setpriv(self._needs(self.setpriv, "setpriv"), user), *launch.argv]
-        if cgroup is not None:
-            launch.argv = [*cgroup.join_argv(self.sh), *launch.argv]
-
-    def _docker(self, launch: Launch, cwd: Path, pty: bool, name: str) -> None:
-        assert self.docker is not None
-        policy, wd = launch.policy, str(launch.workdir)
-        launch.env["HOME"] = wd
-        launch.container = f"rr-{name}"
-        launch.argv = docker.run_argv(
-            self.docker, launch.container, policy.image, launch.argv, env=launch.env,
-            scripts=str(self.scripts), workdir=wd, cwd=str(cwd), pty=pty,
-            program=self._outside(launch.argv[0], "-v"),
-            network=policy.network, user=policy.run_as, limits=policy.limits,
-            tmp=str(launch.quota.tmp) if launch.quota is not None else "")
-        launch.env.update(docker.client_env(os.environ))
-        launch.signal_exit_codes = True
-
-    def _gvisor(self, launch: Launch, cwd: Path, pty: bool, name: str) -> None:
-        """`runsc run` of a bundle written now (blocking); the task's cgroups joined first
-        (they bound the Sentry, which holds all of the script's memory)."""
-        assert self.runsc is not None
-        policy, wd, user, quota = launch.policy, str(launch.workdir), launch.user, launch.quota
-        launch.env["HOME"] = wd
-        cgroup = launch.cgroup
-        program = None if Path(launch.argv[0]).is_relative_to(self.scripts) else launch.argv[0]
-        mounts = gvisor.mounts(self.scripts, wd, *self._hidden, program,
-                               tmp=str(quota.tmp) if quota else "",
-                               run=str(quota.run) if quota else "")
-        ids = (user.pw_uid, user.pw_gid, os.getgrouplist(user.pw_name, user.pw_gid)) \
-            if user is not None else (0, 0, ())
-        config = gvisor.spec(launch.argv, launch.env, str(cwd), pty=pty, mounts=mounts,
-                             rlimits=rlimits(policy.limits, frozenset(cgroup.paths)
-                                             if cgroup is not None else frozenset()),
-                             network=policy.network, user=ids)
-        launch.container, launch.state = f"{gvisor.PREFIX}{name}", self.gvisor_state
-        gvisor.write_bundle(self.gvisor_state, launch.container, config)
-        launch.argv = gvisor.run_argv(self.runsc, self.gvisor_state, launch.container,
-                                      policy.network)
-        if cgroup is not None:
-            launch.argv = [*cgroup.join_argv(self.sh), *launch.argv]
-        # runsc's own environment: the script's is in the spec.
-        launch.env = {"PATH": os.environ.get("PATH", os.defpath)}
-        launch.take_ctty = False  # nor does the Sentry's: typed ^C is the run's (typed_signals)
-        launch.typed_signals = pty
-        launch.signal_exit_codes = True
-
-    def _outside(self, program: str, flag: str) -> list[str]:
-        """The mount that shows a program outside the scripts folder (an integrity check's
-        private copy, under the database's hidden folder) read-only at its own path."""
-        if Path(program).is_relative_to(self.scripts):
-            return []
-        if flag == "-v":
-            return [flag, f"{program}:{program}:ro"]
-        return [flag, program, program]
 
     async def finish(self, launch: Launch, exit_code: int | None, stopped: str | None
                      ) -> str | None:
@@ -501,7 +288,7 @@ class Sandbox:
                 os.rmdir(launch.workdir)
                 counters = Counters()
         if counters is None:  # what the task left there, and its cgroups: on a thread
-            counters = await asyncio.to_thread(_clean, launch)
+            counters = await asyncio.to_thread(clean, launch)
         if stopped is not None:
             return None  # a timeout or a stop is what the task's error says
         return limit_error(launch.policy.limits, exit_code, counters,
@@ -517,10 +304,6 @@ class Sandbox:
         await asyncio.to_thread(gvisor.remove_bundle, state, container)
 
 
-class SandboxError(Exception):
-    """An attempt cannot be sandboxed as its policy says; the message says why."""
-
-
 def _check_exec(path: str) -> None:
     """OSError as exec would raise it for this file. A launcher's exec is execvp, which runs a
     file without a #! line with /bin/sh instead of failing: refuse it here, as the kernel would.
@@ -531,17 +314,6 @@ def _check_exec(path: str) -> None:
         raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), path)
     if not head.startswith((b"#!", b"\x7fELF")):
         raise OSError(errno.ENOEXEC, os.strerror(errno.ENOEXEC), path)
-
-
-async def _poll(probe: Callable[[], int | None], timeout_s: float) -> int | None:
-    """The first value `probe` gives that is not None, looked for every few ms up to
-    `timeout_s` (None then)."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout_s
-    # Nothing signals a new grandchild: /proc is looked at again (a read of a few bytes).
-    while (found := probe()) is None and loop.time() < deadline:  # noqa: ASYNC110
-        await asyncio.sleep(0.005)
-    return found
 
 
 def _works(argv: list[str]) -> bool:
@@ -558,55 +330,3 @@ def _user(name: str) -> pwd.struct_passwd:
     except KeyError:
         raise SandboxError(f"sandbox.run_as: no user named {name!r} here") from None
 
-
-def _setpriv(setpriv: str, user: pwd.struct_passwd) -> list[str]:
-    """util-linux `setpriv` running what follows as this user (uid, gid and groups)."""
-    return [setpriv, f"--reuid={user.pw_uid}", f"--regid={user.pw_gid}", "--init-groups", "--"]
-
-
-# An attempt's work folder: tempfile.mkdtemp(prefix="{task id}-{attempt}-") in the work root.
-_WORK_FOLDER = re.compile(r"(?P<task>[0-9a-f]{8}(?:-[0-9a-f]{4}){3}-[0-9a-f]{12})-(?P<attempt>\d+)-"
-                          r"[^/]+")
-
-
-def work_folders(root: Path) -> list[tuple[Path, str, int]]:
-    """(folder, task id, attempt) of each attempt work folder under `root`: real folders only,
-    never a symlink named like one (blocking)."""
-    found = []
-    try:
-        with os.scandir(root) as entries:
-            for entry in entries:
-                named = _WORK_FOLDER.fullmatch(entry.name)
-                if named and entry.is_dir(follow_symlinks=False):
-                    found.append((Path(entry.path), named["task"], int(named["attempt"])))
-    except FileNotFoundError:
-        return []
-    return found
-
-
-def remove_work_folders(folders: Sequence[Path]) -> int:
-    """Remove each folder and what it holds (blocking); how many went. rmtree works by file
-    descriptor here (`avoids_symlink_attacks`): a symlink inside is unlinked, never followed,
-    and one put in a folder's place is refused; a folder still mounted on is left."""
-    removed = 0
-    for folder in folders:
-        if os.path.ismount(folder):  # a live disk quota (a dead server's went at start)
-            log.warning("work_folder_mounted", path=str(folder))
-            continue
-        try:
-            shutil.rmtree(folder)
-            removed += 1
-        except OSError as exc:
-            log.warning("work_folder_not_removed", path=str(folder), error=str(exc))
-    return removed
-
-
-def _clean(launch: Launch) -> Counters:
-    """The cgroups' counters once they are removed (and with them every process of the
-    task); whether its quota was full; the work folder removed (blocking)."""
-    counters = launch.cgroup.close() if launch.cgroup is not None else Counters()
-    if launch.quota is not None:
-        counters.disk_full = launch.quota.close()
-    else:
-        shutil.rmtree(launch.workdir, ignore_errors=True)
-    return counters
