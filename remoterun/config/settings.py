@@ -123,7 +123,6 @@ class Settings:
     header_timeout_s: float = 10.0  # each request's headers, and its body, must arrive by then
     tls_cert: Path | None = None
     tls_key: Path | None = None
-    max_pending: int = 10000  # waiting tasks; past it a submission gets 503 queue_full
     tokens: tuple[Token, ...] = ()
     scripts: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
     # Monitoring and alerts (issue 14).
