@@ -8,6 +8,7 @@ engine's writes are shapes that `schema.POSTGRES` renders, like every other writ
 
 from __future__ import annotations
 
+import abc
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
@@ -44,22 +45,23 @@ def _rows_changed(status: str) -> int:
     return int(tail) if tail.isdigit() else 0
 
 
-class Nodes:
+class Nodes(abc.ABC):
     """The cluster's calls (`base.Membership` and the claim queue) over a PostgreSQL store."""
 
     url: str
 
+    @abc.abstractmethod
     async def fetch_all(self, sql: str, params: Sequence[Any] = ()) -> list[Row]:
         """Rows of a statement in PostgreSQL's dialect."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     async def fetch_value(self, sql: str, *params: Any) -> Any:
         """One value of a statement in PostgreSQL's dialect."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     async def _transaction(self, work: Callable[[Any], Awaitable[Any]],
                            fenced: bool = True) -> Any:
-        raise NotImplementedError
+        """Run `work` in one transaction (fenced by the node's epoch unless told not to)."""
 
     async def register_node(self, name: str, epoch: str, labels: Sequence[str],
                             scripts: Sequence[str], workers: int, url: str) -> None:

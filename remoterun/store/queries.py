@@ -7,6 +7,7 @@ so SQLite and PostgreSQL answer the same questions with the same query.
 
 from __future__ import annotations
 
+import abc
 import functools
 import operator
 from collections.abc import Sequence
@@ -26,14 +27,14 @@ from remoterun.store.schema import (
 )
 
 
-class Queries:
+class Queries(abc.ABC):
     """The Store Protocol's reads over a store's `fetch_all` and `dialect`."""
 
     dialect: Dialect
 
+    @abc.abstractmethod
     async def fetch_all(self, sql: str, params: Sequence[Any] = ()) -> list[Row]:
         """Rows of one statement in this store's dialect."""
-        raise NotImplementedError
 
     async def fetch_one(self, sql: str, params: Sequence[Any] = ()) -> Row | None:
         """The first row, or None."""
