@@ -205,3 +205,16 @@ def exit_event(row: dict[str, Any]) -> Event:
                           "duration": duration, "last_seq": row.get("last_seq")})
 
 
+def type_problems(body: dict[str, Any], fields: dict[str, tuple[type, ...]]
+                  ) -> list[dict[str, str]]:
+    """A JSON body's fields checked against their allowed types (bool is never an int here):
+    one `{"field", "message"}` per unknown field or wrong type."""
+    problems: list[dict[str, str]] = []
+    for key, value in body.items():
+        types = fields.get(key)
+        if types is None:
+            problems.append({"field": key, "message": "unknown field"})
+        elif not isinstance(value, types) or (isinstance(value, bool) and bool not in types):
+            expected = " or ".join("null" if t is type(None) else t.__name__ for t in types)
+            problems.append({"field": key, "message": f"expected {expected}"})
+    return problems

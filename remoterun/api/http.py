@@ -20,7 +20,7 @@ from remoterun.catalogue import MetadataError
 from remoterun.engine.scheduler import Scheduler
 from remoterun.errors import BadRequest, NotFound, Unencodable
 from remoterun.state import TaskStatus
-from remoterun.wire import task_json, unencodable
+from remoterun.wire import task_json, type_problems, unencodable
 
 routes = web.RouteTableDef()
 
@@ -36,14 +36,7 @@ def parse_submit(body: Any, scripts_dir: str, max_retries_limit: int) -> dict[st
     """Validate a submission body (REST or WebSocket); BadRequest names every bad field."""
     if not isinstance(body, dict):
         raise BadRequest("the body must be a JSON object")
-    problems: list[dict[str, str]] = []
-    for key, value in body.items():
-        types = _SUBMIT_TYPES.get(key)
-        if types is None:
-            problems.append({"field": key, "message": "unknown field"})
-        elif not isinstance(value, types) or (isinstance(value, bool) and bool not in types):
-            expected = " or ".join("null" if t is type(None) else t.__name__ for t in types)
-            problems.append({"field": key, "message": f"expected {expected}"})
+    problems = type_problems(body, _SUBMIT_TYPES)
     if problems:
         raise BadRequest("invalid submission", code="invalid_request", details=problems)
     request = dict(body)

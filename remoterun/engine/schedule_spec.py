@@ -15,6 +15,7 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from remoterun.engine.cron import CATCH_UP, Timing, cron_expression, jitter_offset, period_s
 from remoterun.errors import InvalidParams
+from remoterun.wire import type_problems
 
 NAME = re.compile(r"[a-z0-9][a-z0-9_.-]{0,62}")
 OVERLAP = ("forbid", "allow", "replace", "queue")
@@ -108,14 +109,7 @@ def parse(body: Any, default_zone: str, source: str = "api") -> Spec:
 
 
 def _types(body: dict[str, Any]) -> Problems:
-    problems: Problems = []
-    for key, value in body.items():
-        types = FIELDS.get(key)
-        if types is None:
-            problems.append({"field": key, "message": "unknown field"})
-        elif not isinstance(value, types) or (isinstance(value, bool) and bool not in types):
-            expected = " or ".join("null" if t is type(None) else t.__name__ for t in types)
-            problems.append({"field": key, "message": f"expected {expected}"})
+    problems: Problems = type_problems(body, FIELDS)
     for key in ("name", "script"):
         if key not in body:
             problems.append({"field": key, "message": "required"})
