@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import signal
 import subprocess
@@ -19,10 +20,9 @@ from remoterun.api import DB
 DISK_BYTES = 8 * 1024 * 1024
 
 
-@pytest.fixture
-def small_disk(tmp_path: Path) -> Iterator[Path]:
-    """tmp_path/archive as an 8 MiB tmpfs (the archive folder of make_settings)."""
-    folder = tmp_path / "archive"
+@contextlib.contextmanager
+def tmpfs(folder: Path) -> Iterator[Path]:
+    """`folder` (made here) as an 8 MiB tmpfs for the test's life, unmounted after it."""
     folder.mkdir()
     subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={DISK_BYTES}", "tmpfs", str(folder)],
                    check=True)
@@ -30,6 +30,13 @@ def small_disk(tmp_path: Path) -> Iterator[Path]:
         yield folder
     finally:
         subprocess.run(["umount", "-l", str(folder)], check=False)
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path) -> Iterator[Path]:
+    """tmp_path/archive as an 8 MiB tmpfs (the archive folder of make_settings)."""
+    with tmpfs(tmp_path / "archive") as folder:
+        yield folder
 
 
 async def test_a_full_disk_fails_the_writer_honestly_and_the_others_end(make_client, small_disk):
@@ -177,14 +184,8 @@ async def test_a_full_disk_mid_stream_names_the_last_archived_seq(tmp_path, smal
 @pytest.fixture
 def db_disk(tmp_path: Path) -> Iterator[Path]:
     """tmp_path/dbdisk, an 8 MiB tmpfs for the database alone."""
-    folder = tmp_path / "dbdisk"
-    folder.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={DISK_BYTES}", "tmpfs", str(folder)],
-                   check=True)
-    try:
+    with tmpfs(tmp_path / "dbdisk") as folder:
         yield folder
-    finally:
-        subprocess.run(["umount", "-l", str(folder)], check=False)
 
 
 async def test_a_full_database_disk_waits_then_records_the_truth(make_client, db_disk):
